@@ -1,0 +1,205 @@
+"""Layers of a model, which of them to featurize, and their seeded random projections.
+
+Each parameterised layer contributes one block to the feature vector:
+
+* ``nn.Linear`` / ``nn.Conv2d``: the per-sample gradient is the matrix
+  ``G = [∂W | ∂b]`` of shape ``[out, in(+1)]`` (a conv weight flattened to
+  ``[out, in·kh·kw]``, the bias as one more input column). Its block is
+  ``vec(P_outᵀ G P_in)`` with seeded Gaussian ``P_in [in, k_in]`` and
+  ``P_out [out, k_out]`` whose entries are N(0, 1/k): this equals projecting
+  ``vec(G)`` with the Kronecker product ``P_in ⊗ P_out`` and keeps inner products
+  unbiased (``E[P Pᵀ] = I`` on each side, and the sides are independent).
+  A side whose dimension is at most ``k`` is not projected (identity): exact and
+  no larger than the projection would be.
+* any other parameterised module: its flattened gradient (all its parameters,
+  in ``named_parameters`` order) times a seeded Gaussian ``[numel, k·k]``.
+
+With ``kind="none"`` every side is the identity: features are the exact
+gradients (reordered into the layout above).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+LayerKind = Literal["linear", "conv2d", "other"]
+
+
+@dataclass
+class LayerInfo:
+    name: str  # module name in the model
+    kind: LayerKind
+    params: list[str]  # full parameter names, weight first
+    in_dim: int  # columns of G (bias column included); numel for "other"
+    out_dim: int  # rows of G; 1 for "other"
+    has_bias: bool
+
+
+def discover_layers(model: nn.Module) -> list[LayerInfo]:
+    """Parameterised modules in registration (= forward, for our models) order."""
+    layers: list[LayerInfo] = []
+    for mname, mod in model.named_modules():
+        own = [(n, p) for n, p in mod.named_parameters(recurse=False)]
+        if not own:
+            continue
+        full = [f"{mname}.{n}" if mname else n for n, _ in own]
+        if isinstance(mod, nn.Linear):
+            bias = mod.bias is not None
+            layers.append(LayerInfo(mname, "linear", full, mod.in_features + bias, mod.out_features, bias))
+        elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
+            bias = mod.bias is not None
+            k = mod.in_channels * math.prod(mod.kernel_size)
+            layers.append(LayerInfo(mname, "conv2d", full, k + bias, mod.out_channels, bias))
+        else:
+            numel = sum(p.numel() for _, p in own)
+            layers.append(LayerInfo(mname, "other", full, numel, 1, False))
+    return layers
+
+
+def select_layers(layers: list[LayerInfo], selection: str = "all") -> list[LayerInfo]:
+    """``all``, ``encoder``, ``decoder``, ``last:K`` or comma-separated module-name prefixes."""
+    sel = selection.strip()
+    if sel == "all":
+        chosen = layers
+    elif sel in ("encoder", "decoder"):
+        chosen = [l for l in layers if l.name == sel or l.name.startswith(sel + ".")]
+    elif sel.startswith("last:"):
+        try:
+            k = int(sel.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"layer selection {selection!r}: last:K needs an integer K") from None
+        if k < 1:
+            raise ValueError(f"layer selection {selection!r}: K must be >= 1")
+        chosen = layers[-k:]
+    else:
+        prefixes = [p.strip() for p in sel.split(",") if p.strip()]
+        chosen = [l for l in layers if any(l.name == p or l.name.startswith(p + ".") for p in prefixes)]
+    if not chosen:
+        names = ", ".join(l.name for l in layers)
+        raise ValueError(f"layer selection {selection!r} matches no parameterised layer (layers: {names})")
+    return chosen
+
+
+@dataclass
+class ProjectionSpec:
+    kind: Literal["kron", "none"] = "kron"
+    k: int = 16  # per side for Linear/Conv2d; k*k for other layers
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _seed_for(seed: int, layer: str, side: str) -> int:
+    h = hashlib.sha256(f"{seed}/{layer}/{side}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(rows, cols, generator=g, dtype=torch.float32) / math.sqrt(cols)
+
+
+@dataclass
+class LayerBlock:
+    info: LayerInfo
+    k_in: int
+    k_out: int
+    offset: int
+    p_in: torch.Tensor | None  # None = identity
+    p_out: torch.Tensor | None
+
+    @property
+    def dim(self) -> int:
+        return self.k_in * self.k_out
+
+
+class Projector:
+    """Seeded per-layer projections and the feature layout they define."""
+
+    def __init__(self, layers: list[LayerInfo], spec: ProjectionSpec, device: torch.device | str = "cpu"):
+        if spec.kind not in ("kron", "none"):
+            raise ValueError(f"projection kind must be kron or none, got {spec.kind!r}")
+        if spec.k < 1:
+            raise ValueError(f"projection k must be >= 1, got {spec.k}")
+        self.spec = spec
+        self.device = torch.device(device)
+        self.blocks: list[LayerBlock] = []
+        offset = 0
+        for info in layers:
+            if spec.kind == "none":
+                k_in, k_out, p_in, p_out = info.in_dim, info.out_dim, None, None
+            elif info.kind == "other":
+                k_in, k_out = min(info.in_dim, spec.k * spec.k), 1
+                p_in = None if k_in == info.in_dim else _gaussian(info.in_dim, k_in, _seed_for(spec.seed, info.name, "flat"))
+                p_out = None
+            else:
+                k_in, k_out = min(info.in_dim, spec.k), min(info.out_dim, spec.k)
+                p_in = None if k_in == info.in_dim else _gaussian(info.in_dim, k_in, _seed_for(spec.seed, info.name, "in"))
+                p_out = None if k_out == info.out_dim else _gaussian(info.out_dim, k_out, _seed_for(spec.seed, info.name, "out"))
+            p_in = None if p_in is None else p_in.to(self.device)
+            p_out = None if p_out is None else p_out.to(self.device)
+            self.blocks.append(LayerBlock(info, k_in, k_out, offset, p_in, p_out))
+            offset += k_in * k_out
+        self.dim = offset
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p for b in self.blocks for p in b.info.params]
+
+    def project_matrix(self, block: LayerBlock, g: torch.Tensor) -> torch.Tensor:
+        """``[B, out, in] -> [B, k_out * k_in]`` (``P_outᵀ G P_in``)."""
+        if block.p_in is not None:
+            g = g @ block.p_in
+        if block.p_out is not None:
+            g = block.p_out.T @ g
+        return g.reshape(g.shape[0], -1)
+
+    def gradient_matrix(self, block: LayerBlock, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample parameter gradients of one layer as the matrix ``G`` ``[B, out, in]``."""
+        info = block.info
+        first = grads[info.params[0]]
+        b = first.shape[0]
+        if info.kind == "other":
+            return torch.cat([grads[p].reshape(b, -1) for p in info.params], dim=1).unsqueeze(1)
+        w = first.reshape(b, info.out_dim, -1)
+        if info.has_bias:
+            w = torch.cat([w, grads[info.params[1]].reshape(b, info.out_dim, 1)], dim=2)
+        return w
+
+    def project_gradients(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Project materialised per-sample gradients ``{param: [B, *shape]}`` to ``[B, dim]``."""
+        return torch.cat([self.project_matrix(bl, self.gradient_matrix(bl, grads)) for bl in self.blocks], dim=1)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            **self.spec.to_dict(),
+            "dim": self.dim,
+            "layers": [
+                {
+                    "name": b.info.name,
+                    "kind": b.info.kind,
+                    "params": b.info.params,
+                    "in_dim": b.info.in_dim,
+                    "out_dim": b.info.out_dim,
+                    "k_in": b.k_in,
+                    "k_out": b.k_out,
+                    "offset": b.offset,
+                    "projected_in": b.p_in is not None,
+                    "projected_out": b.p_out is not None,
+                }
+                for b in self.blocks
+            ],
+        }
+
+
+def build_projector(
+    model: nn.Module, selection: str, spec: ProjectionSpec, device: torch.device | str = "cpu"
+) -> Projector:
+    return Projector(select_layers(discover_layers(model), selection), spec, device)
