@@ -23,6 +23,14 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _shard(s: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in s.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, got {s!r}") from None
+    return i, n
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=["mlp", "conv", "classifier"], default="mlp", help="architecture (default mlp)")
@@ -114,10 +122,15 @@ def _cmd_index(a: argparse.Namespace) -> int:
         index_kind=a.index_kind,
         batch_size=a.batch_size,
         device=a.device,
+        shard=a.shard,
     )
     t0 = time.perf_counter()
     out = build_index(data_spec, specs, a.out, opts, model_config=model_config, overwrite=a.overwrite, show_progress=not a.quiet)
     man = json.loads((out / "manifest.json").read_text())
+    if not man["complete"]:
+        print(f"shard {a.shard[0]}/{a.shard[1]} done in {time.perf_counter() - t0:.1f}s; run the other shards, "
+              f"then once more without --shard to finish -> {out}")
+        return 0
     print(f"indexed {man['n']} samples x {len(man['checkpoints'])} checkpoints (D={man['projection']['dim']}, "
           f"m={man['objective']['m']}, {man['featurizer']}) in {time.perf_counter() - t0:.1f}s -> {out}")
     return 0
@@ -211,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, help="featurization batch (default: from available memory)")
     i.add_argument("--device", default="auto")
     i.add_argument("--threads", type=int)
+    i.add_argument("--shard", type=_shard, help="I/N: featurize only row chunks k with k %% N == I")
     i.add_argument("--overwrite", action="store_true")
     i.add_argument("--quiet", action="store_true")
     i.set_defaults(func=_cmd_index)
@@ -263,3 +277,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+from .analysis import cli_commands as _analysis_commands  # noqa: E402,F401  (registers classical, factors, report, influence)

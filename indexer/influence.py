@@ -252,8 +252,9 @@ class InfluenceIndex:
         out = {}
         for c in self.resolve_checkpoints(checkpoints):
             model = self.model(c)
-            feat = make_featurizer(self.manifest["featurizer"], model, obj, self._projectors[c])
-            eps = draw_noise(NOISE_QUERY, seed, c, np.arange(len(x)), obj.m, obj.noise_shape(model))
+            obj_c = obj.objective_for(c) if hasattr(obj, "objective_for") else obj  # per-checkpoint (crossloss probe)
+            feat = make_featurizer(self.manifest["featurizer"], model, obj_c, self._projectors[c])
+            eps = draw_noise(NOISE_QUERY, seed, c, np.arange(len(x)), obj_c.m, obj_c.noise_shape(model))
             out[c] = feat.featurize(xt, yt, eps).features.cpu().numpy()
         return out
 

@@ -48,6 +48,7 @@ class IndexOptions:
     batch_size: int | None = None
     device: str = "auto"
     chunk_rows: int | None = None
+    shard: tuple[int, int] | None = None  # (i, n): featurize only row chunks k with k % n == i
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,6 +87,7 @@ def _job_key(manifest: dict[str, Any]) -> dict[str, Any]:
         "dtype": manifest["dtype"],
         "index_kind": manifest["index"]["kind"],
         "chunk_rows": manifest["chunk_rows"],
+        "batch_size": manifest["batch_size"],
     }
 
 
@@ -108,6 +110,10 @@ def build_index(
     if opts.m < 1:
         raise IndexJobError(f"m must be >= 1, got {opts.m}")
     device = resolve_device(opts.device)
+    if opts.shard is not None:
+        si, sn = opts.shard
+        if not (sn >= 1 and 0 <= si < sn):
+            raise IndexJobError(f"shard must be i/n with 0 <= i < n, got {si}/{sn}")
 
     # Checkpoints are copied into the index, named by content hash, so the index is self-contained.
     models_cfg: ModelConfig | None = None
@@ -135,6 +141,17 @@ def build_index(
 
     chunk_rows = opts.chunk_rows or chunk_rows_for(projector.dim, np.dtype(opts.dtype).itemsize)
     ann.parse_kind(opts.index_kind)
+    # The featurization batch is fixed per index and recorded: float32 BLAS results depend on
+    # the batch shape, so a resume or a shard must reuse it to write the same bytes.
+    mpath = out / "manifest.json"
+    batch = opts.batch_size
+    if batch is None and mpath.exists() and not overwrite:
+        batch = read_json(mpath).get("batch_size")  # resume with the batch the index was started with
+    if batch is None:
+        proj_dev = build_projector(model0.to(device), opts.layers, opts.projection, device)
+        batch = _default_batch(make_featurizer(opts.featurizer, model0, objective, proj_dev), device)
+        model0.cpu()
+    batch = max(1, min(int(batch), chunk_rows))
     manifest: dict[str, Any] = {
         "format": "proponent-index",
         "version": MANIFEST_VERSION,
@@ -154,11 +171,11 @@ def build_index(
         "featurizer": opts.featurizer,
         "dtype": np.dtype(opts.dtype).name,
         "chunk_rows": chunk_rows,
+        "batch_size": batch,
         "checkpoints": [c.to_dict() for c in ckpts],
         "index": {"kind": opts.index_kind, "exact": ann.is_exact(opts.index_kind), "files": []},
         "library_versions": library_versions(),
     }
-    mpath = out / "manifest.json"
     store_path = out / "store.zarr"
     resume = False
     if mpath.exists():
@@ -175,6 +192,8 @@ def build_index(
             return out
         else:
             resume = store_path.exists()
+    elif opts.shard is not None and store_path.exists():
+        raise IndexJobError(f"{out}: store exists without a manifest; refusing to shard into it")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise IndexJobError(f"{out} exists and is not an index; use another --out or --overwrite")
     elif overwrite and out.exists():
@@ -186,13 +205,19 @@ def build_index(
             from .fsio import atomic_write_bytes
 
             atomic_write_bytes(dst, Path(src.path).read_bytes())
-    atomic_write_json(mpath, manifest)
+    if not resume:
+        atomic_write_json(mpath, manifest)
 
     if resume:
         store = FeatureStore.open(store_path, mode="r+")
     else:
-        store = FeatureStore.create(
-            store_path,
+        # Created beside its final name and renamed into place: a kill during creation leaves
+        # no half-made store that a resume would trust.
+        partial = out / "store.zarr.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        FeatureStore.create(
+            partial,
             n=n,
             dim=projector.dim,
             n_checkpoints=len(ckpts),
@@ -206,15 +231,21 @@ def build_index(
             images=data.x,
             chunk_rows=chunk_rows,
         )
+        os.replace(partial, store_path)
+        store = FeatureStore.open(store_path, mode="r+")
 
     x_all = torch.from_numpy(data.x)
     y_all = torch.from_numpy(data.labels if data.labels is not None else np.zeros(n, np.int64))
     y_all = y_all.clamp_min(0)
     t0 = time.perf_counter()
-    total_rows = sum(len(store.pending_chunks(c)) for c in range(len(ckpts))) * chunk_rows
+    def todo(c: int) -> list[int]:
+        pend = store.pending_chunks(c)
+        return pend if opts.shard is None else [k for k in pend if k % opts.shard[1] == opts.shard[0]]
+
+    total_rows = sum(len(todo(c)) for c in range(len(ckpts))) * chunk_rows
     bar = progress(total=min(total_rows, n * len(ckpts)), desc="index", unit="sample", enabled=show_progress)
     for c, spec in enumerate(ckpts):
-        pending = store.pending_chunks(c)
+        pending = todo(c)
         if not pending:
             continue
         model, _, _ = load_checkpoint(out / spec.path, model_config)
@@ -223,7 +254,6 @@ def build_index(
             p.requires_grad_(True)
         proj = build_projector(model, opts.layers, opts.projection, device)
         feat = make_featurizer(opts.featurizer, model, objective, proj)
-        batch = opts.batch_size or _default_batch(feat, device)
         noise_shape = objective.noise_shape(model)
         last = c == len(ckpts) - 1
         for k in pending:
@@ -245,6 +275,9 @@ def build_index(
             latent = (np.concatenate(parts_mu), np.concatenate(parts_lv)) if parts_mu else None
             store.write_chunk(c, k, np.concatenate(parts_f), np.concatenate(parts_s), np.concatenate(parts_l), latent)
     bar.close()
+    if not store.is_complete():
+        # A shard finished its part; the run that finds every chunk done builds the FAISS indexes.
+        return out
 
     files = []
     for c in range(len(ckpts)):

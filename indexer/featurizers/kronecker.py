@@ -41,7 +41,7 @@ from torch import nn
 
 from ..objectives import Objective
 from ..projection import LayerBlock, Projector
-from .base import Featurizer, FeatureBatch
+from .base import FeatureBatch, Featurizer
 from .dense import DenseFeaturizer
 
 # Largest per-sample row count for which the Gram route is considered at all.
@@ -136,6 +136,7 @@ class KroneckerFeaturizer(Featurizer):
             sub.blocks = other
             self._dense = DenseFeaturizer(model, objective, sub)
         self._fast_params = [p for lay in self.layers for p in lay.module.parameters(recurse=False)]
+        self._safe = False  # set once a model is seen to modify recorded tensors in place
 
     # ------------------------------------------------------------------ public
 
@@ -143,6 +144,12 @@ class KroneckerFeaturizer(Featurizer):
         x, y, eps = x.to(self.device), y.to(self.device), eps.to(self.device)
         n = x.shape[0]
         step = n if self.chunk_size is None else self.chunk_size
+        if n == 0:
+            return FeatureBatch(
+                torch.empty(0, self.projector.dim, dtype=torch.float32, device=self.device),
+                torch.empty(0, dtype=torch.float64, device=self.device),
+                torch.empty(0, dtype=torch.float32, device=self.device),
+            )
         if n <= step:
             return self._featurize_chunk(x, y, eps)
         feats = torch.empty(n, self.projector.dim, dtype=torch.float32, device=self.device)
@@ -158,32 +165,17 @@ class KroneckerFeaturizer(Featurizer):
     # ----------------------------------------------------------------- private
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor):
-        """One hooked forward and one backward: per-layer (inputs, output grads), losses."""
-        calls: dict[int, _Calls] = {i: _Calls() for i in range(len(self.layers))}
-        handles = []
+        """One hooked forward and one backward: per-layer (inputs, output grads), losses.
 
-        def make_hook(i: int):
-            def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-                calls[i].inputs.append(inp[0].detach())
-                calls[i].outputs.append(out)
-
-            return hook
-
-        try:
-            for i, lay in enumerate(self.layers):
-                handles.append(lay.module.register_forward_hook(make_hook(i)))
-            with torch.enable_grad():
-                if not all(p.requires_grad for p in self._fast_params) and x.is_floating_point():
-                    x = x.detach().requires_grad_(True)
-                loss = self.objective.loss(self.model, x, y, eps)
-                outs = [o for i in calls for o in calls[i].outputs]
-                if outs:
-                    grads = torch.autograd.grad(loss.sum(), outs, allow_unused=True, materialize_grads=True)
-                else:
-                    grads = ()
-        finally:
-            for h in handles:
-                h.remove()
+        If the model modifies a recorded layer input or output in place (e.g.
+        ``nn.ReLU(inplace=True)`` right after a Linear), the recorded tensors would no
+        longer be the layer's; that is detected from version counters and the pass is
+        redone in safe mode, where the hooks keep copies (and from then on always).
+        """
+        calls, grads, loss, clean = self._capture_once(x, y, eps, safe=self._safe)
+        if not clean:
+            self._safe = True
+            calls, grads, loss, _ = self._capture_once(x, y, eps, safe=True)
         deltas: dict[int, list[torch.Tensor]] = {}
         pos = 0
         for i in calls:
@@ -193,9 +185,53 @@ class KroneckerFeaturizer(Featurizer):
             calls[i].outputs.clear()
         return calls, deltas, loss.detach()
 
+    def _capture_once(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, safe: bool):
+        calls: dict[int, _Calls] = {i: _Calls() for i in range(len(self.layers))}
+        versions: list[tuple[torch.Tensor, int]] = []
+        handles = []
+
+        def make_hook(i: int):
+            def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor):
+                a = args[0] if args else kwargs["input"]
+                if safe:
+                    calls[i].inputs.append(a.detach().clone())
+                    calls[i].outputs.append(out)
+                    return out.clone()  # the model continues on a copy; `out` stays the layer's output
+                calls[i].inputs.append(a.detach())
+                calls[i].outputs.append(out)
+                versions.append((a, a._version))
+                versions.append((out, out._version))
+                return None
+
+            return hook
+
+        try:
+            for i, lay in enumerate(self.layers):
+                handles.append(lay.module.register_forward_hook(make_hook(i), with_kwargs=True))
+            with torch.enable_grad():
+                if not all(p.requires_grad for p in self._fast_params) and x.is_floating_point():
+                    x = x.detach().requires_grad_(True)
+                loss = self.objective.loss(self.model, x, y, eps)
+                if any(t._version != v for t, v in versions):
+                    return calls, (), loss, False
+                outs = [o for i in calls for o in calls[i].outputs]
+                if outs:
+                    grads = torch.autograd.grad(loss.sum(), outs, allow_unused=True, materialize_grads=True)
+                else:
+                    grads = ()
+        finally:
+            for h in handles:
+                h.remove()
+        return calls, grads, loss, True
+
     def _featurize_chunk(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
         b = x.shape[0]
-        calls, deltas, loss = self._capture(x, y, eps)
+        if self.layers:
+            calls, deltas, loss = self._capture(x, y, eps)
+        else:  # only "other" layers: the dense path does all the work
+            calls, deltas = {}, {}
+            with torch.no_grad():
+                loss = self.objective.loss(self.model, x, y, eps)
         feats = torch.empty(b, self.projector.dim, dtype=torch.float32, device=self.device)
         sq = torch.zeros(b, dtype=torch.float64, device=self.device)
         with torch.no_grad():
@@ -244,6 +280,10 @@ class KroneckerFeaturizer(Featurizer):
         return a.reshape(b, -1, lay.in_nb), d.reshape(b, -1, lay.out)
 
     def _rows_per_sample(self, lay: _Layer, a: torch.Tensor, d: torch.Tensor, b: int) -> int:
+        if lay.is_conv and a.dim() != 4:
+            raise ValueError(
+                f"layer {lay.info.name!r}: Conv2d input must be batched [N, C, H, W], got {tuple(a.shape)}"
+            )
         rows = a.shape[0] if lay.is_conv else a.numel() // max(lay.in_nb, 1)
         if rows % b:
             raise ValueError(
@@ -270,6 +310,9 @@ class KroneckerFeaturizer(Featurizer):
     def _layer_features(
         self, lay: _Layer, ins: list[torch.Tensor], ds: list[torch.Tensor], b: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if ds[0].dtype in (torch.float16, torch.bfloat16):  # Gram sums and norms need more precision
+            ins = [a.float() for a in ins]
+            ds = [d.float() for d in ds]
         t = self._rows_per_sample(lay, ins[0], ds[0], b)
         route = self._choose(lay, t, len(ins))
         if route == "factor" and len(ins) == 1:
@@ -326,9 +369,7 @@ class KroneckerFeaturizer(Featurizer):
                 [False, True, False],
             )[1]
             r = rows // b
-            gw = gw.reshape(b, r, o, lay.in_nb)
-            gw = gw.sum(dim=1) if r > 1 else gw.reshape(b, o, lay.in_nb)
-            g = gw
+            g = gw.reshape(b, r, o, lay.in_nb).sum(dim=1) if r > 1 else gw.reshape(b, o, lay.in_nb)
             if lay.bias:
                 g = torch.cat([g, d.reshape(b, r, o, -1).sum(dim=(1, 3)).unsqueeze(2)], dim=2)
             return g
@@ -352,7 +393,7 @@ class KroneckerFeaturizer(Featurizer):
         for s in range(0, b, step):
             e = min(b, s + step)
             g = None
-            for a, d in zip(ins, ds):
+            for a, d in zip(ins, ds, strict=True):
                 if lay.is_conv:
                     r = a.shape[0] // b
                     a_s, d_s = a[s * r : e * r], d[s * r : e * r]
@@ -392,7 +433,7 @@ class KroneckerFeaturizer(Featurizer):
                 calls, deltas, _ = self._capture(x[:n], y[:n], eps[:n])
             extra = 0
             for i, lay in enumerate(self.layers):
-                for a, d in zip(calls[i].inputs, deltas[i]):
+                for a, d in zip(calls[i].inputs, deltas[i], strict=True):
                     size = d.element_size()
                     extra += a.numel() * a.element_size() + d.numel() * size  # captured a and δ
                     t = self._rows_per_sample(lay, a, d, n)

@@ -1,0 +1,93 @@
+"""How much does the random projection cost in answer quality? (measured against the exact answer)
+
+Builds, on one trained digits run, an index with exact gradients (projection none) and
+indexes with Kronecker projections of several sizes k, then for a set of query samples
+compares each projected index's answers with the exact index's:
+
+* recall@10 of proponents and of opponents (fraction of the exact top-10 found);
+* Spearman correlation of the scores over the whole training set;
+* the paper's sanity check: fraction of training samples that are their own strongest
+  proponent (query = the sample's stored gradient);
+* feature dimension and store size.
+
+    python benchmarks/projection_fidelity.py [--ks 8,16,32,64] [--queries 64] [--epochs 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from indexer.data import load_dataset
+from indexer.influence import open_index
+from indexer.job import IndexOptions, build_index, checkpoints_from_run, set_threads
+from indexer.models import default_config_for
+from indexer.projection import ProjectionSpec
+from indexer.training import TrainConfig, train
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ks", default="8,16,32,64")
+    ap.add_argument("--queries", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--m", type=int, default=16)
+    ap.add_argument("--featurizer", default="kron")
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args()
+    set_threads()
+    wd = Path(a.workdir or tempfile.mkdtemp(prefix="fidelity_"))
+    data = load_dataset("digits")
+    run = wd / "run"
+    if not (run / "run.json").exists():
+        train(data, default_config_for(data.shape, latent_dim=16), run, TrainConfig(epochs=a.epochs), show_progress=False)
+    specs, _ = checkpoints_from_run(run)
+
+    def build(name: str, proj: ProjectionSpec) -> tuple[Path, float]:
+        t = time.perf_counter()
+        out = build_index(data, specs, wd / name, IndexOptions(m=a.m, projection=proj, featurizer=a.featurizer),
+                          show_progress=False)
+        return out, time.perf_counter() - t
+
+    exact_path, t_exact = build("none", ProjectionSpec(kind="none"))
+    exact = open_index(exact_path)
+    rows = np.arange(a.queries)
+    ex_scores = [exact.scores(exact.stored_features(int(r))) for r in rows]
+
+    def sanity(idx) -> float:  # type: ignore[no-untyped-def]
+        return float(np.mean([idx.top(idx.stored_features(int(r)), k=1).rows[0] == r for r in range(128)]))
+
+    print(f"digits, N={exact.n}, C={len(exact.checkpoints)}, m={a.m}, featurizer={a.featurizer}, {a.queries} queries")
+    print(f"{'projection':>12} {'D':>7} {'store MB':>9} {'index s':>8} {'recall@10 pro':>14} {'recall@10 opp':>14} "
+          f"{'spearman':>9} {'self-top1':>10}")
+    print(f"{'none':>12} {exact.dim:>7} {dir_size(exact_path) / 1e6:>9.1f} {t_exact:>8.1f} {1.0:>14.3f} {1.0:>14.3f} "
+          f"{1.0:>9.3f} {sanity(exact):>10.3f}")
+    for k in [int(v) for v in a.ks.split(",")]:
+        path, t_idx = build(f"k{k}", ProjectionSpec(kind="kron", k=k))
+        idx = open_index(path)
+        rp, ro, sp = [], [], []
+        for r, es in zip(rows, ex_scores):
+            s = idx.scores(idx.stored_features(int(r)))
+            rp.append(len(set(np.argsort(-s)[:10]) & set(np.argsort(-es)[:10])) / 10)
+            ro.append(len(set(np.argsort(s)[:10]) & set(np.argsort(es)[:10])) / 10)
+            sp.append(spearman(s, es))
+        print(f"{'kron k=' + str(k):>12} {idx.dim:>7} {dir_size(path) / 1e6:>9.1f} {t_idx:>8.1f} "
+              f"{np.median(rp):>14.3f} {np.median(ro):>14.3f} {np.median(sp):>9.3f} {sanity(idx):>10.3f}")
+    print("(recall and spearman: medians over queries; self-top1 over the first 128 training samples)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The wire format of the proponent API: the one definition, shared by the server and the client.
+
+Pydantic v2 models only; the server uses them as response models (so /openapi.json documents
+them) and the client parses every response with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Direction = Literal["proponents", "opponents", "both"]
+Convention = Literal["lr", "visits"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+__all__ = [
+    "CheckpointInfo",
+    "Convention",
+    "Direction",
+    "ErrorBody",
+    "ErrorDetail",
+    "FactorsInfo",
+    "Health",
+    "Hit",
+    "IndexInfo",
+    "InfluenceParams",
+    "InfluenceResponse",
+    "JobInfo",
+    "JobProgress",
+    "JobResultPage",
+    "JobState",
+    "QueryInfo",
+    "SampleInfo",
+    "SearchStats",
+    "SelfInfluenceRequest",
+    "SelfInfluenceRow",
+    "Timings",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Health(_Model):
+    status: str
+    index_loaded: bool = False
+
+
+class Hit(_Model):
+    """One training sample in an influence answer."""
+
+    id: int
+    score: float
+    label: int | None
+    source: str
+    source_row: int
+    injected: bool
+    contributions: list[float] = Field(
+        description="per-checkpoint terms w_c<g_c(x), g_c(z)>, aligned with query.checkpoints"
+    )
+
+
+class QueryInfo(_Model):
+    seed: int = Field(description="query noise seed: the m draws of the query at checkpoint c come from (seed, c)")
+    objective: str
+    convention: Convention
+    checkpoints: list[int]
+    shape: list[int]
+    sample_id: int | None = None
+
+
+class SearchStats(_Model):
+    rounds: int = Field(description="certified-search rounds (k' doubled each round)")
+    candidates: int
+    depth: int = Field(description="final per-checkpoint depth k'")
+    full_scan: bool
+
+
+class Timings(_Model):
+    decode_ms: float
+    featurize_ms: float
+    search_ms: float
+    total_ms: float
+
+
+class InfluenceResponse(_Model):
+    query: QueryInfo
+    proponents: list[Hit] | None = None
+    opponents: list[Hit] | None = None
+    exact: bool = Field(description="true when the answer is certified exact (flat indexes)")
+    search: dict[str, SearchStats] = Field(description="per direction")
+    timings: Timings
+
+
+class InfluenceParams(_Model):
+    """Query parameters (JSON body fields, or form fields next to an uploaded file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, description="number of hits per direction (1..max_k)")
+    direction: Direction = "proponents"
+    objective: str = Field("elbo", description="query objective: elbo, reconstruction, kl, elbo_beta, ...")
+    beta: float | None = None
+    label: int | None = None
+    checkpoints: list[int] | None = Field(None, description="checkpoint subset (default: all)")
+    convention: Convention = "lr"
+    seed: int = Field(0, ge=0)
+    allow_resize: bool = False
+
+
+class CheckpointInfo(_Model):
+    index: int
+    lr: float
+    batch_size: int
+    steps_since_prev: int
+    step: int
+    epoch: float
+    sha256: str
+    weight_lr: float
+    weight_visits: float
+
+
+class IndexInfo(_Model):
+    n: int
+    dim: int
+    shape: list[int]
+    checkpoints: list[CheckpointInfo]
+    objective: dict[str, Any]
+    projection: dict[str, Any]
+    featurizer: str
+    index_kind: str
+    exact: bool
+    dataset_spec: str
+    dataset_fingerprint: str
+    dataset_sources: list[dict[str, Any]]
+    has_labels: bool
+    device: str
+    faiss_gpu: bool
+    query_objectives: list[str]
+    max_k: int
+
+
+class SampleInfo(_Model):
+    id: int
+    label: int | None
+    source: str
+    source_row: int
+    injected: bool
+    loss: float
+    self_influence: float = Field(description="Σ_c η_c ||g_c||² (lr convention, all checkpoints)")
+    latent_mu: list[float] | None = None
+
+
+class JobProgress(_Model):
+    done: int
+    total: int
+    fraction: float
+
+
+class JobInfo(_Model):
+    id: str
+    kind: str
+    state: JobState
+    progress: JobProgress
+    params: dict[str, Any]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+
+
+class SelfInfluenceRequest(_Model):
+    model_config = ConfigDict(extra="forbid")
+
+    convention: Convention = "lr"
+    checkpoints: list[int] | None = None
+    m: int | None = Field(None, ge=1, description="recompute gradients with m fresh draws (default: stored norms)")
+    seed: int = Field(0, ge=0)
+
+
+class SelfInfluenceRow(_Model):
+    rank: int
+    id: int
+    self_influence: float
+    loss: float
+    label: int | None
+    source: str
+    source_row: int
+    injected: bool
+
+
+class JobResultPage(_Model):
+    job_id: str
+    total: int
+    offset: int
+    limit: int
+    items: list[SelfInfluenceRow]
+
+
+class FactorsInfo(_Model):
+    mi: list[float] = Field(description="I(x; z_j) per latent dimension, nats")
+    influential: list[int]
+    collapsed: list[int]
+    threshold: float
+    rows_used: int = 0
+
+
+class ErrorDetail(_Model):
+    status: int
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorBody(_Model):
+    error: ErrorDetail

@@ -1,0 +1,1 @@
+"""The proponent influence server (FastAPI)."""

@@ -1,0 +1,205 @@
+"""The offline indexer: exact features, unbiased projections, reproducible bytes, the store and FAISS."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.checkpoints import CheckpointSpec
+from indexer.data import load_dataset
+from indexer.influence import open_index, verify_index
+from indexer.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
+from indexer.models import ModelConfig, build_model
+from indexer.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_noise
+from indexer.projection import Projector, ProjectionSpec, build_projector, discover_layers, select_layers
+from indexer.store import FeatureStore
+from indexer.training import TrainConfig, train
+
+DATA = "digits,limit=150"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = load_dataset(DATA)
+    cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(24,), latent_dim=4)
+    out = tmp_path_factory.mktemp("run") / "run"
+    return train(data, cfg, out, TrainConfig(epochs=3, batch_size=32, checkpoints=2, seed=1), show_progress=False)
+
+
+def _build(run: Path, out: Path, **kw: object) -> Path:
+    specs, run_json = checkpoints_from_run(run)
+    opts = IndexOptions(**{"m": 3, "featurizer": "dense", "device": "cpu", **kw})  # type: ignore[arg-type]
+    return build_index(run_json["data"]["spec"], specs, out, opts, show_progress=False)
+
+
+def _autograd_grad(model: torch.nn.Module, objective: ELBO, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss = objective.loss(model, x[None], torch.zeros(1, dtype=torch.long), eps[None])[0]
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()])
+    return {n: g[None] for n, g in zip(names, grads)}
+
+
+def test_unprojected_features_equal_autograd_and_scores_match_definition(tiny_run: Path, tmp_path: Path) -> None:
+    out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="none"))
+    idx = open_index(out, device="cpu")
+    obj = idx.objective
+    assert isinstance(obj, ELBO) and obj.m == 3
+    x_train = torch.from_numpy(load_dataset(DATA).x)
+    query = x_train[7] * 0.5 + x_train[9] * 0.5
+    q_feats = idx.featurize(query.numpy()[None], seed=11)
+    exact_g: dict[int, dict[int, torch.Tensor]] = {}
+    for c in range(len(idx.checkpoints)):
+        model = idx.model(c)
+        proj = idx._projectors[c]
+        shape = obj.noise_shape(model)
+        stored = idx.store.features(c)
+        for i in (0, 5, 42):
+            eps = draw_noise(NOISE_INDEX, 0, c, [i], obj.m, shape)[0]
+            g = proj.project_gradients(_autograd_grad(model, obj, x_train[i], eps))[0].double()
+            rel = (torch.from_numpy(stored[i]).double() - g).norm() / g.norm()
+            assert rel < 1e-5
+            assert idx.store.sq_norm(c)[i] == pytest.approx(float(g.pow(2).sum()), rel=1e-5)
+            exact_g.setdefault(c, {})[i] = g
+        eps_q = draw_noise(NOISE_QUERY, 11, c, [0], obj.m, shape)[0]
+        gq = proj.project_gradients(_autograd_grad(model, obj, query, eps_q))[0].double()
+        assert (torch.from_numpy(q_feats[c][0]).double() - gq).norm() / gq.norm() < 1e-5
+        exact_g[c][-1] = gq
+    for conv in ("lr", "visits"):
+        w = idx.weights(conv)
+        scores = idx.scores({c: v[0] for c, v in q_feats.items()}, convention=conv)
+        for i in (0, 5, 42):
+            expected = sum(w[c] * float(exact_g[c][i] @ exact_g[c][-1]) for c in exact_g)
+            assert scores[i] == pytest.approx(expected, rel=1e-5)
+    # the visits convention is lr * batch * steps / N, recorded per checkpoint
+    ck = idx.checkpoints[1]
+    assert idx.weights("visits")[1] == pytest.approx(ck.lr * ck.batch_size * ck.steps_since_prev / idx.n)
+
+
+def test_projection_is_unbiased_over_seeds() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="mlp", input_shape=(1, 8, 8), hidden=(20,), latent_dim=3)
+    model = build_model(cfg)
+    obj = ELBO(m=2)
+    x = torch.rand(2, 1, 8, 8)
+    eps = draw_noise(NOISE_INDEX, 0, 0, [0, 1], 2, (3,))
+    g1 = _autograd_grad(model, obj, x[0], eps[0])
+    g2 = _autograd_grad(model, obj, x[1], eps[1])
+    layers = select_layers(discover_layers(model), "all")
+    exact = Projector(layers, ProjectionSpec(kind="none"))
+    e1, e2 = exact.project_gradients(g1)[0].double(), exact.project_gradients(g2)[0].double()
+    truth = float(e1 @ e2)
+    est = []
+    for seed in range(300):
+        p = Projector(layers, ProjectionSpec(kind="kron", k=4, seed=seed))
+        est.append(float(p.project_gradients(g1)[0].double() @ p.project_gradients(g2)[0].double()))
+    est_arr = np.array(est)
+    se = est_arr.std(ddof=1) / np.sqrt(len(est_arr))
+    assert abs(est_arr.mean() - truth) < 4 * se  # unbiased
+    assert est_arr.std() > 0  # and really random
+    # squared norms are unbiased too
+    sq = [
+        float(Projector(layers, ProjectionSpec(kind="kron", k=4, seed=s)).project_gradients(g1)[0].double().pow(2).sum())
+        for s in range(300)
+    ]
+    assert abs(np.mean(sq) - float(e1 @ e1)) < 4 * np.std(sq, ddof=1) / np.sqrt(300)
+
+
+def _hash_store(path: Path) -> str:
+    store = FeatureStore.open(path / "store.zarr")
+    h = hashlib.sha256()
+    for c in range(store.n_checkpoints):
+        h.update(store.features(c).tobytes())
+        h.update(store.sq_norm(c).tobytes())
+        h.update(store.loss(c).tobytes())
+    h.update(store.array("latent_mu").tobytes())
+    return h.hexdigest()
+
+
+def _hash_faiss(path: Path) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((path / "faiss").glob("*.index"))]
+
+
+def test_features_bit_identical_across_runs_and_shards_and_batch_invariant(tiny_run: Path, tmp_path: Path) -> None:
+    proj = ProjectionSpec(kind="kron", k=4, seed=3)
+    a = _build(tiny_run, tmp_path / "a", projection=proj, batch_size=64, chunk_rows=64)
+    b = _build(tiny_run, tmp_path / "b", projection=proj, batch_size=64, chunk_rows=64)
+    c = _build(tiny_run, tmp_path / "c", projection=proj, batch_size=7, chunk_rows=64)
+    _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64, shard=(0, 2))
+    man = (tmp_path / "d" / "manifest.json").read_text()
+    assert '"complete": false' in man
+    _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64, shard=(1, 2))
+    d = _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64)
+    ha = _hash_store(a)
+    assert ha == _hash_store(b) == _hash_store(d)
+    assert _hash_faiss(a) == _hash_faiss(b) == _hash_faiss(d)
+    # Noise is keyed by sample id, not batch position, so another batch size gives the same
+    # features up to float32 BLAS rounding (vendor GEMMs are not batch-shape invariant).
+    sa, sc = FeatureStore.open(a / "store.zarr"), FeatureStore.open(c / "store.zarr")
+    for ck in range(sa.n_checkpoints):
+        np.testing.assert_allclose(sc.features(ck), sa.features(ck), rtol=1e-4, atol=1e-5 * np.abs(sa.features(ck)).max())
+        np.testing.assert_allclose(sc.sq_norm(ck), sa.sq_norm(ck), rtol=1e-5)
+    e = _build(tiny_run, tmp_path / "e", projection=ProjectionSpec(kind="kron", k=4, seed=4), chunk_rows=64)
+    assert _hash_store(e) != ha  # a different projection seed changes the bytes
+
+
+def test_store_layout_faiss_and_manifest(tiny_run: Path, tmp_path: Path) -> None:
+    out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="kron", k=4), dtype="float16")
+    assert verify_index(out) == []
+    idx = open_index(out, device="cpu")
+    man = idx.manifest
+    assert man["complete"] and man["dtype"] == "float16" and man["n"] == 150
+    for key in ("dataset", "model_config", "objective", "projection", "checkpoints", "library_versions"):
+        assert key in man
+    assert all(len(c["sha256"]) == 64 for c in man["checkpoints"])
+    arr = idx.store.group["ckpt_000/features"]
+    assert str(arr.dtype) == "float16" and arr.shape == (150, idx.dim)
+    assert arr.chunks[0] * idx.dim * 2 >= 1 << 20 or arr.chunks[0] >= 150
+    assert idx.cpu_indexes[0].ntotal == 150 and idx.cpu_indexes[0].d == idx.dim
+    # the FAISS index holds exactly the stored (float16 -> float32) features
+    np.testing.assert_array_equal(idx.sources[0].all(), idx.store.features(0))
+    # brute force through open_index: proponents are the largest scores, opponents the smallest
+    q = idx.stored_features(3)
+    s = idx.scores(q)
+    pro = idx.top(q, k=5)
+    opp = idx.top(q, k=5, direction="opponents")
+    np.testing.assert_array_equal(pro.rows, np.argsort(-s, kind="stable")[:5])
+    np.testing.assert_array_equal(opp.rows, np.argsort(s, kind="stable")[:5])
+    assert pro.exact and opp.exact
+    si = idx.self_influence()
+    assert si.shape == (150,) and np.all(si > 0)
+    labels = idx.labels
+    assert labels.min() >= 0 and idx.store.array("latent_mu").shape == (150, 4)
+
+
+def test_index_refuses_mismatched_settings_and_reports_corruption(tiny_run: Path, tmp_path: Path) -> None:
+    out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="kron", k=4))
+    with pytest.raises(IndexJobError, match="projection"):
+        _build(tiny_run, out, projection=ProjectionSpec(kind="kron", k=5))
+    ck = out / open_index(out).manifest["checkpoints"][0]["path"]
+    ck.write_bytes(ck.read_bytes() + b"x")
+    problems = verify_index(out)
+    assert any("checkpoint 0" in p and "sha256" in p for p in problems)
+    (out / "faiss" / "ckpt_001.index").unlink()
+    assert any("ckpt_001.index missing" in p for p in verify_index(out))
+
+
+def test_external_checkpoints_and_layer_selection(tiny_run: Path, tmp_path: Path) -> None:
+    specs, run = checkpoints_from_run(tiny_run)
+    cfg = ModelConfig.from_dict(run["model_config"])
+    raw = torch.load(specs[0].path, weights_only=True)
+    bare = tmp_path / "bare.pt"
+    torch.save(raw["state_dict"], bare)
+    opts = IndexOptions(m=2, featurizer="dense", layers="decoder", projection=ProjectionSpec(kind="none"), device="cpu")
+    out = build_index(DATA, [CheckpointSpec(str(bare), 0.5, 32, 10)], tmp_path / "ext", opts, model_config=cfg,
+                      show_progress=False)
+    idx = open_index(out)
+    model = build_model(cfg)
+    n_dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder"))
+    assert idx.dim == n_dec
+    assert idx.weights("lr")[0] == 0.5
+    with pytest.raises(ValueError, match="matches no parameterised layer"):
+        build_projector(model, "nonexistent", ProjectionSpec())

@@ -1,0 +1,304 @@
+"""The Kronecker featurizer against the dense torch.func reference and plain autograd."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from indexer.featurizers.dense import DenseFeaturizer
+from indexer.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
+from indexer.models import ModelConfig, build_model
+from indexer.objectives import ELBO, CrossEntropy
+from indexer.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
+
+B, M = 5, 3
+
+
+def _double_projector(proj: Projector) -> Projector:
+    """The dense reference projects in the gradients' dtype: give it float64 matrices."""
+    for bl in proj.blocks:
+        if bl.p_in is not None:
+            bl.p_in = bl.p_in.double()
+        if bl.p_out is not None:
+            bl.p_out = bl.p_out.double()
+    return proj
+
+
+def _model(kind: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        cfg = ModelConfig(kind="mlp", input_shape=(1, 6, 6), hidden=(24, 12), latent_dim=4, **kw)
+    elif kind == "conv":
+        cfg = ModelConfig(kind="conv", input_shape=(1, 8, 8), channels=(4, 8), latent_dim=3, **kw)
+    else:
+        cfg = ModelConfig(kind="classifier", input_shape=(1, 6, 6), hidden=(20, 12), num_classes=5, **kw)
+    model = build_model(cfg).double()
+    # perturb biases so no gradient is accidentally symmetric
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _data(model: nn.Module, m: int = M, n: int = B, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    cfg = model.config
+    x = torch.rand(n, *cfg.input_shape, generator=g, dtype=dtype)
+    eps = torch.randn(n, m, cfg.latent_dim, generator=g, dtype=dtype)
+    y = torch.randint(0, getattr(cfg, "num_classes", 2), (n,), generator=g)
+    return x, y, eps
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _autograd_sq_norms(model, objective, proj, x, y, eps) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    chosen = [params[n] for n in proj.param_names]
+    out = []
+    for i in range(x.shape[0]):
+        loss = objective.loss(model, x[i : i + 1], y[i : i + 1], eps[i : i + 1])[0]
+        gs = torch.autograd.grad(loss, chosen)
+        out.append(sum(g.double().pow(2).sum() for g in gs))
+    return torch.stack(out)
+
+
+def _check(model, objective, proj, x, y, eps, routes=("auto",), tol=1e-6, **kw) -> None:
+    ref = DenseFeaturizer(model, objective, proj).featurize(x, y, eps)
+    for route in routes:
+        out = KroneckerFeaturizer(model, objective, proj, route=route, **kw).featurize(x, y, eps)
+        assert out.features.shape == ref.features.shape == (x.shape[0], proj.dim)
+        assert out.features.dtype == torch.float32 and out.sq_norm.dtype == torch.float64
+        assert _rel(out.features, ref.features) < tol, route
+        assert torch.allclose(out.sq_norm, ref.sq_norm, rtol=tol, atol=0), route
+        assert torch.allclose(out.loss, ref.loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("proj_kind", ["kron", "none"])
+@pytest.mark.parametrize("selection", ["all", "encoder", "decoder", "last:2"])
+def test_matches_dense_vae(kind: str, proj_kind: str, selection: str) -> None:
+    model = _model(kind)
+    obj = ELBO(m=M, beta=0.7)
+    proj = _double_projector(build_projector(model, selection, ProjectionSpec(kind=proj_kind, k=3, seed=4)))
+    if proj_kind == "kron":
+        assert any(bl.p_in is not None for bl in proj.blocks) and any(bl.p_out is not None for bl in proj.blocks)
+    routes = ("auto", "factor", "matrix") if selection == "all" else ("auto",)
+    _check(model, obj, proj, *_data(model), routes=routes)
+
+
+def test_bernoulli_and_chunks() -> None:
+    model = _model("mlp", likelihood="bernoulli")
+    obj = ELBO(m=4, likelihood="bernoulli")
+    proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind="kron", k=5)))
+    x, y, eps = _data(model, m=4, n=7)
+    _check(model, obj, proj, x, y, eps, routes=("auto", "matrix"), chunk_size=3)
+
+
+def test_sq_norms_equal_autograd() -> None:
+    for kind in ("mlp", "conv"):
+        model = _model(kind)
+        obj = ELBO(m=M)
+        proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=3))
+        x, y, eps = _data(model)
+        want = _autograd_sq_norms(model, obj, proj, x, y, eps)
+        for route in ("auto", "factor", "matrix"):
+            got = KroneckerFeaturizer(model, obj, proj, route=route).featurize(x, y, eps).sq_norm
+            assert torch.allclose(got, want, rtol=1e-10, atol=0), (kind, route)
+
+
+def test_float32_close_to_dense_and_model_untouched() -> None:
+    model = _model("conv").float()
+    before = copy.deepcopy(model.state_dict())
+    obj = ELBO(m=M)
+    proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=4))
+    x, y, eps = _data(model, dtype=torch.float32)
+    ref = DenseFeaturizer(model, obj, proj).featurize(x, y, eps)
+    out = KroneckerFeaturizer(model, obj, proj).featurize(x, y, eps)
+    assert _rel(out.features, ref.features) < 1e-5
+    assert torch.allclose(out.sq_norm, ref.sq_norm, rtol=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_classifier_cross_entropy() -> None:
+    model = _model("classifier")
+    obj = CrossEntropy()
+    for selection in ("all", "last:1"):
+        proj = _double_projector(build_projector(model, selection, ProjectionSpec(kind="kron", k=4)))
+        x, y, eps = _data(model, m=1)
+        _check(model, obj, proj, x, y, eps, routes=("auto", "factor", "matrix"))
+        want = _autograd_sq_norms(model, obj, proj, x, y, eps)
+        got = KroneckerFeaturizer(model, obj, proj).featurize(x, y, eps).sq_norm
+        assert torch.allclose(got, want, rtol=1e-10)
+
+
+class _NormClassifier(nn.Module):
+    """Linear -> LayerNorm -> ReLU -> grouped conv ... : two "other" layers between fast ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ModelConfig(kind="classifier", input_shape=(2, 6, 6), num_classes=4)
+        self.conv = nn.Conv2d(2, 4, 3, padding="same", padding_mode="reflect")
+        self.dw = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2)  # groups != 1: dense fallback
+        self.fc1 = nn.Linear(36, 10)
+        self.norm = nn.LayerNorm(10)
+        self.fc2 = nn.Linear(10, 4, bias=False)
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.relu(self.dw(torch.relu(self.conv(x))))
+        return self.fc2(torch.relu(self.norm(self.fc1(h.flatten(1)))))
+
+
+def test_other_layers_fall_back_to_dense() -> None:
+    torch.manual_seed(0)
+    model = _NormClassifier().double()
+    kinds = {l.name: l.kind for l in discover_layers(model)}
+    assert kinds == {"conv": "conv2d", "dw": "other", "fc1": "linear", "norm": "other", "fc2": "linear"}
+    obj = CrossEntropy()
+    x, y, eps = _data(model, m=1)
+    for proj_kind in ("kron", "none"):
+        proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind=proj_kind, k=3)))
+        _check(model, obj, proj, x, y, eps, routes=("auto", "factor", "matrix"))
+    only_other = _double_projector(build_projector(model, "norm,dw", ProjectionSpec(kind="kron", k=3)))
+    _check(model, obj, only_other, x, y, eps)
+
+
+def test_vae_with_layernorm_in_decoder() -> None:
+    model = _model("mlp")
+    model.decoder = nn.Sequential(model.decoder[0], nn.LayerNorm(12).double(), *model.decoder[1:])
+    obj = ELBO(m=M)
+    for selection in ("all", "decoder"):
+        proj = _double_projector(build_projector(model, selection, ProjectionSpec(kind="kron", k=3)))
+        assert any(bl.info.kind == "other" for bl in proj.blocks)
+        _check(model, obj, proj, *_data(model))
+
+
+class _Shared(nn.Module):
+    """The same Linear applied twice: per-sample gradients sum over both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ModelConfig(kind="classifier", input_shape=(8,), num_classes=8)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        return self.a(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_layer_called_twice_and_frozen_parameters() -> None:
+    torch.manual_seed(0)
+    model = _Shared().double()
+    obj = CrossEntropy()
+    x, y, eps = _data(model, m=1)
+    proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind="kron", k=3)))
+    _check(model, obj, proj, x, y, eps, routes=("auto", "factor", "matrix"))
+    # frozen layers still get their per-sample gradients (the input is made to require grad)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _check(model, obj, proj, x, y, eps)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_rows_must_be_sample_major_multiple() -> None:
+    model = _model("mlp")
+    obj = ELBO(m=M)
+    proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=3))
+    feat = KroneckerFeaturizer(model, obj, proj)
+    lay = feat.layers[0]
+    with pytest.raises(ValueError, match="multiple"):
+        feat._rows_per_sample(lay, torch.zeros(7, lay.in_nb), torch.zeros(7, lay.out), 2)
+
+
+def test_auto_batch_size() -> None:
+    for kind in ("mlp", "conv"):
+        model = _model(kind).float()
+        obj = ELBO(m=8)
+        proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=4))
+        n = auto_batch_size(model, obj, proj, "cpu")
+        assert isinstance(n, int) and 1 <= n <= 4096
+        assert auto_batch_size(model, obj, proj, "cpu", budget_bytes=1) == 1
+        feat = KroneckerFeaturizer(model, obj, proj)
+        per = feat.bytes_per_sample(*_data(model, m=8, n=4, dtype=torch.float32))
+        assert per > 0
+        assert auto_batch_size(model, obj, proj, "cpu", budget_bytes=per * 10) in range(8, 13)
+    big = _model("conv").float()
+    small_budget = auto_batch_size(big, ELBO(m=64), build_projector(big, "all", ProjectionSpec()), "cpu", 2**24)
+    assert small_budget < auto_batch_size(big, ELBO(m=1), build_projector(big, "all", ProjectionSpec()), "cpu", 2**24)
+
+
+def test_selection_subset_of_layers_matches_full_blocks() -> None:
+    """A featurizer over a sub-selection equals the same blocks of the full featurizer."""
+    model = _model("conv")
+    obj = ELBO(m=M)
+    spec = ProjectionSpec(kind="kron", k=3)
+    layers = discover_layers(model)
+    full = Projector(layers, spec)
+    part = Projector(select_layers(layers, "decoder"), spec)
+    x, y, eps = _data(model)
+    f_full = KroneckerFeaturizer(model, obj, full).featurize(x, y, eps).features
+    f_part = KroneckerFeaturizer(model, obj, part).featurize(x, y, eps).features
+    names = {bl.info.name: bl for bl in full.blocks}
+    for bl in part.blocks:
+        fb = names[bl.info.name]
+        assert torch.allclose(f_part[:, bl.offset : bl.offset + bl.dim], f_full[:, fb.offset : fb.offset + fb.dim])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    for kind in ("mlp", "conv"):
+        model = _model(kind)
+        obj = ELBO(m=M)
+        x, y, eps = _data(model)
+        proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind="kron", k=3)))
+        ref = KroneckerFeaturizer(model, obj, proj).featurize(x, y, eps)
+        gmodel = copy.deepcopy(model).cuda()
+        gproj = _double_projector(build_projector(gmodel, "all", ProjectionSpec(kind="kron", k=3), device="cuda"))
+        for route in ("auto", "matrix"):
+            out = KroneckerFeaturizer(gmodel, obj, gproj, route=route).featurize(x, y, eps)
+            assert out.features.device.type == "cuda"
+            assert _rel(out.features.cpu(), ref.features) < 1e-6
+            assert torch.allclose(out.sq_norm.cpu(), ref.sq_norm, rtol=1e-8)
+        assert 1 <= auto_batch_size(gmodel.float(), obj, gproj) <= 4096
+
+
+class _Inplace(nn.Module):
+    """Linear -> ReLU(inplace=True): the recorded layer output is overwritten by the ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ModelConfig(kind="classifier", input_shape=(6,), num_classes=3)
+        self.fc1 = nn.Linear(6, 7)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_inplace_activation_detected() -> None:
+    torch.manual_seed(0)
+    model = _Inplace().double()
+    obj = CrossEntropy()
+    x, y, eps = _data(model, m=1, n=6)
+    proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind="kron", k=3)))
+    ref = DenseFeaturizer(model, obj, proj).featurize(x, y, eps)
+    feat = KroneckerFeaturizer(model, obj, proj)
+    out = feat.featurize(x, y, eps)
+    assert feat._safe
+    assert _rel(out.features, ref.features) < 1e-6
+    assert torch.allclose(out.sq_norm, ref.sq_norm, rtol=1e-10)
+
+
+def test_empty_batch() -> None:
+    model = _model("mlp")
+    proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=3))
+    x, y, eps = _data(model, n=0)
+    fb = KroneckerFeaturizer(model, ELBO(m=M), proj).featurize(x, y, eps)
+    assert fb.features.shape == (0, proj.dim) and fb.sq_norm.shape == (0,) and fb.loss.shape == (0,)
