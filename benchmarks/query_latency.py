@@ -74,7 +74,7 @@ def build_synthetic_index(work: Path, n: int, n_ckpt: int, target_dim: int, feat
     from indexer.store import FeatureStore, chunk_rows_for
     from indexer.training import training_objective
 
-    out = work / f"synthetic-n{n}-c{n_ckpt}-d{target_dim}-{featurizer}"
+    out = work / f"synthetic-v2-n{n}-c{n_ckpt}-d{target_dim}-{featurizer}"
     if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text()).get("complete"):
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -120,10 +120,14 @@ def build_synthetic_index(work: Path, n: int, n_ckpt: int, target_dim: int, feat
         chunk_rows=chunk_rows,
     )
     print(f"writing synthetic store N={n} C={n_ckpt} D={dim} (k={k}) to {out} ...", flush=True)
+    # Like real TracIn features, a sample's features are correlated across checkpoints
+    # (f_c(i) = u_i + 0.3 e_ci); independent random features would be the certificate's worst case.
     for c in range(n_ckpt):
         for kk in range(store.n_chunks):
             lo, hi = store.chunk_range(kk)
-            f = (rng.standard_normal((hi - lo, dim), dtype=np.float32) / np.sqrt(dim)).astype(np.float32)
+            base = np.random.default_rng([seed, kk]).standard_normal((hi - lo, dim), dtype=np.float32)
+            f = base + 0.3 * rng.standard_normal((hi - lo, dim), dtype=np.float32)
+            f = (f / np.sqrt(dim)).astype(np.float32)
             lat = (
                 rng.standard_normal((hi - lo, 16), dtype=np.float32),
                 rng.standard_normal((hi - lo, 16), dtype=np.float32),
@@ -213,7 +217,7 @@ def main() -> int:
     shape = tuple(man["dataset"]["shape"])
 
     port = _free_port()
-    env = {**os.environ}
+    env = {**os.environ, "PROPONENT_REQUEST_TIMEOUT_S": "600"}
     if a.threads:
         env["PROPONENT_THREADS"] = str(a.threads)
     log = open(work / "server.log", "wb")

@@ -38,7 +38,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=_int_list, default=None, help="MLP hidden sizes, e.g. 512,256")
     g.add_argument("--channels", type=_int_list, default=None, help="conv channels, e.g. 32,64")
     g.add_argument("--beta", type=float, default=1.0)
-    g.add_argument("--likelihood", choices=["gaussian", "bernoulli"], default="gaussian")
+    g.add_argument("--likelihood", choices=["gaussian", "bernoulli"], default="bernoulli",
+                   help="decoder likelihood (default bernoulli: see README, sanity check)")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--m", type=int, default=16, help="reparameterised draws per sample (default 16)")
     i.add_argument("--seed", type=int, default=0, help="noise seed")
     i.add_argument("--projection", choices=["kron", "none"], default="kron")
-    i.add_argument("--proj-k", type=int, default=16, help="projection size per side of each layer (default 16)")
+    i.add_argument("--proj-k", type=int, default=64, help="projection size per side of each layer (default 64)")
     i.add_argument("--proj-seed", type=int, default=0)
     i.add_argument("--layers", default="all", help="all | encoder | decoder | last:K | module prefixes")
     i.add_argument("--featurizer", choices=["kron", "dense"], default="kron")

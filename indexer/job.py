@@ -139,7 +139,8 @@ def build_index(
     n = len(data.x)
     from .store import FeatureStore, chunk_rows_for
 
-    chunk_rows = opts.chunk_rows or chunk_rows_for(projector.dim, np.dtype(opts.dtype).itemsize)
+    env_rows = os.environ.get("PROPONENT_CHUNK_ROWS")  # small chunks for tests and tiny data
+    chunk_rows = opts.chunk_rows or (int(env_rows) if env_rows else None) or chunk_rows_for(projector.dim, np.dtype(opts.dtype).itemsize)
     ann.parse_kind(opts.index_kind)
     # The featurization batch is fixed per index and recorded: float32 BLAS results depend on
     # the batch shape, so a resume or a shard must reuse it to write the same bytes.

@@ -39,7 +39,7 @@ class ModelConfig:
     hidden: tuple[int, ...] = (256, 128)
     channels: tuple[int, ...] = (32, 64)
     beta: float = 1.0
-    likelihood: Likelihood = "gaussian"
+    likelihood: Likelihood = "bernoulli"
     num_classes: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 

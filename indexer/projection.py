@@ -89,7 +89,7 @@ def select_layers(layers: list[LayerInfo], selection: str = "all") -> list[Layer
 @dataclass
 class ProjectionSpec:
     kind: Literal["kron", "none"] = "kron"
-    k: int = 16  # per side for Linear/Conv2d; k*k for other layers
+    k: int = 64  # per side for Linear/Conv2d; k*k for other layers
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
