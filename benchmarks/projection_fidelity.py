@@ -56,13 +56,24 @@ def main() -> None:
     data = load_dataset("digits")
     run = wd / "run"
     if not (run / "run.json").exists():
-        train(data, default_config_for(data.shape, latent_dim=a.latent_dim, likelihood=a.likelihood), run, TrainConfig(epochs=a.epochs, device="cuda" if a.device == "cuda" else "cpu"), show_progress=False)
+        train(
+            data,
+            default_config_for(data.shape, latent_dim=a.latent_dim, likelihood=a.likelihood),
+            run,
+            TrainConfig(epochs=a.epochs, device="cuda" if a.device == "cuda" else "cpu"),
+            show_progress=False,
+        )
     specs, _ = checkpoints_from_run(run)
 
     def build(name: str, proj: ProjectionSpec) -> tuple[Path, float]:
         t = time.perf_counter()
-        out = build_index(data, specs, wd / name, IndexOptions(m=a.m, projection=proj, featurizer=a.featurizer, device=a.device),
-                          show_progress=False)
+        out = build_index(
+            data,
+            specs,
+            wd / name,
+            IndexOptions(m=a.m, projection=proj, featurizer=a.featurizer, device=a.device),
+            show_progress=False,
+        )
         return out, time.perf_counter() - t
 
     exact_path, t_exact = build("none", ProjectionSpec(kind="none"))
@@ -76,11 +87,18 @@ def main() -> None:
         fresh = np.mean([idx.top({c: v[r] for c, v in q.items()}, k=1).rows[0] == r for r in range(128)])
         return f"{stored:.3f}/{fresh:.3f}"
 
-    print(f"digits, {a.likelihood} likelihood, latent {a.latent_dim}, {a.epochs} epochs; N={exact.n}, C={len(exact.checkpoints)}, m={a.m}, featurizer={a.featurizer}, {a.queries} queries")
-    print(f"{'projection':>12} {'D':>7} {'store MB':>9} {'index s':>8} {'recall@10 pro':>14} {'recall@10 opp':>14} "
-          f"{'spearman':>9} {'self-top1 stored/fresh':>23}")
-    print(f"{'none':>12} {exact.dim:>7} {dir_size(exact_path) / 1e6:>9.1f} {t_exact:>8.1f} {1.0:>14.3f} {1.0:>14.3f} "
-          f"{1.0:>9.3f} {sanity(exact):>23}")
+    print(
+        f"digits, {a.likelihood} likelihood, latent {a.latent_dim}, {a.epochs} epochs; N={exact.n}, "
+        f"C={len(exact.checkpoints)}, m={a.m}, featurizer={a.featurizer}, {a.queries} queries"
+    )
+    print(
+        f"{'projection':>12} {'D':>7} {'store MB':>9} {'index s':>8} {'recall@10 pro':>14} {'recall@10 opp':>14} "
+        f"{'spearman':>9} {'self-top1 stored/fresh':>23}"
+    )
+    print(
+        f"{'none':>12} {exact.dim:>7} {dir_size(exact_path) / 1e6:>9.1f} {t_exact:>8.1f} {1.0:>14.3f} {1.0:>14.3f} "
+        f"{1.0:>9.3f} {sanity(exact):>23}"
+    )
     for k in [int(v) for v in a.ks.split(",")]:
         path, t_idx = build(f"k{k}", ProjectionSpec(kind="kron", k=k))
         idx = open_index(path)
@@ -90,10 +108,14 @@ def main() -> None:
             rp.append(len(set(np.argsort(-s)[:10]) & set(np.argsort(-es)[:10])) / 10)
             ro.append(len(set(np.argsort(s)[:10]) & set(np.argsort(es)[:10])) / 10)
             sp.append(spearman(s, es))
-        print(f"{'kron k=' + str(k):>12} {idx.dim:>7} {dir_size(path) / 1e6:>9.1f} {t_idx:>8.1f} "
-              f"{np.median(rp):>14.3f} {np.median(ro):>14.3f} {np.median(sp):>9.3f} {sanity(idx):>23}")
-    print("(recall and spearman: medians over queries; self-top1: fraction of the first 128 training samples that are"
-          " their own strongest proponent, querying with the stored gradient / with fresh query draws)")
+        print(
+            f"{'kron k=' + str(k):>12} {idx.dim:>7} {dir_size(path) / 1e6:>9.1f} {t_idx:>8.1f} "
+            f"{np.median(rp):>14.3f} {np.median(ro):>14.3f} {np.median(sp):>9.3f} {sanity(idx):>23}"
+        )
+    print(
+        "(recall and spearman: medians over queries; self-top1: fraction of the first 128 training samples that are"
+        " their own strongest proponent, querying with the stored gradient / with fresh query draws)"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,19 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "PROPONENT_INDEX": str(idx_dir), "PROPONENT_STATE_DIR": str(wd / "state")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         env=env,
     )
     try:
@@ -68,14 +79,19 @@ def main() -> int:
             img_path = wd / "query.png"
             img_path.write_bytes(png)
             r = c.influence(img_path, k=5, direction="both")
-            print(f"query: training sample 0 uploaded as {img_path} (exact={r.exact}, "
-                  f"{r.timings.total_ms:.1f} ms server-side)")
+            print(
+                f"query: training sample 0 uploaded as {img_path} (exact={r.exact}, "
+                f"{r.timings.total_ms:.1f} ms server-side)"
+            )
             print("  proponents:", [(h.id, round(h.score, 4), h.label) for h in r.proponents or []])
             print("  opponents: ", [(h.id, round(h.score, 4), h.label) for h in r.opponents or []])
             job = c.start_self_influence()
             job.wait(progress=True)
             ranked = job.result()
-            print("highest self-influence (candidate outliers):", [(row.id, round(row.self_influence, 4)) for row in ranked[:5]])
+            print(
+                "highest self-influence (candidate outliers):",
+                [(row.id, round(row.self_influence, 4)) for row in ranked[:5]],
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -60,7 +60,9 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
         return index
 
 
-def build_index(kind: str, dim: int, chunks: Iterable[np.ndarray], train_sample: np.ndarray | None = None) -> faiss.Index:
+def build_index(
+    kind: str, dim: int, chunks: Iterable[np.ndarray], train_sample: np.ndarray | None = None
+) -> faiss.Index:
     """Build an inner-product index from row chunks (float32)."""
     name, nums = parse_kind(kind)
     if name == "flat":

@@ -56,13 +56,12 @@ class CheckpointSpec:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, **meta: Any) -> None:
-    from .fsio import atomic_write_bytes
     import io
 
+    from .fsio import atomic_write_bytes
+
     buf = io.BytesIO()
-    torch.save(
-        {"format": FORMAT, "model_config": config.to_dict(), "state_dict": model.state_dict(), **meta}, buf
-    )
+    torch.save({"format": FORMAT, "model_config": config.to_dict(), "state_dict": model.state_dict(), **meta}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -73,10 +72,14 @@ def _load_raw(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
-def load_checkpoint(path: str | Path, config: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, config: ModelConfig | None = None
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
     """Model (eval mode, CPU), its config and the checkpoint's metadata."""
     raw = _load_raw(path)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:

@@ -38,8 +38,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=_int_list, default=None, help="MLP hidden sizes, e.g. 512,256")
     g.add_argument("--channels", type=_int_list, default=None, help="conv channels, e.g. 32,64")
     g.add_argument("--beta", type=float, default=1.0)
-    g.add_argument("--likelihood", choices=["gaussian", "bernoulli"], default="bernoulli",
-                   help="decoder likelihood (default bernoulli: see README, sanity check)")
+    g.add_argument(
+        "--likelihood",
+        choices=["gaussian", "bernoulli"],
+        default="bernoulli",
+        help="decoder likelihood (default bernoulli: see README, sanity check)",
+    )
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -72,8 +76,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
     )
     out = train(data, cfg, a.out, tc, show_progress=not a.quiet)
     run = json.loads((out / "run.json").read_text())
-    print(f"trained {cfg.kind} VAE on {len(data)} samples in {run['seconds']:.1f}s (final loss {run['final_loss']:.3f}); "
-          f"{len(run['checkpoints'])} checkpoints in {out}")
+    print(
+        f"trained {cfg.kind} VAE on {len(data)} samples in {run['seconds']:.1f}s (final loss {run['final_loss']:.3f}); "
+        f"{len(run['checkpoints'])} checkpoints in {out}"
+    )
     return 0
 
 
@@ -126,14 +132,20 @@ def _cmd_index(a: argparse.Namespace) -> int:
         shard=a.shard,
     )
     t0 = time.perf_counter()
-    out = build_index(data_spec, specs, a.out, opts, model_config=model_config, overwrite=a.overwrite, show_progress=not a.quiet)
+    out = build_index(
+        data_spec, specs, a.out, opts, model_config=model_config, overwrite=a.overwrite, show_progress=not a.quiet
+    )
     man = json.loads((out / "manifest.json").read_text())
     if not man["complete"]:
-        print(f"shard {a.shard[0]}/{a.shard[1]} done in {time.perf_counter() - t0:.1f}s; run the other shards, "
-              f"then once more without --shard to finish -> {out}")
+        print(
+            f"shard {a.shard[0]}/{a.shard[1]} done in {time.perf_counter() - t0:.1f}s; run the other shards, "
+            f"then once more without --shard to finish -> {out}"
+        )
         return 0
-    print(f"indexed {man['n']} samples x {len(man['checkpoints'])} checkpoints (D={man['projection']['dim']}, "
-          f"m={man['objective']['m']}, {man['featurizer']}) in {time.perf_counter() - t0:.1f}s -> {out}")
+    print(
+        f"indexed {man['n']} samples x {len(man['checkpoints'])} checkpoints (D={man['projection']['dim']}, "
+        f"m={man['objective']['m']}, {man['featurizer']}) in {time.perf_counter() - t0:.1f}s -> {out}"
+    )
     return 0
 
 
@@ -150,10 +162,10 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
+    from .fsio import atomic_write_bytes
     from .influence import open_index
     from .job import set_threads
     from .selfinfluence import SelfInfluenceJob, SelfInfluenceParams, ranking_rows, rows_to_csv
-    from .fsio import atomic_write_bytes
 
     set_threads(a.threads)
     idx = open_index(a.index, device=a.device)

@@ -110,7 +110,9 @@ def verify_index(path: str | Path, *, check_hashes: bool = True) -> list[str]:
             problems.append(str(e))
             continue
         if idx.d != dim or idx.ntotal != n:
-            problems.append(f"checkpoint {c}: FAISS index has d={idx.d}, ntotal={idx.ntotal}; expected d={dim}, ntotal={n}")
+            problems.append(
+                f"checkpoint {c}: FAISS index has d={idx.d}, ntotal={idx.ntotal}; expected d={dim}, ntotal={n}"
+            )
     return problems
 
 
@@ -204,7 +206,9 @@ class InfluenceIndex:
         try:
             return self._row_of_id[int(sample_id)]
         except KeyError:
-            raise KeyError(f"sample id {sample_id} is not in the index (ids {self.ids.min()}..{self.ids.max()})") from None
+            raise KeyError(
+                f"sample id {sample_id} is not in the index (ids {self.ids.min()}..{self.ids.max()})"
+            ) from None
 
     def weights(self, convention: Convention = "lr") -> np.ndarray:
         return np.array([c.weight(convention, self.n) for c in self.checkpoints], dtype=np.float64)
@@ -230,7 +234,9 @@ class InfluenceIndex:
                     m, self.manifest["layers"], ProjectionSpec(spec["kind"], spec["k"], spec["seed"]), self.device
                 )
                 if self._projectors[c].dim != self.dim:
-                    raise IndexError_(f"projection rebuilt with dim {self._projectors[c].dim}, manifest says {self.dim}")
+                    raise IndexError_(
+                        f"projection rebuilt with dim {self._projectors[c].dim}, manifest says {self.dim}"
+                    )
             return self._models[c]
 
     def featurize(

@@ -140,7 +140,11 @@ def build_index(
     from .store import FeatureStore, chunk_rows_for
 
     env_rows = os.environ.get("PROPONENT_CHUNK_ROWS")  # small chunks for tests and tiny data
-    chunk_rows = opts.chunk_rows or (int(env_rows) if env_rows else None) or chunk_rows_for(projector.dim, np.dtype(opts.dtype).itemsize)
+    chunk_rows = (
+        opts.chunk_rows
+        or (int(env_rows) if env_rows else None)
+        or chunk_rows_for(projector.dim, np.dtype(opts.dtype).itemsize)
+    )
     ann.parse_kind(opts.index_kind)
     # The featurization batch is fixed per index and recorded: float32 BLAS results depend on
     # the batch shape, so a resume or a shard must reuse it to write the same bytes.
@@ -239,6 +243,7 @@ def build_index(
     y_all = torch.from_numpy(data.labels if data.labels is not None else np.zeros(n, np.int64))
     y_all = y_all.clamp_min(0)
     t0 = time.perf_counter()
+
     def todo(c: int) -> list[int]:
         pend = store.pending_chunks(c)
         return pend if opts.shard is None else [k for k in pend if k % opts.shard[1] == opts.shard[0]]
@@ -289,7 +294,9 @@ def build_index(
                 rng = np.random.default_rng(opts.seed)
                 rows = np.sort(rng.choice(n, size=min(n, 50_000), replace=False))
                 train_sample = store.features(c)[rows]
-            index = ann.build_index(opts.index_kind, store.dim, (ch for _, ch in store.iter_feature_chunks(c)), train_sample)
+            index = ann.build_index(
+                opts.index_kind, store.dim, (ch for _, ch in store.iter_feature_chunks(c)), train_sample
+            )
             ann.write_atomic(index, fpath)
         files.append({"path": f"faiss/ckpt_{c:03d}.index", "sha256": sha256_file(fpath)})
     manifest["index"]["files"] = files

@@ -81,8 +81,7 @@ class ModelConfig:
             f = 2 ** len(self.channels)
             if h % f or w % f:
                 raise ConfigError(
-                    f"conv VAE with {len(self.channels)} stride-2 stages needs H and W divisible by {f}, "
-                    f"got {h}x{w}"
+                    f"conv VAE with {len(self.channels)} stride-2 stages needs H and W divisible by {f}, got {h}x{w}"
                 )
 
     @property

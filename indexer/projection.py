@@ -137,12 +137,22 @@ class Projector:
                 k_in, k_out, p_in, p_out = info.in_dim, info.out_dim, None, None
             elif info.kind == "other":
                 k_in, k_out = min(info.in_dim, spec.k * spec.k), 1
-                p_in = None if k_in == info.in_dim else _gaussian(info.in_dim, k_in, _seed_for(spec.seed, info.name, "flat"))
+                p_in = (
+                    None
+                    if k_in == info.in_dim
+                    else _gaussian(info.in_dim, k_in, _seed_for(spec.seed, info.name, "flat"))
+                )
                 p_out = None
             else:
                 k_in, k_out = min(info.in_dim, spec.k), min(info.out_dim, spec.k)
-                p_in = None if k_in == info.in_dim else _gaussian(info.in_dim, k_in, _seed_for(spec.seed, info.name, "in"))
-                p_out = None if k_out == info.out_dim else _gaussian(info.out_dim, k_out, _seed_for(spec.seed, info.name, "out"))
+                p_in = (
+                    None if k_in == info.in_dim else _gaussian(info.in_dim, k_in, _seed_for(spec.seed, info.name, "in"))
+                )
+                p_out = (
+                    None
+                    if k_out == info.out_dim
+                    else _gaussian(info.out_dim, k_out, _seed_for(spec.seed, info.name, "out"))
+                )
             p_in = None if p_in is None else p_in.to(self.device)
             p_out = None if p_out is None else p_out.to(self.device)
             self.blocks.append(LayerBlock(info, k_in, k_out, offset, p_in, p_out))

@@ -71,7 +71,9 @@ class SelfInfluenceJob:
     def units_done(self) -> int:
         return sum(len(v) for v in self.load_progress()["done"].values())
 
-    def run(self, on_progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None) -> np.ndarray | None:
+    def run(
+        self, on_progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> np.ndarray | None:
         """Run (or resume) to completion; returns ``[N]`` scores, or None if stopped early."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         idx, p = self.index, self.params

@@ -50,7 +50,9 @@ def _checkpoint_steps(tc: TrainConfig, steps_per_epoch: int) -> list[int]:
     if tc.checkpoint_every_steps:
         steps = list(range(tc.checkpoint_every_steps, total + 1, tc.checkpoint_every_steps))
     elif tc.checkpoint_every_epochs:
-        steps = [e * steps_per_epoch for e in range(tc.checkpoint_every_epochs, tc.epochs + 1, tc.checkpoint_every_epochs)]
+        steps = [
+            e * steps_per_epoch for e in range(tc.checkpoint_every_epochs, tc.epochs + 1, tc.checkpoint_every_epochs)
+        ]
     else:
         n = max(1, min(tc.checkpoints, total))
         steps = sorted({math.ceil(total * (i + 1) / n) for i in range(n)})
@@ -59,7 +61,9 @@ def _checkpoint_steps(tc: TrainConfig, steps_per_epoch: int) -> list[int]:
     return steps
 
 
-def train(data: Dataset, model_config: ModelConfig, out: str | Path, tc: TrainConfig, show_progress: bool = True) -> Path:
+def train(
+    data: Dataset, model_config: ModelConfig, out: str | Path, tc: TrainConfig, show_progress: bool = True
+) -> Path:
     """Train on ``data`` and write the run directory ``out``; returns its path."""
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -89,7 +93,7 @@ def train(data: Dataset, model_config: ModelConfig, out: str | Path, tc: TrainCo
     t0 = time.perf_counter()
     bar = progress(total=tc.epochs * steps_per_epoch, desc="train", unit="step", enabled=show_progress)
     last_loss = float("nan")
-    for epoch in range(tc.epochs):
+    for _ in range(tc.epochs):
         perm = torch.randperm(n, generator=gen).to(device)
         for b in range(steps_per_epoch):
             idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
@@ -117,7 +121,12 @@ def train(data: Dataset, model_config: ModelConfig, out: str | Path, tc: TrainCo
     bar.close()
     run: dict[str, Any] = {
         "format": "proponent-run-1",
-        "data": {"spec": "+".join(s.spec for s in data.sources), "fingerprint": data.fingerprint, "n": n, "shape": list(data.shape)},
+        "data": {
+            "spec": "+".join(s.spec for s in data.sources),
+            "fingerprint": data.fingerprint,
+            "n": n,
+            "shape": list(data.shape),
+        },
         "model_config": model_config.to_dict(),
         "train": asdict(tc),
         "final_loss": last_loss,

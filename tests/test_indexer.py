@@ -15,7 +15,7 @@ from indexer.influence import open_index, verify_index
 from indexer.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
 from indexer.models import ModelConfig, build_model
 from indexer.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_noise
-from indexer.projection import Projector, ProjectionSpec, build_projector, discover_layers, select_layers
+from indexer.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
 from indexer.store import FeatureStore
 from indexer.training import TrainConfig, train
 
@@ -36,7 +36,9 @@ def _build(run: Path, out: Path, **kw: object) -> Path:
     return build_index(run_json["data"]["spec"], specs, out, opts, show_progress=False)
 
 
-def _autograd_grad(model: torch.nn.Module, objective: ELBO, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+def _autograd_grad(
+    model: torch.nn.Module, objective: ELBO, x: torch.Tensor, eps: torch.Tensor
+) -> dict[str, torch.Tensor]:
     loss = objective.loss(model, x[None], torch.zeros(1, dtype=torch.long), eps[None])[0]
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()])
@@ -102,7 +104,9 @@ def test_projection_is_unbiased_over_seeds() -> None:
     assert est_arr.std() > 0  # and really random
     # squared norms are unbiased too
     sq = [
-        float(Projector(layers, ProjectionSpec(kind="kron", k=4, seed=s)).project_gradients(g1)[0].double().pow(2).sum())
+        float(
+            Projector(layers, ProjectionSpec(kind="kron", k=4, seed=s)).project_gradients(g1)[0].double().pow(2).sum()
+        )
         for s in range(300)
     ]
     assert abs(np.mean(sq) - float(e1 @ e1)) < 4 * np.std(sq, ddof=1) / np.sqrt(300)
@@ -140,7 +144,9 @@ def test_features_bit_identical_across_runs_and_shards_and_batch_invariant(tiny_
     # features up to float32 BLAS rounding (vendor GEMMs are not batch-shape invariant).
     sa, sc = FeatureStore.open(a / "store.zarr"), FeatureStore.open(c / "store.zarr")
     for ck in range(sa.n_checkpoints):
-        np.testing.assert_allclose(sc.features(ck), sa.features(ck), rtol=1e-4, atol=1e-5 * np.abs(sa.features(ck)).max())
+        np.testing.assert_allclose(
+            sc.features(ck), sa.features(ck), rtol=1e-4, atol=1e-5 * np.abs(sa.features(ck)).max()
+        )
         np.testing.assert_allclose(sc.sq_norm(ck), sa.sq_norm(ck), rtol=1e-5)
     e = _build(tiny_run, tmp_path / "e", projection=ProjectionSpec(kind="kron", k=4, seed=4), chunk_rows=64)
     assert _hash_store(e) != ha  # a different projection seed changes the bytes
@@ -194,8 +200,9 @@ def test_external_checkpoints_and_layer_selection(tiny_run: Path, tmp_path: Path
     bare = tmp_path / "bare.pt"
     torch.save(raw["state_dict"], bare)
     opts = IndexOptions(m=2, featurizer="dense", layers="decoder", projection=ProjectionSpec(kind="none"), device="cpu")
-    out = build_index(DATA, [CheckpointSpec(str(bare), 0.5, 32, 10)], tmp_path / "ext", opts, model_config=cfg,
-                      show_progress=False)
+    out = build_index(
+        DATA, [CheckpointSpec(str(bare), 0.5, 32, 10)], tmp_path / "ext", opts, model_config=cfg, show_progress=False
+    )
     idx = open_index(out)
     model = build_model(cfg)
     n_dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder"))

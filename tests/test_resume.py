@@ -27,8 +27,22 @@ def _cli(*args: str) -> list[str]:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("resume") / "run"
     subprocess.run(
-        _cli("train", "--data", DATA, "--out", str(out), "--epochs", "2", "--hidden", "32", "--latent-dim", "4",
-             "--checkpoints", "3", "--quiet"),
+        _cli(
+            "train",
+            "--data",
+            DATA,
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--hidden",
+            "32",
+            "--latent-dim",
+            "4",
+            "--checkpoints",
+            "3",
+            "--quiet",
+        ),
         check=True,
     )
     return out
@@ -36,8 +50,24 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _index_args(run: Path, out: Path) -> list[str]:
     # small chunks and a dense featurizer: many units of work, a few seconds in all
-    return _cli("index", "--run", str(run), "--out", str(out), "--m", "4", "--featurizer", "dense",
-                "--proj-k", "8", "--batch-size", "16", "--threads", "1", "--quiet")
+    return _cli(
+        "index",
+        "--run",
+        str(run),
+        "--out",
+        str(out),
+        "--m",
+        "4",
+        "--featurizer",
+        "dense",
+        "--proj-k",
+        "8",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--quiet",
+    )
 
 
 def _digest(out: Path) -> str:

@@ -23,7 +23,9 @@ from indexer.training import TrainConfig, train
 def digits_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wd = tmp_path_factory.mktemp("sanity")
     data = load_dataset("digits")
-    run = train(data, default_config_for(data.shape, latent_dim=16), wd / "run", TrainConfig(epochs=30), show_progress=False)
+    run = train(
+        data, default_config_for(data.shape, latent_dim=16), wd / "run", TrainConfig(epochs=30), show_progress=False
+    )
     specs, _ = checkpoints_from_run(run)
     return build_index(data, specs, wd / "idx", IndexOptions(m=16), show_progress=False)
 

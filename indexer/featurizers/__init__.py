@@ -7,6 +7,6 @@ Both share the feature layout defined by :class:`indexer.projection.Projector`.
 
 from __future__ import annotations
 
-from .base import Featurizer, FeatureBatch, make_featurizer
+from .base import FeatureBatch, Featurizer, make_featurizer
 
 __all__ = ["FeatureBatch", "Featurizer", "make_featurizer"]

@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..objectives import Objective
 from ..projection import Projector
-from .base import Featurizer, FeatureBatch
+from .base import FeatureBatch, Featurizer
 
 
 class DenseFeaturizer(Featurizer):
