@@ -176,7 +176,9 @@ class SelfInfluenceRequest(_Model):
 
     convention: Convention = "lr"
     checkpoints: list[int] | None = None
-    m: int | None = Field(None, ge=1, description="recompute gradients with m fresh draws (default: stored norms)")
+    m: int | None = Field(
+        None, ge=1, le=256, description="recompute gradients with m fresh draws, 1..256 (default: stored norms)"
+    )
     seed: int = Field(0, ge=0)
 
 

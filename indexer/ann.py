@@ -78,7 +78,7 @@ def build_index(
             index = faiss.index_gpu_to_cpu(gi)
         else:
             index.train(np.ascontiguousarray(train_sample, dtype=np.float32))
-        index.nprobe = nums[1] if len(nums) > 1 else max(1, nums[0] // 8)
+        index.nprobe = nums[1] if len(nums) > 1 else max(1, nums[0] // 8)  # type: ignore[attr-defined]
     else:
         index = faiss.IndexHNSWFlat(dim, nums[0], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = nums[1] if len(nums) > 1 else 128

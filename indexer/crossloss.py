@@ -125,7 +125,7 @@ class FixedProbeLoss(Objective):
     name: str = "probe"
 
     def noise_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
-        return (int(model.config.latent_dim),)  # type: ignore[union-attr]
+        return (int(model.config.latent_dim),)  # type: ignore[union-attr,arg-type]
 
     def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         assert self.probe is not None
@@ -155,7 +155,7 @@ class ProbeObjective(Objective):
     name: str = "probe"
 
     def noise_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
-        return (int(model.config.latent_dim),)  # type: ignore[union-attr]
+        return (int(model.config.latent_dim),)  # type: ignore[union-attr,arg-type]
 
     def objective_for(self, c: int) -> FixedProbeLoss:
         return FixedProbeLoss(probe=self.probes(c), label=self.label, m=self.m)

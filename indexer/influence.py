@@ -30,10 +30,11 @@ from .job import MANIFEST_VERSION, resolve_device
 from .models import ModelConfig
 from .objectives import NOISE_QUERY, Objective, draw_noise, objective_from_spec
 from .projection import ProjectionSpec, Projector, build_projector
-from .search import TopK, certified_topk, exact_scores
+from .search import TopK, certified_topk, exact_scores, scan_topk
 from .store import FeatureStore, StoreError, ckpt_group
 
 Direction = Literal["proponents", "opponents"]
+Strategy = Literal["auto", "scan", "threshold"]
 Convention = Literal["lr", "visits"]
 
 
@@ -75,7 +76,7 @@ def verify_index(path: str | Path, *, check_hashes: bool = True) -> list[str]:
             f"N={n}, D={dim}, C={len(man['checkpoints'])}"
         )
         return problems
-    expected = {"ids": ((n,), "int64"), "labels": ((n,), "int64")}
+    expected: dict[str, tuple[tuple[int, ...], str]] = {"ids": ((n,), "int64"), "labels": ((n,), "int64")}
     for c in range(store.n_checkpoints):
         g = ckpt_group(c)
         expected[f"{g}/features"] = ((n, dim), dt)
@@ -151,6 +152,15 @@ class _FaissSearcher:
         return d[0].astype(np.float64), i[0].astype(np.int64)
 
 
+def _max_row_norm(x: np.ndarray, block: int = 4096) -> float:
+    """Largest row norm, accumulated in float64 block by block (no full float64 copy)."""
+    best = 0.0
+    for i in range(0, len(x), block):
+        b = x[i : i + block].astype(np.float64)
+        best = max(best, float(np.einsum("ij,ij->i", b, b).max(initial=0.0)))
+    return float(np.sqrt(best))
+
+
 @dataclass
 class InfluenceResult:
     rows: np.ndarray  # row indices into the store
@@ -191,7 +201,7 @@ class InfluenceIndex:
         self._projectors: dict[int, Projector] = {}
         self._lock = threading.Lock()
         self.cpu_indexes = [ann.read(self.path / f["path"]) for f in man["index"]["files"]]
-        self.sources = []
+        self.sources: list[_FlatRows | _ArrayRows] = []
         for c, idx in enumerate(self.cpu_indexes):
             if isinstance(idx, faiss.IndexFlat):
                 self.sources.append(_FlatRows(idx))
@@ -199,7 +209,14 @@ class InfluenceIndex:
                 self.sources.append(_ArrayRows(self.store.features(c)))
         self.searchers = [_FaissSearcher(ann.to_gpu(i) if use_gpu_faiss else i) for i in self.cpu_indexes]
         self.faiss_on_gpu = use_gpu_faiss and ann.gpu_available()
-        self.max_row_norms = [float(np.sqrt((s.all().astype(np.float64) ** 2).sum(axis=1).max())) for s in self.sources]
+        self.max_row_norms = [_max_row_norm(s.all()) for s in self.sources]
+        # On a GPU the fused scan reads features from GPU memory (a copy, when it fits in half of it).
+        self._gpu_features: dict[int, torch.Tensor] = {}
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            need = sum(s.all().nbytes for s in self.sources)
+            if need < free // 2:
+                self._gpu_features = {c: torch.from_numpy(s.all()).to(self.device) for c, s in enumerate(self.sources)}
 
     # ------------------------------------------------------------------ metadata
     def row_of(self, sample_id: int) -> int:
@@ -292,22 +309,39 @@ class InfluenceIndex:
         direction: Direction = "proponents",
         convention: Convention = "lr",
         checkpoints: list[int] | None = None,
+        strategy: Strategy = "auto",
     ) -> InfluenceResult:
-        """Certified top-k proponents (largest scores) or opponents (most negative)."""
+        """Top-k proponents (largest scores) or opponents (most negative).
+
+        ``auto``: one fused exact scan over flat indexes (the fastest exact answer); the
+        threshold algorithm over the per-checkpoint indexes otherwise (approximate for
+        IVF/HNSW). ``threshold`` forces the certified threshold algorithm.
+        """
         if direction not in ("proponents", "opponents"):
             raise ValueError(f"direction must be proponents or opponents, got {direction!r}")
+        if strategy not in ("auto", "scan", "threshold"):
+            raise ValueError(f"strategy must be auto, scan or threshold, got {strategy!r}")
         cks, qs = self._weighted(q, convention, checkpoints)
         sign = 1.0 if direction == "proponents" else -1.0
         qs = [sign * v for v in qs]
-        res = certified_topk(
-            qs,
-            [self.searchers[c] for c in cks],
-            [self.sources[c] for c in cks],
-            self.n,
-            k,
-            exact_indexes=self.exact_indexes,
-            max_row_norms=[self.max_row_norms[c] for c in cks],
-        )
+        if strategy == "scan" or (strategy == "auto" and self.exact_indexes):
+            res = scan_topk(
+                qs,
+                [self.sources[c] for c in cks],
+                k,
+                [self.max_row_norms[c] for c in cks],
+                partial_scores=self._gpu_scan(cks) if self._gpu_features else None,
+            )
+        else:
+            res = certified_topk(
+                qs,
+                [self.searchers[c] for c in cks],
+                [self.sources[c] for c in cks],
+                self.n,
+                k,
+                exact_indexes=self.exact_indexes,
+                max_row_norms=[self.max_row_norms[c] for c in cks],
+            )
         return InfluenceResult(
             rows=res.ids,
             ids=self.ids[res.ids],
@@ -317,6 +351,17 @@ class InfluenceIndex:
             exact=res.exact,
             search=res,
         )
+
+    def _gpu_scan(self, cks: list[int]) -> Any:
+        def partial(queries: list[np.ndarray]) -> np.ndarray:
+            acc = None
+            for c, q in zip(cks, queries):
+                v = self._gpu_features[c] @ torch.from_numpy(np.ascontiguousarray(q, np.float32)).to(self.device)
+                acc = v if acc is None else acc + v
+            assert acc is not None
+            return acc.cpu().numpy()
+
+        return partial
 
     def influence(
         self,

@@ -204,9 +204,9 @@ def build_index(
     elif overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    for src, c in zip(checkpoints, ckpts):
-        dst = out / c.path
-        if not dst.exists() or sha256_file(dst) != c.sha256:
+    for src, ck in zip(checkpoints, ckpts):
+        dst = out / ck.path
+        if not dst.exists() or sha256_file(dst) != ck.sha256:
             from .fsio import atomic_write_bytes
 
             atomic_write_bytes(dst, Path(src.path).read_bytes())
@@ -250,11 +250,11 @@ def build_index(
 
     total_rows = sum(len(todo(c)) for c in range(len(ckpts))) * chunk_rows
     bar = progress(total=min(total_rows, n * len(ckpts)), desc="index", unit="sample", enabled=show_progress)
-    for c, spec in enumerate(ckpts):
+    for c, ck_spec in enumerate(ckpts):
         pending = todo(c)
         if not pending:
             continue
-        model, _, _ = load_checkpoint(out / spec.path, model_config)
+        model, _, _ = load_checkpoint(out / ck_spec.path, model_config)
         model = model.to(device)
         for p in model.parameters():
             p.requires_grad_(True)

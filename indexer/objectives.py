@@ -95,7 +95,7 @@ class ELBO(Objective):
     name: str = "elbo"
 
     def noise_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
-        return (int(model.config.latent_dim),)  # type: ignore[union-attr]
+        return (int(model.config.latent_dim),)  # type: ignore[union-attr,arg-type]
 
     def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         mu, logvar, logits = forward(x, eps)

@@ -13,11 +13,20 @@ has its own inner-product index. For a candidate depth k':
 With an approximate index the per-checkpoint lists may miss rows, the
 certificate does not hold and the answer is reported as approximate.
 Opponents are the top-k of the negated query.
+
+With flat (exact, linear-time) indexes every round of that algorithm reads every
+stored feature once per checkpoint, so it cannot beat one fused pass over the
+data. :func:`scan_topk` is that pass, and is exact too: one float32
+matrix-vector product per checkpoint (the memory-bandwidth floor), then a float64
+rescoring of every row whose float32 score is within the rounding bound of the
+k-th best. ``InfluenceIndex`` uses it for flat indexes and the threshold
+algorithm for sublinear (approximate) ones; both are tested against brute force.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,11 +58,53 @@ class TopK:
     depth: int = 0  # final k'
     full_scan: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    strategy: str = "threshold"  # "threshold" (per-checkpoint index searches) or "scan" (one fused pass)
 
 
 def exact_scores(queries: list[np.ndarray], features: list[np.ndarray]) -> np.ndarray:
     """Per-checkpoint contributions ``[n, C]`` in float64 (the definition of "exact")."""
     return np.stack([f.astype(np.float64) @ q.astype(np.float64) for q, f in zip(queries, features)], axis=1)
+
+
+def rounding_margin(queries: list[np.ndarray], max_row_norms: list[float]) -> float:
+    """Bound on |float32 score − exact score| for any row (Higham: |error| ≤ γ_D Σ|q_j f_j|)."""
+    d = queries[0].shape[0] if queries else 0
+    gamma = (d + len(queries) + 2) * F32_EPS
+    return sum(gamma * float(np.linalg.norm(q)) * m for q, m in zip(queries, max_row_norms))
+
+
+def scan_topk(
+    queries: list[np.ndarray],
+    sources: list[RowSource],
+    k: int,
+    max_row_norms: list[float],
+    partial_scores: Callable[[list[np.ndarray]], np.ndarray] | None = None,
+) -> TopK:
+    """Exact top-k by one fused pass: float32 scores, then float64 rescoring of the near-ties.
+
+    ``partial_scores(queries) -> [N] float32`` may compute the fused pass elsewhere (a GPU).
+    Exact: a true top-k row j has s32_j ≥ s64_j − e ≥ s64_(k) − e ≥ s32_(k) − 2e, so every
+    such row is among the candidates that are rescored in float64.
+    """
+    t = time.perf_counter()
+    if partial_scores is not None:
+        s32 = partial_scores(queries)
+    else:
+        s32 = np.zeros(sources[0].all().shape[0], np.float32)
+        for q, src in zip(queries, sources):
+            s32 += src.all() @ q.astype(np.float32, copy=False)
+    n = len(s32)
+    k = min(k, n)
+    t_scan = time.perf_counter() - t
+    t = time.perf_counter()
+    margin = rounding_margin(queries, max_row_norms)
+    kth = float(np.partition(s32, n - k)[n - k]) if k else 0.0
+    cand = np.flatnonzero(s32 >= kth - 2 * margin)
+    contrib = exact_scores(queries, [s.rows(cand) for s in sources])
+    total = contrib.sum(axis=1)
+    top = _top(total, k)
+    timings = {"search_s": t_scan, "rescore_s": time.perf_counter() - t}
+    return TopK(cand[top], total[top], contrib[top], True, 1, len(cand), n, True, timings, strategy="scan")
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -83,10 +134,7 @@ def certified_topk(
     c_count = len(queries)
     timings = {"search_s": 0.0, "rescore_s": 0.0}
     # A row's float32 inner product may differ from the float64 one by at most about D·u·|q|·|f|.
-    margin = 0.0
-    if max_row_norms is not None:
-        d = queries[0].shape[0] if queries else 0
-        margin = sum(d * F32_EPS * float(np.linalg.norm(q)) * m for q, m in zip(queries, max_row_norms))
+    margin = rounding_margin(queries, max_row_norms) if max_row_norms is not None else 0.0
     depth = max(initial_depth or 2 * k, k)
     rounds = 0
     while True:

@@ -97,8 +97,9 @@ class SelfInfluenceJob:
                     return None
                 lo, hi = idx.store.chunk_range(k)
                 if feat is None:
-                    part[lo:hi] = np.asarray(idx.store.group[f"ckpt_{c:03d}/sq_norm"][lo:hi], np.float64)
+                    part[lo:hi] = np.asarray(idx.store._a(f"ckpt_{c:03d}/sq_norm")[lo:hi], np.float64)
                 else:
+                    assert p.m is not None
                     x = torch.from_numpy(idx.store.images(slice(lo, hi)))
                     y = torch.from_numpy(np.clip(idx.labels[lo:hi], 0, None))
                     eps = draw_noise(NOISE_SELF, p.seed, c, idx.ids[lo:hi], p.m, noise_shape)

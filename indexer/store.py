@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -47,7 +47,7 @@ class FeatureStore:
     def __init__(self, group: zarr.Group, path: Path):
         self.group = group
         self.path = path
-        attrs = dict(group.attrs)
+        attrs: dict[str, Any] = dict(group.attrs)
         try:
             self.n = int(attrs["n"])
             self.dim = int(attrs["dim"])
@@ -130,6 +130,9 @@ class FeatureStore:
             raise StoreError(f"{path}: cannot open Zarr store: {e}") from e
         return cls(g, path)
 
+    def _a(self, name: str) -> zarr.Array:
+        return cast(zarr.Array, self.group[name])
+
     # ------------------------------------------------------------------ chunks
     @property
     def n_chunks(self) -> int:
@@ -139,7 +142,7 @@ class FeatureStore:
         return k * self.chunk_rows, min(self.n, (k + 1) * self.chunk_rows)
 
     def done_mask(self, c: int) -> np.ndarray:
-        return np.asarray(self.group[f"{ckpt_group(c)}/done"][:], dtype=bool)
+        return np.asarray(self._a(f"{ckpt_group(c)}/done")[:], dtype=bool)
 
     def pending_chunks(self, c: int) -> list[int]:
         return [int(k) for k in np.flatnonzero(~self.done_mask(c))]
@@ -160,39 +163,39 @@ class FeatureStore:
         lo, hi = self.chunk_range(k)
         if features.shape != (hi - lo, self.dim):
             raise StoreError(f"chunk {k}: features shape {features.shape}, expected {(hi - lo, self.dim)}")
-        cg = self.group[ckpt_group(c)]
-        cg["features"][lo:hi] = features.astype(self.dtype, copy=False)
-        cg["sq_norm"][lo:hi] = sq_norm.astype(np.float64, copy=False)
-        cg["loss"][lo:hi] = loss.astype(np.float32, copy=False)
+        cg = ckpt_group(c)
+        self._a(f"{cg}/features")[lo:hi] = features.astype(self.dtype, copy=False)
+        self._a(f"{cg}/sq_norm")[lo:hi] = sq_norm.astype(np.float64, copy=False)
+        self._a(f"{cg}/loss")[lo:hi] = loss.astype(np.float32, copy=False)
         if latent is not None and self.latent_dim:
-            self.group["latent_mu"][lo:hi] = latent[0].astype(np.float32, copy=False)
-            self.group["latent_logvar"][lo:hi] = latent[1].astype(np.float32, copy=False)
-        cg["done"][k] = 1
+            self._a("latent_mu")[lo:hi] = latent[0].astype(np.float32, copy=False)
+            self._a("latent_logvar")[lo:hi] = latent[1].astype(np.float32, copy=False)
+        self._a(f"{cg}/done")[k] = 1
 
     # ------------------------------------------------------------------ reads
     def features(self, c: int) -> np.ndarray:
         """All features of checkpoint ``c`` as float32 ``[N, D]``."""
-        return np.asarray(self.group[f"{ckpt_group(c)}/features"][:], dtype=np.float32)
+        return np.asarray(self._a(f"{ckpt_group(c)}/features")[:], dtype=np.float32)
 
     def iter_feature_chunks(self, c: int) -> Iterator[tuple[int, np.ndarray]]:
-        arr = self.group[f"{ckpt_group(c)}/features"]
+        arr = self._a(f"{ckpt_group(c)}/features")
         for k in range(self.n_chunks):
             lo, hi = self.chunk_range(k)
             yield lo, np.asarray(arr[lo:hi], dtype=np.float32)
 
     def sq_norm(self, c: int) -> np.ndarray:
-        return np.asarray(self.group[f"{ckpt_group(c)}/sq_norm"][:], dtype=np.float64)
+        return np.asarray(self._a(f"{ckpt_group(c)}/sq_norm")[:], dtype=np.float64)
 
     def loss(self, c: int) -> np.ndarray:
-        return np.asarray(self.group[f"{ckpt_group(c)}/loss"][:], dtype=np.float32)
+        return np.asarray(self._a(f"{ckpt_group(c)}/loss")[:], dtype=np.float32)
 
     def array(self, name: str) -> np.ndarray:
-        return np.asarray(self.group[name][:])
+        return np.asarray(self._a(name)[:])
 
-    def images(self, rows: np.ndarray | slice) -> np.ndarray:
+    def images(self, rows: Any) -> np.ndarray:
         """Training images as float32 in [0, 1] (8-bit quantised)."""
-        return np.asarray(self.group["images"][rows], dtype=np.float32) / 255.0
+        return np.asarray(self._a("images")[rows], dtype=np.float32) / 255.0
 
     def array_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-        a = self.group[name]
+        a = self._a(name)
         return tuple(a.shape), np.dtype(str(a.dtype))

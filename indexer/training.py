@@ -89,7 +89,8 @@ def train(
     steps_per_epoch = math.ceil(n / tc.batch_size)
     ckpt_steps = _checkpoint_steps(tc, steps_per_epoch)
     gen = torch.Generator(device="cpu").manual_seed(tc.seed)
-    step, prev_step, specs = 0, 0, []
+    step, prev_step = 0, 0
+    specs: list[CheckpointSpec] = []
     t0 = time.perf_counter()
     bar = progress(total=tc.epochs * steps_per_epoch, desc="train", unit="step", enabled=show_progress)
     last_loss = float("nan")
@@ -107,7 +108,7 @@ def train(
             bar.update(1)
             if step in ckpt_steps:
                 path = out / "checkpoints" / f"ckpt_{len(specs):03d}.pt"
-                meta = {
+                meta: dict[str, Any] = {
                     "lr": float(opt.param_groups[0]["lr"]),
                     "batch_size": tc.batch_size,
                     "step": step,

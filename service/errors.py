@@ -75,6 +75,9 @@ def install_error_handlers(app: FastAPI) -> None:
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and msg == "Not Found":
             msg = f"no route {request.method} {request.url.path}"
+        if exc.status_code == 400 and msg == "There was an error parsing the body":
+            # FastAPI's answer to a body that is not UTF-8 / not parseable; malformed JSON is a 422 elsewhere
+            return error_response(422, "body is not valid JSON (or not UTF-8 text)")
         return error_response(exc.status_code, msg, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

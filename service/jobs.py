@@ -128,7 +128,7 @@ class JobManager:
                 raise JobError(404, f"job {job_id} not found")
             return json.loads(json.dumps(info))
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_jobs(self) -> list[dict[str, Any]]:
         with self._lock:
             return [json.loads(json.dumps(j)) for j in sorted(self._jobs.values(), key=lambda j: j["created_at"])]
 

@@ -493,11 +493,12 @@ def _same_ranking(rows_a, rows_b):
     )
 
 
-def test_self_influence_job_equals_cli(svc_client, svc_offline_self_influence):
+def test_self_influence_job_equals_cli(svc_client, svc_server, svc_offline_self_influence):
     job = svc_client.start_self_influence(**JOB)
     assert job.state in ("queued", "running") and len(job.id) == 32
     job.wait(timeout=240)
-    assert job.info.progress.done == job.info.progress.total == 6
+    chunks = len(JOB["checkpoints"]) * svc_server.index.store.n_chunks
+    assert job.info.progress.done == job.info.progress.total == chunks
     rows = job.result()
     _same_ranking([r.model_dump() for r in rows], svc_offline_self_influence)
     assert [r.rank for r in rows] == list(range(1, 301))

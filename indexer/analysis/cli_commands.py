@@ -124,7 +124,7 @@ def _cmd_influence(a: argparse.Namespace) -> int:
         x = idx.image(row)
         if label is None and a.objective == "probe" and int(idx.labels[row]) >= 0:
             label = int(idx.labels[row])
-        query = {"sample_id": int(a.sample_id)}
+        query: dict[str, int | str] = {"sample_id": int(a.sample_id)}
     else:
         from ..data import load_image_bytes
 
@@ -160,10 +160,10 @@ def _cmd_influence(a: argparse.Namespace) -> int:
         return 0
     for d in directions:
         print(f"{d} ({'exact' if out[f'{d}_exact'] else 'approximate'}):")
-        for e in out[d]:
-            lab = "" if e["label"] is None else f"  label {e['label']}"
-            inj = "  injected" if e["injected"] else ""
-            print(f"  {e['rank']:3d}  id {e['sample_id']:<8d} score {e['score']:+.6g}{lab}{inj}")
+        for hit in out[d]:
+            lab = "" if hit["label"] is None else f"  label {hit['label']}"
+            inj = "  injected" if hit["injected"] else ""
+            print(f"  {hit['rank']:3d}  id {hit['sample_id']:<8d} score {hit['score']:+.6g}{lab}{inj}")
     return 0
 
 

@@ -26,11 +26,14 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..fsio import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from ..influence import Convention
 
 SECTION_IDS = (
     "self-influence-vs-loss",
@@ -91,7 +94,7 @@ def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return float(slope), float(intercept), r2
 
 
-def _mean_std(v: np.ndarray) -> dict[str, float]:
+def _mean_std(v: np.ndarray) -> dict[str, float | None]:
     v = np.asarray(v, np.float64)
     if not v.size:
         return {"mean": None, "std": None, "n": 0}
@@ -177,7 +180,8 @@ def _grid(
         arr = np.round(np.clip(im, 0, 1) * 255).astype(np.uint8)
         tile = Image.fromarray(arr, mode="L" if cmap else "RGB").convert("RGB")
         scale = cell / max(tile.size)
-        tile = tile.resize((max(1, round(tile.size[0] * scale)), max(1, round(tile.size[1] * scale))), Image.NEAREST)
+        size = (max(1, round(tile.size[0] * scale)), max(1, round(tile.size[1] * scale)))
+        tile = tile.resize(size, Image.Resampling.NEAREST)
         canvas.paste(tile, (x0, y0 + cap))
         if highlight is not None and highlight[k]:
             box = [x0 - 3, y0 + cap - 3, x0 + tile.size[0] + 2, y0 + cap + tile.size[1] + 2]
@@ -227,7 +231,7 @@ def write_report(
     *,
     queries: Sequence[int] | None = None,
     outliers: Sequence[int] | None = None,
-    convention: str = "lr",
+    convention: Convention = "lr",
     seed: int = 0,
     index: Any = None,
 ) -> Path:

@@ -273,7 +273,8 @@ class KroneckerFeaturizer(Featurizer):
             mod = lay.module
             assert isinstance(mod, nn.Conv2d)
             xp, pad = lay.conv_geometry(a)
-            u = F.unfold(xp, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)  # [R, in, L]
+            # [R, in, L]
+            u = F.unfold(xp, mod.kernel_size, dilation=mod.dilation, padding=tuple(pad), stride=mod.stride)
             a = u.transpose(1, 2).reshape(b, -1, lay.in_nb)
             d = d.flatten(2).transpose(1, 2).reshape(b, -1, lay.out)
             return a, d

@@ -23,8 +23,8 @@ def compute_factors(state: ServiceState) -> dict[str, Any]:
         if state.factors is None:
             index = state.index
             assert index is not None
-            mu = np.asarray(index.store.group["latent_mu"][:], np.float64)
-            lv = np.asarray(index.store.group["latent_logvar"][:], np.float64)
+            mu = np.asarray(index.store.array("latent_mu"), np.float64)
+            lv = np.asarray(index.store.array("latent_logvar"), np.float64)
             limit = state.settings.factors_max_rows
             if len(mu) > limit:  # the estimate is O(N²): a fixed random subsample keeps it fast
                 rows = np.sort(np.random.default_rng(0).choice(len(mu), size=limit, replace=False))

@@ -41,7 +41,7 @@ def start_self_influence(body: SelfInfluenceRequest, jobs: JobsDep, response: Re
 
 @router.get("/jobs", response_model=list[JobInfo], responses=error_responses(401))
 def list_jobs(jobs: JobsDep) -> Any:
-    return jobs.list()
+    return jobs.list_jobs()
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo, responses=error_responses(401, 404, 422))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import numpy as np
+import zarr
 from fastapi import APIRouter, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -32,7 +33,7 @@ def sample(sample_id: SampleId, index: IndexDep, state: StateDep) -> Any:
     assert state.losses is not None and state.self_influence is not None
     mu = None
     if "latent_mu" in index.store.group:
-        mu = [float(v) for v in np.asarray(index.store.group["latent_mu"][row])]
+        mu = [float(v) for v in np.asarray(cast(zarr.Array, index.store.group["latent_mu"])[row])]
     return {
         **state.hit_meta(row),
         "loss": float(state.losses[row]),
