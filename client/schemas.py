@@ -101,12 +101,17 @@ class InfluenceParams(_Model):
 
     k: int = Field(10, ge=1, description="number of hits per direction (1..max_k)")
     direction: Direction = "proponents"
-    objective: str = Field("elbo", description="query objective: elbo, reconstruction, kl, elbo_beta, ...")
-    beta: float | None = None
-    label: int | None = None
-    checkpoints: list[int] | None = Field(None, description="checkpoint subset (default: all)")
+    objective: str = Field(
+        "elbo",
+        max_length=64,
+        description="query objective: elbo, reconstruction, kl, elbo_beta, ... (/v1/index query_objectives)",
+        examples=["elbo", "reconstruction", "kl", "elbo_beta", "probe"],
+    )
+    beta: float | None = Field(None, ge=0, le=1e6, description="β for elbo_beta")
+    label: int | None = Field(None, ge=0, le=2**31 - 1, description="class label (objectives that need one)")
+    checkpoints: list[int] | None = Field(None, max_length=4096, description="checkpoint subset (default: all)")
     convention: Convention = "lr"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="query noise seed")
     allow_resize: bool = False
 
 
@@ -175,11 +180,11 @@ class SelfInfluenceRequest(_Model):
     model_config = ConfigDict(extra="forbid")
 
     convention: Convention = "lr"
-    checkpoints: list[int] | None = None
+    checkpoints: list[int] | None = Field(None, max_length=4096)
     m: int | None = Field(
         None, ge=1, le=256, description="recompute gradients with m fresh draws, 1..256 (default: stored norms)"
     )
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
 
 
 class SelfInfluenceRow(_Model):

@@ -11,7 +11,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 DEFAULT_DATA = "digits"
 
@@ -132,6 +131,9 @@ def _cmd_index(a: argparse.Namespace) -> int:
         shard=a.shard,
     )
     t0 = time.perf_counter()
+    mpath = Path(a.out) / "manifest.json"
+    if mpath.exists() and not a.overwrite and json.loads(mpath.read_text()).get("complete"):
+        print(f"{a.out} holds a complete index; checking it was built with these settings")
     out = build_index(
         data_spec, specs, a.out, opts, model_config=model_config, overwrite=a.overwrite, show_progress=not a.quiet
     )
@@ -266,12 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info")
     sv.set_defaults(func=_cmd_serve)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    from .analysis.cli_commands import register as register_analysis_commands
+
+    register_analysis_commands(sub)  # classical, factors, report, influence
     return p
-
-
-_EXTRA_COMMANDS: list[Any] = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,5 +291,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-from .analysis import cli_commands as _analysis_commands  # noqa: E402,F401  (registers classical, factors, report, influence)

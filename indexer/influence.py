@@ -210,6 +210,8 @@ class InfluenceIndex:
         self.searchers = [_FaissSearcher(ann.to_gpu(i) if use_gpu_faiss else i) for i in self.cpu_indexes]
         self.faiss_on_gpu = use_gpu_faiss and ann.gpu_available()
         self.max_row_norms = [_max_row_norm(s.all()) for s in self.sources]
+        for c in range(len(self.checkpoints)):  # load models and projections now, not on the first query
+            self.model(c)
         # On a GPU the fused scan reads features from GPU memory (a copy, when it fits in half of it).
         self._gpu_features: dict[int, torch.Tensor] = {}
         if self.device.type == "cuda":

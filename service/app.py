@@ -68,7 +68,7 @@ class BodyTooLarge(StarletteHTTPException):
 def _json_error(
     status: int, message: str, rid: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> tuple[Message, Message]:
-    code = {413: "payload_too_large"}.get(status, "error")
+    code = {413: "payload_too_large", 500: "internal_error"}.get(status, "error")
     body = json.dumps({"error": {"status": status, "code": code, "message": message, "request_id": rid}}).encode()
     hdrs = [
         (b"content-type", b"application/json"),
@@ -151,6 +151,16 @@ class RequestContextMiddleware:
                     if status["started"]:
                         raise
                     start, body = _json_error(413, str(e.detail), rid)
+                    await send_wrapper(start)
+                    await send(body)
+                except Exception as e:
+                    # A bug. Answer 500 here, inside the request's context (request id in the log line and
+                    # the body), instead of letting it reach Starlette's outermost handler, which answers
+                    # without the request id and re-raises to uvicorn (which then drops the connection).
+                    if status["started"]:
+                        raise
+                    log.exception("unhandled error on %s %s", scope.get("method", ""), scope.get("path"))
+                    start, body = _json_error(500, f"internal error ({type(e).__name__}); see the server log", rid)
                     await send_wrapper(start)
                     await send(body)
         finally:

@@ -1,7 +1,7 @@
 """Analysis commands of the ``proponent`` CLI: classical, factors, report, influence.
 
-Registered through :data:`indexer.cli._EXTRA_COMMANDS` (imported at the bottom of
-``indexer/cli.py``). Bad input raises ``ValueError`` with one line, which ``cli.main``
+Registered by :func:`register`, which ``indexer.cli.build_parser`` calls.
+Bad input raises ``ValueError`` with one line, which ``cli.main``
 prints as ``proponent: error: ...``.
 """
 
@@ -210,12 +210,3 @@ def register(sub: Any) -> None:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_influence)
 
-
-def _register_all() -> None:
-    from .. import cli
-
-    if register not in cli._EXTRA_COMMANDS:
-        cli._EXTRA_COMMANDS.append(register)
-
-
-_register_all()
