@@ -8,7 +8,8 @@ compares each projected index's answers with the exact index's:
 * Spearman correlation of the scores over the whole training set;
 * the paper's sanity check: fraction of training samples that are their own strongest
   proponent (query = the sample's stored gradient);
-* feature dimension and store size.
+* feature dimension and store size;
+* and, on the exact index, what answering from a subset of checkpoints costs.
 
     python benchmarks/projection_fidelity.py [--ks 8,16,32,64] [--queries 64] [--epochs 100]
 """
@@ -111,6 +112,21 @@ def main() -> None:
         print(
             f"{'kron k=' + str(k):>12} {idx.dim:>7} {dir_size(path) / 1e6:>9.1f} {t_idx:>8.1f} "
             f"{np.median(rp):>14.3f} {np.median(ro):>14.3f} {np.median(sp):>9.3f} {sanity(idx):>23}"
+        )
+    # The paper's other scaling suggestion: a subset of checkpoints, measured on exact gradients.
+    n_ck = len(exact.checkpoints)
+    subsets = [[n_ck - 1], [0, n_ck - 1], list(range(0, n_ck, 2))]
+    print(f"\ncheckpoint subsets (exact gradients) against all {n_ck} checkpoints")
+    print(f"{'checkpoints':>16} {'recall@10 pro':>14} {'recall@10 opp':>14} {'spearman':>9}")
+    for sub in subsets:
+        sp_p, sp_o, sp_r = [], [], []
+        for r, es in zip(rows, ex_scores):
+            s = exact.scores(exact.stored_features(int(r), checkpoints=sub), checkpoints=sub)
+            sp_p.append(len(set(np.argsort(-s)[:10]) & set(np.argsort(-es)[:10])) / 10)
+            sp_o.append(len(set(np.argsort(s)[:10]) & set(np.argsort(es)[:10])) / 10)
+            sp_r.append(spearman(s, es))
+        print(
+            f"{','.join(map(str, sub)):>16} {np.median(sp_p):>14.3f} {np.median(sp_o):>14.3f} {np.median(sp_r):>9.3f}"
         )
     print(
         "(recall and spearman: medians over queries; self-top1: fraction of the first 128 training samples that are"

@@ -19,7 +19,6 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexer.influence import open_index
@@ -27,7 +26,7 @@ from indexer.job import set_threads
 
 from .deps import require_api_key
 from .engine import QueryEngine
-from .errors import install_error_handlers, request_id_var
+from .errors import BodyTooLarge, install_error_handlers, request_id_var
 from .jobs import JobManager
 from .metrics import Metrics
 from .routes import factors, health, index, influence, jobs, samples
@@ -58,11 +57,6 @@ def _install_logging() -> None:
         root.addHandler(h)
         root.setLevel(logging.INFO)
         root.propagate = False
-
-
-class BodyTooLarge(StarletteHTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body larger than the limit of {limit} bytes")
 
 
 def _json_error(
@@ -200,7 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         assert state.index is not None
         state.engine = QueryEngine(settings.query_workers, settings.queue_size, settings.request_timeout_s, metrics)
         state.engine.start()
-        state.jobs = JobManager(state.index, settings.state_dir, metrics)
+        state.jobs = JobManager(state.index, settings.state_dir, metrics, featurize_lock=state.featurize_lock)
         state.jobs.start()
         state.ready = True
         log.info(

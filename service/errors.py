@@ -33,6 +33,14 @@ _CODES = {
 }
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while the body streams in (an HTTPException, so FastAPI's body parsing re-raises it as is)."""
+
+    def __init__(self, limit: int):
+        # the rest of the body is never read: the connection cannot be reused
+        super().__init__(413, f"request body larger than the limit of {limit} bytes", headers={"Connection": "close"})
+
+
 class ApiError(Exception):
     """Raise anywhere in a request to answer ``status`` with the error body."""
 

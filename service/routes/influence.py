@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.schemas import InfluenceParams, InfluenceResponse
 from indexer.crossloss import ObjectiveError, make_query_objective
@@ -42,6 +43,7 @@ _PARAMS_DOC = InfluenceParams.model_json_schema()
 _UPLOAD_SCHEMA = {
     "type": "object",
     "required": ["file"],
+    "additionalProperties": False,
     "properties": {
         "file": {"type": "string", "format": "binary", "description": "PNG/JPEG/... (anything Pillow reads) or .npy"},
         **{
@@ -57,6 +59,7 @@ _UPLOAD_SCHEMA = {
 _JSON_SCHEMA = {
     "type": "object",
     "required": ["x"],
+    "additionalProperties": False,
     "properties": {
         "x": {
             "description": "nested list of numbers with the index's input shape (e.g. [1, 8, 8])",
@@ -138,17 +141,34 @@ def decode_upload(data: bytes, index: InfluenceIndex, allow_resize: bool, max_pi
         raise ApiError(422, f"{msg} (the index's input shape is {list(index.shape)})") from None
 
 
-def decode_json_array(x: Any, index: InfluenceIndex) -> np.ndarray:
+def decode_json_array(x: Any, index: InfluenceIndex, allow_resize: bool = False, max_pixels: int = 0) -> np.ndarray:
+    """The JSON ``x``: the index's input shape exactly (a leading batch axis of 1 allowed), values in [0, 1];
+    with ``allow_resize`` another H x W (or layout) is converted like an uploaded .npy array."""
     try:
         a = np.asarray(x, dtype=np.float32)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise ApiError(422, "x must be a (rectangular) nested list of numbers") from None
+    if not np.isfinite(a).all():
+        raise ApiError(422, "x contains NaN or infinite values (or numbers too large for float32)")
     if a.shape[:1] == (1,) and a.shape[1:] == index.shape:
         a = a[0]
     if a.shape != index.shape:
-        raise ApiError(422, f"x has shape {list(a.shape)}, expected the index's input shape {list(index.shape)}")
-    if not np.isfinite(a).all():
-        raise ApiError(422, "x contains NaN or infinite values")
+        if not allow_resize or a.size == 0:
+            raise ApiError(
+                422,
+                f"x has shape {list(a.shape)}, expected the index's input shape {list(index.shape)}"
+                + ("" if allow_resize else " (allow_resize=true resizes another height x width)"),
+            )
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        try:
+            return load_image_bytes(buf.getvalue(), index.shape, allow_resize=True, max_pixels=max_pixels)
+        except DataError as e:
+            msg = str(e).removeprefix("npy: ")
+            status = 413 if "more than the limit" in msg else 422
+            raise ApiError(status, f"x: {msg} (the index's input shape is {list(index.shape)})") from None
+    if a.size and (a.min() < 0 or a.max() > 1):
+        raise ApiError(422, f"x: values must lie in [0, 1], got min {a.min():g}, max {a.max():g}")
     return a
 
 
@@ -159,7 +179,10 @@ async def read_query(
     media = _media_type(request)
     s = state.settings
     if media == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=32)
+        try:
+            form = await request.form(max_files=1, max_fields=32)
+        except StarletteHTTPException as e:  # malformed multipart, too many parts: 422 like malformed JSON
+            raise ApiError(422, f"multipart body: {e.detail}") from None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "multipart body needs a 'file' part holding the image or .npy array")
@@ -173,13 +196,14 @@ async def read_query(
         body = await request.body()
         try:
             obj = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(422, f"body is not valid JSON: {e}") from None
         if not isinstance(obj, dict) or "x" not in obj:
             raise ApiError(422, 'JSON body must be an object with the query array "x" and optional parameters')
         x_raw = obj.pop("x")
         params = _parse_params(obj)
-        return await run_in_threadpool(decode_json_array, x_raw, index), params
+        x = await run_in_threadpool(decode_json_array, x_raw, index, params.allow_resize, s.max_image_pixels)
+        return x, params
     if media in _RAW_TYPES or media.startswith("image/"):
         data = await request.body()
         params = _parse_params({k: _form_value(k, v) for k, v in request.query_params.items()})
@@ -230,7 +254,8 @@ def compute(
         if label is None and row is not None and index.labels[row] >= 0:
             label = int(index.labels[row])
         labels = None if label is None else np.array([label], np.int64)
-        feats = index.featurize(x[None], objective=objective, seed=params.seed, labels=labels, checkpoints=cks)
+        with state.featurize_lock:
+            feats = index.featurize(x[None], objective=objective, seed=params.seed, labels=labels, checkpoints=cks)
         q = {c: v[0] for c, v in feats.items()}
     t1 = time.perf_counter()
     directions = ["proponents", "opponents"] if params.direction == "both" else [params.direction]
@@ -332,7 +357,7 @@ async def influence_of_sample(
             raise ApiError(415, f"unsupported content type {_media_type(request)!r}: the optional body is JSON")
         try:
             raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(422, f"body is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ApiError(422, "JSON body must be an object of query parameters")
