@@ -117,20 +117,14 @@ def verify_index(path: str | Path, *, check_hashes: bool = True) -> list[str]:
     return problems
 
 
-class _FlatRows:
-    """Row access to the vectors held by a flat FAISS index (no second copy in memory)."""
-
-    def __init__(self, index: faiss.IndexFlat):
-        self._x = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self._x[ids]
-
-    def all(self) -> np.ndarray:
-        return self._x
+def _flat_vectors(index: faiss.IndexFlat) -> np.ndarray:
+    """The vectors a flat FAISS index holds, as a numpy view (no second copy in memory)."""
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
 class _ArrayRows:
+    """Row access to one checkpoint's stored features."""
+
     def __init__(self, x: np.ndarray):
         self._x = x
 
@@ -201,12 +195,10 @@ class InfluenceIndex:
         self._projectors: dict[int, Projector] = {}
         self._lock = threading.Lock()
         self.cpu_indexes = [ann.read(self.path / f["path"]) for f in man["index"]["files"]]
-        self.sources: list[_FlatRows | _ArrayRows] = []
-        for c, idx in enumerate(self.cpu_indexes):
-            if isinstance(idx, faiss.IndexFlat):
-                self.sources.append(_FlatRows(idx))
-            else:
-                self.sources.append(_ArrayRows(self.store.features(c)))
+        self.sources = [
+            _ArrayRows(_flat_vectors(idx) if isinstance(idx, faiss.IndexFlat) else self.store.features(c))
+            for c, idx in enumerate(self.cpu_indexes)
+        ]
         self.searchers = [_FaissSearcher(ann.to_gpu(i) if use_gpu_faiss else i) for i in self.cpu_indexes]
         self.faiss_on_gpu = use_gpu_faiss and ann.gpu_available()
         self.max_row_norms = [_max_row_norm(s.all()) for s in self.sources]
