@@ -27,7 +27,6 @@ from .errors import ConnectionFailed, ProponentError, error_from_response
 from .schemas import (
     FactorsInfo,
     Health,
-    Hit,
     IndexInfo,
     InfluenceResponse,
     JobInfo,
@@ -94,6 +93,7 @@ def _params(
     convention: str,
     seed: int,
     allow_resize: bool,
+    search: str = "auto",
 ) -> dict[str, Any]:
     p: dict[str, Any] = {
         "k": k,
@@ -102,6 +102,7 @@ def _params(
         "convention": convention,
         "seed": seed,
         "allow_resize": allow_resize,
+        "search": search,
     }
     if beta is not None:
         p["beta"] = beta
@@ -339,15 +340,18 @@ class InfluenceClient(_Base):
         convention: Literal["lr", "visits"] = "lr",
         seed: int = 0,
         allow_resize: bool = False,
+        search: Literal["auto", "scan", "threshold"] = "auto",
     ) -> InfluenceResponse:
-        p = _params(k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize)
+        p = _params(k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize, search)
         return self._run(op_influence(query, sample_id, p))
 
-    def proponents(self, query: Any = None, **kw: Any) -> list[Hit]:
-        return self.influence(query, direction="proponents", **kw).proponents or []
+    def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
+        """``influence(..., direction="proponents")``: hits in ``.proponents``."""
+        return self.influence(query, direction="proponents", **kw)
 
-    def opponents(self, query: Any = None, **kw: Any) -> list[Hit]:
-        return self.influence(query, direction="opponents", **kw).opponents or []
+    def opponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
+        """``influence(..., direction="opponents")``: hits in ``.opponents``."""
+        return self.influence(query, direction="opponents", **kw)
 
     def sample(self, sample_id: int) -> SampleInfo:
         return self._run(op_sample(sample_id))
@@ -481,15 +485,16 @@ class AsyncInfluenceClient(_Base):
         convention: Literal["lr", "visits"] = "lr",
         seed: int = 0,
         allow_resize: bool = False,
+        search: Literal["auto", "scan", "threshold"] = "auto",
     ) -> InfluenceResponse:
-        p = _params(k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize)
+        p = _params(k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize, search)
         return await self._run(op_influence(query, sample_id, p))
 
-    async def proponents(self, query: Any = None, **kw: Any) -> list[Hit]:
-        return (await self.influence(query, direction="proponents", **kw)).proponents or []
+    async def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
+        return await self.influence(query, direction="proponents", **kw)
 
-    async def opponents(self, query: Any = None, **kw: Any) -> list[Hit]:
-        return (await self.influence(query, direction="opponents", **kw)).opponents or []
+    async def opponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
+        return await self.influence(query, direction="opponents", **kw)
 
     async def sample(self, sample_id: int) -> SampleInfo:
         return await self._run(op_sample(sample_id))

@@ -72,6 +72,7 @@ class QueryInfo(_Model):
 
 
 class SearchStats(_Model):
+    strategy: str = Field("threshold", description="scan (one fused exact pass) or threshold (per-checkpoint indexes)")
     rounds: int = Field(description="certified-search rounds (k' doubled each round)")
     candidates: int
     depth: int = Field(description="final per-checkpoint depth k'")
@@ -89,7 +90,12 @@ class InfluenceResponse(_Model):
     query: QueryInfo
     proponents: list[Hit] | None = None
     opponents: list[Hit] | None = None
-    exact: bool = Field(description="true when the answer is certified exact (flat indexes)")
+    exact: bool = Field(description="true when the search is exact over the stored features (flat indexes)")
+    approximations: list[str] = Field(
+        default_factory=list,
+        description="what separates this answer from exact VAE-TracIn over all parameters and checkpoints "
+        "(random projection, layer subset, checkpoint subset, approximate index); empty = none",
+    )
     search: dict[str, SearchStats] = Field(description="per direction")
     timings: Timings
 
@@ -113,6 +119,11 @@ class InfluenceParams(_Model):
     convention: Convention = "lr"
     seed: int = Field(0, ge=0, le=2**63 - 1, description="query noise seed")
     allow_resize: bool = False
+    search: Literal["auto", "scan", "threshold"] = Field(
+        "auto",
+        description="auto: one fused exact scan for flat indexes, the threshold algorithm otherwise; "
+        "threshold: force the certified threshold algorithm over the per-checkpoint FAISS indexes",
+    )
 
 
 class CheckpointInfo(_Model):

@@ -221,6 +221,23 @@ class InfluenceIndex:
                 f"sample id {sample_id} is not in the index (ids {self.ids.min()}..{self.ids.max()})"
             ) from None
 
+    def approximations(self, checkpoints: list[int] | None = None) -> list[str]:
+        """What separates answers from exact VAE-TracIn over all parameters and checkpoints."""
+        out = []
+        proj = self.manifest["projection"]
+        if any(l["projected_in"] or l["projected_out"] for l in proj["layers"]):
+            out.append(f"random projection: kron k={proj['k']} (D={self.dim}), unbiased estimate of gradient inner products")
+        if self.manifest["layers"] != "all":
+            out.append(f"layer subset: {self.manifest['layers']}")
+        if self.manifest["dtype"] != "float32":
+            out.append(f"features stored as {self.manifest['dtype']}")
+        cks = self.resolve_checkpoints(checkpoints)
+        if len(cks) < len(self.checkpoints):
+            out.append(f"checkpoint subset: {cks} of {len(self.checkpoints)}")
+        if not self.exact_indexes:
+            out.append(f"approximate nearest-neighbour index: {self.manifest['index']['kind']}")
+        return out
+
     def weights(self, convention: Convention = "lr") -> np.ndarray:
         return np.array([c.weight(convention, self.n) for c in self.checkpoints], dtype=np.float64)
 

@@ -61,8 +61,8 @@ def test_query_kinds_agree(svc_client, svc_server, tmp_path: Path):
 
 
 def test_shortcuts_and_sample_queries(svc_client):
-    pro = svc_client.proponents(sample_id=12, k=3)
-    opp = svc_client.opponents(sample_id=12, k=3)
+    pro = svc_client.proponents(sample_id=12, k=3).proponents
+    opp = svc_client.opponents(sample_id=12, k=3).opponents
     both = svc_client.influence(sample_id=12, k=3, direction="both")
     assert [h.id for h in pro] == [h.id for h in both.proponents]
     assert [h.id for h in opp] == [h.id for h in both.opponents]
@@ -174,7 +174,7 @@ def test_async_twin(svc_server):
                 assert [h.id for h in a.opponents] == [h.id for h in ref.opponents]
             img = svc_server.index.image(5)
             a = await ac.proponents(img, k=3, checkpoints=[2])
-            assert [h.id for h in a] == [h.id for h in sync.proponents(img, k=3, checkpoints=[2])]
+            assert [h.id for h in a.proponents] == [h.id for h in sync.proponents(img, k=3, checkpoints=[2]).proponents]
             assert (await ac.sample(3)).id == 3
             assert (await ac.sample_image(3)).startswith(b"\x89PNG")
             f = await ac.factors()

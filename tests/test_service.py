@@ -254,7 +254,7 @@ def test_deepening_through_the_api(svc_client, svc_server):
     found = None
     for row in range(0, idx.n, 3):
         for direction in ("proponents", "opponents"):
-            res = idx.top(stored_q(idx, row), 1, direction)
+            res = idx.top(stored_q(idx, row), 1, direction, strategy="threshold")
             if res.search.rounds > 1:
                 found = (row, direction, res.search.rounds)
                 break
@@ -263,7 +263,8 @@ def test_deepening_through_the_api(svc_client, svc_server):
     if found is None:
         pytest.skip("no stored query on this small index needs more than one round")
     row, direction, rounds = found
-    r = svc_client.influence(sample_id=int(idx.ids[row]), k=1, direction=direction)
+    r = svc_client.influence(sample_id=int(idx.ids[row]), k=1, direction=direction, search="threshold")
+    assert r.search[direction].strategy == "threshold"
     assert r.search[direction].rounds == rounds > 1
     ids, scores = brute_force(idx, stored_q(idx, row), 1, direction, "lr", None)
     assert getattr(r, direction)[0].id == ids[0]

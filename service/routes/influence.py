@@ -261,13 +261,14 @@ def compute(
     directions = ["proponents", "opponents"] if params.direction == "both" else [params.direction]
     out: dict[str, Any] = {"search": {}, "exact": True}
     for d in directions:
-        res = index.top(q, params.k, d, params.convention, cks)  # type: ignore[arg-type]
+        res = index.top(q, params.k, d, params.convention, cks, strategy=params.search)  # type: ignore[arg-type]
         out[d] = [
             {**state.hit_meta(int(r)), "score": float(s), "contributions": [float(v) for v in contrib]}
             for r, s, contrib in zip(res.rows, res.scores, res.contributions, strict=True)
         ]
         assert res.search is not None
         out["search"][d] = {
+            "strategy": res.search.strategy,
             "rounds": res.search.rounds,
             "candidates": res.search.candidates,
             "depth": res.search.depth,
@@ -302,6 +303,7 @@ def _response(
         "proponents": out.get("proponents"),
         "opponents": out.get("opponents"),
         "exact": out["exact"],
+        "approximations": index.approximations(cks),
         "search": out["search"],
         "timings": {
             "decode_ms": decode_ms,
