@@ -50,6 +50,7 @@ def test_unprojected_features_equal_autograd_and_scores_match_definition(tiny_ru
     idx = open_index(out, device="cpu")
     obj = idx.objective
     assert isinstance(obj, ELBO) and obj.m == 3
+    assert idx.approximations() == []  # exact gradients, all layers and checkpoints, flat index
     x_train = torch.from_numpy(load_dataset(DATA).x)
     query = x_train[7] * 0.5 + x_train[9] * 0.5
     q_feats = idx.featurize(query.numpy()[None], seed=11)
@@ -179,6 +180,15 @@ def test_store_layout_faiss_and_manifest(tiny_run: Path, tmp_path: Path) -> None
     assert si.shape == (150,) and np.all(si > 0)
     labels = idx.labels
     assert labels.min() >= 0 and idx.store.array("latent_mu").shape == (150, 4)
+    approx = idx.approximations([1])
+    assert any("random projection" in a for a in approx) and any("float16" in a for a in approx)
+    assert any("checkpoint subset: [1]" in a for a in approx)
+    # the fused scan and the certified threshold algorithm agree with brute force
+    for direction in ("proponents", "opponents"):
+        a = idx.top(q, k=7, direction=direction, strategy="scan")
+        b = idx.top(q, k=7, direction=direction, strategy="threshold")
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-12)
 
 
 def test_index_refuses_mismatched_settings_and_reports_corruption(tiny_run: Path, tmp_path: Path) -> None:
