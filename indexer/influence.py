@@ -194,6 +194,8 @@ class InfluenceIndex:
         self._models: dict[int, nn.Module] = {}
         self._projectors: dict[int, Projector] = {}
         self._lock = threading.Lock()
+        # Featurization uses the shared models (hooks, torch.func parameter swaps): one at a time.
+        self.featurize_lock = threading.RLock()
         self.cpu_indexes = [ann.read(self.path / f["path"]) for f in man["index"]["files"]]
         self.sources = [
             _ArrayRows(_flat_vectors(idx) if isinstance(idx, faiss.IndexFlat) else self.store.features(c))
@@ -226,7 +228,9 @@ class InfluenceIndex:
         out = []
         proj = self.manifest["projection"]
         if any(l["projected_in"] or l["projected_out"] for l in proj["layers"]):
-            out.append(f"random projection: kron k={proj['k']} (D={self.dim}), unbiased estimate of gradient inner products")
+            out.append(
+                f"random projection: kron k={proj['k']} (D={self.dim}), unbiased estimate of gradient inner products"
+            )
         if self.manifest["layers"] != "all":
             out.append(f"layer subset: {self.manifest['layers']}")
         if self.manifest["dtype"] != "float32":
@@ -284,12 +288,15 @@ class InfluenceIndex:
         xt = torch.from_numpy(x)
         yt = torch.from_numpy(np.zeros(len(x), np.int64) if labels is None else np.asarray(labels, np.int64))
         out = {}
-        for c in self.resolve_checkpoints(checkpoints):
-            model = self.model(c)
-            obj_c = obj.objective_for(c) if hasattr(obj, "objective_for") else obj  # per-checkpoint (crossloss probe)
-            feat = make_featurizer(self.manifest["featurizer"], model, obj_c, self._projectors[c])
-            eps = draw_noise(NOISE_QUERY, seed, c, np.arange(len(x)), obj_c.m, obj_c.noise_shape(model))
-            out[c] = feat.featurize(xt, yt, eps).features.cpu().numpy()
+        with self.featurize_lock:
+            for c in self.resolve_checkpoints(checkpoints):
+                model = self.model(c)
+                obj_c = (
+                    obj.objective_for(c) if hasattr(obj, "objective_for") else obj
+                )  # per-checkpoint (crossloss probe)
+                feat = make_featurizer(self.manifest["featurizer"], model, obj_c, self._projectors[c])
+                eps = draw_noise(NOISE_QUERY, seed, c, np.arange(len(x)), obj_c.m, obj_c.noise_shape(model))
+                out[c] = feat.featurize(xt, yt, eps).features.cpu().numpy()
         return out
 
     def stored_features(self, row: int, checkpoints: list[int] | None = None) -> dict[int, np.ndarray]:

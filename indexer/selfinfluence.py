@@ -103,7 +103,8 @@ class SelfInfluenceJob:
                     x = torch.from_numpy(idx.store.images(slice(lo, hi)))
                     y = torch.from_numpy(np.clip(idx.labels[lo:hi], 0, None))
                     eps = draw_noise(NOISE_SELF, p.seed, c, idx.ids[lo:hi], p.m, noise_shape)
-                    part[lo:hi] = feat.featurize(x, y, eps).sq_norm.cpu().numpy()
+                    with idx.featurize_lock:
+                        part[lo:hi] = feat.featurize(x, y, eps).sq_norm.cpu().numpy()
                 buf = io.BytesIO()
                 np.save(buf, part)
                 atomic_write_bytes(part_path, buf.getvalue())

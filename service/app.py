@@ -194,7 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         assert state.index is not None
         state.engine = QueryEngine(settings.query_workers, settings.queue_size, settings.request_timeout_s, metrics)
         state.engine.start()
-        state.jobs = JobManager(state.index, settings.state_dir, metrics, featurize_lock=state.featurize_lock)
+        state.jobs = JobManager(state.index, settings.state_dir, metrics)
         state.jobs.start()
         state.ready = True
         log.info(

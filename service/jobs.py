@@ -45,11 +45,8 @@ class JobError(Exception):
 
 
 class JobManager:
-    def __init__(
-        self, index: InfluenceIndex, state_dir: Path, metrics: Metrics, featurize_lock: threading.Lock | None = None
-    ):
+    def __init__(self, index: InfluenceIndex, state_dir: Path, metrics: Metrics):
         self.index = index
-        self.featurize_lock = featurize_lock or threading.Lock()
         self.root = Path(state_dir) / "jobs"
         self.metrics = metrics
         self._jobs: dict[str, dict[str, Any]] = {}
@@ -215,22 +212,12 @@ class JobManager:
                 self._persist(info)
 
         on_progress(done0, sij.total_units)
-        chunk_lock = _ChunkLock(self.featurize_lock)
 
-        def should_stop() -> bool:  # called before each chunk: the chunk runs holding the featurize lock
-            if self._stop.is_set() or job_id in self._cancel:
-                return True
-            chunk_lock.acquire()
-            return False
+        def should_stop() -> bool:  # called before each chunk
+            return self._stop.is_set() or job_id in self._cancel
 
-        def chunk_done(done: int, total: int) -> None:  # called after each chunk
-            chunk_lock.release()
-            on_progress(done, total)
-
-        try:
-            scores = sij.run(chunk_done, should_stop)
-        finally:
-            chunk_lock.release()
+        # Chunks that recompute gradients take the index's featurize lock (shared models), as queries do.
+        scores = sij.run(on_progress, should_stop)
         if scores is None:
             with self._lock:
                 if job_id in self._cancel:
@@ -244,25 +231,3 @@ class JobManager:
         with self._lock:
             info["progress"] = {"done": sij.total_units, "total": sij.total_units, "fraction": 1.0}
             self._finish(info, "succeeded")
-
-
-class _ChunkLock:
-    """Holds ``lock`` from a job's "should I stop?" check before a chunk to its progress report after it.
-
-    ``SelfInfluenceJob.run`` calls ``should_stop()`` before and ``on_progress()`` after every chunk,
-    so a chunk's gradient featurization never overlaps a query's (they share the models).
-    """
-
-    def __init__(self, lock: threading.Lock):
-        self.lock = lock
-        self.held = False
-
-    def acquire(self) -> None:
-        if not self.held:
-            self.lock.acquire()
-            self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.lock.release()

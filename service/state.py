@@ -33,7 +33,6 @@ class ServiceState:
     #: serializes gradient featurization (query workers and the job worker share one nn.Module per
     #: checkpoint, and ``torch.func.functional_call`` swaps its parameters in place: concurrent calls
     #: corrupt each other's gradients or fail)
-    featurize_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def hit_meta(self, row: int) -> dict[str, Any]:
         idx = self.index

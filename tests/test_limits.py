@@ -83,7 +83,7 @@ def test_request_timeout_504(svc_index_dir, tmp_path):
             body = {"objective": "reconstruction", "k": 3}
             results.append(httpx.post(s.url + "/v1/influence/samples/4", json=body, timeout=60))
 
-        with s.state.featurize_lock:  # the worker blocks inside the first query; the second waits in the queue
+        with s.state.index.featurize_lock:  # the worker blocks inside the first query; the second waits in the queue
             ts = [threading.Thread(target=query) for _ in range(2)]
             for t in ts:
                 t.start()

@@ -145,7 +145,8 @@ def decode_json_array(x: Any, index: InfluenceIndex, allow_resize: bool = False,
     """The JSON ``x``: the index's input shape exactly (a leading batch axis of 1 allowed), values in [0, 1];
     with ``allow_resize`` another H x W (or layout) is converted like an uploaded .npy array."""
     try:
-        a = np.asarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):  # numbers beyond float32 become inf: refused just below
+            a = np.asarray(x, dtype=np.float32)
     except (ValueError, TypeError, OverflowError):
         raise ApiError(422, "x must be a (rectangular) nested list of numbers") from None
     if not np.isfinite(a).all():
@@ -254,8 +255,7 @@ def compute(
         if label is None and row is not None and index.labels[row] >= 0:
             label = int(index.labels[row])
         labels = None if label is None else np.array([label], np.int64)
-        with state.featurize_lock:
-            feats = index.featurize(x[None], objective=objective, seed=params.seed, labels=labels, checkpoints=cks)
+        feats = index.featurize(x[None], objective=objective, seed=params.seed, labels=labels, checkpoints=cks)
         q = {c: v[0] for c, v in feats.items()}
     t1 = time.perf_counter()
     directions = ["proponents", "opponents"] if params.direction == "both" else [params.direction]
