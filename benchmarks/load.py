@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.query_latency import _free_port, build_digits_index  # noqa: E402
+from benchmarks.query_latency import build_digits_index, start_server  # noqa: E402
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -148,33 +148,15 @@ def main() -> int:
     bodies = [_npy(np.clip(im + 0.05 * rng.standard_normal(im.shape), 0, 1).astype(np.float32)) for im in images]
 
     queue_size = a.queue_size or max(64, 2 * a.clients)
-    port = _free_port()
     env = {
-        **os.environ,
         "PROPONENT_QUEUE_SIZE": str(queue_size),
         "PROPONENT_REQUEST_TIMEOUT_S": "300",
         "PROPONENT_QUERY_WORKERS": str(a.workers),
     }
     if a.threads:
         env["PROPONENT_THREADS"] = str(a.threads)
-    log_path = work / "load-server.log"
-    cmd = [sys.executable, "-m", "indexer.cli", "serve", "--index", str(index_dir), "--port", str(port),
-           "--state-dir", str(work / "load-state"), "--log-level", "warning"]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(index_dir, work, env, name="load-server")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print(log_path.read_text()[-3000:])
-                return 1
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         sampler = RssSampler(proc.pid)
         rss_ready = sampler.rss()
         info = httpx.get(url + "/v1/index").json()

@@ -168,6 +168,32 @@ def build_synthetic_index(work: Path, n: int, n_ckpt: int, target_dim: int, feat
     return out
 
 
+def start_server(
+    index_dir: Path, work: Path, env: dict[str, str], name: str = "server"
+) -> tuple[subprocess.Popen, str]:
+    """``proponent serve`` on a free loopback port, logging to ``work/NAME.log``; returns once /readyz is 200."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "indexer.cli", "serve", "--index", str(index_dir), "--port", str(port),
+           "--state-dir", str(work / f"{name}-state"), "--log-level", "warning"]  # fmt: skip
+    log_path = work / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not become ready:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
 def matvec_floor(index_dir: Path, queries: list[dict[int, np.ndarray]], repeats: int) -> float:
     """Median seconds of Σ_c F_c @ q_c over all stored features (float32, in memory)."""
     from indexer.store import FeatureStore
@@ -216,30 +242,13 @@ def main() -> int:
     man = json.loads((index_dir / "manifest.json").read_text())
     shape = tuple(man["dataset"]["shape"])
 
-    port = _free_port()
-    env = {**os.environ, "PROPONENT_REQUEST_TIMEOUT_S": "600"}
+    env = {"PROPONENT_REQUEST_TIMEOUT_S": "600"}
     if a.threads:
         env["PROPONENT_THREADS"] = str(a.threads)
-    log = open(work / "server.log", "wb")
-    cmd = [sys.executable, "-m", "indexer.cli", "serve", "--index", str(index_dir), "--port", str(port),
-           "--state-dir", str(work / "state"), "--log-level", "warning"]  # fmt: skip
     t_start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(index_dir, work, env)
     try:
         client = InfluenceClient(url, retries=0, timeout=300)
-        import httpx
-
-        while True:
-            if proc.poll() is not None:
-                print((work / "server.log").read_text()[-3000:])
-                return 1
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         print(f"server ready in {time.perf_counter() - t_start:.1f}s (open + verify, sha256 of every file)", flush=True)
         info = client.index_info()
         rng = np.random.default_rng(0)
