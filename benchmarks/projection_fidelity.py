@@ -9,7 +9,8 @@ compares each projected index's answers with the exact index's:
 * the paper's sanity check: fraction of training samples that are their own strongest
   proponent (query = the sample's stored gradient);
 * feature dimension and store size;
-* and, on the exact index, what answering from a subset of checkpoints costs.
+* and, on the exact index, what answering from a subset of checkpoints, or from a latent-space
+  pre-filter of L candidates, costs.
 
     python benchmarks/projection_fidelity.py [--ks 8,16,32,64] [--queries 64] [--epochs 100]
 """
@@ -128,6 +129,20 @@ def main() -> None:
         print(
             f"{','.join(map(str, sub)):>16} {np.median(sp_p):>14.3f} {np.median(sp_o):>14.3f} {np.median(sp_r):>9.3f}"
         )
+    # The paper's first scaling suggestion: score only the nearest samples in latent space.
+    print("\nlatent pre-filter (exact gradients): score only the L nearest training samples in latent space")
+    print(f"{'L':>16} {'recall@10 pro':>14} {'recall@10 opp':>14}")
+    mu = exact.store.array("latent_mu")
+    for size in (50, 200, 800):
+        pf_p, pf_o = [], []
+        for r, es in zip(rows, ex_scores):
+            q = exact.stored_features(int(r))
+            cand = exact.latent_neighbours(mu[int(r)], size)
+            pro = exact.top(q, k=10, candidates=cand).rows
+            opp = exact.top(q, k=10, direction="opponents", candidates=cand).rows
+            pf_p.append(len(set(pro.tolist()) & set(np.argsort(-es)[:10].tolist())) / 10)
+            pf_o.append(len(set(opp.tolist()) & set(np.argsort(es)[:10].tolist())) / 10)
+        print(f"{size:>16} {np.median(pf_p):>14.3f} {np.median(pf_o):>14.3f}")
     print(
         "(recall and spearman: medians over queries; self-top1: fraction of the first 128 training samples that are"
         " their own strongest proponent, querying with the stored gradient / with fresh query draws)"

@@ -94,6 +94,7 @@ def _params(
     seed: int,
     allow_resize: bool,
     search: str = "auto",
+    prefilter: int | None = None,
 ) -> dict[str, Any]:
     p: dict[str, Any] = {
         "k": k,
@@ -110,6 +111,8 @@ def _params(
         p["label"] = label
     if checkpoints is not None:
         p["checkpoints"] = list(checkpoints)
+    if prefilter is not None:
+        p["prefilter"] = prefilter
     return p
 
 
@@ -341,8 +344,11 @@ class InfluenceClient(_Base):
         seed: int = 0,
         allow_resize: bool = False,
         search: Literal["auto", "scan", "threshold"] = "auto",
+        prefilter: int | None = None,
     ) -> InfluenceResponse:
-        p = _params(k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize, search)
+        p = _params(
+            k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize, search, prefilter
+        )
         return self._run(op_influence(query, sample_id, p))
 
     def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
@@ -486,8 +492,11 @@ class AsyncInfluenceClient(_Base):
         seed: int = 0,
         allow_resize: bool = False,
         search: Literal["auto", "scan", "threshold"] = "auto",
+        prefilter: int | None = None,
     ) -> InfluenceResponse:
-        p = _params(k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize, search)
+        p = _params(
+            k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize, search, prefilter
+        )
         return await self._run(op_influence(query, sample_id, p))
 
     async def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:

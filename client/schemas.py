@@ -119,6 +119,13 @@ class InfluenceParams(_Model):
     convention: Convention = "lr"
     seed: int = Field(0, ge=0, le=2**63 - 1, description="query noise seed")
     allow_resize: bool = False
+    prefilter: int | None = Field(
+        None,
+        ge=1,
+        le=10**9,
+        description="score only this many training samples nearest to the query in latent space "
+        "(the paper's pre-filter; approximate, listed in approximations)",
+    )
     search: Literal["auto", "scan", "threshold"] = Field(
         "auto",
         description="auto: one fused exact scan for flat indexes, the threshold algorithm otherwise; "

@@ -30,7 +30,7 @@ from .job import MANIFEST_VERSION, resolve_device
 from .models import ModelConfig
 from .objectives import NOISE_QUERY, Objective, draw_noise, objective_from_spec
 from .projection import ProjectionSpec, Projector, build_projector
-from .search import TopK, certified_topk, exact_scores, scan_topk
+from .search import TopK, certified_topk, exact_scores, prefiltered_topk, scan_topk
 from .store import FeatureStore, StoreError, ckpt_group
 
 Direction = Literal["proponents", "opponents"]
@@ -223,7 +223,7 @@ class InfluenceIndex:
                 f"sample id {sample_id} is not in the index (ids {self.ids.min()}..{self.ids.max()})"
             ) from None
 
-    def approximations(self, checkpoints: list[int] | None = None) -> list[str]:
+    def approximations(self, checkpoints: list[int] | None = None, prefilter: int | None = None) -> list[str]:
         """What separates answers from exact VAE-TracIn over all parameters and checkpoints."""
         out = []
         proj = self.manifest["projection"]
@@ -240,6 +240,8 @@ class InfluenceIndex:
             out.append(f"checkpoint subset: {cks} of {len(self.checkpoints)}")
         if not self.exact_indexes:
             out.append(f"approximate nearest-neighbour index: {self.manifest['index']['kind']}")
+        if prefilter:
+            out.append(f"latent pre-filter: only the {prefilter} training samples nearest in latent space")
         return out
 
     def weights(self, convention: Convention = "lr") -> np.ndarray:
@@ -299,6 +301,24 @@ class InfluenceIndex:
                 out[c] = feat.featurize(xt, yt, eps).features.cpu().numpy()
         return out
 
+    def latent_means(self, x: np.ndarray) -> np.ndarray:
+        """Encoder means ``[B, L]`` of images at the final checkpoint (as stored in ``latent_mu``)."""
+        model = self.model(len(self.checkpoints) - 1)
+        with self.featurize_lock, torch.no_grad():
+            mu, _ = model.encode(torch.from_numpy(np.asarray(x, np.float32)).to(self.device))  # type: ignore[operator]
+        return mu.cpu().numpy()
+
+    def latent_neighbours(self, mu: np.ndarray, size: int) -> np.ndarray:
+        """Rows of the ``size`` training samples nearest to ``mu`` in latent space (the paper's
+        §6 pre-filter: proponents and opponents tend to be similar samples)."""
+        if size < 1:
+            raise ValueError(f"prefilter size must be >= 1, got {size}")
+        if not hasattr(self, "_latent_mu"):
+            self._latent_mu = self.store.array("latent_mu").astype(np.float32)
+        d = ((self._latent_mu - np.asarray(mu, np.float32)[None, :]) ** 2).sum(axis=1)
+        size = min(size, self.n)
+        return np.argpartition(d, size - 1)[:size] if size < self.n else np.arange(self.n)
+
     def stored_features(self, row: int, checkpoints: list[int] | None = None) -> dict[int, np.ndarray]:
         return {c: self.sources[c].rows(np.array([row]))[0] for c in self.resolve_checkpoints(checkpoints)}
 
@@ -328,8 +348,12 @@ class InfluenceIndex:
         convention: Convention = "lr",
         checkpoints: list[int] | None = None,
         strategy: Strategy = "auto",
+        candidates: np.ndarray | None = None,
     ) -> InfluenceResult:
         """Top-k proponents (largest scores) or opponents (most negative).
+
+        ``candidates`` (row indices, e.g. from :meth:`latent_neighbours`) restricts the answer to
+        those rows, scored exactly; the answer is then approximate (``exact`` false).
 
         ``auto``: one fused exact scan over flat indexes (the fastest exact answer); the
         threshold algorithm over the per-checkpoint indexes otherwise (approximate for
@@ -342,7 +366,9 @@ class InfluenceIndex:
         cks, qs = self._weighted(q, convention, checkpoints)
         sign = 1.0 if direction == "proponents" else -1.0
         qs = [sign * v for v in qs]
-        if strategy == "scan" or (strategy == "auto" and self.exact_indexes):
+        if candidates is not None:
+            res = prefiltered_topk(qs, [self.sources[c] for c in cks], np.asarray(candidates, np.int64), k)
+        elif strategy == "scan" or (strategy == "auto" and self.exact_indexes):
             res = scan_topk(
                 qs,
                 [self.sources[c] for c in cks],

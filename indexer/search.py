@@ -107,6 +107,17 @@ def scan_topk(
     return TopK(cand[top], total[top], contrib[top], True, 1, len(cand), n, True, timings, strategy="scan")
 
 
+def prefiltered_topk(queries: list[np.ndarray], sources: list[RowSource], candidates: np.ndarray, k: int) -> TopK:
+    """Top-k among ``candidates`` only, scored exactly: approximate over the whole set."""
+    t = time.perf_counter()
+    cand = np.unique(candidates)
+    contrib = exact_scores(queries, [s.rows(cand) for s in sources])
+    total = contrib.sum(axis=1)
+    top = _top(total, k)
+    timings = {"search_s": 0.0, "rescore_s": time.perf_counter() - t}
+    return TopK(cand[top], total[top], contrib[top], False, 1, len(cand), len(cand), False, timings, "prefilter")
+
+
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest, sorted descending; ties broken by smaller index."""
     k = min(k, len(scores))

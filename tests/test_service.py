@@ -270,6 +270,30 @@ def test_deepening_through_the_api(svc_client, svc_server):
     assert getattr(r, direction)[0].id == ids[0]
 
 
+def test_latent_prefilter_is_exact_over_its_candidates_and_flagged(svc_client, svc_server):
+    idx = svc_server.index
+    row = 11
+    mu = idx.store.array("latent_mu")
+    near = np.argsort(((mu - mu[row]) ** 2).sum(axis=1), kind="stable")[:40]
+    r = svc_client.influence(sample_id=int(idx.ids[row]), k=5, direction="both", prefilter=40)
+    assert r.exact is False and any("latent pre-filter" in a for a in r.approximations)
+    assert r.search["proponents"].strategy == "prefilter"
+    total = idx.scores(stored_q(idx, row))
+    for direction, hits in (("proponents", r.proponents), ("opponents", r.opponents)):
+        assert {idx.row_of(h.id) for h in hits} <= set(near.tolist())
+        sign = 1 if direction == "proponents" else -1
+        want = near[np.argsort(-sign * total[near], kind="stable")[:5]]
+        assert [idx.row_of(h.id) for h in hits] == want.tolist()
+        np.testing.assert_allclose([h.score for h in hits], total[want], rtol=1e-6)
+    # a pre-filter as large as the index gives the exact answer (still flagged as pre-filtered)
+    full = svc_client.influence(sample_id=int(idx.ids[row]), k=5, prefilter=idx.n)
+    exact = svc_client.influence(sample_id=int(idx.ids[row]), k=5)
+    assert [h.id for h in full.proponents] == [h.id for h in exact.proponents] and exact.exact
+    # uploads are pre-filtered around their own encoder mean
+    up = svc_client.influence(idx.image(row), k=3, prefilter=25)
+    assert up.exact is False and len(up.proponents) == 3
+
+
 def test_cross_loss_objective(svc_client, svc_server):
     r = svc_client.influence(sample_id=3, k=5, objective="kl", checkpoints=[4])
     assert r.query.objective == "kl" and len(r.proponents) == 5

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from client.schemas import InfluenceParams, InfluenceResponse
 from indexer.crossloss import ObjectiveError, make_query_objective
 from indexer.data import DataError, load_image_bytes
-from indexer.influence import InfluenceIndex
+from indexer.influence import Direction, InfluenceIndex
 from indexer.objectives import Objective
 
 from ..deps import EngineDep, IndexDep, StateDep
@@ -257,11 +257,27 @@ def compute(
         labels = None if label is None else np.array([label], np.int64)
         feats = index.featurize(x[None], objective=objective, seed=params.seed, labels=labels, checkpoints=cks)
         q = {c: v[0] for c, v in feats.items()}
+    candidates = None
+    if params.prefilter:
+        if row is not None:
+            mu = index.store.array("latent_mu")[row]
+        else:
+            assert x is not None
+            mu = index.latent_means(x[None])[0]
+        candidates = index.latent_neighbours(mu, params.prefilter)
     t1 = time.perf_counter()
-    directions = ["proponents", "opponents"] if params.direction == "both" else [params.direction]
+    directions: list[Direction] = ["proponents", "opponents"] if params.direction == "both" else [params.direction]
     out: dict[str, Any] = {"search": {}, "exact": True}
     for d in directions:
-        res = index.top(q, params.k, d, params.convention, cks, strategy=params.search)  # type: ignore[arg-type]
+        res = index.top(
+            q,
+            params.k,
+            d,
+            params.convention,
+            cks,
+            strategy=params.search,
+            candidates=candidates,
+        )
         out[d] = [
             {**state.hit_meta(int(r)), "score": float(s), "contributions": [float(v) for v in contrib]}
             for r, s, contrib in zip(res.rows, res.scores, res.contributions, strict=True)
@@ -303,7 +319,7 @@ def _response(
         "proponents": out.get("proponents"),
         "opponents": out.get("opponents"),
         "exact": out["exact"],
-        "approximations": index.approximations(cks),
+        "approximations": index.approximations(cks, params.prefilter),
         "search": out["search"],
         "timings": {
             "decode_ms": decode_ms,
