@@ -220,3 +220,12 @@ def test_external_checkpoints_and_layer_selection(tiny_run: Path, tmp_path: Path
     assert idx.weights("lr")[0] == 0.5
     with pytest.raises(ValueError, match="matches no parameterised layer"):
         build_projector(model, "nonexistent", ProjectionSpec())
+
+
+def test_package_level_api_mirrors_the_cli() -> None:
+    import indexer
+
+    assert indexer.build_index is build_index and indexer.open_index is open_index
+    assert indexer.train is train and indexer.load_dataset is load_dataset
+    with pytest.raises(AttributeError):
+        indexer.no_such_name  # noqa: B018
