@@ -158,8 +158,10 @@ def op_factors() -> Op[FactorsInfo]:
     return FactorsInfo.model_validate(_json(r))
 
 
-def op_start_self_influence(convention: str, checkpoints: list[int] | None, m: int | None, seed: int) -> Op[JobInfo]:
-    body = {"convention": convention, "checkpoints": checkpoints, "m": m, "seed": seed}
+def op_start_self_influence(
+    convention: str, checkpoints: list[int] | None, m: int | None, seed: int, estimator: str = "norm"
+) -> Op[JobInfo]:
+    body = {"convention": convention, "checkpoints": checkpoints, "m": m, "seed": seed, "estimator": estimator}
     r = yield _Request("POST", "/v1/jobs/self-influence", json=body)
     return JobInfo.model_validate(_json(r))
 
@@ -369,9 +371,14 @@ class InfluenceClient(_Base):
         return self._run(op_factors())
 
     def start_self_influence(
-        self, convention: str = "lr", checkpoints: list[int] | None = None, m: int | None = None, seed: int = 0
+        self,
+        convention: str = "lr",
+        checkpoints: list[int] | None = None,
+        m: int | None = None,
+        seed: int = 0,
+        estimator: Literal["norm", "unbiased"] = "norm",
     ) -> Job:
-        return Job(self, self._run(op_start_self_influence(convention, checkpoints, m, seed)))
+        return Job(self, self._run(op_start_self_influence(convention, checkpoints, m, seed, estimator)))
 
     def job(self, job_id: str) -> Job:
         return Job(self, self._run(op_job(job_id)))
@@ -515,9 +522,14 @@ class AsyncInfluenceClient(_Base):
         return await self._run(op_factors())
 
     async def start_self_influence(
-        self, convention: str = "lr", checkpoints: list[int] | None = None, m: int | None = None, seed: int = 0
+        self,
+        convention: str = "lr",
+        checkpoints: list[int] | None = None,
+        m: int | None = None,
+        seed: int = 0,
+        estimator: Literal["norm", "unbiased"] = "norm",
     ) -> AsyncJob:
-        return AsyncJob(self, await self._run(op_start_self_influence(convention, checkpoints, m, seed)))
+        return AsyncJob(self, await self._run(op_start_self_influence(convention, checkpoints, m, seed, estimator)))
 
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, await self._run(op_job(job_id)))

@@ -203,6 +203,11 @@ class SelfInfluenceRequest(_Model):
         None, ge=1, le=256, description="recompute gradients with m fresh draws, 1..256 (default: stored norms)"
     )
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    estimator: Literal["norm", "unbiased"] = Field(
+        "norm",
+        description="norm: ||mean gradient||² (the paper's code, biased up by tr(Var)/m); "
+        "unbiased: <g, g'> over two independent sets of m draws (recomputes with the dense path)",
+    )
 
 
 class SelfInfluenceRow(_Model):

@@ -171,7 +171,9 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
 
     set_threads(a.threads)
     idx = open_index(a.index, device=a.device)
-    params = SelfInfluenceParams(convention=a.convention, checkpoints=a.checkpoints, m=a.m, seed=a.seed)
+    params = SelfInfluenceParams(
+        convention=a.convention, checkpoints=a.checkpoints, m=a.m, seed=a.seed, estimator=a.estimator
+    )
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(a.state_dir) if a.state_dir else Path(tmp)
         scores = SelfInfluenceJob(idx, params, state).run()
@@ -255,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoints", type=_int_list, help="checkpoint subset, e.g. 0,2,4")
     s.add_argument("--m", type=int, help="recompute gradients with this many fresh draws (default: stored norms)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--estimator",
+        choices=["norm", "unbiased"],
+        default="norm",
+        help="norm: ||mean gradient||^2 (paper's code); "
+        "unbiased: <g, g'> over two independent draw sets (dense, slower)",
+    )
     s.add_argument("--state-dir", help="keep resumable job state here")
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=int)
@@ -290,4 +299,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

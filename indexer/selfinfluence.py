@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from .featurizers import make_featurizer
+from .featurizers.dense import DenseFeaturizer
 from .fsio import atomic_write_bytes, atomic_write_json
 from .influence import InfluenceIndex
 from .objectives import draw_noise
 from .training import training_objective
 
 NOISE_SELF = 2  # noise domain of recomputed self-influence draws
+NOISE_SELF_PAIR = 3  # the independent second set of draws of the unbiased estimator
 
 
 @dataclass
@@ -38,6 +40,10 @@ class SelfInfluenceParams:
     checkpoints: list[int] | None = None
     m: int | None = None  # None: stored exact norms; int: recompute with m fresh draws
     seed: int = 0
+    # "norm": ||ḡ||² of the m-draw average (the paper's code; biased up by tr(Var g)/m);
+    # "unbiased": <ḡ, ḡ'> with two independent sets of m draws, unbiased for ||E g||²
+    # (materialises per-sample gradients with the dense path: slower).
+    estimator: str = "norm"
 
 
 class SelfInfluenceJob:
@@ -52,6 +58,10 @@ class SelfInfluenceJob:
             raise ValueError(f"weight convention must be 'lr' or 'visits', got {params.convention!r}")
         if params.m is not None and params.m < 1:
             raise ValueError(f"m must be >= 1, got {params.m}")
+        if params.estimator not in ("norm", "unbiased"):
+            raise ValueError(f"estimator must be 'norm' or 'unbiased', got {params.estimator!r}")
+        if params.estimator == "unbiased" and params.m is None:
+            params.m = int(index.objective.m)  # the unbiased estimator always recomputes
         self.n_chunks = index.store.n_chunks
 
     @property
@@ -89,6 +99,7 @@ class SelfInfluenceJob:
                 model = idx.model(c)
                 obj = training_objective(idx.model_config, p.m)
                 feat = make_featurizer(idx.manifest["featurizer"], model, obj, idx._projectors[c])
+                dense = DenseFeaturizer(model, obj, idx._projectors[c])
                 noise_shape = obj.noise_shape(model)
             for k in range(self.n_chunks):
                 if k in done:
@@ -104,7 +115,11 @@ class SelfInfluenceJob:
                     y = torch.from_numpy(np.clip(idx.labels[lo:hi], 0, None))
                     eps = draw_noise(NOISE_SELF, p.seed, c, idx.ids[lo:hi], p.m, noise_shape)
                     with idx.featurize_lock:
-                        part[lo:hi] = feat.featurize(x, y, eps).sq_norm.cpu().numpy()
+                        if p.estimator == "unbiased":
+                            eps2 = draw_noise(NOISE_SELF_PAIR, p.seed, c, idx.ids[lo:hi], p.m, noise_shape)
+                            part[lo:hi] = _paired_inner_products(dense, x, y, eps, eps2)
+                        else:
+                            part[lo:hi] = feat.featurize(x, y, eps).sq_norm.cpu().numpy()
                 buf = io.BytesIO()
                 np.save(buf, part)
                 atomic_write_bytes(part_path, buf.getvalue())
@@ -118,6 +133,19 @@ class SelfInfluenceJob:
         for c in self.cks:
             total += w[c] * np.load(self._partial_path(c))
         return total
+
+
+def _paired_inner_products(
+    dense: DenseFeaturizer, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, eps2: torch.Tensor
+) -> np.ndarray:
+    """<ḡ(ξ), ḡ(ξ')> per sample over the selected (unprojected) parameters, in float64."""
+    dev = dense.device
+    g1, _ = dense.per_sample_gradients(x.to(dev), y.to(dev), eps.to(dev))
+    g2, _ = dense.per_sample_gradients(x.to(dev), y.to(dev), eps2.to(dev))
+    out = torch.zeros(x.shape[0], dtype=torch.float64, device=dev)
+    for name, a in g1.items():
+        out += (a.reshape(a.shape[0], -1).double() * g2[name].reshape(a.shape[0], -1).double()).sum(dim=1)
+    return out.cpu().numpy()
 
 
 def ranking_rows(index: InfluenceIndex, scores: np.ndarray) -> list[dict[str, Any]]:

@@ -91,8 +91,12 @@ class JobManager:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ API
-    def create(self, convention: str, checkpoints: list[int] | None, m: int | None, seed: int) -> dict[str, Any]:
-        params = SelfInfluenceParams(convention=convention, checkpoints=checkpoints, m=m, seed=seed)
+    def create(
+        self, convention: str, checkpoints: list[int] | None, m: int | None, seed: int, estimator: str = "norm"
+    ) -> dict[str, Any]:
+        params = SelfInfluenceParams(
+            convention=convention, checkpoints=checkpoints, m=m, seed=seed, estimator=estimator
+        )
         job_id = uuid.uuid4().hex
         d = self.root / job_id
         try:
@@ -105,7 +109,13 @@ class JobManager:
             "kind": "self-influence",
             "state": "queued",
             "progress": {"done": 0, "total": total, "fraction": 0.0},
-            "params": {"convention": convention, "checkpoints": sij.cks, "m": m, "seed": seed},
+            "params": {
+                "convention": convention,
+                "checkpoints": sij.cks,
+                "m": params.m,
+                "seed": seed,
+                "estimator": estimator,
+            },
             "created_at": time.time(),
             "started_at": None,
             "finished_at": None,
@@ -202,7 +212,9 @@ class JobManager:
         d = self.root / job_id
         p = info["params"]
         sij = SelfInfluenceJob(
-            self.index, SelfInfluenceParams(p["convention"], p["checkpoints"], p["m"], p["seed"]), d / "state"
+            self.index,
+            SelfInfluenceParams(p["convention"], p["checkpoints"], p["m"], p["seed"], p.get("estimator", "norm")),
+            d / "state",
         )
         done0 = sij.units_done()
 

@@ -536,6 +536,20 @@ def test_self_influence_job_equals_cli(svc_client, svc_server, svc_offline_self_
         assert page["total"] == 300 and len(page["items"]) == 10 and page["items"][0]["rank"] == 291
 
 
+def test_unbiased_self_influence_job_equals_offline(svc_client, svc_server, tmp_path):
+    from indexer.selfinfluence import SelfInfluenceJob, SelfInfluenceParams
+
+    job = svc_client.start_self_influence(m=1, seed=4, checkpoints=[4], estimator="unbiased")
+    job.wait(timeout=240)
+    assert job.info.params["estimator"] == "unbiased"
+    rows = job.result()
+    want = SelfInfluenceJob(
+        svc_server.index, SelfInfluenceParams(checkpoints=[4], m=1, seed=4, estimator="unbiased"), tmp_path / "s"
+    ).run()
+    got = {r.id: r.self_influence for r in rows}
+    np.testing.assert_allclose([got[int(i)] for i in svc_server.index.ids], want, rtol=1e-9)
+
+
 def test_job_survives_sigkill_restart(svc_index_dir, tmp_path, svc_process_factory, svc_offline_self_influence):
     state = tmp_path / "state"
     srv = svc_process_factory(svc_index_dir, state).start()

@@ -34,7 +34,7 @@ def _guard(fn: Any, *args: Any) -> Any:
     summary="Start a self-influence ranking job",
 )
 def start_self_influence(body: SelfInfluenceRequest, jobs: JobsDep, response: Response) -> Any:
-    info = _guard(jobs.create, body.convention, body.checkpoints, body.m, body.seed)
+    info = _guard(jobs.create, body.convention, body.checkpoints, body.m, body.seed, body.estimator)
     response.headers["Location"] = f"/v1/jobs/{info['id']}"
     return info
 
