@@ -22,7 +22,6 @@ import asyncio
 import io
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.query_latency import build_digits_index, start_server  # noqa: E402
+from benchmarks.query_latency import build_digits_index, start_server, stop_server  # noqa: E402
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -175,11 +174,7 @@ def main() -> int:
         rss_after = sampler.rss()
         metrics = httpx.get(url + "/metrics").text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
     ok = [r for r in res if r[2] == "ok"]
     shed = [r for r in res if r[2] == "shed"]

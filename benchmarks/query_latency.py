@@ -194,6 +194,15 @@ def start_server(
         time.sleep(0.2)
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (graceful: in-flight requests finish), then SIGKILL after 60 s."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def matvec_floor(index_dir: Path, queries: list[dict[int, np.ndarray]], repeats: int) -> float:
     """Median seconds of Σ_c F_c @ q_c over all stored features (float32, in memory)."""
     from indexer.store import FeatureStore
@@ -272,11 +281,7 @@ def main() -> int:
             rounds.append(r.search["proponents"].rounds)
         wall = time.perf_counter() - t_all
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
     # the floor, in this process, over the same stored features, with the server stopped
     from indexer.influence import open_index
