@@ -231,6 +231,7 @@ def main() -> int:
     ap.add_argument("--featurizer", default="kron", choices=["kron", "dense"], help="for built indexes (default kron)")
     ap.add_argument("--n-queries", type=int, default=200)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--search", default="auto", choices=["auto", "scan", "threshold"], help="search strategy")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="server torch/FAISS threads")
     ap.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "proponent-bench"))
@@ -268,12 +269,12 @@ def main() -> int:
             np.save(buf, x)
             bodies.append(buf.getvalue())
         for b in bodies[: a.warmup]:
-            client.influence(b, k=a.k)
+            client.influence(b, k=a.k, search=a.search)
         lat, dec, feat, search, rounds = [], [], [], [], []
         t_all = time.perf_counter()
         for b in bodies[a.warmup :]:
             t = time.perf_counter()
-            r = client.influence(b, k=a.k)
+            r = client.influence(b, k=a.k, search=a.search)
             lat.append(time.perf_counter() - t)
             dec.append(r.timings.decode_ms)
             feat.append(r.timings.featurize_ms)
@@ -302,7 +303,7 @@ def main() -> int:
         f"index: N={info.n} C={len(info.checkpoints)} D={info.dim} featurizer={info.featurizer} "
         f"device={info.device} faiss_gpu={info.faiss_gpu} ({'synthetic' if a.synthetic else info.dataset_spec})"
     )
-    print(f"queries: {a.n_queries} uploads (.npy), k={a.k}, proponents, sequential, one client")
+    print(f"queries: {a.n_queries} uploads (.npy), k={a.k}, proponents, search={a.search}, sequential, one client")
     print(f"end-to-end latency  p50 {p50:8.2f} ms   p99 {p99:8.2f} ms   throughput {a.n_queries / wall:7.1f} queries/s")
     print(
         f"server-side medians decode {statistics.median(dec):.2f} ms  featurize {statistics.median(feat):.2f} ms  "
