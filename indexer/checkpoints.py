@@ -13,6 +13,7 @@ weighs checkpoints equally under the ``lr`` convention).
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fsio import atomic_write_bytes
 from .models import ModelConfig, build_model
 
 FORMAT = "proponent-checkpoint-1"
@@ -56,10 +58,6 @@ class CheckpointSpec:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, **meta: Any) -> None:
-    import io
-
-    from .fsio import atomic_write_bytes
-
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "model_config": config.to_dict(), "state_dict": model.state_dict(), **meta}, buf)
     atomic_write_bytes(path, buf.getvalue())

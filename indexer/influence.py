@@ -30,7 +30,7 @@ from .job import MANIFEST_VERSION, resolve_device
 from .models import ModelConfig
 from .objectives import NOISE_QUERY, Objective, draw_noise, objective_from_spec
 from .projection import ProjectionSpec, Projector, build_projector
-from .search import TopK, certified_topk, exact_scores, prefiltered_topk, scan_topk
+from .search import ArrayRows, TopK, certified_topk, exact_scores, prefiltered_topk, scan_topk
 from .store import FeatureStore, StoreError, ckpt_group
 
 Direction = Literal["proponents", "opponents"]
@@ -122,19 +122,6 @@ def _flat_vectors(index: faiss.IndexFlat) -> np.ndarray:
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
-class _ArrayRows:
-    """Row access to one checkpoint's stored features."""
-
-    def __init__(self, x: np.ndarray):
-        self._x = x
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self._x[ids]
-
-    def all(self) -> np.ndarray:
-        return self._x
-
-
 class _FaissSearcher:
     def __init__(self, index: faiss.Index):
         self.index = index
@@ -191,6 +178,8 @@ class InfluenceIndex:
         self.source_row = self.store.array("source_row")
         self.injected = self.store.array("injected")
         self._row_of_id = {int(i): r for r, i in enumerate(self.ids)}
+        # encoder means at the final checkpoint, [N, L] (None for classifiers): pre-filter, sample metadata
+        self.latent_mu = self.store.array("latent_mu").astype(np.float32) if self.store.latent_dim else None
         self._models: dict[int, nn.Module] = {}
         self._projectors: dict[int, Projector] = {}
         self._lock = threading.Lock()
@@ -198,7 +187,7 @@ class InfluenceIndex:
         self.featurize_lock = threading.RLock()
         self.cpu_indexes = [ann.read(self.path / f["path"]) for f in man["index"]["files"]]
         self.sources = [
-            _ArrayRows(_flat_vectors(idx) if isinstance(idx, faiss.IndexFlat) else self.store.features(c))
+            ArrayRows(_flat_vectors(idx) if isinstance(idx, faiss.IndexFlat) else self.store.features(c))
             for c, idx in enumerate(self.cpu_indexes)
         ]
         self.searchers = [_FaissSearcher(ann.to_gpu(i) if use_gpu_faiss else i) for i in self.cpu_indexes]
@@ -313,9 +302,9 @@ class InfluenceIndex:
         §6 pre-filter: proponents and opponents tend to be similar samples)."""
         if size < 1:
             raise ValueError(f"prefilter size must be >= 1, got {size}")
-        if not hasattr(self, "_latent_mu"):
-            self._latent_mu = self.store.array("latent_mu").astype(np.float32)
-        d = ((self._latent_mu - np.asarray(mu, np.float32)[None, :]) ** 2).sum(axis=1)
+        if self.latent_mu is None:
+            raise ValueError("this index stores no latent means (not a VAE): no latent pre-filter")
+        d = ((self.latent_mu - np.asarray(mu, np.float32)[None, :]) ** 2).sum(axis=1)
         size = min(size, self.n)
         return np.argpartition(d, size - 1)[:size] if size < self.n else np.arange(self.n)
 

@@ -22,7 +22,7 @@ from . import ann
 from .checkpoints import CheckpointError, CheckpointSpec, load_checkpoint
 from .data import Dataset, load_dataset
 from .featurizers import make_featurizer
-from .fsio import atomic_write_json, read_json, sha256_file
+from .fsio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from .models import ModelConfig
 from .objectives import NOISE_INDEX, draw_noise
 from .progress import progress
@@ -207,8 +207,6 @@ def build_index(
     for src, ck in zip(checkpoints, ckpts):
         dst = out / ck.path
         if not dst.exists() or sha256_file(dst) != ck.sha256:
-            from .fsio import atomic_write_bytes
-
             atomic_write_bytes(dst, Path(src.path).read_bytes())
     if not resume:
         atomic_write_json(mpath, manifest)

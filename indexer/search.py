@@ -43,6 +43,19 @@ class RowSource(Protocol):
     def all(self) -> np.ndarray: ...
 
 
+class ArrayRows:
+    """A :class:`RowSource` over an in-memory ``[N, D]`` float32 array (or a view of one)."""
+
+    def __init__(self, x: np.ndarray):
+        self._x = x
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self._x[ids]
+
+    def all(self) -> np.ndarray:
+        return self._x
+
+
 class Searcher(Protocol):
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 

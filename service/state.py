@@ -30,9 +30,6 @@ class ServiceState:
     index_info: dict[str, Any] | None = None
     factors: dict[str, Any] | None = None
     factors_lock: threading.Lock = field(default_factory=threading.Lock)
-    #: serializes gradient featurization (query workers and the job worker share one nn.Module per
-    #: checkpoint, and ``torch.func.functional_call`` swaps its parameters in place: concurrent calls
-    #: corrupt each other's gradients or fail)
 
     def hit_meta(self, row: int) -> dict[str, Any]:
         idx = self.index

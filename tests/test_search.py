@@ -5,18 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from indexer.search import ArrayRows as Rows
 from indexer.search import exact_scores, scan_topk
-
-
-class Rows:
-    def __init__(self, x: np.ndarray):
-        self.x = x
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self.x[ids]
-
-    def all(self) -> np.ndarray:
-        return self.x
 
 
 def _brute(qs: list[np.ndarray], fs: list[np.ndarray], k: int) -> np.ndarray:

@@ -260,7 +260,8 @@ def compute(
     candidates = None
     if params.prefilter:
         if row is not None:
-            mu = index.store.array("latent_mu")[row]
+            assert index.latent_mu is not None
+            mu = index.latent_mu[row]
         else:
             assert x is not None
             mu = index.latent_means(x[None])[0]

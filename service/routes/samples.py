@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
-import numpy as np
-import zarr
 from fastapi import APIRouter, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -31,9 +29,7 @@ def _row(index: Any, sample_id: int) -> int:
 def sample(sample_id: SampleId, index: IndexDep, state: StateDep) -> Any:
     row = _row(index, sample_id)
     assert state.losses is not None and state.self_influence is not None
-    mu = None
-    if "latent_mu" in index.store.group:
-        mu = [float(v) for v in np.asarray(cast(zarr.Array, index.store.group["latent_mu"])[row])]
+    mu = None if index.latent_mu is None else [float(v) for v in index.latent_mu[row]]
     return {
         **state.hit_meta(row),
         "loss": float(state.losses[row]),
