@@ -20,10 +20,10 @@ demo: setup
 	$(PY) examples/demo.py --workdir demo_out
 
 lint: setup
-	$(VENV)/bin/ruff check indexer service client tests benchmarks examples
+	$(VENV)/bin/ruff check proponent tests benchmarks examples
 
 typecheck: setup
-	$(VENV)/bin/mypy indexer service client
+	$(VENV)/bin/mypy proponent
 
 unit: setup
 	$(PY) -m pytest -q

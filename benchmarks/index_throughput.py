@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from indexer.featurizers.dense import DenseFeaturizer
-from indexer.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
-from indexer.models import ModelConfig, build_model
-from indexer.objectives import ELBO
-from indexer.projection import ProjectionSpec, build_projector
+from proponent.model.architectures import ModelConfig, build_model
+from proponent.model.featurizers.dense import DenseFeaturizer
+from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
+from proponent.model.objectives import ELBO
+from proponent.model.projection import ProjectionSpec, build_projector
 
 MODELS = {
     "mlp": ModelConfig(kind="mlp", input_shape=(1, 28, 28), hidden=(512, 256), latent_dim=16),

@@ -79,7 +79,7 @@ async def _client_loop(
     out: list[tuple[str, float, str]],
     server: list[tuple[str, float, float]],
 ) -> None:
-    from client import AsyncInfluenceClient, Overloaded
+    from proponent.client import AsyncInfluenceClient, Overloaded
 
     rng = random.Random(seed)
     async with AsyncInfluenceClient(url, retries=0, timeout=300) as c:
@@ -137,7 +137,7 @@ def main() -> int:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     index_dir = Path(a.index) if a.index else build_digits_index(work, a.featurizer)
-    from indexer.store import FeatureStore
+    from proponent.format.store import FeatureStore
 
     store = FeatureStore.open(index_dir / "store.zarr")
     ids = [int(i) for i in store.array("ids")]

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.data import load_dataset
-from indexer.influence import open_index
-from indexer.job import IndexOptions, build_index, checkpoints_from_run, set_threads
-from indexer.models import default_config_for
-from indexer.projection import ProjectionSpec
-from indexer.training import TrainConfig, train
+from proponent.build.data import load_dataset
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, set_threads
+from proponent.build.training import TrainConfig, train
+from proponent.model.architectures import default_config_for
+from proponent.model.projection import ProjectionSpec
+from proponent.query.index import open_index
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,7 +10,7 @@ answer), with the ratio search/floor and end-to-end/floor. Medians throughout.
 Index:
 * default: a small real digits index (trained and built on first use under ``--workdir``);
 * ``--synthetic``: N=60,000, C=5 checkpoints, random features of D ≈ 4,096 written through
-  ``indexer.store.FeatureStore`` and ``indexer.ann`` with a manifest that ``verify_index``
+  ``proponent.format.store.FeatureStore`` and ``proponent.format.ann`` with a manifest that ``verify_index``
   accepts (the model is a randomly initialised MLP VAE whose Kronecker projection has
   dimension D, so uploaded queries are featurized for real).
 
@@ -52,7 +52,7 @@ def build_digits_index(work: Path, featurizer: str) -> Path:
     if (idx / "manifest.json").is_file():
         return idx
     run = idx.parent / "run"
-    cli = [sys.executable, "-m", "indexer.cli"]
+    cli = [sys.executable, "-m", "proponent"]
     subprocess.run([*cli, "train", "--data", "digits", "--out", str(run), "--epochs", "5", "--quiet"], check=True)
     subprocess.run(
         [*cli, "index", "--run", str(run), "--out", str(idx), "--featurizer", featurizer, "--m", "4", "--quiet"],
@@ -65,14 +65,14 @@ def build_synthetic_index(work: Path, n: int, n_ckpt: int, target_dim: int, feat
     """Random features in a real index layout (manifest, checkpoints, Zarr store, FAISS files)."""
     import torch
 
-    from indexer import ann
-    from indexer.checkpoints import CheckpointSpec, save_checkpoint
-    from indexer.fsio import atomic_write_json, sha256_file
-    from indexer.job import MANIFEST_VERSION, library_versions
-    from indexer.models import ModelConfig, build_model
-    from indexer.projection import ProjectionSpec, build_projector
-    from indexer.store import FeatureStore, chunk_rows_for
-    from indexer.training import training_objective
+    from proponent.build.job import MANIFEST_VERSION, library_versions
+    from proponent.build.training import training_objective
+    from proponent.format import ann
+    from proponent.format.fsio import atomic_write_json, sha256_file
+    from proponent.format.store import FeatureStore, chunk_rows_for
+    from proponent.model.architectures import ModelConfig, build_model
+    from proponent.model.checkpoints import CheckpointSpec, save_checkpoint
+    from proponent.model.projection import ProjectionSpec, build_projector
 
     out = work / f"synthetic-v2-n{n}-c{n_ckpt}-d{target_dim}-{featurizer}"
     if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text()).get("complete"):
@@ -175,7 +175,7 @@ def start_server(
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "indexer.cli", "serve", "--index", str(index_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "proponent", "serve", "--index", str(index_dir), "--port", str(port),
            "--state-dir", str(work / f"{name}-state"), "--log-level", "warning"]  # fmt: skip
     log_path = work / f"{name}.log"
     with log_path.open("wb") as log:
@@ -205,7 +205,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def matvec_floor(index_dir: Path, queries: list[dict[int, np.ndarray]], repeats: int) -> float:
     """Median seconds of Σ_c F_c @ q_c over all stored features (float32, in memory)."""
-    from indexer.store import FeatureStore
+    from proponent.format.store import FeatureStore
 
     store = FeatureStore.open(index_dir / "store.zarr")
     feats = [store.features(c) for c in range(store.n_checkpoints)]
@@ -237,7 +237,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "proponent-bench"))
     a = ap.parse_args()
 
-    from client import InfluenceClient
+    from proponent.client import InfluenceClient
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -285,7 +285,7 @@ def main() -> int:
         stop_server(proc)
 
     # the floor, in this process, over the same stored features, with the server stopped
-    from indexer.influence import open_index
+    from proponent.query.index import open_index
 
     idx = open_index(index_dir, device="cpu", use_gpu_faiss=False)
     w = idx.weights("lr")

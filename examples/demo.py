@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def run(*args: str) -> None:
     print("$ proponent", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "indexer.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "proponent", *args], check=True)
 
 
 def main() -> int:
@@ -48,7 +48,7 @@ def main() -> int:
             sys.executable,
             "-m",
             "uvicorn",
-            "service.app:create_app",
+            "proponent.service.app:create_app",
             "--factory",
             "--host",
             "127.0.0.1",
@@ -60,7 +60,7 @@ def main() -> int:
         env=env,
     )
     try:
-        from client import InfluenceClient
+        from proponent.client import InfluenceClient
 
         with InfluenceClient(f"http://127.0.0.1:{port}", timeout=60) as c:
             deadline = time.time() + 120

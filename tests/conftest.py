@@ -33,7 +33,7 @@ def svc_free_port() -> int:
 
 def _proponent(*args: str, cwd: Path) -> None:
     exe = Path(sys.executable).with_name("proponent")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "indexer.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "proponent"]
     subprocess.run([*cmd, *args], cwd=cwd, check=True, capture_output=True, text=True, timeout=600)
 
 
@@ -82,8 +82,8 @@ def svc_run_server(**settings: Any) -> Iterator[SvcServer]:
     """A uvicorn server for ``create_app(Settings(**settings))`` in a thread on a free loopback port."""
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from proponent.service.app import create_app
+    from proponent.service.settings import Settings
 
     app = create_app(Settings(**settings))
     port = svc_free_port()
@@ -114,7 +114,7 @@ def svc_server(svc_index_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture()
 def svc_client(svc_server: SvcServer) -> Iterator[Any]:
-    from client import InfluenceClient
+    from proponent.client import InfluenceClient
 
     with InfluenceClient(svc_server.url, retries=0, timeout=120) as c:
         yield c
@@ -136,7 +136,7 @@ class SvcProcess:
         cmd = [
             sys.executable,
             "-m",
-            "indexer.cli",
+            "proponent",
             "serve",
             "--index",
             str(self.index),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.analysis.classical import (
+from proponent.analysis.classical import (
     KDEDensity,
     KNNDensity,
     WSGMMDensity,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import (
+from proponent.client import (
     AsyncInfluenceClient,
     Conflict,
     ConnectionFailed,
@@ -26,7 +26,7 @@ from client import (
     ValidationError,
     query_bytes,
 )
-from client.schemas import ErrorBody, InfluenceResponse
+from proponent.client.schemas import ErrorBody, InfluenceResponse
 from tests.conftest import svc_free_port
 
 pytestmark = pytest.mark.timeout(300)

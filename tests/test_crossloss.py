@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.checkpoints import load_checkpoint
-from indexer.crossloss import ObjectiveError, fit_probe, index_probe, make_query_objective, objective_at
-from indexer.data import load_dataset
-from indexer.influence import open_index
-from indexer.job import IndexOptions, build_index, checkpoints_from_run
-from indexer.models import ModelConfig
-from indexer.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise
-from indexer.projection import ProjectionSpec
-from indexer.training import TrainConfig, train
+from proponent.build.data import load_dataset
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.build.training import TrainConfig, train
+from proponent.model.architectures import ModelConfig
+from proponent.model.checkpoints import load_checkpoint
+from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise
+from proponent.model.projection import ProjectionSpec
+from proponent.query.crossloss import ObjectiveError, fit_probe, index_probe, make_query_objective, objective_at
+from proponent.query.index import open_index
 
 SEED = 3  # index noise seed
 QUERY_SEED = 11

@@ -1,4 +1,4 @@
-"""Tests for indexer.data: every source reads small files written here in its real format."""
+"""Tests for proponent.build.data: every source reads small files written here in its real format."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.data import DataError, Dataset, load_dataset, load_image_bytes, parse_spec
+from proponent.build.data import DataError, Dataset, load_dataset, load_image_bytes, parse_spec
 
 # ---- writers ---------------------------------------------------------------------------------
 

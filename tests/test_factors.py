@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.analysis import factors
-from indexer.analysis.factors import classify_factors, latent_mutual_information
+from proponent.analysis import factors
+from proponent.analysis.factors import classify_factors, latent_mutual_information
 
 # Linear-Gaussian encoder: x ~ N(0, s²), q(z_j | x) = N(a_j x, σ_j²), so q(z_j) = N(0, a_j² s² + σ_j²)
 # and I(x; z_j) = ½ log(1 + a_j² s² / σ_j²). Dimension 1 is collapsed (a_j = 0: posterior = prior).

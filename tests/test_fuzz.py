@@ -47,8 +47,8 @@ def fuzz_server(svc_index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def _own_spec() -> dict[str, Any]:
     """The server's own OpenAPI document (built from the routes; needs no index loaded)."""
-    from service.app import create_app
-    from service.settings import Settings
+    from proponent.service.app import create_app
+    from proponent.service.settings import Settings
 
     return create_app(Settings(index=None)).openapi()
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.data import load_dataset
-from indexer.influence import open_index
-from indexer.job import IndexOptions, build_index, checkpoints_from_run
-from indexer.models import ModelConfig
-from indexer.projection import ProjectionSpec
-from indexer.training import TrainConfig, train
+from proponent.build.data import load_dataset
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.build.training import TrainConfig, train
+from proponent.model.architectures import ModelConfig
+from proponent.model.projection import ProjectionSpec
+from proponent.query.index import open_index
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

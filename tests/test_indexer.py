@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.checkpoints import CheckpointSpec
-from indexer.data import load_dataset
-from indexer.influence import open_index, verify_index
-from indexer.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
-from indexer.models import ModelConfig, build_model
-from indexer.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_noise
-from indexer.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
-from indexer.store import FeatureStore
-from indexer.training import TrainConfig, train
+from proponent.build.data import load_dataset
+from proponent.build.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
+from proponent.build.training import TrainConfig, train
+from proponent.format.store import FeatureStore
+from proponent.model.architectures import ModelConfig, build_model
+from proponent.model.checkpoints import CheckpointSpec
+from proponent.model.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_noise
+from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
+from proponent.query.index import open_index, verify_index
 
 DATA = "digits,limit=150"
 
@@ -223,9 +223,9 @@ def test_external_checkpoints_and_layer_selection(tiny_run: Path, tmp_path: Path
 
 
 def test_package_level_api_mirrors_the_cli() -> None:
-    import indexer
+    import proponent
 
-    assert indexer.build_index is build_index and indexer.open_index is open_index
-    assert indexer.train is train and indexer.load_dataset is load_dataset
+    assert proponent.build_index is build_index and proponent.open_index is open_index
+    assert proponent.train is train and proponent.load_dataset is load_dataset
     with pytest.raises(AttributeError):
-        indexer.no_such_name  # noqa: B018
+        proponent.no_such_name  # noqa: B018

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from indexer.featurizers.dense import DenseFeaturizer
-from indexer.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
-from indexer.models import ModelConfig, build_model
-from indexer.objectives import ELBO, CrossEntropy
-from indexer.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
+from proponent.model.architectures import ModelConfig, build_model
+from proponent.model.featurizers.dense import DenseFeaturizer
+from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
+from proponent.model.objectives import ELBO, CrossEntropy
+from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
 
 B, M = 5, 3
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import InfluenceClient
+from proponent.client import InfluenceClient
 from tests.conftest import svc_run_server
 from tests.test_service import (
     JOB,

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from indexer import cli
-from indexer.analysis.report import SECTION_IDS, detection_curve, linear_fit, write_report
-from indexer.data import load_dataset
-from indexer.job import IndexOptions, build_index, checkpoints_from_run
-from indexer.models import ModelConfig
-from indexer.projection import ProjectionSpec
-from indexer.training import TrainConfig, train
+from proponent import cli
+from proponent.analysis.report import SECTION_IDS, detection_curve, linear_fit, write_report
+from proponent.build.data import load_dataset
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.build.training import TrainConfig, train
+from proponent.model.architectures import ModelConfig
+from proponent.model.projection import ProjectionSpec
 
 N_LETTERS = 40  # 2% of the data, like the paper's 1000 EMNIST letters in 60000 MNIST digits
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.influence import verify_index
-from indexer.store import FeatureStore
+from proponent.format.store import FeatureStore
+from proponent.query.index import verify_index
 
 DATA = "digits,limit=400"
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "indexer.cli", *args]
+    return [sys.executable, "-m", "proponent", *args]
 
 
 @pytest.fixture(scope="module")

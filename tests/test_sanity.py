@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.data import load_dataset
-from indexer.influence import open_index
-from indexer.job import IndexOptions, build_index, checkpoints_from_run
-from indexer.models import default_config_for
-from indexer.training import TrainConfig, train
+from proponent.build.data import load_dataset
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.build.training import TrainConfig, train
+from proponent.model.architectures import default_config_for
+from proponent.query.index import open_index
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_self_influence_ranking_matches_the_dense_reference(digits_index: Path) 
     """Self-influence from the Kronecker path's exact norms ranks samples as the dense path does."""
     import torch
 
-    from indexer.featurizers import make_featurizer
-    from indexer.objectives import NOISE_INDEX, draw_noise
+    from proponent.model.featurizers import make_featurizer
+    from proponent.model.objectives import NOISE_INDEX, draw_noise
 
     idx = open_index(digits_index)
     rows = np.arange(200)

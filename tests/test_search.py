@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.search import ArrayRows as Rows
-from indexer.search import exact_scores, scan_topk
+from proponent.query.search import ArrayRows as Rows
+from proponent.query.search import exact_scores, scan_topk
 
 
 def _brute(qs: list[np.ndarray], fs: list[np.ndarray], k: int) -> np.ndarray:

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.cli import main as cli_main
-from indexer.data import load_dataset
-from indexer.influence import open_index
-from indexer.job import IndexOptions, build_index, checkpoints_from_run
-from indexer.models import ModelConfig
-from indexer.objectives import draw_noise
-from indexer.projection import ProjectionSpec
-from indexer.selfinfluence import NOISE_SELF, NOISE_SELF_PAIR, SelfInfluenceJob, SelfInfluenceParams
-from indexer.training import TrainConfig, train, training_objective
+from proponent.build.data import load_dataset
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.build.training import TrainConfig, train, training_objective
+from proponent.cli import main as cli_main
+from proponent.model.architectures import ModelConfig
+from proponent.model.objectives import draw_noise
+from proponent.model.projection import ProjectionSpec
+from proponent.query.index import open_index
+from proponent.query.selfinfluence import NOISE_SELF, NOISE_SELF_PAIR, SelfInfluenceJob, SelfInfluenceParams
 
 DATA = "digits,limit=120"
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import InfluenceClient, Overloaded, Unauthorized
-from indexer.search import certified_topk
+from proponent.client import InfluenceClient, Overloaded, Unauthorized
+from proponent.query.search import certified_topk
 from tests.conftest import SVC_DATA, svc_run_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(300)
@@ -298,7 +298,7 @@ def test_cross_loss_objective(svc_client, svc_server):
     r = svc_client.influence(sample_id=3, k=5, objective="kl", checkpoints=[4])
     assert r.query.objective == "kl" and len(r.proponents) == 5
     idx = svc_server.index
-    from indexer.crossloss import make_query_objective
+    from proponent.query.crossloss import make_query_objective
 
     obj = make_query_objective(idx, "kl")
     q = {
@@ -489,7 +489,7 @@ def svc_offline_self_influence(svc_index_dir, tmp_path_factory) -> list[dict]:
         [
             sys.executable,
             "-m",
-            "indexer.cli",
+            "proponent",
             "self-influence",
             "--index",
             str(svc_index_dir),
@@ -537,7 +537,7 @@ def test_self_influence_job_equals_cli(svc_client, svc_server, svc_offline_self_
 
 
 def test_unbiased_self_influence_job_equals_offline(svc_client, svc_server, tmp_path):
-    from indexer.selfinfluence import SelfInfluenceJob, SelfInfluenceParams
+    from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams
 
     job = svc_client.start_self_influence(m=1, seed=4, checkpoints=[4], estimator="unbiased")
     job.wait(timeout=240)
@@ -577,8 +577,8 @@ def test_job_survives_sigkill_restart(svc_index_dir, tmp_path, svc_process_facto
 
 # ---------------------------------------------------------------------------------- start-up
 def _lifespan(index_dir: Path, state: Path):
-    from service.app import create_app
-    from service.settings import Settings
+    from proponent.service.app import create_app
+    from proponent.service.settings import Settings
 
     app = create_app(Settings(index=index_dir, state_dir=state))
 
@@ -605,8 +605,8 @@ def test_startup_refuses_broken_index(svc_index_dir, tmp_path):
     with pytest.raises(Exception, match=r"checkpoint 2: .*sha256 differs"):
         _lifespan(bad, tmp_path / "s")
     with pytest.raises(Exception, match="no index configured"):
-        from service.app import create_app
-        from service.settings import Settings
+        from proponent.service.app import create_app
+        from proponent.service.settings import Settings
 
         app = create_app(Settings(index=None, state_dir=tmp_path))
 

@@ -1,0 +1,52 @@
+"""proponent: training-data attribution for generative models (VAE-TracIn as an indexed service).
+
+The package is laid out by role:
+
+* :mod:`proponent.build` -- offline: data sources, training with TracIn checkpoints, the index job;
+* :mod:`proponent.model` -- models and featurization: architectures, checkpoints, objectives and
+  their noise, projections, featurizers (shared by the index job and the query side);
+* :mod:`proponent.format` -- the index format: manifest, Zarr store, FAISS files, integrity;
+* :mod:`proponent.query` -- answering: the query use case, exact search, self-influence, cross-loss;
+* :mod:`proponent.analysis` -- the seed papers' analyses and the HTML report;
+* :mod:`proponent.service` -- the FastAPI server; :mod:`proponent.client` -- the Python client.
+
+The Python API mirrors the CLI::
+
+    import proponent
+    data = proponent.load_dataset("digits")
+    run = proponent.train(data, proponent.default_config_for(data.shape), "runs/digits", proponent.TrainConfig())
+    specs, _ = proponent.checkpoints_from_run(run)
+    idx = proponent.open_index(proponent.build_index(data, specs, "idx/digits", proponent.IndexOptions()))
+
+Names are imported lazily so that ``import proponent.client`` stays light (httpx and pydantic only).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "load_dataset": "proponent.build.data",
+    "Dataset": "proponent.build.data",
+    "ModelConfig": "proponent.model.architectures",
+    "default_config_for": "proponent.model.architectures",
+    "TrainConfig": "proponent.build.training",
+    "train": "proponent.build.training",
+    "IndexOptions": "proponent.build.job",
+    "build_index": "proponent.build.job",
+    "checkpoints_from_run": "proponent.build.job",
+    "CheckpointSpec": "proponent.model.checkpoints",
+    "ProjectionSpec": "proponent.model.projection",
+    "open_index": "proponent.query.index",
+    "verify_index": "proponent.query.index",
+    "InfluenceIndex": "proponent.query.index",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'proponent' has no attribute {name!r}")

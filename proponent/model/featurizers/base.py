@@ -1,0 +1,50 @@
+"""The featurizer interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from proponent.model.objectives import Objective
+from proponent.model.projection import Projector
+
+
+@dataclass
+class FeatureBatch:
+    features: torch.Tensor  # [B, D] float32, unweighted projected gradients
+    sq_norm: torch.Tensor  # [B] float64, exact ||g||^2 of the unprojected gradient
+    loss: torch.Tensor  # [B] float32, per-sample objective value (mean over draws)
+
+
+class Featurizer(ABC):
+    """Per-sample projected gradients of ``objective`` w.r.t. the projector's layers."""
+
+    method: str = "base"
+
+    def __init__(self, model: nn.Module, objective: Objective, projector: Projector):
+        self.model = model
+        self.objective = objective
+        self.projector = projector
+        self.device = projector.device
+
+    @abstractmethod
+    def featurize(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
+        """``x [B, *shape]``, ``y [B]`` (int64; ignored by unsupervised objectives),
+        ``eps [B, m, *noise]``."""
+
+
+def make_featurizer(
+    method: str, model: nn.Module, objective: Objective, projector: Projector, **kwargs: object
+) -> Featurizer:
+    if method == "dense":
+        from proponent.model.featurizers.dense import DenseFeaturizer
+
+        return DenseFeaturizer(model, objective, projector, **kwargs)  # type: ignore[arg-type]
+    if method == "kron":
+        from proponent.model.featurizers.kronecker import KroneckerFeaturizer
+
+        return KroneckerFeaturizer(model, objective, projector, **kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"featurizer must be 'kron' or 'dense', got {method!r}")

@@ -1,0 +1,240 @@
+"""The app factory: ``create_app(settings) -> FastAPI``.
+
+The lifespan opens and verifies the index once (a broken index stops start-up with a message
+naming the problem), pins torch/FAISS threads, starts the query engine and the job manager
+(resuming unfinished jobs), and on shutdown drains queued queries and stops the running job
+between chunks so it resumes at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proponent.build.job import set_threads
+from proponent.query.index import open_index
+from proponent.service.deps import require_api_key
+from proponent.service.engine import QueryEngine
+from proponent.service.errors import BodyTooLarge, install_error_handlers, request_id_var
+from proponent.service.jobs import JobManager
+from proponent.service.metrics import Metrics
+from proponent.service.routes import factors, health, index, influence, jobs, samples
+from proponent.service.settings import Settings
+from proponent.service.state import ServiceState
+
+log = logging.getLogger("proponent.service")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get() or "-"
+        return True
+
+
+def _install_logging() -> None:
+    if not any(isinstance(f, _RequestIdFilter) for f in log.filters):
+        log.addFilter(_RequestIdFilter())
+    for name in ("proponent.engine", "proponent.jobs"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _RequestIdFilter) for f in lg.filters):
+            lg.addFilter(_RequestIdFilter())
+    root = logging.getLogger("proponent")
+    if not root.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+        h.addFilter(_RequestIdFilter())
+        root.addHandler(h)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def _json_error(
+    status: int, message: str, rid: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[Message, Message]:
+    code = {413: "payload_too_large", 500: "internal_error"}.get(status, "error")
+    body = json.dumps({"error": {"status": status, "code": code, "message": message, "request_id": rid}}).encode()
+    hdrs = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    return (
+        {"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])},
+        {"type": "http.response.body", "body": body},
+    )
+
+
+class RequestContextMiddleware:
+    """Request id (echoed or generated), body-size limit while reading, metrics and access log."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int):
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+
+    @staticmethod
+    def _route_label(scope: Scope) -> str:
+        """The route template (e.g. /v1/samples/{sample_id}), so metrics do not grow per id.
+
+        ``scope["route"].path`` is relative to an included router's prefix; the prefix is the
+        part of the request path before as many segments as the template has.
+        """
+        route = scope.get("route")
+        template = getattr(route, "path", None)
+        if not template:
+            return "<unmatched>"
+        path_parts = str(scope.get("path", "")).rstrip("/").split("/")
+        n = len(template.rstrip("/").split("/")) - 1
+        prefix = "/".join(path_parts[: len(path_parts) - n]) if n else str(scope.get("path", "")).rstrip("/")
+        return prefix + template if not template.startswith(prefix + "/") else template
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        t0 = time.perf_counter()
+        status = {"code": 500, "started": False}
+        rid_header = (b"x-request-id", rid.encode("latin-1", "replace"))
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["started"] = True
+                hs = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*hs, rid_header]}
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        try:
+            cl = headers.get("content-length")
+            if cl is not None and cl.isdigit() and int(cl) > self.max_body:
+                # Refuse before reading any of the body.
+                start, body = _json_error(
+                    413, f"request body of {cl} bytes is larger than the limit of {self.max_body} bytes", rid
+                )
+                await send_wrapper(start)
+                await send(body)
+            else:
+                try:
+                    await self.app(scope, limited_receive, send_wrapper)
+                except BodyTooLarge as e:
+                    if status["started"]:
+                        raise
+                    start, body = _json_error(413, str(e.detail), rid)
+                    await send_wrapper(start)
+                    await send(body)
+                except Exception as e:
+                    # A bug. Answer 500 here, inside the request's context (request id in the log line and
+                    # the body), instead of letting it reach Starlette's outermost handler, which answers
+                    # without the request id and re-raises to uvicorn (which then drops the connection).
+                    if status["started"]:
+                        raise
+                    log.exception("unhandled error on %s %s", scope.get("method", ""), scope.get("path"))
+                    start, body = _json_error(500, f"internal error ({type(e).__name__}); see the server log", rid)
+                    await send_wrapper(start)
+                    await send(body)
+        finally:
+            path = self._route_label(scope)
+            method = scope.get("method", "")
+            dt = time.perf_counter() - t0
+            self.metrics.requests.labels(method, path, str(status["code"])).inc()
+            self.metrics.latency.labels(method, path).observe(dt)
+            log.info("%s %s -> %s in %.1f ms", method, scope.get("path"), status["code"], dt * 1e3)
+            request_id_var.reset(token)
+
+
+def _startup(state: ServiceState) -> None:
+    s = state.settings
+    if s.index is None:
+        raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
+    set_threads(s.threads)
+    idx = open_index(s.index, device=s.device)  # verifies; raises IndexError_ naming the problem
+    state.index = idx
+    state.source_specs = [src["spec"] for src in idx.manifest["dataset"]["sources"]]
+    state.losses = idx.losses()
+    state.self_influence = idx.self_influence("lr")
+    state.index_info = index.build_index_info(idx, s.max_k)
+    for c in range(len(idx.checkpoints)):  # load models and projectors now, not on the first query
+        idx.model(c)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    _install_logging()
+    metrics = Metrics()
+    state = ServiceState(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_startup, state)
+        assert state.index is not None
+        state.engine = QueryEngine(settings.query_workers, settings.queue_size, settings.request_timeout_s, metrics)
+        state.engine.start()
+        state.jobs = JobManager(state.index, settings.state_dir, metrics)
+        state.jobs.start()
+        state.ready = True
+        log.info(
+            "serving %s (N=%d, D=%d, %d checkpoints) on %s",
+            settings.index,
+            state.index.n,
+            state.index.dim,
+            len(state.index.checkpoints),
+            state.index.device,
+        )
+        try:
+            yield
+        finally:
+            state.ready = False
+            await run_in_threadpool(state.engine.stop)
+            await run_in_threadpool(state.jobs.stop)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="proponent",
+        version="0.1.0",
+        summary="Which training samples are most responsible for this sample? (VAE-TracIn as a service)",
+        lifespan=lifespan,
+    )
+    app.state.proponent = state
+    install_error_handlers(app)
+    app.include_router(health.router)
+    for r in (index.router, influence.router, samples.router, jobs.router, factors.router):
+        app.include_router(r, prefix="/v1", dependencies=[Depends(require_api_key)])
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body=settings.max_upload_bytes)
+    return app
+
+
+def app_from_env() -> Any:
+    """``uvicorn --factory service.app:app_from_env``."""
+    return create_app()

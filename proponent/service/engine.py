@@ -1,0 +1,106 @@
+"""The query engine: a bounded queue in front of worker thread(s).
+
+Featurization (torch) and FAISS search block and release the GIL, so they do not belong on
+the event loop. Each query is a callable put on a bounded queue; a worker thread runs it and
+hands the result back to the waiting coroutine through an asyncio future. A full queue is
+answered at once with 503 + Retry-After (back-pressure instead of unbounded latency); a query
+that does not finish within ``request_timeout_s`` is answered with 504 and skipped by the
+workers if it has not started yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proponent.service.errors import ApiError
+from proponent.service.metrics import Metrics
+
+log = logging.getLogger("proponent.engine")
+
+
+@dataclass
+class _Task:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+
+class QueryEngine:
+    def __init__(self, workers: int, queue_size: int, timeout_s: float, metrics: Metrics):
+        self.workers = workers
+        self.queue_size = queue_size
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._q: queue.Queue[_Task | None] = queue.Queue(maxsize=queue_size)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"query-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let queued queries finish, then stop the workers."""
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    @property
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        task = _Task(fn, loop.create_future(), loop)
+        try:
+            self._q.put_nowait(task)
+        except queue.Full:
+            self.metrics.rejected.inc()
+            raise ApiError(
+                503,
+                f"query queue is full ({self.queue_size} waiting); retry later",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            ) from None
+        self.metrics.queue_depth.set(self._q.qsize())
+        try:
+            return await asyncio.wait_for(asyncio.shield(task.future), self.timeout_s)
+        except asyncio.TimeoutError:
+            task.abandoned.set()
+            raise ApiError(504, f"query did not finish within {self.timeout_s:g}s", code="timeout") from None
+
+    def _work(self) -> None:
+        while True:
+            task = self._q.get()
+            self.metrics.queue_depth.set(self._q.qsize())
+            if task is None:
+                return
+            if task.abandoned.is_set():
+                continue
+            try:
+                result, error = task.fn(), None
+            except BaseException as e:  # handed to the waiting request, which maps it to a status
+                result, error = None, e
+            try:
+                task.loop.call_soon_threadsafe(_settle, task.future, result, error)
+            except RuntimeError:  # event loop already closed (shutdown)
+                log.debug("query finished after its event loop closed")
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
