@@ -13,38 +13,24 @@ import threading
 import time
 from pathlib import Path
 
-import faiss
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from proponent.client import InfluenceClient, Overloaded, Unauthorized
-from proponent.query.search import certified_topk
 from tests.conftest import SVC_DATA, svc_run_server  # noqa: F401
+from tests.helpers import query_vectors, reference_scores, top
 
 pytestmark = pytest.mark.timeout(300)
 
 
 # ---------------------------------------------------------------------------------- helpers
-def brute_force(index, q: dict[int, np.ndarray], k: int, direction: str, convention: str, checkpoints) -> tuple:
-    """Top-k by a plain float64 numpy computation over the stored features."""
-    man = index.manifest
-    cks = sorted(set(checkpoints)) if checkpoints is not None else list(range(len(man["checkpoints"])))
-    total = np.zeros(index.n)
-    for c in cks:
-        spec = man["checkpoints"][c]
-        w = spec["lr"] if convention == "lr" else spec["lr"] * spec["batch_size"] * spec["steps_since_prev"] / index.n
-        f = index.store.features(c).astype(np.float64)
-        # the server rounds the weighted query to float32 (the FAISS dtype); do the same, then float64
-        total += f @ (w * np.asarray(q[c], np.float64)).astype(np.float32).astype(np.float64)
-    sign = 1.0 if direction == "proponents" else -1.0
-    order = np.lexsort((np.arange(index.n), -sign * total))[:k]
-    return index.ids[order], total[order]
-
-
-def stored_q(index, row: int) -> dict[int, np.ndarray]:
-    return {c: index.store.features(c)[row] for c in range(len(index.checkpoints))}
+def reference(index, x, k, direction, *, scoring="raw", convention="lr", checkpoints=None, seed=0, **kw):
+    """Ids and scores of a query by the reference computation (tests/helpers.py)."""
+    vec, sqn = query_vectors(index, x, seed=seed, checkpoints=checkpoints, **kw)
+    total = reference_scores(index, vec, sqn, scoring=scoring, convention=convention, checkpoints=checkpoints)
+    return top(index, total, k, direction)
 
 
 def png_bytes(a: np.ndarray) -> bytes:
@@ -77,7 +63,7 @@ def test_health_ready_metrics_openapi(svc_server):
         assert len(h.get("/healthz").headers["x-request-id"]) == 32
         h.post("/v1/influence/samples/0", json={"k": 3})
         m = h.get("/metrics").text
-        assert "proponent_requests_total" in m and "proponent_search_rounds_bucket" in m
+        assert "proponent_requests_total" in m and "proponent_search_candidates_bucket" in m
         assert 'route="/v1/influence/samples/{sample_id}"' in m
         assert "proponent_query_queue_depth" in m and "proponent_jobs" in m
         spec = h.get("/openapi.json").json()
@@ -106,6 +92,8 @@ def test_index_info(svc_client, svc_server):
     idx = svc_server.index
     assert info.n == idx.n == 300 and info.dim == idx.dim and info.shape == [1, 8, 8]
     assert len(info.checkpoints) == 5 and info.exact and info.featurizer == "dense"
+    assert info.serving["mode"] == "memory" and info.storage["dtype"] == idx.manifest.storage.dtype
+    assert info.scorings == ["raw", "cosine", "relatif"] and info.default_scoring in info.scorings
     assert info.dataset_spec == SVC_DATA and info.has_labels and "elbo" in info.query_objectives
     c = info.checkpoints[2]
     assert c.weight_visits == pytest.approx(c.lr * c.batch_size * c.steps_since_prev / info.n)
@@ -114,21 +102,23 @@ def test_index_info(svc_client, svc_server):
 def test_sample_and_image(svc_client, svc_server):
     s = svc_client.sample(7)
     idx = svc_server.index
-    assert s.id == 7 and s.label == int(idx.labels[7]) and s.source == SVC_DATA and s.source_row == 7
+    assert s.id == 7 and s.label == int(idx.meta.labels[7]) and s.source == SVC_DATA and s.source_row == 7
     assert s.self_influence == pytest.approx(float(idx.self_influence("lr")[7]))
     assert len(s.latent_mu) == 16
     png = svc_client.sample_image(7, scale=4)
     img = Image.open(io.BytesIO(png))
     assert img.size == (32, 32)
     back = np.asarray(img)[::4, ::4] / 255.0
-    np.testing.assert_allclose(back, idx.image(7)[0], atol=1 / 255)
+    np.testing.assert_allclose(back, idx.input(7)[0], atol=0.5 / 255)
 
 
 # ---------------------------------------------------------------------------------- correctness
 def _most_self_dominant_row(index) -> int:
+    from tests.helpers import stored_matrix
+
     s = np.zeros((index.n, index.n))
     for c, w in enumerate(index.weights("lr")):
-        f = index.store.features(c).astype(np.float64)
+        f = stored_matrix(index, c)
         s += w * f @ f.T
     diag = np.diag(s).copy()
     np.fill_diagonal(s, -np.inf)
@@ -138,12 +128,15 @@ def _most_self_dominant_row(index) -> int:
 def test_own_image_is_first_proponent(svc_client, svc_server):
     idx = svc_server.index
     row = _most_self_dominant_row(idx)
-    sid = int(idx.ids[row])
+    sid = int(idx.meta.ids[row])
     by_id = svc_client.influence(sample_id=sid, k=5)
     assert by_id.proponents[0].id == sid and by_id.query.sample_id == sid
-    by_image = svc_client.influence(idx.image(row), k=5)  # featurized with fresh query noise
-    assert by_image.proponents[0].id == sid
+    by_image = svc_client.influence(idx.input(row), k=5)  # an upload of the exact stored input
+    assert [h.id for h in by_image.proponents] == [h.id for h in by_id.proponents]
+    assert [h.score for h in by_image.proponents] == [h.score for h in by_id.proponents]
     assert by_image.exact and by_image.timings.featurize_ms > 0
+    stored = svc_client.influence(sample_id=sid, k=5, features="stored")
+    assert stored.proponents[0].id == sid and stored.query.features == "stored"
 
 
 @pytest.mark.parametrize("convention", ["lr", "visits"])
@@ -157,15 +150,56 @@ def test_stored_sample_query_equals_brute_force(svc_client, svc_server, k, check
     assert r.query.checkpoints == cks and r.query.convention == convention
     for direction in ("proponents", "opponents"):
         hits = getattr(r, direction)
-        ids, scores = brute_force(idx, stored_q(idx, idx.row_of(sid)), k, direction, convention, checkpoints)
-        assert [h.id for h in hits] == ids.tolist()
-        np.testing.assert_allclose([h.score for h in hits], scores, rtol=1e-6)
+        ids, scores = reference(
+            idx, idx.input(idx.row_of(sid)), k, direction, convention=convention, checkpoints=checkpoints
+        )
+        assert [h.id for h in hits] == ids
+        np.testing.assert_allclose([h.score for h in hits], scores, rtol=1e-9)
         for h in hits:
             assert len(h.contributions) == len(cks)
             assert sum(h.contributions) == pytest.approx(h.score, rel=1e-9, abs=1e-12)
-        st = r.search[direction]
-        assert st.rounds >= 1 and st.depth >= min(2 * k, idx.n) and st.candidates >= k
+        assert r.search[direction].candidates >= k and r.search[direction].strategy.startswith("scan/memory")
     assert r.exact
+
+
+@pytest.mark.parametrize("scoring", ["raw", "cosine", "relatif"])
+def test_scorings_equal_brute_force(svc_client, svc_server, scoring):
+    idx = svc_server.index
+    x = idx.input(40)
+    r = svc_client.influence(x, k=10, direction="both", scoring=scoring, checkpoints=[1, 2, 4])
+    assert r.query.scoring == scoring and r.exact
+    for direction in ("proponents", "opponents"):
+        ids, scores = reference(idx, x, 10, direction, scoring=scoring, checkpoints=[1, 2, 4])
+        assert [h.id for h in getattr(r, direction)] == ids
+        np.testing.assert_allclose([h.score for h in getattr(r, direction)], scores, rtol=1e-9)
+
+
+def test_uncertainty_per_hit(svc_client, svc_server):
+    """Standard errors from the query's m draws (paper Theorem 1), and the unresolved adjacent pairs."""
+    idx = svc_server.index
+    r = svc_client.influence(sample_id=5, k=8, direction="both")
+    m = idx.manifest.objective.m
+    assert r.query.m == m == 4
+    for d in ("proponents", "opponents"):
+        hits = getattr(r, d)
+        assert all(h.stderr is not None and h.stderr >= 0 for h in hits)
+        assert hits[-1].separated_from_next is None
+        pairs = [[h.rank, h.rank + 1] for h in hits[:-1] if not h.separated_from_next]
+        assert r.unresolved[d] == pairs
+    # the per-draw scores average to the score: recompute the standard error from per-draw features
+    x = idx.input(idx.row_of(5))
+    qf = idx.runtime.featurize(x[None], seed=0, checkpoints=[0, 1, 2, 3, 4], per_draw=True)
+    from tests.helpers import stored_matrix, weights
+
+    w = weights(idx, "lr")
+    rows = [idx.row_of(h.id) for h in r.proponents]
+    per_draw = sum(
+        (qf.per_draw[c][0].astype(np.float64) * w[c]) @ stored_matrix(idx, c)[rows].T for c in range(5)
+    )  # [m, k]
+    np.testing.assert_allclose(per_draw.mean(axis=0), [h.score for h in r.proponents], rtol=1e-4)
+    np.testing.assert_allclose(per_draw.std(axis=0, ddof=1) / np.sqrt(m), [h.stderr for h in r.proponents], rtol=1e-6)
+    off = svc_client.influence(sample_id=5, k=3, uncertainty=False)
+    assert all(h.stderr is None for h in off.proponents) and off.unresolved["proponents"] == []
 
 
 @pytest.mark.parametrize(
@@ -174,7 +208,7 @@ def test_stored_sample_query_equals_brute_force(svc_client, svc_server, k, check
 def test_uploaded_query_equals_brute_force(svc_client, svc_server, direction, k, checkpoints, convention):
     idx = svc_server.index
     rng = np.random.default_rng(3)
-    x = np.clip(idx.image(20) + 0.1 * rng.standard_normal(idx.shape), 0, 1).astype(np.float32)
+    x = np.clip(idx.input(20) + 0.1 * rng.standard_normal(idx.shape), 0, 1).astype(np.float32)
     seed = 42
     with httpx.Client(base_url=svc_server.url, timeout=120) as h:  # JSON body variant
         body = {
@@ -189,85 +223,11 @@ def test_uploaded_query_equals_brute_force(svc_client, svc_server, direction, k,
     assert raw.status_code == 200, raw.text
     r = raw.json()
     assert r["query"]["seed"] == seed
-    q = {c: v[0] for c, v in idx.featurize(x[None], seed=seed, checkpoints=checkpoints).items()}
     dirs = ["proponents", "opponents"] if direction == "both" else [direction]
     for d in dirs:
-        ids, scores = brute_force(idx, q, k, d, convention, checkpoints)
-        assert [hit["id"] for hit in r[d]] == ids.tolist()
-        np.testing.assert_allclose([hit["score"] for hit in r[d]], scores, rtol=1e-6)
-
-
-def test_certificate_deepens_on_constructed_case():
-    """The true top-1 is never in any checkpoint's top-k' until k' > 50: rounds > 1, still exact."""
-    rng = np.random.default_rng(0)
-    n, d, c_count, specialists = 3000, 16, 3, 50
-    q = np.zeros(d, np.float32)
-    q[0] = 1.0
-    feats = []
-    for c in range(c_count):
-        f = rng.normal(0, 0.3, (n, d)).astype(np.float32)
-        f[:, 0] = rng.normal(0, 1, n)
-        for c2 in range(c_count):  # rows 1+50*c2 .. : huge at checkpoint c2, very negative elsewhere
-            rows = slice(1 + specialists * c2, 1 + specialists * (c2 + 1))
-            f[rows, 0] = 10.0 if c2 == c else -10.0
-        f[0, 0] = 5.0  # the true winner: 15 in total, but rank 51 at every checkpoint
-        feats.append(f)
-    indexes = []
-    for f in feats:
-        ix = faiss.IndexFlatIP(d)
-        ix.add(f)
-        indexes.append(ix)
-
-    class Searcher:
-        def __init__(self, ix):
-            self.ix = ix
-
-        def search(self, qv, k):
-            s, i = self.ix.search(qv[None], k)
-            return s[0].astype(np.float64), i[0].astype(np.int64)
-
-    class Rows:
-        def __init__(self, f):
-            self.f = f
-
-        def rows(self, ids):
-            return self.f[ids]
-
-        def all(self):
-            return self.f
-
-    res = certified_topk([q] * c_count, [Searcher(i) for i in indexes], [Rows(f) for f in feats], n, 1)
-    total = sum(f.astype(np.float64) @ q.astype(np.float64) for f in feats)
-    assert res.ids.tolist() == [0] == [int(np.argmax(total))]
-    assert res.exact and res.rounds > 1 and res.depth > specialists and not res.full_scan
-    assert res.scores[0] == pytest.approx(total[0])
-    for k in (3, 10):  # deeper k: still equal to brute force
-        res = certified_topk([q] * c_count, [Searcher(i) for i in indexes], [Rows(f) for f in feats], n, k)
-        order = np.lexsort((np.arange(n), -total))[:k]
-        assert res.ids.tolist() == order.tolist()
-        np.testing.assert_allclose(res.scores, total[order], rtol=1e-9)
-
-
-def test_deepening_through_the_api(svc_client, svc_server):
-    """Find a stored query whose search needs more than one round; the API reports it and is exact."""
-    idx = svc_server.index
-    found = None
-    for row in range(0, idx.n, 3):
-        for direction in ("proponents", "opponents"):
-            res = idx.top(stored_q(idx, row), 1, direction, strategy="threshold")
-            if res.search.rounds > 1:
-                found = (row, direction, res.search.rounds)
-                break
-        if found:
-            break
-    if found is None:
-        pytest.skip("no stored query on this small index needs more than one round")
-    row, direction, rounds = found
-    r = svc_client.influence(sample_id=int(idx.ids[row]), k=1, direction=direction, search="threshold")
-    assert r.search[direction].strategy == "threshold"
-    assert r.search[direction].rounds == rounds > 1
-    ids, scores = brute_force(idx, stored_q(idx, row), 1, direction, "lr", None)
-    assert getattr(r, direction)[0].id == ids[0]
+        ids, scores = reference(idx, x, k, d, convention=convention, checkpoints=checkpoints, seed=seed)
+        assert [hit["id"] for hit in r[d]] == ids
+        np.testing.assert_allclose([hit["score"] for hit in r[d]], scores, rtol=1e-9)
 
 
 def test_latent_prefilter_is_exact_over_its_candidates_and_flagged(svc_client, svc_server):
@@ -275,22 +235,23 @@ def test_latent_prefilter_is_exact_over_its_candidates_and_flagged(svc_client, s
     row = 11
     mu = idx.store.array("latent_mu")
     near = np.argsort(((mu - mu[row]) ** 2).sum(axis=1), kind="stable")[:40]
-    r = svc_client.influence(sample_id=int(idx.ids[row]), k=5, direction="both", prefilter=40)
+    r = svc_client.influence(sample_id=int(idx.meta.ids[row]), k=5, direction="both", prefilter=40)
     assert r.exact is False and any("latent pre-filter" in a for a in r.approximations)
     assert r.search["proponents"].strategy == "prefilter"
-    total = idx.scores(stored_q(idx, row))
+    vec, sqn = query_vectors(idx, idx.input(row))
+    total = reference_scores(idx, vec, sqn)
     for direction, hits in (("proponents", r.proponents), ("opponents", r.opponents)):
         assert {idx.row_of(h.id) for h in hits} <= set(near.tolist())
         sign = 1 if direction == "proponents" else -1
-        want = near[np.argsort(-sign * total[near], kind="stable")[:5]]
+        want = near[np.lexsort((near, -sign * total[near]))[:5]]
         assert [idx.row_of(h.id) for h in hits] == want.tolist()
-        np.testing.assert_allclose([h.score for h in hits], total[want], rtol=1e-6)
+        np.testing.assert_allclose([h.score for h in hits], total[want], rtol=1e-9)
     # a pre-filter as large as the index gives the exact answer (still flagged as pre-filtered)
-    full = svc_client.influence(sample_id=int(idx.ids[row]), k=5, prefilter=idx.n)
-    exact = svc_client.influence(sample_id=int(idx.ids[row]), k=5)
+    full = svc_client.influence(sample_id=int(idx.meta.ids[row]), k=5, prefilter=idx.n)
+    exact = svc_client.influence(sample_id=int(idx.meta.ids[row]), k=5)
     assert [h.id for h in full.proponents] == [h.id for h in exact.proponents] and exact.exact
     # uploads are pre-filtered around their own encoder mean
-    up = svc_client.influence(idx.image(row), k=3, prefilter=25)
+    up = svc_client.influence(idx.input(row), k=3, prefilter=25)
     assert up.exact is False and len(up.proponents) == 3
 
 
@@ -301,20 +262,14 @@ def test_cross_loss_objective(svc_client, svc_server):
     from proponent.query.crossloss import make_query_objective
 
     obj = make_query_objective(idx, "kl")
-    q = {
-        c: v[0]
-        for c, v in idx.featurize(
-            idx.image(idx.row_of(3))[None], objective=obj, labels=np.array([int(idx.labels[3])]), checkpoints=[4]
-        ).items()
-    }
-    ids, _ = brute_force(idx, q, 5, "proponents", "lr", [4])
-    assert [h.id for h in r.proponents] == ids.tolist()
+    ids, _ = reference(idx, idx.input(idx.row_of(3)), 5, "proponents", checkpoints=[4], objective=obj)
+    assert [h.id for h in r.proponents] == ids
 
 
 # ---------------------------------------------------------------------------------- bad requests
 def test_bad_requests(svc_server):
     idx = svc_server.index
-    good = png_bytes(idx.image(0)[0])
+    good = png_bytes(idx.input(0)[0])
     with httpx.Client(base_url=svc_server.url, timeout=60) as h:
 
         def up(data: bytes, **form):
@@ -430,7 +385,7 @@ def test_queue_overflow_503(svc_index_dir, tmp_path):
             return s.state.engine.depth
 
         # Hold the model lock: the one worker blocks inside its first query, the next query fills the queue.
-        with s.index._lock:
+        with s.index.runtime.featurize_lock:
             first = threading.Thread(target=query)
             first.start()
             deadline = time.monotonic() + 30
@@ -458,8 +413,8 @@ def test_queue_overflow_503(svc_index_dir, tmp_path):
         assert "proponent_queries_rejected_total 5.0" in httpx.get(s.url + "/metrics").text
         # still answers correctly afterwards
         r = InfluenceClient(s.url, retries=0).influence(sample_id=4, k=3)
-        ids, _ = brute_force(s.index, stored_q(s.index, s.index.row_of(4)), 3, "proponents", "lr", None)
-        assert [h.id for h in r.proponents] == ids.tolist()
+        ids, _ = reference(s.index, s.index.input(s.index.row_of(4)), 3, "proponents")
+        assert [h.id for h in r.proponents] == ids
 
 
 def test_job_id_validation(svc_server):
@@ -472,7 +427,7 @@ def test_job_id_validation(svc_server):
             assert r.status_code in (404, 422)
         r = h.get("/v1/jobs/" + "0" * 32)
         assert r.status_code == 404 and "not found" in err(r)["message"]
-        r = h.post("/v1/jobs/self-influence", json={"checkpoints": [11]})
+        r = h.post("/v1/jobs/self-influence", json={"checkpoints": [11]})  # a body is optional (see below)
         assert r.status_code == 422 and "[11]" in err(r)["message"]
         assert h.post("/v1/jobs/self-influence", json={"m": 0}).status_code == 422
         assert h.post("/v1/jobs/self-influence", json={"convention": "x"}).status_code == 422
@@ -522,7 +477,7 @@ def test_self_influence_job_equals_cli(svc_client, svc_server, svc_offline_self_
     job = svc_client.start_self_influence(**JOB)
     assert job.state in ("queued", "running") and len(job.id) == 32
     job.wait(timeout=240)
-    chunks = len(JOB["checkpoints"]) * svc_server.index.store.n_chunks
+    chunks = len(JOB["checkpoints"]) * svc_server.index.store.n_units
     assert job.info.progress.done == job.info.progress.total == chunks
     rows = job.result()
     _same_ranking([r.model_dump() for r in rows], svc_offline_self_influence)
@@ -547,7 +502,26 @@ def test_unbiased_self_influence_job_equals_offline(svc_client, svc_server, tmp_
         svc_server.index, SelfInfluenceParams(checkpoints=[4], m=1, seed=4, estimator="unbiased"), tmp_path / "s"
     ).run()
     got = {r.id: r.self_influence for r in rows}
-    np.testing.assert_allclose([got[int(i)] for i in svc_server.index.ids], want, rtol=1e-9)
+    np.testing.assert_allclose([got[int(i)] for i in svc_server.index.meta.ids], want, rtol=1e-9)
+
+
+def test_self_influence_job_without_body_uses_defaults(svc_server):
+    with httpx.Client(base_url=svc_server.url, timeout=60) as h:
+        r = h.post("/v1/jobs/self-influence")
+        assert r.status_code == 202, r.text
+        info = r.json()
+        assert info["params"] == {
+            "convention": "lr",
+            "checkpoints": [0, 1, 2, 3, 4],
+            "m": None,
+            "seed": 0,
+            "estimator": "norm",
+        }
+        job = InfluenceClient(svc_server.url).job(info["id"]).wait(timeout=120)
+        rows = job.result()
+        want = svc_server.index.self_influence("lr")
+        got = {r.id: r.self_influence for r in rows}
+        np.testing.assert_allclose([got[int(i)] for i in svc_server.index.meta.ids], want, rtol=1e-12)
 
 
 def test_job_survives_sigkill_restart(svc_index_dir, tmp_path, svc_process_factory, svc_offline_self_influence):
@@ -592,8 +566,8 @@ def _lifespan(index_dir: Path, state: Path):
 def test_startup_refuses_broken_index(svc_index_dir, tmp_path):
     bad = tmp_path / "idx"
     shutil.copytree(svc_index_dir, bad)
-    (bad / "faiss" / "ckpt_001.index").unlink()
-    with pytest.raises(Exception, match=r"FAISS index .*ckpt_001.index missing"):
+    (bad / "store.zarr" / "ckpt_001" / "features" / "c" / "0" / "0").unlink()
+    with pytest.raises(Exception, match=r"ckpt_001/features/c/0/0: chunk missing"):
         _lifespan(bad, tmp_path / "s")
     shutil.rmtree(bad)
     shutil.copytree(svc_index_dir, bad)
@@ -602,7 +576,7 @@ def test_startup_refuses_broken_index(svc_index_dir, tmp_path):
     data = bytearray(ck.read_bytes())
     data[-1] ^= 0xFF
     ck.write_bytes(bytes(data))
-    with pytest.raises(Exception, match=r"checkpoint 2: .*sha256 differs"):
+    with pytest.raises(Exception, match=r"checkpoint 2: .*damaged \(sha256 differs"):
         _lifespan(bad, tmp_path / "s")
     with pytest.raises(Exception, match="no index configured"):
         from proponent.service.app import create_app
@@ -619,7 +593,7 @@ def test_startup_refuses_broken_index(svc_index_dir, tmp_path):
 
 def test_raw_body_upload_with_query_string(svc_server, svc_client):
     idx = svc_server.index
-    x = idx.image(30)
+    x = idx.input(30)
     with httpx.Client(base_url=svc_server.url, timeout=120) as h:
         r = h.post(
             "/v1/influence",

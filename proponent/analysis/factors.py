@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -183,3 +184,36 @@ def classify_factors(
         collapsed=np.flatnonzero(~keep),
         threshold=cut,
     )
+
+
+DEFAULT_MAX_ROWS = 5000
+"""Rows of an index the factor analysis uses (the estimate costs N²): a fixed random subsample beyond."""
+
+
+def index_factors(
+    index: Any, *, max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0, threshold: float = DEFAULT_MI_THRESHOLD
+) -> dict[str, Any]:
+    """The factor analysis of an index's stored posteriors -- the one used by the API, the CLI and the report.
+
+    Rows: all of them up to ``max_rows``, else a subsample drawn with ``seed`` (sorted rows).
+    Returns ``{"mi", "influential", "collapsed", "threshold", "rows_used"}`` (plain Python values).
+    """
+    meta = index.meta
+    if meta.latent_mu is None or meta.latent_logvar is None:
+        raise ValueError("this index stores no latent posteriors (not a VAE index)")
+    if max_rows < 2:
+        raise ValueError(f"max_rows must be >= 2, got {max_rows}")
+    mu = np.asarray(meta.latent_mu, np.float64)
+    lv = np.asarray(meta.latent_logvar, np.float64)
+    if len(mu) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(len(mu), size=max_rows, replace=False))
+        mu, lv = mu[rows], lv[rows]
+    mi = latent_mutual_information(mu, lv, seed=seed)
+    split = classify_factors(mi, threshold=threshold)
+    return {
+        "mi": [float(v) for v in mi],
+        "influential": [int(v) for v in split.influential],
+        "collapsed": [int(v) for v in split.collapsed],
+        "threshold": float(split.threshold),
+        "rows_used": int(len(mu)),
+    }

@@ -1,35 +1,66 @@
-"""The offline index job: checkpoints + data -> Zarr features + FAISS indexes + manifest.
+"""The offline index job: checkpoints + data -> a Zarr feature store, optional FAISS indexes, a manifest.
 
-The job is resumable: its unit of work is one row chunk of one checkpoint, and
-every chunk's features depend only on (seed, checkpoint, sample ids), so a
-killed job run again with the same arguments redoes only unfinished chunks and
-writes the same bytes as an uninterrupted run.
+Phases (each a function, so that other engines -- Ray -- run the same code):
+
+1. :func:`read_checkpoints` -- read every checkpoint once: content hash, state-dict check against
+   the first, the first one's model kept for planning;
+2. :func:`plan` -- the manifest: feature layout (the projection, built once), storage chunking,
+   featurization batch; reconciled with an existing index (resume, or a clear refusal);
+   :func:`preflight` -- the disk it needs against the free space;
+3. :func:`stage` -- checkpoint copies (named by content hash), the manifest, the store's skeleton
+   with the exact training inputs (built beside its name and renamed into place);
+4. :func:`featurize_unit` -- the unit of work: one row block of one checkpoint, written with its
+   done flag last; :func:`featurize_pending` runs the pending ones in this process;
+5. :func:`finish` -- ANN indexes (when asked for), hashes of the store's metadata, ``complete``.
+
+The job is resumable: every unit's features depend only on (seed, checkpoint, sample ids), so a
+killed job run again with the same arguments redoes only unfinished units and writes the same
+bytes as an uninterrupted run; shards (``--shard I/N``) and Ray workers write disjoint units.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from proponent.format import ann
-from proponent.model.checkpoints import CheckpointError, CheckpointSpec, load_checkpoint
 from proponent.build.data import Dataset, load_dataset
-from proponent.model.featurizers import make_featurizer
-from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from proponent.format import ann
+from proponent.format.fsio import IndexDir, StorageError, index_dir, read_json, sha256_bytes
+from proponent.format.integrity import verify_index
+from proponent.format.manifest import (
+    MANIFEST_FILE,
+    AnnRecord,
+    CheckpointSpec,
+    DatasetRecord,
+    FileRecord,
+    Manifest,
+    ManifestError,
+    ModelRecord,
+    ObjectiveRecord,
+    ProjectionRecord,
+    StorageRecord,
+    read_manifest,
+    write_manifest,
+)
+from proponent.format.store import STORE_DIR, FeatureStore, ckpt_group, chunk_rows_for, unit_rows_for
 from proponent.model.architectures import ModelConfig
-from proponent.model.objectives import NOISE_INDEX, draw_noise
+from proponent.model.checkpoints import CheckpointError, read_checkpoint, state_dict_at
+from proponent.model.featurizers import make_featurizer
+from proponent.model.objectives import NOISE_INDEX, Objective, draw_noise, objective_from_record
+from proponent.model.projection import ProjectionSpec, Projector, build_projector
+from proponent.model.runtime import encode, model_from_checkpoint, resolve_device
 from proponent.progress import progress
-from proponent.model.projection import ProjectionSpec, build_projector
-from proponent.build.training import training_objective
 
-MANIFEST_VERSION = 1
+DEFAULT_DTYPE = "float32"
 
 
 class IndexJobError(RuntimeError):
@@ -43,18 +74,13 @@ class IndexOptions:
     projection: ProjectionSpec = field(default_factory=ProjectionSpec)
     layers: str = "all"
     featurizer: str = "kron"
-    dtype: str = "float32"
-    index_kind: str = "flat"
+    dtype: str = DEFAULT_DTYPE
+    index_kind: str = "none"  # ANN kind (ann.KINDS); none = the exact scan only
     batch_size: int | None = None
     device: str = "auto"
     chunk_rows: int | None = None
-    shard: tuple[int, int] | None = None  # (i, n): featurize only row chunks k with k % n == i
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    unit_rows: int | None = None
+    shard: tuple[int, int] | None = None  # (i, n): featurize only units u with u % n == i
 
 
 def checkpoints_from_run(run_dir: str | Path) -> tuple[list[CheckpointSpec], dict[str, Any]]:
@@ -75,233 +101,91 @@ def library_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "numpy": np.__version__, "zarr": zarr.__version__, "faiss": faiss.__version__}
 
 
-def _job_key(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The settings that determine the stored bytes; a resume must match them all."""
-    return {
-        "n": manifest["n"],
-        "dataset_fingerprint": manifest["dataset"]["fingerprint"],
-        "checkpoints": [c["sha256"] for c in manifest["checkpoints"]],
-        "objective": manifest["objective"],
-        "projection": manifest["projection"],
-        "featurizer": manifest["featurizer"],
-        "dtype": manifest["dtype"],
-        "index_kind": manifest["index"]["kind"],
-        "chunk_rows": manifest["chunk_rows"],
-        "batch_size": manifest["batch_size"],
-    }
+def set_threads(n: int | None = None) -> None:
+    """Pin torch and FAISS (OpenMP) thread counts explicitly; they share the process."""
+    n = n or int(os.environ.get("PROPONENT_THREADS", 0)) or (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except Exception:
+        pass
 
 
-def build_index(
-    data: Dataset | str,
-    checkpoints: list[CheckpointSpec],
-    out: str | Path,
-    options: IndexOptions | None = None,
+# ---------------------------------------------------------------------------------- 1. checkpoints
+@dataclass
+class CheckpointSet:
+    record: ModelRecord
+    specs: list[CheckpointSpec]  # paths relative to the index: checkpoints/<sha256[:16]>.pt
+    sources: list[str]  # where each was read from
+    model0: nn.Module
+
+
+def builtin_record(config: ModelConfig, checkpoint_key: str | None = None) -> ModelRecord:
+    return ModelRecord(
+        kind="builtin",
+        config=config.to_dict(),
+        checkpoint_key=checkpoint_key,
+        latent_dim=0 if config.kind == "classifier" else config.latent_dim,
+        supervised=config.kind == "classifier",
+    )
+
+
+def read_checkpoints(
+    specs: list[CheckpointSpec],
     model_config: ModelConfig | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-) -> Path:
-    """Featurize ``data`` at every checkpoint into the index directory ``out``."""
-    opts = options or IndexOptions()
-    out = Path(out)
-    if isinstance(data, str):
-        data = load_dataset(data)
-    if not checkpoints:
+    record: ModelRecord | None = None,
+) -> CheckpointSet:
+    """Hash every checkpoint and check its state dict against the first's; build the first's model."""
+    if not specs:
         raise IndexJobError("no checkpoints given")
-    if opts.m < 1:
-        raise IndexJobError(f"m must be >= 1, got {opts.m}")
-    device = resolve_device(opts.device)
-    if opts.shard is not None:
-        si, sn = opts.shard
-        if not (sn >= 1 and 0 <= si < sn):
-            raise IndexJobError(f"shard must be i/n with 0 <= i < n, got {si}/{sn}")
-
-    # Checkpoints are copied into the index, named by content hash, so the index is self-contained.
-    models_cfg: ModelConfig | None = None
-    ckpts: list[CheckpointSpec] = []
-    for spec in checkpoints:
-        _, cfg, _ = load_checkpoint(spec.path, model_config)
-        if models_cfg is None:
-            models_cfg = cfg
-        elif cfg.to_dict() != models_cfg.to_dict():
-            raise CheckpointError(f"{spec.path}: model config differs from the first checkpoint's")
-        sha = sha256_file(spec.path)
+    out: list[CheckpointSpec] = []
+    shapes0: dict[str, tuple[int, ...]] | None = None
+    model0: nn.Module | None = None
+    for spec in specs:
+        data = Path(spec.path).read_bytes() if Path(spec.path).is_file() else None
+        if data is None:
+            raise CheckpointError(f"{spec.path}: checkpoint file not found")
+        sha = sha256_bytes(data)
         if spec.sha256 and spec.sha256 != sha:
             raise CheckpointError(f"{spec.path}: sha256 {sha[:12]}… differs from the recorded {spec.sha256[:12]}…")
-        rel = f"checkpoints/{sha[:16]}.pt"
-        ckpts.append(CheckpointSpec(rel, spec.lr, spec.batch_size, spec.steps_since_prev, spec.step, spec.epoch, sha))
-    assert models_cfg is not None
-    if tuple(models_cfg.input_shape) != tuple(data.shape):
-        raise IndexJobError(f"model input shape {tuple(models_cfg.input_shape)} does not match data shape {data.shape}")
-
-    model0, _, _ = load_checkpoint(checkpoints[0].path, model_config)
-    objective = training_objective(models_cfg, opts.m)
-    projector = build_projector(model0, opts.layers, opts.projection)
-    n = len(data.x)
-    from proponent.format.store import FeatureStore, chunk_rows_for
-
-    env_rows = os.environ.get("PROPONENT_CHUNK_ROWS")  # small chunks for tests and tiny data
-    chunk_rows = (
-        opts.chunk_rows
-        or (int(env_rows) if env_rows else None)
-        or chunk_rows_for(projector.dim, np.dtype(opts.dtype).itemsize)
-    )
-    ann.parse_kind(opts.index_kind)
-    # The featurization batch is fixed per index and recorded: float32 BLAS results depend on
-    # the batch shape, so a resume or a shard must reuse it to write the same bytes.
-    mpath = out / "manifest.json"
-    batch = opts.batch_size
-    if batch is None and mpath.exists() and not overwrite:
-        batch = read_json(mpath).get("batch_size")  # resume with the batch the index was started with
-    if batch is None:
-        proj_dev = build_projector(model0.to(device), opts.layers, opts.projection, device)
-        batch = _default_batch(make_featurizer(opts.featurizer, model0, objective, proj_dev), device)
-        model0.cpu()
-    batch = max(1, min(int(batch), chunk_rows))
-    manifest: dict[str, Any] = {
-        "format": "proponent-index",
-        "version": MANIFEST_VERSION,
-        "complete": False,
-        "n": n,
-        "dataset": {
-            "spec": "+".join(s.spec for s in data.sources),
-            "fingerprint": data.fingerprint,
-            "shape": list(data.shape),
-            "sources": [_source_dict(s) for s in data.sources],
-            "has_labels": data.labels is not None,
-        },
-        "model_config": models_cfg.to_dict(),
-        "objective": {**objective.spec(), "seed": opts.seed},
-        "projection": projector.manifest(),
-        "layers": opts.layers,
-        "featurizer": opts.featurizer,
-        "dtype": np.dtype(opts.dtype).name,
-        "chunk_rows": chunk_rows,
-        "batch_size": batch,
-        "checkpoints": [c.to_dict() for c in ckpts],
-        "index": {"kind": opts.index_kind, "exact": ann.is_exact(opts.index_kind), "files": []},
-        "library_versions": library_versions(),
-    }
-    store_path = out / "store.zarr"
-    resume = False
-    if mpath.exists():
-        old = read_json(mpath)
-        if overwrite:
-            shutil.rmtree(out)
-        elif _job_key(old) != _job_key(manifest):
-            diff = [k for k, v in _job_key(manifest).items() if _job_key(old).get(k) != v]
-            raise IndexJobError(
-                f"{out} holds an index built with other settings ({', '.join(diff)} differ); "
-                "use another --out or --overwrite"
-            )
-        elif old.get("complete"):
-            return out
-        else:
-            resume = store_path.exists()
-    elif opts.shard is not None and store_path.exists():
-        raise IndexJobError(f"{out}: store exists without a manifest; refusing to shard into it")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise IndexJobError(f"{out} exists and is not an index; use another --out or --overwrite")
-    elif overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for src, ck in zip(checkpoints, ckpts):
-        dst = out / ck.path
-        if not dst.exists() or sha256_file(dst) != ck.sha256:
-            atomic_write_bytes(dst, Path(src.path).read_bytes())
-    if not resume:
-        atomic_write_json(mpath, manifest)
-
-    if resume:
-        store = FeatureStore.open(store_path, mode="r+")
-    else:
-        # Created beside its final name and renamed into place: a kill during creation leaves
-        # no half-made store that a resume would trust.
-        partial = out / "store.zarr.partial"
-        if partial.exists():
-            shutil.rmtree(partial)
-        FeatureStore.create(
-            partial,
-            n=n,
-            dim=projector.dim,
-            n_checkpoints=len(ckpts),
-            dtype=opts.dtype,
-            latent_dim=models_cfg.latent_dim if models_cfg.kind != "classifier" else 0,
-            ids=data.ids,
-            labels=data.labels,
-            origin=data.origin,
-            source_row=data.source_row,
-            injected=data.injected,
-            images=data.x,
-            chunk_rows=chunk_rows,
+        raw = read_checkpoint(data, spec.path)
+        if record is None:  # a built-in model: its config travels in proponent checkpoints
+            if isinstance(raw, dict) and "model_config" in raw:
+                cfg = ModelConfig.from_dict(raw["model_config"])
+                if model_config is not None and cfg.to_dict() != model_config.to_dict():
+                    raise CheckpointError(f"{spec.path}: model config differs from the one given")
+            elif model_config is not None:
+                cfg = model_config
+            else:
+                raise CheckpointError(f"{spec.path}: a bare state dict needs a model config (--model-config)")
+            record = builtin_record(cfg)
+        state = state_dict_at(raw, record.checkpoint_key, spec.path)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes0 is None:
+            shapes0 = shapes
+            model0 = model_from_checkpoint(record, data, spec.path)
+        elif shapes != shapes0:
+            raise CheckpointError(f"{spec.path}: its state dict differs from the first checkpoint's (keys or shapes)")
+        out.append(
+            spec.model_copy(update={"path": f"checkpoints/{sha[:16]}.pt", "sha256": sha, "name": Path(spec.path).name})
         )
-        os.replace(partial, store_path)
-        store = FeatureStore.open(store_path, mode="r+")
+    assert record is not None and model0 is not None
+    return CheckpointSet(record, out, [s.path for s in specs], model0)
 
-    x_all = torch.from_numpy(data.x)
-    y_all = torch.from_numpy(data.labels if data.labels is not None else np.zeros(n, np.int64))
-    y_all = y_all.clamp_min(0)
-    t0 = time.perf_counter()
 
-    def todo(c: int) -> list[int]:
-        pend = store.pending_chunks(c)
-        return pend if opts.shard is None else [k for k in pend if k % opts.shard[1] == opts.shard[0]]
+# ---------------------------------------------------------------------------------- 2. plan
+def training_objective(record: ModelRecord, m: int) -> Objective:
+    if record.kind == "plugin":
+        from proponent.model.plugin import load_plugin
 
-    total_rows = sum(len(todo(c)) for c in range(len(ckpts))) * chunk_rows
-    bar = progress(total=min(total_rows, n * len(ckpts)), desc="index", unit="sample", enabled=show_progress)
-    for c, ck_spec in enumerate(ckpts):
-        pending = todo(c)
-        if not pending:
-            continue
-        model, _, _ = load_checkpoint(out / ck_spec.path, model_config)
-        model = model.to(device)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        proj = build_projector(model, opts.layers, opts.projection, device)
-        feat = make_featurizer(opts.featurizer, model, objective, proj)
-        noise_shape = objective.noise_shape(model)
-        last = c == len(ckpts) - 1
-        for k in pending:
-            lo, hi = store.chunk_range(k)
-            parts_f, parts_s, parts_l, parts_mu, parts_lv = [], [], [], [], []
-            for b0 in range(lo, hi, batch):
-                b1 = min(hi, b0 + batch)
-                eps = draw_noise(NOISE_INDEX, opts.seed, c, data.ids[b0:b1], opts.m, noise_shape)
-                fb = feat.featurize(x_all[b0:b1], y_all[b0:b1], eps)
-                parts_f.append(fb.features.cpu().numpy())
-                parts_s.append(fb.sq_norm.cpu().numpy())
-                parts_l.append(fb.loss.cpu().numpy())
-                if last and store.latent_dim:
-                    with torch.no_grad():
-                        mu, lv = model.encode(x_all[b0:b1].to(device))  # type: ignore[operator]
-                    parts_mu.append(mu.cpu().numpy())
-                    parts_lv.append(lv.cpu().numpy())
-                bar.update(b1 - b0)
-            latent = (np.concatenate(parts_mu), np.concatenate(parts_lv)) if parts_mu else None
-            store.write_chunk(c, k, np.concatenate(parts_f), np.concatenate(parts_s), np.concatenate(parts_l), latent)
-    bar.close()
-    if not store.is_complete():
-        # A shard finished its part; the run that finds every chunk done builds the FAISS indexes.
-        return out
+        assert record.plugin is not None
+        return load_plugin(record.plugin).objective(m)
+    from proponent.build.training import training_objective as builtin_objective
 
-    files = []
-    for c in range(len(ckpts)):
-        fpath = out / "faiss" / f"ckpt_{c:03d}.index"
-        if not fpath.exists():
-            train_sample = None
-            if not ann.is_exact(opts.index_kind):
-                rng = np.random.default_rng(opts.seed)
-                rows = np.sort(rng.choice(n, size=min(n, 50_000), replace=False))
-                train_sample = store.features(c)[rows]
-            index = ann.build_index(
-                opts.index_kind, store.dim, (ch for _, ch in store.iter_feature_chunks(c)), train_sample
-            )
-            ann.write_atomic(index, fpath)
-        files.append({"path": f"faiss/ckpt_{c:03d}.index", "sha256": sha256_file(fpath)})
-    manifest["index"]["files"] = files
-    manifest["complete"] = True
-    manifest["seconds"] = time.perf_counter() - t0
-    atomic_write_json(mpath, manifest)
-    return out
+    assert record.config is not None
+    return builtin_objective(ModelConfig.from_dict(record.config), m)
 
 
 def _source_dict(s: Any) -> dict[str, Any]:
@@ -313,24 +197,368 @@ def _source_dict(s: Any) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=list))
 
 
-def _default_batch(feat: Any, device: torch.device) -> int:
+def _default_batch(feat: Any, device: torch.device, shape: tuple[int, ...]) -> int:
     if feat.method == "kron":
-        try:
-            from proponent.model.featurizers.kronecker import auto_batch_size
+        from proponent.model.featurizers.kronecker import auto_batch_size
 
-            return int(auto_batch_size(feat.model, feat.objective, feat.projector, device))
-        except Exception:
+        try:
+            return int(auto_batch_size(feat.model, feat.objective, feat.projector, device, sample_shape=shape))
+        except (RuntimeError, ValueError):
             return 256
     return 64
 
 
-def set_threads(n: int | None = None) -> None:
-    """Pin torch and FAISS (OpenMP) thread counts explicitly; they share the process."""
-    n = n or int(os.environ.get("PROPONENT_THREADS", 0)) or (os.cpu_count() or 1)
-    torch.set_num_threads(n)
-    try:
-        import faiss
+def plan(
+    data: Dataset,
+    cks: CheckpointSet,
+    opts: IndexOptions,
+    projector: Projector,
+    objective: Objective,
+    batch_size: int,
+) -> Manifest:
+    n = len(data.x)
+    itemsize = np.dtype(opts.dtype).itemsize
+    env_rows = os.environ.get("PROPONENT_CHUNK_ROWS")  # small units for tests and tiny data
+    chunk_rows = opts.chunk_rows or (int(env_rows) if env_rows else None) or chunk_rows_for(projector.dim, itemsize)
+    unit_rows = opts.unit_rows or (int(env_rows) if env_rows else None) or unit_rows_for(chunk_rows)
+    unit_rows = chunk_rows * max(1, math.ceil(unit_rows / chunk_rows))
+    from proponent.format.store import input_encoding
 
-        faiss.omp_set_num_threads(n)
-    except Exception:
-        pass
+    return Manifest(
+        n=n,
+        dataset=DatasetRecord(
+            spec="+".join(s.spec for s in data.sources),
+            fingerprint=data.fingerprint,
+            shape=list(data.shape),
+            sources=[_source_dict(s) for s in data.sources],
+            has_labels=data.labels is not None,
+            num_classes=int(data.labels.max()) + 1 if data.labels is not None and len(data.labels) else None,
+        ),
+        model=cks.record,
+        objective=ObjectiveRecord(**{**objective.spec(), "seed": opts.seed}),
+        projection=ProjectionRecord(**projector.manifest(opts.layers)),
+        featurizer=opts.featurizer,
+        batch_size=max(1, min(int(batch_size), unit_rows)),
+        storage=StorageRecord(
+            dtype=opts.dtype,  # type: ignore[arg-type]
+            chunk_rows=chunk_rows,
+            unit_rows=unit_rows,
+            input_encoding=input_encoding(data.x),  # type: ignore[arg-type]
+        ),
+        checkpoints=cks.specs,
+        ann=AnnRecord(kind=ann.normalize_kind(opts.index_kind)),
+        library_versions=library_versions(),
+    )
+
+
+def estimate_bytes(man: Manifest, data: Dataset, checkpoint_bytes: int) -> dict[str, int]:
+    """Disk the index will take: store, checkpoint copies, ANN files (bytes)."""
+    n, d, c = man.n, man.dim, len(man.checkpoints)
+    item = np.dtype(man.storage.dtype).itemsize
+    per_row = 4 + 8 + 4 + 4 + (4 if man.storage.dtype == "int8" else 0)  # feat_norm, sq_norm, loss, crc slack, scale
+    inputs = int(data.x[0].size if n else 0) * (1 if man.storage.input_encoding == "uint8/255" else 4)
+    store = n * c * (d * item + per_row) + n * (inputs + 8 * 3 + 4 + 1 + 8 * man.model.latent_dim)
+    name, nums = ann.parse_kind(man.ann.kind)
+    ann_bytes = 0
+    if name in ("ivf", "hnsw"):
+        ann_bytes = n * c * d * 4 + (n * c * nums[0] * 8 if name == "hnsw" else 0)
+    elif name == "ivfsq8":
+        ann_bytes = n * c * (d + 8)
+    elif name == "ivfpq":
+        ann_bytes = n * c * (nums[1] + 8)
+    return {"store": int(store * 1.02), "checkpoints": checkpoint_bytes, "ann": ann_bytes}
+
+
+def preflight(where: IndexDir, need: dict[str, int], already: int = 0) -> None:
+    free = where.free_bytes()
+    total = sum(need.values()) - already
+    if free is not None and total > free:
+        parts = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in need.items() if v)
+        raise IndexJobError(
+            f"{where}: the index needs about {total / 1e9:.2f} GB ({parts}) but only {free / 1e9:.2f} GB are free; "
+            "free space, choose another --out, or a smaller layout (--dtype int8, a smaller --sketch-dim)"
+        )
+
+
+# ---------------------------------------------------------------------------------- 3. stage
+def reconcile(where: IndexDir, man: Manifest, overwrite: bool, shard: tuple[int, int] | None) -> str:
+    """``new``, ``resume`` or ``complete``, after checking what ``where`` holds."""
+    if where.is_file(MANIFEST_FILE):
+        try:
+            old = read_manifest(where)
+        except ManifestError as e:
+            if overwrite:
+                where.remove("")
+                return "new"
+            raise IndexJobError(f"{e}; use another --out or --overwrite") from None
+        if overwrite:
+            where.remove("")
+            return "new"
+        if old.job_key() != man.job_key():
+            diff = [k for k, v in man.job_key().items() if old.job_key().get(k) != v]
+            raise IndexJobError(
+                f"{where} holds an index built with other settings ({', '.join(diff)} differ); "
+                "use another --out or --overwrite"
+            )
+        if old.complete:
+            return "complete"
+        return "resume" if where.is_file(f"{STORE_DIR}/zarr.json") else "new"
+    if shard is not None and where.exists(STORE_DIR):
+        raise IndexJobError(f"{where}: store exists without a manifest; refusing to shard into it")
+    if not where.is_empty():
+        if not overwrite:
+            raise IndexJobError(f"{where} exists and is not an index; use another --out or --overwrite")
+        where.remove("")
+    return "new"
+
+
+def stage(where: IndexDir, man: Manifest, data: Dataset, cks: CheckpointSet, state: str) -> Manifest:
+    """Checkpoint copies, the manifest (incomplete), and the store skeleton with the training inputs."""
+    where.makedirs()
+    for src, ck in zip(cks.sources, cks.specs, strict=True):
+        if not where.is_file(ck.path) or where.sha256(ck.path) != ck.sha256:
+            where.write_bytes(ck.path, Path(src).read_bytes())
+    if state == "resume":
+        return read_manifest(where)
+    man = write_manifest(where, man)
+    partial = f"{STORE_DIR}.partial"
+    where.remove(partial)
+    FeatureStore.create(
+        where,
+        partial,
+        dim=man.dim,
+        n_checkpoints=len(man.checkpoints),
+        dtype=man.storage.dtype,
+        latent_dim=man.model.latent_dim,
+        inputs=data.x,
+        ids=data.ids,
+        labels=data.labels,
+        origin=data.origin,
+        source_row=data.source_row,
+        injected=data.injected,
+        chunk_rows=man.storage.chunk_rows,
+        unit_rows=man.storage.unit_rows,
+    )
+    # Built beside its final name and renamed into place: a kill during creation leaves no
+    # half-made store that a resume would trust.
+    where.rename(partial, STORE_DIR)
+    return man
+
+
+# ---------------------------------------------------------------------------------- 4. featurize
+class UnitWorker:
+    """Featurizes units of one index: loads each checkpoint's model once, reuses one projector."""
+
+    def __init__(self, where: IndexDir, device: str = "auto"):
+        self.where = where
+        self.man = read_manifest(where)
+        self.store = FeatureStore.open(where, mode="r+")
+        self.device = resolve_device(device)
+        self.objective = objective_from_record(self.man.objective, self.man.model)
+        self._model: tuple[int, nn.Module] | None = None
+        self._projector: Projector | None = None
+
+    def model(self, c: int) -> nn.Module:
+        if self._model is None or self._model[0] != c:
+            ck = self.man.checkpoints[c]
+            m = model_from_checkpoint(self.man.model, self.where.read_bytes(ck.path), self.where.describe(ck.path))
+            m = m.to(self.device)
+            for p in m.parameters():
+                p.requires_grad_(True)
+            self._model = (c, m)
+        return self._model[1]
+
+    def projector(self, model: nn.Module) -> Projector:
+        if self._projector is None:
+            from proponent.model.projection import spec_from_record
+
+            proj = self.man.projection
+            self._projector = build_projector(model, proj.selection, spec_from_record(proj), self.device)
+        return self._projector
+
+    def run(self, c: int, u: int, on_rows: Callable[[int], None] | None = None) -> None:
+        """Featurize unit ``u`` of checkpoint ``c`` and write it (done flag last)."""
+        man, store = self.man, self.store
+        model = self.model(c)
+        feat = make_featurizer(man.featurizer, model, self.objective, self.projector(model))
+        noise_shape = self.objective.noise_shape(model)
+        lo, hi = store.unit_range(u)
+        ids = store.array("ids")[lo:hi]
+        labels = np.clip(store.array("labels")[lo:hi], 0, None)
+        x_unit = store.inputs(slice(lo, hi))
+        last = c == len(man.checkpoints) - 1
+        parts: dict[str, list[np.ndarray]] = {"f": [], "s": [], "l": [], "mu": [], "lv": []}
+        for b0 in range(0, hi - lo, man.batch_size):
+            b1 = min(hi - lo, b0 + man.batch_size)
+            xb = torch.from_numpy(x_unit[b0:b1])
+            yb = torch.from_numpy(labels[b0:b1])
+            eps = draw_noise(NOISE_INDEX, man.objective.seed, c, ids[b0:b1], man.objective.m, noise_shape)
+            fb = feat.features(xb, yb, eps)
+            parts["f"].append(fb.features.cpu().numpy())
+            parts["s"].append(fb.sq_norm.cpu().numpy())
+            parts["l"].append(fb.loss.cpu().numpy())
+            if last and store.latent_dim:
+                with torch.no_grad():
+                    mu, lv = encode(model, xb.to(self.device))
+                parts["mu"].append(mu.cpu().numpy())
+                parts["lv"].append(lv.cpu().numpy())
+            if on_rows:
+                on_rows(b1 - b0)
+        latent = (np.concatenate(parts["mu"]), np.concatenate(parts["lv"])) if parts["mu"] else None
+        try:
+            store.write_unit(
+                c, u, np.concatenate(parts["f"]), np.concatenate(parts["s"]), np.concatenate(parts["l"]), latent
+            )
+        except OSError as e:
+            raise StorageError(
+                e.errno or 0, f"{self.where}: writing unit {u} of checkpoint {c} failed ({e}); run again to resume"
+            ) from None
+
+
+def pending_units(where: IndexDir, shard: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """``(checkpoint, unit)`` pairs still to do (this shard's share), checkpoint-major."""
+    store = FeatureStore.open(where)
+    out = []
+    for c in range(store.n_checkpoints):
+        for u in store.pending_units(c):
+            if shard is None or u % shard[1] == shard[0]:
+                out.append((c, u))
+    return out
+
+
+def featurize_pending(
+    where: IndexDir, units: Iterable[tuple[int, int]], device: str, show_progress: bool = True
+) -> None:
+    units = list(units)
+    worker = UnitWorker(where, device)
+    total = sum(min(worker.store.unit_range(u)[1], worker.store.n) - worker.store.unit_range(u)[0] for _, u in units)
+    bar = progress(total=total, desc="index", unit="sample", enabled=show_progress)
+    for c, u in units:
+        worker.run(c, u, bar.update)
+    bar.close()
+
+
+# ---------------------------------------------------------------------------------- 5. finish
+def finish(where: IndexDir, t0: float | None = None) -> Manifest:
+    """Build the ANN indexes (if any), record the store's metadata hashes, mark the index complete."""
+    man = read_manifest(where)
+    store = FeatureStore.open(where)
+    if not store.is_complete():
+        raise IndexJobError(f"{where}: units are still pending; run the index job (or its shards) to the end")
+    files = []
+    if man.ann.kind != "none":
+        need = ann.train_rows_needed(man.ann.kind)
+        for c in range(len(man.checkpoints)):
+            rel = f"faiss/{ckpt_group(c)}.index"
+            if not where.is_file(rel):
+                rng = np.random.default_rng(man.objective.seed)
+                rows = np.sort(rng.choice(man.n, size=min(man.n, max(need, 1), 50_000), replace=False))
+                sample = store.feature_rows(c, rows).astype(np.float32)
+                index = ann.build_index(man.ann.kind, man.dim, (ch for _, ch in store.iter_feature_chunks(c)), sample)
+                ann.write(index, where, rel)
+            files.append(FileRecord(path=rel, sha256=where.sha256(rel)))
+    meta = [FileRecord(path=rel, sha256=where.sha256(rel)) for rel in store.metadata_files()]
+    man = man.model_copy(
+        update={
+            "ann": AnnRecord(kind=man.ann.kind, files=files),
+            "storage": man.storage.model_copy(update={"metadata": meta}),
+            "complete": True,
+            "seconds": None if t0 is None else time.perf_counter() - t0,
+        }
+    )
+    return write_manifest(where, man)
+
+
+# ---------------------------------------------------------------------------------- the job
+def build_index(
+    data: Dataset | str,
+    checkpoints: list[CheckpointSpec],
+    out: str | Path | IndexDir,
+    options: IndexOptions | None = None,
+    model_config: ModelConfig | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    model_record: ModelRecord | None = None,
+    engine: Callable[[IndexDir, list[tuple[int, int]]], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Featurize ``data`` at every checkpoint into the index at ``out`` (see the module docstring).
+
+    ``engine(where, units)`` runs the pending units elsewhere (e.g. on Ray); by default here.
+    """
+    opts = options or IndexOptions()
+    where = index_dir(out)
+    if isinstance(data, str):
+        data = load_dataset(data)
+    if opts.m < 1:
+        raise IndexJobError(f"m must be >= 1, got {opts.m}")
+    if opts.shard is not None:
+        si, sn = opts.shard
+        if not (sn >= 1 and 0 <= si < sn):
+            raise IndexJobError(f"shard must be i/n with 0 <= i < n, got {si}/{sn}")
+    ann.parse_kind(opts.index_kind)
+    t0 = time.perf_counter()
+    cks = read_checkpoints(checkpoints, model_config, model_record)
+    model0 = cks.model0
+    if cks.record.kind == "builtin":
+        assert cks.record.config is not None
+        if tuple(cks.record.config["input_shape"]) != tuple(data.shape):
+            raise IndexJobError(
+                f"model input shape {tuple(cks.record.config['input_shape'])} does not match data shape {data.shape}"
+            )
+    if cks.record.supervised and data.labels is None:
+        raise IndexJobError("the model is a classifier: its index needs labelled data")
+    device = resolve_device(opts.device)
+    objective = training_objective(cks.record, opts.m)
+    projector = build_projector(model0, opts.layers, opts.projection)
+    batch = opts.batch_size
+    if batch is None and where.is_file(MANIFEST_FILE) and not overwrite:
+        try:
+            batch = read_manifest(where).batch_size  # resume with the batch the index was started with
+        except ManifestError:
+            batch = None
+    if batch is None:
+        m_dev = model0.to(device)
+        feat = make_featurizer(opts.featurizer, m_dev, objective, build_projector(m_dev, opts.layers, opts.projection, device))
+        batch = _default_batch(feat, device, tuple(data.shape))
+        model0.cpu()
+    man = plan(data, cks, opts, projector, objective, batch)
+    if log:
+        log(describe_layout(man, model0, objective, projector))
+    state = reconcile(where, man, overwrite, opts.shard)
+    if state == "complete":
+        return where.local_path()
+    ck_bytes = sum(Path(p).stat().st_size for p in cks.sources)
+    already = 0 if state == "new" else sum(
+        where.size(f) for f in where.walk_files(STORE_DIR)
+    )
+    preflight(where, estimate_bytes(man, data, ck_bytes if state == "new" else 0), already)
+    stage(where, man, data, cks, state)
+    units = pending_units(where, opts.shard)
+    if units:
+        if engine is not None:
+            engine(where, units)
+        else:
+            featurize_pending(where, units, opts.device, show_progress)
+    if not FeatureStore.open(where).is_complete():
+        return where.local_path()  # a shard finished its part; the run that finds every unit done finishes
+    finish(where, t0)
+    if log:
+        problems = verify_index(where)
+        log("verified: OK" if not problems else "verify: " + "; ".join(problems))
+    return where.local_path()
+
+
+def describe_layout(man: Manifest, model0: nn.Module, objective: Objective, projector: Projector) -> str:
+    """What the index will hold, and which layers take the fast (Kronecker) path."""
+    lines = [
+        f"layout: D={man.dim} {man.storage.dtype} ({man.dim * np.dtype(man.storage.dtype).itemsize / 1024:.1f} KiB per "
+        f"sample per checkpoint), {len(man.checkpoints)} checkpoints, N={man.n}, m={man.objective.m}, "
+        f"batch {man.batch_size}"
+    ]
+    feat = make_featurizer(man.featurizer, model0, objective, projector)
+    routes = getattr(feat, "layer_routes", None)
+    if callable(routes):
+        for name, route in routes():
+            lines.append(f"  layer {name}: {route}")
+    return "\n".join(lines)

@@ -95,6 +95,10 @@ def _params(
     allow_resize: bool,
     search: str = "auto",
     prefilter: int | None = None,
+    scoring: str | None = None,
+    features: str = "recompute",
+    uncertainty: bool = True,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     p: dict[str, Any] = {
         "k": k,
@@ -104,7 +108,13 @@ def _params(
         "seed": seed,
         "allow_resize": allow_resize,
         "search": search,
+        "features": features,
+        "uncertainty": uncertainty,
     }
+    if scoring is not None:  # None: the server's default scoring
+        p["scoring"] = scoring
+    if allow_partial:
+        p["allow_partial"] = True
     if beta is not None:
         p["beta"] = beta
     if label is not None:
@@ -345,11 +355,33 @@ class InfluenceClient(_Base):
         convention: Literal["lr", "visits"] = "lr",
         seed: int = 0,
         allow_resize: bool = False,
-        search: Literal["auto", "scan", "threshold"] = "auto",
+        search: Literal["auto", "scan", "ann"] = "auto",
         prefilter: int | None = None,
+        scoring: Literal["raw", "cosine", "relatif"] | None = None,
+        features: Literal["recompute", "stored"] = "recompute",
+        uncertainty: bool = True,
+        allow_partial: bool = False,
     ) -> InfluenceResponse:
+        """Proponents / opponents of ``query`` (path, bytes, array, PIL image) or of ``sample_id``.
+
+        The keywords are the API's query parameters (docs/API.md); ``scoring=None`` uses the server's default.
+        """
         p = _params(
-            k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize, search, prefilter
+            k,
+            direction,
+            objective,
+            beta,
+            label,
+            checkpoints,
+            convention,
+            seed,
+            allow_resize,
+            search,
+            prefilter,
+            scoring,
+            features,
+            uncertainty,
+            allow_partial,
         )
         return self._run(op_influence(query, sample_id, p))
 
@@ -498,11 +530,33 @@ class AsyncInfluenceClient(_Base):
         convention: Literal["lr", "visits"] = "lr",
         seed: int = 0,
         allow_resize: bool = False,
-        search: Literal["auto", "scan", "threshold"] = "auto",
+        search: Literal["auto", "scan", "ann"] = "auto",
         prefilter: int | None = None,
+        scoring: Literal["raw", "cosine", "relatif"] | None = None,
+        features: Literal["recompute", "stored"] = "recompute",
+        uncertainty: bool = True,
+        allow_partial: bool = False,
     ) -> InfluenceResponse:
+        """Proponents / opponents of ``query`` (path, bytes, array, PIL image) or of ``sample_id``.
+
+        The keywords are the API's query parameters (docs/API.md); ``scoring=None`` uses the server's default.
+        """
         p = _params(
-            k, direction, objective, beta, label, checkpoints, convention, seed, allow_resize, search, prefilter
+            k,
+            direction,
+            objective,
+            beta,
+            label,
+            checkpoints,
+            convention,
+            seed,
+            allow_resize,
+            search,
+            prefilter,
+            scoring,
+            features,
+            uncertainty,
+            allow_partial,
         )
         return await self._run(op_influence(query, sample_id, p))
 

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Direction = Literal["proponents", "opponents", "both"]
 Convention = Literal["lr", "visits"]
+Scoring = Literal["raw", "cosine", "relatif"]
+DEFAULT_SCORING: Scoring = "raw"
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "JobState",
     "QueryInfo",
     "SampleInfo",
+    "Scoring",
     "SearchStats",
     "SelfInfluenceRequest",
     "SelfInfluenceRow",
@@ -51,6 +54,7 @@ class Health(_Model):
 class Hit(_Model):
     """One training sample in an influence answer."""
 
+    rank: int = Field(0, description="1 = strongest")
     id: int
     score: float
     label: int | None
@@ -58,7 +62,15 @@ class Hit(_Model):
     source_row: int
     injected: bool
     contributions: list[float] = Field(
-        description="per-checkpoint terms w_c<g_c(x), g_c(z)>, aligned with query.checkpoints"
+        description="per-checkpoint terms of the score (raw: w_c<g_c(x), g_c(z)>), aligned with query.checkpoints"
+    )
+    stderr: float | None = Field(
+        None, description="standard error of the score from the query's m draws (paper Theorem 1); null when m = 1"
+    )
+    separated_from_next: bool | None = Field(
+        None,
+        description="whether this hit's score exceeds the next hit's by at least two standard errors of the "
+        "difference (null for the last hit or without draws)",
     )
 
 
@@ -66,17 +78,22 @@ class QueryInfo(_Model):
     seed: int = Field(description="query noise seed: the m draws of the query at checkpoint c come from (seed, c)")
     objective: str
     convention: Convention
+    scoring: str = "raw"
     checkpoints: list[int]
     shape: list[int]
     sample_id: int | None = None
+    features: str = Field("recompute", description="recompute (fresh query draws) or stored (the index's features)")
+    m: int = Field(1, description="draws per query gradient")
 
 
 class SearchStats(_Model):
-    strategy: str = Field("threshold", description="scan (one fused exact pass) or threshold (per-checkpoint indexes)")
-    rounds: int = Field(description="certified-search rounds (k' doubled each round)")
-    candidates: int
-    depth: int = Field(description="final per-checkpoint depth k'")
-    full_scan: bool
+    strategy: str = Field(
+        "scan",
+        description="scan/<features mode>/<kernel> (one exact pass with a certificate), ann (FAISS, approximate) "
+        "or prefilter (latent pre-filter, approximate)",
+    )
+    candidates: int = Field(description="rows rescored exactly at stored precision")
+    exact: bool = True
 
 
 class Timings(_Model):
@@ -98,6 +115,20 @@ class InfluenceResponse(_Model):
     )
     search: dict[str, SearchStats] = Field(description="per direction")
     timings: Timings
+    unresolved: dict[str, list[list[int]]] = Field(
+        default_factory=dict,
+        description="per direction, the pairs of adjacent ranks whose scores are not separated by two standard "
+        "errors of their difference (their order is within the query's sampling noise)",
+    )
+    partial: bool = Field(False, description="true when some shards did not answer (only if allow_partial)")
+
+    def ids(self, direction: str = "proponents") -> list[int]:
+        hits = getattr(self, direction) or []
+        return [h.id for h in hits]
+
+    def scores(self, direction: str = "proponents") -> list[float]:
+        hits = getattr(self, direction) or []
+        return [h.score for h in hits]
 
 
 class InfluenceParams(_Model):
@@ -126,10 +157,24 @@ class InfluenceParams(_Model):
         description="score only this many training samples nearest to the query in latent space "
         "(the paper's pre-filter; approximate, listed in approximations)",
     )
-    search: Literal["auto", "scan", "threshold"] = Field(
+    scoring: Scoring = Field(
+        DEFAULT_SCORING,
+        description="raw (paper eq. 10), cosine (per-checkpoint unit-normalised gradients) or relatif (divided by "
+        "the square root of the training sample's self-influence); all exact over the stored features",
+    )
+    features: Literal["recompute", "stored"] = Field(
+        "recompute",
+        description="stored-sample queries: recompute the query's gradient from the exact stored input with fresh "
+        "query draws (as an upload of that input), or use the index's stored features of that sample",
+    )
+    uncertainty: bool = Field(True, description="standard errors per hit from the query's m draws")
+    search: Literal["auto", "scan", "ann"] = Field(
         "auto",
-        description="auto: one fused exact scan for flat indexes, the threshold algorithm otherwise; "
-        "threshold: force the certified threshold algorithm over the per-checkpoint FAISS indexes",
+        description="auto: the exact scan, or the FAISS index when the index has one (approximate); "
+        "scan: force the exact scan; ann: force the FAISS index",
+    )
+    allow_partial: bool = Field(
+        False, description="sharded servers: answer from the shards that respond (flagged partial) instead of 503"
     )
 
 
@@ -153,8 +198,15 @@ class IndexInfo(_Model):
     objective: dict[str, Any]
     projection: dict[str, Any]
     featurizer: str
-    index_kind: str
-    exact: bool
+    index_kind: str = Field(description="ANN index kind (none: exact scan only)")
+    exact: bool = Field(description="whether default answers are exact over the stored features")
+    storage: dict[str, Any] = Field(default_factory=dict, description="feature dtype, bytes per sample, sizes")
+    serving: dict[str, Any] = Field(
+        default_factory=dict, description="features mode (memory | quantized | stream), memory budget, resident bytes"
+    )
+    scorings: list[str] = Field(default_factory=lambda: ["raw", "cosine", "relatif"])
+    default_scoring: str = DEFAULT_SCORING
+    shards: list[dict[str, Any]] = Field(default_factory=list, description="sharded serving: one entry per shard")
     dataset_spec: str
     dataset_fingerprint: str
     dataset_sources: list[dict[str, Any]]

@@ -1,139 +1,105 @@
-"""The Zarr v3 feature store (DESIGN.md §3).
+"""The Zarr v3 feature store (format version 2).
 
-Layout under ``store.zarr``::
+Layout under ``store.zarr`` (every array's chunks carry a crc32c checksum, zarr's ``crc32c``
+codec, so a damaged chunk is refused when it is read)::
 
-    ckpt_{c:03d}/features   [N, D]  float32 | float16, chunked by rows (>= 1 MiB per chunk)
-    ckpt_{c:03d}/sq_norm    [N]     float64  exact ||g||² (unprojected)
-    ckpt_{c:03d}/loss       [N]     float32  per-sample objective
-    ckpt_{c:03d}/done       [n_chunks] uint8 one flag per row chunk, its own storage chunk
-    latent_mu, latent_logvar [N, L] float32  encoder outputs at the final checkpoint
-    ids, labels, origin, source_row, injected   [N]
-    images                  [N, *shape] uint8   the training images (for display and reports)
+    inputs                  [N, *shape] uint8 (x = u8/255 exactly) or float32: the exact training inputs
+    ids, labels, origin, source_row, injected          [N]
+    latent_mu, latent_logvar                           [N, L] float32, encoder outputs at the final checkpoint
+    ckpt_{c:03d}/features   [N, D] int8 | float16 | float32, chunked by ``chunk_rows``
+    ckpt_{c:03d}/scale      [N] float32  per-row scale of int8 features (feature = code * scale)
+    ckpt_{c:03d}/feat_norm  [N] float32  ||stored feature row||, rounded up (search bounds)
+    ckpt_{c:03d}/sq_norm    [N] float64  exact ||g||² of the unprojected gradient
+    ckpt_{c:03d}/loss       [N] float32  per-sample objective
+    ckpt_{c:03d}/done       [n_units] uint8  one flag per unit of work, its own chunk
 
-All per-row arrays share one row chunking, so a writer that owns a row chunk owns
-every storage chunk it touches: resumption and sharding never split a chunk. A
-chunk's ``done`` flag is written after its data, so a killed job redoes at most
-the chunks that were in flight.
+The unit of work is ``unit_rows`` rows of one checkpoint (a whole number of feature chunks);
+every per-row array is chunked so that a unit owns every storage chunk it writes, and a unit's
+``done`` flag is written after its data: a killed job redoes at most the units in flight, and a
+resumed, sharded or distributed run writes the same bytes as one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, cast
 
+import google_crc32c
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
+
+from .fsio import IndexDir
 
 MIB = 1 << 20
+STORE_DIR = "store.zarr"
+FEATURE_DTYPES = ("int8", "float16", "float32")
 
 
 class StoreError(RuntimeError):
-    """The store is missing, incomplete or does not match what it should hold."""
+    """The store is missing, damaged, incomplete or does not match what it should hold."""
 
 
-def chunk_rows_for(dim: int, itemsize: int, min_bytes: int = MIB) -> int:
-    """Rows per chunk so that a feature chunk holds at least ``min_bytes`` (multiple of 64)."""
-    rows = math.ceil(min_bytes / max(1, dim * itemsize))
+def chunk_rows_for(dim: int, itemsize: int, target_bytes: int = MIB) -> int:
+    """Rows per feature chunk so that a chunk holds about ``target_bytes`` (a multiple of 64)."""
+    rows = math.ceil(target_bytes / max(1, dim * itemsize))
     return int(math.ceil(rows / 64) * 64)
+
+
+def unit_rows_for(chunk_rows: int, target_rows: int = 1024) -> int:
+    return chunk_rows * max(1, math.ceil(target_rows / chunk_rows))
 
 
 def ckpt_group(c: int) -> str:
     return f"ckpt_{c:03d}"
 
 
-class FeatureStore:
-    def __init__(self, group: zarr.Group, path: Path):
-        self.group = group
-        self.path = path
-        attrs: dict[str, Any] = dict(group.attrs)
-        try:
-            self.n = int(attrs["n"])
-            self.dim = int(attrs["dim"])
-            self.n_checkpoints = int(attrs["n_checkpoints"])
-            self.chunk_rows = int(attrs["chunk_rows"])
-            self.dtype = np.dtype(attrs["dtype"])
-            self.latent_dim = int(attrs["latent_dim"])
-        except KeyError as e:
-            raise StoreError(f"{path}: store attributes lack {e.args[0]!r}; not a proponent store") from None
+def input_encoding(x: np.ndarray) -> str:
+    """``uint8/255`` when every input is exactly k/255 in float32 (stored as its byte), else ``float32``."""
+    u8 = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    return "uint8/255" if np.array_equal(decode_inputs(u8, "uint8/255"), x) else "float32"
 
-    # ------------------------------------------------------------------ create / open
-    @classmethod
-    def create(
-        cls,
-        path: str | Path,
-        *,
-        n: int,
-        dim: int,
-        n_checkpoints: int,
-        dtype: str = "float32",
-        latent_dim: int = 0,
-        ids: np.ndarray,
-        labels: np.ndarray | None,
-        origin: np.ndarray,
-        source_row: np.ndarray,
-        injected: np.ndarray,
-        images: np.ndarray | None = None,
-        chunk_rows: int | None = None,
-    ) -> FeatureStore:
-        path = Path(path)
-        dt = np.dtype(dtype)
-        if dt not in (np.float32, np.float16):
-            raise StoreError(f"feature dtype must be float32 or float16, got {dtype}")
-        rows = chunk_rows or chunk_rows_for(dim, dt.itemsize)
-        n_chunks = math.ceil(n / rows)
-        g = zarr.open_group(str(path), mode="w", zarr_format=3)
-        g.attrs.update(
-            {
-                "n": n,
-                "dim": dim,
-                "n_checkpoints": n_checkpoints,
-                "chunk_rows": rows,
-                "dtype": dt.name,
-                "latent_dim": latent_dim,
-            }
-        )
 
-        def arr(name: str, shape: tuple[int, ...], dtype: Any, data: np.ndarray | None = None) -> None:
-            chunks = (rows, *shape[1:]) if shape[0] == n else shape
-            a = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0)
-            if data is not None:
-                a[...] = data
+def decode_inputs(raw: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "uint8/255":
+        out = np.empty(raw.shape, dtype=np.float32)
+        np.divide(raw, np.float32(255), out=out, dtype=np.float32)  # the data loaders' own operation
+        return out
+    return np.asarray(raw, dtype=np.float32)
 
-        arr("ids", (n,), "int64", np.asarray(ids, dtype=np.int64))
-        arr("labels", (n,), "int64", np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64))
-        arr("origin", (n,), "int32", np.asarray(origin, np.int32))
-        arr("source_row", (n,), "int64", np.asarray(source_row, np.int64))
-        arr("injected", (n,), "bool", np.asarray(injected, bool))
-        if images is not None:  # the training images, 8-bit, so the index can show them without the source
-            arr("images", tuple(images.shape), "uint8", np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))
-        if latent_dim:
-            arr("latent_mu", (n, latent_dim), "float32")
-            arr("latent_logvar", (n, latent_dim), "float32")
-        for c in range(n_checkpoints):
-            cg = ckpt_group(c)
-            arr(f"{cg}/features", (n, dim), dt.name)
-            arr(f"{cg}/sq_norm", (n,), "float64")
-            arr(f"{cg}/loss", (n,), "float32")
-            g.create_array(f"{cg}/done", shape=(n_chunks,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
-        return cls(g, path)
 
-    @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise StoreError(f"{path}: no Zarr v3 store here (zarr.json missing)")
-        try:
-            g = zarr.open_group(str(path), mode=mode, zarr_format=3)  # type: ignore[arg-type]
-        except Exception as e:  # zarr raises several types for corrupt metadata
-            raise StoreError(f"{path}: cannot open Zarr store: {e}") from e
-        return cls(g, path)
+def round_up_f32(v: np.ndarray) -> np.ndarray:
+    """float32 values not smaller than the float64 ``v`` (for bounds)."""
+    f = np.asarray(v, np.float64).astype(np.float32)
+    return np.where(f.astype(np.float64) < v, np.nextafter(f, np.float32(np.inf)), f).astype(np.float32)
 
-    def _a(self, name: str) -> zarr.Array:
-        return cast(zarr.Array, self.group[name])
 
-    # ------------------------------------------------------------------ chunks
+def quantize_int8(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8 codes and float32 scales: ``f ≈ codes * scale``."""
+    f = np.asarray(f, np.float32)
+    scale = (np.abs(f).max(axis=1) / np.float32(127)).astype(np.float32) if f.size else np.zeros(len(f), np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    codes = np.clip(np.rint(f / safe[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Row chunking of a store: feature chunks, units of work, and the arrays' chunk sizes."""
+
+    n: int
+    chunk_rows: int
+    unit_rows: int
+
+    @property
+    def n_units(self) -> int:
+        return math.ceil(self.n / self.unit_rows)
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        return u * self.unit_rows, min(self.n, (u + 1) * self.unit_rows)
+
     @property
     def n_chunks(self) -> int:
         return math.ceil(self.n / self.chunk_rows)
@@ -141,61 +107,297 @@ class FeatureStore:
     def chunk_range(self, k: int) -> tuple[int, int]:
         return k * self.chunk_rows, min(self.n, (k + 1) * self.chunk_rows)
 
-    def done_mask(self, c: int) -> np.ndarray:
-        return np.asarray(self._a(f"{ckpt_group(c)}/done")[:], dtype=bool)
 
-    def pending_chunks(self, c: int) -> list[int]:
-        return [int(k) for k in np.flatnonzero(~self.done_mask(c))]
+_CRC = [Crc32cCodec()]
+_ALL = {"write_empty_chunks": True}  # every chunk is a file, even all-zero ones: a missing file is damage
+
+
+class FeatureStore:
+    """Reads and writes the store of one index (local directory or object storage)."""
+
+    def __init__(self, where: IndexDir, group: zarr.Group, rel: str = STORE_DIR):
+        self.where = where
+        self.rel = rel
+        self.group = group
+        attrs: dict[str, Any] = dict(group.attrs)
+        try:
+            self.n = int(attrs["n"])
+            self.dim = int(attrs["dim"])
+            self.n_checkpoints = int(attrs["n_checkpoints"])
+            self.layout = Layout(self.n, int(attrs["chunk_rows"]), int(attrs["unit_rows"]))
+            self.dtype = np.dtype(attrs["dtype"])
+            self.latent_dim = int(attrs["latent_dim"])
+            self.input_encoding = str(attrs["input_encoding"])
+            self.shape = tuple(int(v) for v in attrs["input_shape"])
+        except KeyError as e:
+            raise StoreError(
+                f"{where.describe(rel)}: store attributes lack {e.args[0]!r}; not a proponent store"
+            ) from None
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(
+        cls,
+        where: IndexDir,
+        rel: str,
+        *,
+        dim: int,
+        n_checkpoints: int,
+        dtype: str,
+        latent_dim: int,
+        inputs: np.ndarray,
+        ids: np.ndarray,
+        labels: np.ndarray | None,
+        origin: np.ndarray,
+        source_row: np.ndarray,
+        injected: np.ndarray,
+        chunk_rows: int,
+        unit_rows: int,
+    ) -> FeatureStore:
+        if dtype not in FEATURE_DTYPES:
+            raise StoreError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype}")
+        if unit_rows % chunk_rows:
+            raise StoreError(f"unit_rows {unit_rows} must be a multiple of chunk_rows {chunk_rows}")
+        n = len(inputs)
+        layout = Layout(n, chunk_rows, unit_rows)
+        enc = input_encoding(inputs)
+        g = zarr.open_group(where.zarr_store(rel, read_only=False), mode="w", zarr_format=3)
+        g.attrs.update(
+            {
+                "n": n,
+                "dim": dim,
+                "n_checkpoints": n_checkpoints,
+                "chunk_rows": chunk_rows,
+                "unit_rows": unit_rows,
+                "dtype": dtype,
+                "latent_dim": latent_dim,
+                "input_encoding": enc,
+                "input_shape": list(inputs.shape[1:]),
+            }
+        )
+
+        def arr(name: str, shape: tuple[int, ...], dt: Any, rows: int, data: np.ndarray | None = None) -> None:
+            chunks = (min(rows, max(n, 1)), *shape[1:])
+            a = g.create_array(name, shape=shape, chunks=chunks, dtype=dt, compressors=_CRC, fill_value=0, config=_ALL)
+            if data is not None and n:
+                a[...] = data
+
+        row_bytes = max(1, int(np.prod(inputs.shape[1:])) * (1 if enc == "uint8/255" else 4))
+        in_rows = max(1, min(unit_rows, (256 << 10) // row_bytes))  # small chunks: single samples are read alone
+        raw_inputs = np.round(np.clip(inputs, 0, 1) * 255).astype(np.uint8) if enc == "uint8/255" else inputs
+        arr("inputs", tuple(inputs.shape), raw_inputs.dtype, in_rows, raw_inputs)
+        arr("ids", (n,), "int64", unit_rows, np.asarray(ids, np.int64))
+        lab = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+        arr("labels", (n,), "int64", unit_rows, lab)
+        arr("origin", (n,), "int32", unit_rows, np.asarray(origin, np.int32))
+        arr("source_row", (n,), "int64", unit_rows, np.asarray(source_row, np.int64))
+        arr("injected", (n,), "bool", unit_rows, np.asarray(injected, bool))
+        if latent_dim:
+            arr("latent_mu", (n, latent_dim), "float32", unit_rows)
+            arr("latent_logvar", (n, latent_dim), "float32", unit_rows)
+        for c in range(n_checkpoints):
+            cg = ckpt_group(c)
+            arr(f"{cg}/features", (n, dim), dtype, chunk_rows)
+            if dtype == "int8":
+                arr(f"{cg}/scale", (n,), "float32", unit_rows)
+            arr(f"{cg}/feat_norm", (n,), "float32", unit_rows)
+            arr(f"{cg}/sq_norm", (n,), "float64", unit_rows)
+            arr(f"{cg}/loss", (n,), "float32", unit_rows)
+            g.create_array(
+                f"{cg}/done",
+                shape=(layout.n_units,),
+                chunks=(1,),
+                dtype="uint8",
+                compressors=_CRC,
+                fill_value=0,
+                config=_ALL,
+            )
+        return cls(where, g, rel)
+
+    @classmethod
+    def open(cls, where: IndexDir, rel: str = STORE_DIR, mode: str = "r") -> FeatureStore:
+        if not where.is_file(f"{rel}/zarr.json"):
+            raise StoreError(f"{where.describe(rel)}: no Zarr v3 store here (zarr.json missing)")
+        try:
+            g = zarr.open_group(where.zarr_store(rel, read_only=mode == "r"), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        except Exception as e:  # zarr raises several types for damaged metadata
+            raise StoreError(f"{where.describe(rel)}: cannot open the Zarr store: {e}") from e
+        return cls(where, g, rel)
+
+    def _a(self, name: str) -> zarr.Array:
+        try:
+            return cast(zarr.Array, self.group[name])
+        except KeyError:
+            raise StoreError(f"{self.where.describe(self.rel)}: array {name} missing") from None
+
+    def has(self, name: str) -> bool:
+        return name in self.group
+
+    def array_names(self) -> list[str]:
+        names = []
+        for name, obj in self.group.members(max_depth=None):
+            if isinstance(obj, zarr.Array):
+                names.append(name)
+        return sorted(names)
+
+    # ------------------------------------------------------------------ checked reads
+    def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
+        """``array[selection]``; a damaged chunk raises :class:`StoreError` naming array and chunk."""
+        a = self._a(name)
+        try:
+            return np.asarray(a[selection])
+        except ValueError as e:
+            if "checksum" not in str(e):
+                raise
+            raise StoreError(self._damage(name, selection)) from None
+
+    def _damage(self, name: str, selection: Any) -> str:
+        """Name the damaged chunk(s) of ``name`` within ``selection`` by reading its chunks one by one."""
+        bad = [k for k in self.chunk_indices(name) if self.chunk_problem(name, k) is not None]
+        which = ", ".join(f"chunk {k}" for k in bad[:5]) or "a chunk"
+        return (
+            f"{self.where.describe(self.rel)}/{name}: {which} damaged (checksum mismatch); the index cannot be served"
+        )
+
+    def chunk_indices(self, name: str) -> list[tuple[int, ...]]:
+        a = self._a(name)
+        grid = [math.ceil(s / c) if s else 0 for s, c in zip(a.shape, a.chunks)]
+        return [tuple(int(v) for v in idx) for idx in np.ndindex(*grid)]
+
+    def chunk_key(self, name: str, idx: tuple[int, ...]) -> str:
+        return f"{self.rel}/{name}/c/" + "/".join(str(i) for i in idx)
+
+    def chunk_problem(self, name: str, idx: tuple[int, ...]) -> str | None:
+        """None when chunk ``idx`` of ``name`` exists and its checksum holds; else what is wrong."""
+        key = self.chunk_key(name, idx)
+        if not self.where.is_file(key):
+            return f"{self.where.describe(key)}: chunk missing"
+        data = self.where.read_bytes(key)
+        if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            return f"{self.where.describe(key)}: damaged (checksum mismatch)"
+        return None
+
+    def raw_chunk(self, name: str, k: int) -> np.ndarray:
+        """Row chunk ``k`` of a 2-D array read straight from its file (checksum verified, no copy)."""
+        a = self._a(name)
+        key = self.chunk_key(name, (k, *([0] * (a.ndim - 1))))
+        try:
+            data = self.where.read_bytes(key)
+        except FileNotFoundError:
+            raise StoreError(f"{self.where.describe(key)}: chunk missing; the index cannot be served") from None
+        if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            raise StoreError(f"{self.where.describe(key)}: damaged (checksum mismatch); the index cannot be served")
+        out = np.frombuffer(data, dtype=np.dtype(str(a.dtype)), count=math.prod(a.chunks))
+        lo = k * a.chunks[0]
+        rows = min(a.chunks[0], a.shape[0] - lo)
+        return out.reshape(a.chunks)[:rows]
+
+    # ------------------------------------------------------------------ units of work
+    @property
+    def n_units(self) -> int:
+        return self.layout.n_units
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        return self.layout.unit_range(u)
+
+    def done_mask(self, c: int) -> np.ndarray:
+        return np.asarray(self._read(f"{ckpt_group(c)}/done"), dtype=bool)
+
+    def pending_units(self, c: int) -> list[int]:
+        return [int(u) for u in np.flatnonzero(~self.done_mask(c))]
 
     def is_complete(self) -> bool:
         return all(self.done_mask(c).all() for c in range(self.n_checkpoints))
 
-    def write_chunk(
+    def write_unit(
         self,
         c: int,
-        k: int,
+        u: int,
         features: np.ndarray,
         sq_norm: np.ndarray,
         loss: np.ndarray,
         latent: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """Write row chunk ``k`` of checkpoint ``c`` and then mark it done."""
-        lo, hi = self.chunk_range(k)
+        """Write unit ``u`` of checkpoint ``c`` (features as float32 from the featurizer), then mark it done."""
+        lo, hi = self.unit_range(u)
         if features.shape != (hi - lo, self.dim):
-            raise StoreError(f"chunk {k}: features shape {features.shape}, expected {(hi - lo, self.dim)}")
+            raise StoreError(f"unit {u}: features shape {features.shape}, expected {(hi - lo, self.dim)}")
         cg = ckpt_group(c)
-        self._a(f"{cg}/features")[lo:hi] = features.astype(self.dtype, copy=False)
+        if self.dtype == np.int8:
+            codes, scale = quantize_int8(features)
+            stored = codes.astype(np.float64) * scale.astype(np.float64)[:, None]
+            self._a(f"{cg}/features")[lo:hi] = codes
+            self._a(f"{cg}/scale")[lo:hi] = scale
+        else:
+            values = features.astype(self.dtype)
+            stored = values.astype(np.float64)
+            self._a(f"{cg}/features")[lo:hi] = values
+        self._a(f"{cg}/feat_norm")[lo:hi] = round_up_f32(np.sqrt(np.einsum("ij,ij->i", stored, stored)))
         self._a(f"{cg}/sq_norm")[lo:hi] = sq_norm.astype(np.float64, copy=False)
         self._a(f"{cg}/loss")[lo:hi] = loss.astype(np.float32, copy=False)
         if latent is not None and self.latent_dim:
             self._a("latent_mu")[lo:hi] = latent[0].astype(np.float32, copy=False)
             self._a("latent_logvar")[lo:hi] = latent[1].astype(np.float32, copy=False)
-        self._a(f"{cg}/done")[k] = 1
+        self._a(f"{cg}/done")[u] = 1
 
     # ------------------------------------------------------------------ reads
-    def features(self, c: int) -> np.ndarray:
-        """All features of checkpoint ``c`` as float32 ``[N, D]``."""
-        return np.asarray(self._a(f"{ckpt_group(c)}/features")[:], dtype=np.float32)
-
-    def iter_feature_chunks(self, c: int) -> Iterator[tuple[int, np.ndarray]]:
-        arr = self._a(f"{ckpt_group(c)}/features")
-        for k in range(self.n_chunks):
-            lo, hi = self.chunk_range(k)
-            yield lo, np.asarray(arr[lo:hi], dtype=np.float32)
+    def array(self, name: str) -> np.ndarray:
+        return self._read(name)
 
     def sq_norm(self, c: int) -> np.ndarray:
-        return np.asarray(self._a(f"{ckpt_group(c)}/sq_norm")[:], dtype=np.float64)
+        return np.asarray(self._read(f"{ckpt_group(c)}/sq_norm"), dtype=np.float64)
 
     def loss(self, c: int) -> np.ndarray:
-        return np.asarray(self._a(f"{ckpt_group(c)}/loss")[:], dtype=np.float32)
+        return np.asarray(self._read(f"{ckpt_group(c)}/loss"), dtype=np.float32)
 
-    def array(self, name: str) -> np.ndarray:
-        return np.asarray(self._a(name)[:])
+    def feat_norm(self, c: int) -> np.ndarray:
+        return np.asarray(self._read(f"{ckpt_group(c)}/feat_norm"), dtype=np.float64)
 
-    def images(self, rows: Any) -> np.ndarray:
-        """Training images as float32 in [0, 1] (8-bit quantised)."""
-        return np.asarray(self._a("images")[rows], dtype=np.float32) / 255.0
+    def scale(self, c: int) -> np.ndarray | None:
+        return np.asarray(self._read(f"{ckpt_group(c)}/scale"), np.float32) if self.dtype == np.int8 else None
+
+    def inputs(self, rows: Any) -> np.ndarray:
+        """The exact training inputs of ``rows`` (float32, as the index featurized them)."""
+        return decode_inputs(self._read("inputs", rows), self.input_encoding)
+
+    def feature_rows(self, c: int, rows: np.ndarray) -> np.ndarray:
+        """Stored features of ``rows`` at stored precision, as float64 ``[len(rows), D]``."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return np.zeros((0, self.dim))
+        a = self._a(f"{ckpt_group(c)}/features")
+        try:
+            vals = np.asarray(a.get_orthogonal_selection((rows, slice(None))), np.float64)
+        except ValueError as e:
+            if "checksum" not in str(e):
+                raise
+            raise StoreError(self._damage(f"{ckpt_group(c)}/features", rows)) from None
+        if self.dtype == np.int8:
+            vals *= np.asarray(self._read(f"{ckpt_group(c)}/scale", rows), np.float64)[:, None]
+        return vals
+
+    def feature_chunk(self, c: int, k: int) -> np.ndarray:
+        """Chunk ``k`` of checkpoint ``c``'s features in the stored dtype (int8 codes or floats)."""
+        return self.raw_chunk(f"{ckpt_group(c)}/features", k)
+
+    def iter_feature_chunks(self, c: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 rows)`` of every chunk (dequantized for int8)."""
+        scale = self.scale(c)
+        for k in range(self.layout.n_chunks):
+            lo, hi = self.layout.chunk_range(k)
+            block = self.feature_chunk(c, k).astype(np.float32)
+            if scale is not None:
+                block *= scale[lo:hi, None]
+            yield lo, block
 
     def array_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         a = self._a(name)
         return tuple(a.shape), np.dtype(str(a.dtype))
+
+    def metadata_files(self) -> list[str]:
+        """The zarr.json files of the group and of every array (hashed in the manifest)."""
+        files = [f"{self.rel}/zarr.json"]
+        groups = {name.rsplit("/", 1)[0] for name in self.array_names() if "/" in name}
+        files += [f"{self.rel}/{g}/zarr.json" for g in sorted(groups)]
+        files += [f"{self.rel}/{name}/zarr.json" for name in self.array_names()]
+        return sorted(files)

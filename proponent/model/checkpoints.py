@@ -6,15 +6,15 @@ A proponent checkpoint is ``torch.save`` of a dict of plain values and tensors
     {"format": "proponent-checkpoint-1", "model_config": {...}, "state_dict": {...},
      "lr": float, "batch_size": int, "step": int, "steps_since_prev": int, "epoch": float}
 
-A checkpoint trained elsewhere is a bare state dict plus a model-config JSON; its
-learning rate, batch size and steps are given by the user (else lr = 1, which
-weighs checkpoints equally under the ``lr`` convention).
+A checkpoint trained elsewhere is a state dict, possibly nested inside a dict (``key``: a dotted
+path such as ``model_states.net``), plus the model (a :class:`ModelConfig` JSON or the user's
+model code); its learning rate, batch size and steps are given by the user. Checkpoints are
+always read with ``weights_only=True``: tensors and plain containers only, never code.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,39 +22,23 @@ import torch
 from torch import nn
 
 from proponent.format.fsio import atomic_write_bytes
+from proponent.format.manifest import CheckpointSpec
 from proponent.model.architectures import ModelConfig, build_model
 
 FORMAT = "proponent-checkpoint-1"
 
+__all__ = [
+    "CheckpointError",
+    "CheckpointSpec",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
+    "state_dict_at",
+]
+
 
 class CheckpointError(ValueError):
     pass
-
-
-@dataclass
-class CheckpointSpec:
-    path: str
-    lr: float
-    batch_size: int
-    steps_since_prev: int
-    step: int = 0
-    epoch: float = 0.0
-    sha256: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CheckpointSpec:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-    def weight(self, convention: str, n_train: int) -> float:
-        """TracIn checkpoint weight: ``lr`` (Pruthi et al.) or ``visits`` (VAE-TracIn code)."""
-        if convention == "lr":
-            return float(self.lr)
-        if convention == "visits":
-            return float(self.lr) * self.batch_size * self.steps_since_prev / n_train
-        raise ValueError(f"weight convention must be 'lr' or 'visits', got {convention!r}")
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, **meta: Any) -> None:
@@ -63,40 +47,65 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, **m
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_raw(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+def read_checkpoint(source: str | Path | bytes, name: str | None = None) -> Any:
+    """``torch.load`` of a checkpoint file (or its bytes) with ``weights_only=True``."""
+    where = name or (str(source) if not isinstance(source, bytes) else "checkpoint")
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint file not found")
+        source = path.read_bytes()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
     except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+            f"{where}: cannot read checkpoint with weights_only=True ({type(e).__name__}: {first[:300]})"
         ) from None
 
 
-def load_checkpoint(
-    path: str | Path, config: ModelConfig | None = None
-) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
-    """Model (eval mode, CPU), its config and the checkpoint's metadata."""
-    raw = _load_raw(path)
-    if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        cfg = ModelConfig.from_dict(raw["model_config"])
-        if config is not None and config.to_dict() != cfg.to_dict():
-            raise CheckpointError(f"{path}: model config differs from the one given")
-        state = raw["state_dict"]
-        meta = {k: v for k, v in raw.items() if k not in ("state_dict", "model_config", "format")}
-    elif isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        if config is None:
-            raise CheckpointError(f"{path}: a bare state dict needs a model config (--model-config)")
-        cfg, state, meta = config, raw, {}
-    else:
-        raise CheckpointError(f"{path}: neither a proponent checkpoint nor a state dict")
-    model = build_model(cfg)
+def state_dict_at(raw: Any, key: str | None, where: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: at the dotted ``key`` path, or the whole object."""
+    obj = raw
+    if key:
+        for part in key.split("."):
+            if not isinstance(obj, dict) or part not in obj:
+                have = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+                raise CheckpointError(f"{where}: no {part!r} at checkpoint key {key!r} (found {have})")
+            obj = obj[part]
+    elif isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        hint = "" if key else " (give --checkpoint-key PATH when the state dict is nested, e.g. model_states.net)"
+        raise CheckpointError(f"{where}: not a state dict of tensors{hint}")
+    return obj
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: state dict does not fit the model config ({first})") from None
-    model.eval()
+        raise CheckpointError(f"{where}: state dict does not fit the model ({first})") from None
+    return model.eval()
+
+
+def load_checkpoint(
+    path: str | Path | bytes, config: ModelConfig | None = None, *, name: str | None = None
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """A built-in model (eval mode, CPU), its config and the checkpoint's metadata."""
+    where = name or str(path if not isinstance(path, bytes) else "checkpoint")
+    raw = read_checkpoint(path, where)
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        cfg = ModelConfig.from_dict(raw["model_config"])
+        if config is not None and config.to_dict() != cfg.to_dict():
+            raise CheckpointError(f"{where}: model config differs from the one given")
+        meta = {k: v for k, v in raw.items() if k not in ("state_dict", "model_config", "format")}
+    elif isinstance(raw, dict):
+        if config is None:
+            raise CheckpointError(f"{where}: a bare state dict needs a model config (--model-config)")
+        cfg, meta = config, {}
+    else:
+        raise CheckpointError(f"{where}: neither a proponent checkpoint nor a state dict")
+    model = load_state(build_model(cfg), state_dict_at(raw, None, where), where)
     return model, cfg, meta

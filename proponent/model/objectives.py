@@ -130,6 +130,15 @@ class CrossEntropy(Objective):
         return F.cross_entropy(forward(x, eps), y, reduction="none")
 
 
+def objective_from_record(record: Any, model: Any = None) -> Objective:
+    """Rebuild the training objective recorded in a manifest (``ObjectiveRecord``, ``ModelRecord``)."""
+    if model is not None and getattr(model, "kind", "builtin") == "plugin":
+        from proponent.model.plugin import load_plugin
+
+        return load_plugin(model.plugin).objective(int(record.m))
+    return objective_from_spec(record.model_dump())
+
+
 def objective_from_spec(spec: dict[str, Any]) -> Objective:
     """Rebuild a training objective recorded in a manifest."""
     name = spec.get("name")

@@ -88,9 +88,14 @@ def select_layers(layers: list[LayerInfo], selection: str = "all") -> list[Layer
 
 @dataclass
 class ProjectionSpec:
+    """The feature layout: a per-layer stage (``kron`` with ``k`` per side, or ``none`` = exact),
+    then optionally a second-stage ``sketch`` of the concatenated vector down to ``sketch_dim``."""
+
     kind: Literal["kron", "none"] = "kron"
     k: int = 64  # per side for Linear/Conv2d; k*k for other layers
     seed: int = 0
+    sketch: str | None = None  # second stage (proponent.model.sketch kinds), None = none
+    sketch_dim: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,7 +162,23 @@ class Projector:
             p_out = None if p_out is None else p_out.to(self.device)
             self.blocks.append(LayerBlock(info, k_in, k_out, offset, p_in, p_out))
             offset += k_in * k_out
-        self.dim = offset
+        self.stage1_dim = offset
+        self.sketch: Any = None
+        if spec.sketch:
+            if not spec.sketch_dim or spec.sketch_dim < 1:
+                raise ValueError(f"sketch {spec.sketch!r} needs sketch_dim >= 1, got {spec.sketch_dim}")
+            from proponent.model.sketch import make_sketch
+
+            self.sketch = make_sketch(
+                spec.sketch, offset, spec.sketch_dim, _seed_for(spec.seed, "", "sketch"), self.device
+            )
+        self.dim = int(spec.sketch_dim or 0) if self.sketch is not None else offset
+
+    def finish(self, stage1: torch.Tensor) -> torch.Tensor:
+        """First-stage features ``[B, stage1_dim]`` -> stored features ``[B, dim]``."""
+        if self.sketch is None:
+            return stage1
+        return self.sketch.apply(stage1)
 
     @property
     def param_names(self) -> list[str]:
@@ -187,10 +208,16 @@ class Projector:
         """Project materialised per-sample gradients ``{param: [B, *shape]}`` to ``[B, dim]``."""
         return torch.cat([self.project_matrix(bl, self.gradient_matrix(bl, grads)) for bl in self.blocks], dim=1)
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, selection: str = "all") -> dict[str, Any]:
+        """The projection record of the index manifest (``proponent.format.manifest.ProjectionRecord``)."""
         return {
-            **self.spec.to_dict(),
+            "kind": self.spec.kind,
+            "k": self.spec.k,
+            "seed": self.spec.seed,
+            "selection": selection,
+            "stage1_dim": self.stage1_dim,
             "dim": self.dim,
+            "sketch": None if self.sketch is None else self.sketch.to_dict(),
             "layers": [
                 {
                     "name": b.info.name,
@@ -213,3 +240,15 @@ def build_projector(
     model: nn.Module, selection: str, spec: ProjectionSpec, device: torch.device | str = "cpu"
 ) -> Projector:
     return Projector(select_layers(discover_layers(model), selection), spec, device)
+
+
+def spec_from_record(record: Any) -> ProjectionSpec:
+    """The :class:`ProjectionSpec` that rebuilds a manifest's projection record."""
+    sk = record.sketch
+    return ProjectionSpec(
+        kind=record.kind,
+        k=record.k,
+        seed=record.seed,
+        sketch=None if sk is None else sk.kind,
+        sketch_dim=None if sk is None else sk.out_dim,
+    )

@@ -18,7 +18,7 @@ so any query objective works with an existing index. Built-in query objectives:
 
 The probe depends on the checkpoint, so :class:`ProbeObjective` is a family of
 objectives: ``objective_for(c)`` gives the fixed-probe objective of checkpoint c,
-which :meth:`InfluenceIndex.featurize` uses at c (it calls ``objective_for`` when the
+which :meth:`ModelRuntime.featurizer` uses at c (it calls ``objective_for`` when the
 objective has it).
 """
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from proponent.model.objectives import ELBO, Forward, Objective
+from proponent.model.runtime import encode
 
 if TYPE_CHECKING:
     from proponent.query.index import InfluenceIndex
@@ -89,21 +90,21 @@ _PROBE_LOCK = threading.Lock()
 def index_probe(index: InfluenceIndex, c: int) -> LinearProbe:
     """The probe of checkpoint ``c``, fitted on ``model(c).encode(images)[0]`` of the stored
     training images (labelled rows only); cached per (index, checkpoint hash)."""
-    labels = np.asarray(index.labels)
-    if not index.manifest["dataset"].get("has_labels") or not (labels >= 0).any():
+    labels = np.asarray(index.meta.labels)
+    if not index.meta.has_labels:
         raise ObjectiveError("objective 'probe' needs a labelled index; this index has no labels")
-    key = (str(index.path.resolve()), index.checkpoints[c].sha256 or str(c))
+    key = (index.where.url, index.checkpoints[c].sha256 or str(c))
     with _PROBE_LOCK:
         hit = _PROBE_CACHE.get(key)
     if hit is not None:
         return hit
-    model = index.model(c)
+    model = index.runtime.model(c)
     mus = []
-    with torch.no_grad():
+    with index.runtime.featurize_lock, torch.no_grad():
         for lo in range(0, index.n, 4096):
             rows = np.arange(lo, min(index.n, lo + 4096))
-            x = torch.from_numpy(index.store.images(rows)).to(index.device)
-            mus.append(model.encode(x)[0].float().cpu().numpy())  # type: ignore[operator]
+            x = torch.from_numpy(index.store.inputs(rows)).to(index.device)
+            mus.append(encode(model, x)[0].float().cpu().numpy())
     probe = fit_probe(np.concatenate(mus), labels)
     with _PROBE_LOCK:
         _PROBE_CACHE[key] = probe
@@ -180,7 +181,7 @@ def make_query_objective(
     index: InfluenceIndex, name: str = "elbo", *, beta: float | None = None, label: int | None = None
 ) -> Objective:
     """The query objective ``name`` for this index (same m and likelihood as training)."""
-    train = index.objective
+    train = index.runtime.objective
     if name == "elbo":
         return train
     if name not in QUERY_OBJECTIVES:
@@ -198,8 +199,8 @@ def make_query_objective(
     # probe
     if label is None:
         raise ObjectiveError("objective 'probe' needs the query's label (label=...)")
-    labels = np.asarray(index.labels)
-    if not index.manifest["dataset"].get("has_labels") or not (labels >= 0).any():
+    labels = np.asarray(index.meta.labels)
+    if not index.meta.has_labels:
         raise ObjectiveError("objective 'probe' needs a labelled index; this index has no labels")
     if int(label) not in set(np.unique(labels[labels >= 0]).tolist()):
         raise ObjectiveError(

@@ -1,197 +1,272 @@
-"""Top-k of a sum of per-checkpoint inner products, certified exact (DESIGN.md §4).
+"""Exact top-k of a sum of per-checkpoint inner products, with a certificate.
 
-score(i) = Σ_c <q_c, f_c(i)> with q_c already weighted by w_c. Each checkpoint
-has its own inner-product index. For a candidate depth k':
+A query's score of training row i is
 
-1. search every checkpoint index for its top k' rows of <q_c, ·>;
-2. rescore the union of the candidates exactly from the stored features;
-3. threshold certificate (Fagin's TA): a row outside the union scores at most
-   τ = Σ_c s_c(k'), the sum of the k'-th scores, so if the k-th best exact score
-   is ≥ τ (plus a float32 rounding margin) the answer is exact. Otherwise k' is
-   doubled; a full scan is the last resort.
+    s(i) = g(i) · Σ_c μ_c(i) · <q_c, f_c(i)>
 
-With an approximate index the per-checkpoint lists may miss rows, the
-certificate does not hold and the answer is reported as approximate.
-Opponents are the top-k of the negated query.
+with q_c the query's per-checkpoint vector (already multiplied by the checkpoint weight, the
+scoring's query-side scale and the direction's sign), f_c(i) the stored feature row, and
+per-row multipliers μ_c (cosine: 1/||g_c(i)||) and g (RelatIF: 1/sqrt(self-influence)), both
+≥ 0 and 1 for raw scores. "Exact" means: the top-k of s computed in float64 from the stored
+feature values, ties broken by the smaller row.
 
-With flat (exact, linear-time) indexes every round of that algorithm reads every
-stored feature once per checkpoint, so it cannot beat one fused pass over the
-data. :func:`scan_topk` is that pass, and is exact too: one float32
-matrix-vector product per checkpoint (the memory-bandwidth floor), then a float64
-rescoring of every row whose float32 score is within the rounding bound of the
-k-th best. ``InfluenceIndex`` uses it for flat indexes and the threshold
-algorithm for sublinear (approximate) ones; both are tested against brute force.
+:func:`scan` makes one pass over the features (resident or streamed) and computes, for every
+row, an approximate score ŝ(i) and a rigorous bound E(i) ≥ |ŝ(i) − s(i)|:
+
+* int8 rows (codes x per-row scale): the query is split into two int8 vectors plus a residual,
+  q = s₁z₁ + s₂z₂ + r; the integer products <z, codes> are exact (int32), so the only error is
+  |<r, f̃>| ≤ ||r||·||f̃|| (relative size about 1/127²), plus ||q||·||f − f̃|| when the int8
+  rows are a quantization of float features (mode ``quantized``);
+* float rows: one float32 matrix-vector product, whose error is at most
+  γ_D·||q||·||f|| + ||q − fl32(q)||·||f|| (Higham's bound for a dot product of length D).
+
+Let L be the k-th largest lower bound ŝ − E. Every row of the exact top-k has s ≥ s₍ₖ₎ ≥ L, so
+ŝ + E ≥ L: rescoring exactly the rows with ŝ + E ≥ L (a handful beyond k) gives the exact
+answer. Proponents and opponents come from the same pass (opponents: −ŝ, same E). When the
+features are streamed, rows are rescored while their chunk is in memory against the running
+bound (which only rises), so the store is read once.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
+import torch
+
+from .features import Block, ServedFeatures
 
 F32_EPS = float(np.finfo(np.float32).eps)
+_INT32_SAFE_DIM = 131_072  # D·127·127 < 2^31 up to here: longer rows are split
+_SLACK = 1e-12  # relative allowance for the float64 arithmetic of ŝ and E themselves
+DIRECTIONS = ("proponents", "opponents")
 
 
-class RowSource(Protocol):
-    """Stored features of one checkpoint: ``rows(ids) -> [len(ids), D] float32`` and ``all()``."""
+@dataclass
+class ScoredQuery:
+    """A query as the scan takes it: per-checkpoint vectors and per-row multipliers."""
 
-    def rows(self, ids: np.ndarray) -> np.ndarray: ...
+    vectors: dict[int, np.ndarray]  # checkpoint -> float64 [D] (weight x query scale, sign +)
+    row_mult: dict[int, np.ndarray] | None = None  # checkpoint -> [N] μ_c (cosine), None = 1
+    global_mult: np.ndarray | None = None  # [N] g (RelatIF), None = 1
 
-    def all(self) -> np.ndarray: ...
-
-
-class ArrayRows:
-    """A :class:`RowSource` over an in-memory ``[N, D]`` float32 array (or a view of one)."""
-
-    def __init__(self, x: np.ndarray):
-        self._x = x
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return self._x[ids]
-
-    def all(self) -> np.ndarray:
-        return self._x
-
-
-class Searcher(Protocol):
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    @property
+    def checkpoints(self) -> list[int]:
+        return sorted(self.vectors)
 
 
 @dataclass
 class TopK:
-    ids: np.ndarray  # [k] int64 row indices
+    rows: np.ndarray  # [k] int64
     scores: np.ndarray  # [k] float64
-    contributions: np.ndarray  # [k, C] float64, per active checkpoint
+    contributions: np.ndarray  # [k, C] float64, per searched checkpoint (sum = score)
     exact: bool
-    rounds: int = 1
-    candidates: int = 0
-    depth: int = 0  # final k'
-    full_scan: bool = False
+    candidates: int = 0  # rows rescored exactly
+    strategy: str = "scan"
     timings: dict[str, float] = field(default_factory=dict)
-    strategy: str = "threshold"  # "threshold" (per-checkpoint index searches) or "scan" (one fused pass)
 
 
-def exact_scores(queries: list[np.ndarray], features: list[np.ndarray]) -> np.ndarray:
-    """Per-checkpoint contributions ``[n, C]`` in float64 (the definition of "exact")."""
-    return np.stack([f.astype(np.float64) @ q.astype(np.float64) for q, f in zip(queries, features)], axis=1)
-
-
-def rounding_margin(queries: list[np.ndarray], max_row_norms: list[float]) -> float:
-    """Bound on |float32 score − exact score| for any row (Higham: |error| ≤ γ_D Σ|q_j f_j|)."""
-    d = queries[0].shape[0] if queries else 0
-    gamma = (d + len(queries) + 2) * F32_EPS
-    return sum(gamma * float(np.linalg.norm(q)) * m for q, m in zip(queries, max_row_norms))
-
-
-def scan_topk(
-    queries: list[np.ndarray],
-    sources: list[RowSource],
-    k: int,
-    max_row_norms: list[float],
-    partial_scores: Callable[[list[np.ndarray]], np.ndarray] | None = None,
-) -> TopK:
-    """Exact top-k by one fused pass: float32 scores, then float64 rescoring of the near-ties.
-
-    ``partial_scores(queries) -> [N] float32`` may compute the fused pass elsewhere (a GPU).
-    Exact: a true top-k row j has s32_j ≥ s64_j − e ≥ s64_(k) − e ≥ s32_(k) − 2e, so every
-    such row is among the candidates that are rescored in float64.
-    """
-    t = time.perf_counter()
-    if partial_scores is not None:
-        s32 = partial_scores(queries)
-    else:
-        s32 = np.zeros(sources[0].all().shape[0], np.float32)
-        for q, src in zip(queries, sources):
-            s32 += src.all() @ q.astype(np.float32, copy=False)
-    n = len(s32)
-    k = min(k, n)
-    t_scan = time.perf_counter() - t
-    t = time.perf_counter()
-    margin = rounding_margin(queries, max_row_norms)
-    kth = float(np.partition(s32, n - k)[n - k]) if k else 0.0
-    cand = np.flatnonzero(s32 >= kth - 2 * margin)
-    contrib = exact_scores(queries, [s.rows(cand) for s in sources])
-    total = contrib.sum(axis=1)
-    top = _top(total, k)
-    timings = {"search_s": t_scan, "rescore_s": time.perf_counter() - t}
-    return TopK(cand[top], total[top], contrib[top], True, 1, len(cand), n, True, timings, strategy="scan")
-
-
-def prefiltered_topk(queries: list[np.ndarray], sources: list[RowSource], candidates: np.ndarray, k: int) -> TopK:
-    """Top-k among ``candidates`` only, scored exactly: approximate over the whole set."""
-    t = time.perf_counter()
-    cand = np.unique(candidates)
-    contrib = exact_scores(queries, [s.rows(cand) for s in sources])
-    total = contrib.sum(axis=1)
-    top = _top(total, k)
-    timings = {"search_s": 0.0, "rescore_s": time.perf_counter() - t}
-    return TopK(cand[top], total[top], contrib[top], False, 1, len(cand), len(cand), False, timings, "prefilter")
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest, sorted descending; ties broken by smaller index."""
+def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest scores, descending; ties broken by the smaller row."""
     k = min(k, len(scores))
-    if k == 0:
+    if k <= 0:
         return np.empty(0, np.int64)
-    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    return part[np.lexsort((part, -scores[part]))]
+    return np.lexsort((rows, -scores))[:k]
 
 
-def certified_topk(
-    queries: list[np.ndarray],
-    searchers: list[Searcher],
-    sources: list[RowSource],
-    n: int,
-    k: int,
-    *,
-    exact_indexes: bool = True,
-    max_row_norms: list[float] | None = None,
-    initial_depth: int | None = None,
-) -> TopK:
-    """Top-k rows of Σ_c <queries[c], f_c(row)>, certified exact when the indexes are."""
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    k = min(k, n)
-    c_count = len(queries)
-    timings = {"search_s": 0.0, "rescore_s": 0.0}
-    # A row's float32 inner product may differ from the float64 one by at most about D·u·|q|·|f|.
-    margin = rounding_margin(queries, max_row_norms) if max_row_norms is not None else 0.0
-    depth = max(initial_depth or 2 * k, k)
-    rounds = 0
-    while True:
-        rounds += 1
-        if depth >= n:
-            t = time.perf_counter()
-            contrib = exact_scores(queries, [s.all() for s in sources])
-            total = contrib.sum(axis=1)
-            top = _top(total, k)
-            timings["rescore_s"] += time.perf_counter() - t
-            return TopK(top, total[top], contrib[top], True, rounds, n, n, True, timings)
-        t = time.perf_counter()
-        cand: list[np.ndarray] = []
-        tau = 0.0
-        short = False
-        for q, s in zip(queries, searchers):
-            scores, ids = s.search(q, depth)
-            valid = ids >= 0
-            ids, scores = ids[valid], scores[valid]
-            if len(ids) < depth:
-                short = True  # index holds fewer rows than asked: the union is complete for it
-            cand.append(ids)
-            tau += float(scores[-1]) if len(scores) else 0.0
-        union = np.unique(np.concatenate(cand)) if cand else np.empty(0, np.int64)
-        timings["search_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        contrib = exact_scores(queries, [s.rows(union) for s in sources]) if len(union) else np.zeros((0, c_count))
-        total = contrib.sum(axis=1)
-        top = _top(total, k)
-        timings["rescore_s"] += time.perf_counter() - t
-        if not exact_indexes:
-            return TopK(union[top], total[top], contrib[top], False, rounds, len(union), depth, False, timings)
-        certified = len(top) == k and float(total[top[-1]]) >= tau + margin
-        if certified or (short and len(union) >= n):
-            return TopK(union[top], total[top], contrib[top], True, rounds, len(union), depth, False, timings)
-        depth *= 2
+def exact_contributions(served: ServedFeatures, sq: ScoredQuery, rows: np.ndarray, block: Block | None = None):
+    """Per-checkpoint exact terms ``[len(rows), C]`` (float64) of the score of ``rows``."""
+    cks = sq.checkpoints
+    out = np.zeros((len(rows), len(cks)))
+    for j, c in enumerate(cks):
+        vals = served.exact_rows(c, rows, block) @ sq.vectors[c]
+        if sq.row_mult is not None:
+            vals = vals * sq.row_mult[c][rows]
+        out[:, j] = vals
+    if sq.global_mult is not None:
+        out *= sq.global_mult[rows][:, None]
+    return out
+
+
+class _Int8Query:
+    """q ≈ s₁z₁ + s₂z₂ (int8 vectors) with the residual's norm, for exact integer products."""
+
+    def __init__(self, q: np.ndarray):
+        s1 = float(np.abs(q).max()) / 127.0 if q.size else 0.0
+        z1 = np.rint(q / s1) if s1 > 0 else np.zeros_like(q)
+        r1 = q - s1 * z1
+        s2 = float(np.abs(r1).max()) / 127.0 if q.size else 0.0
+        z2 = np.rint(r1 / s2) if s2 > 0 else np.zeros_like(q)
+        resid = r1 - s2 * z2
+        self.s = (s1, s2)
+        self.z = torch.from_numpy(np.stack([z1, z2]).astype(np.int8))
+        self.resid_norm = float(np.linalg.norm(resid)) * (1 + 1e-9)
+        self.norm = float(np.linalg.norm(q)) * (1 + 1e-9)
+
+    def products(self, codes: torch.Tensor) -> np.ndarray:
+        """Σ_j q̃_j·codes_ij for int8 ``codes [n, D]`` (exact integer sums, combined in float64)."""
+        d = codes.shape[1]
+        if d <= _INT32_SAFE_DIM:
+            acc = torch._int_mm(self.z, codes.T).to(torch.float64)
+        else:
+            acc = torch.zeros((2, codes.shape[0]), dtype=torch.float64)
+            for j in range(0, d, _INT32_SAFE_DIM):
+                acc += torch._int_mm(
+                    self.z[:, j : j + _INT32_SAFE_DIM].contiguous(), codes[:, j : j + _INT32_SAFE_DIM].T
+                )
+        a = acc.numpy()
+        return self.s[0] * a[0] + self.s[1] * a[1]
+
+
+class _FloatQuery:
+    def __init__(self, q: np.ndarray, device: torch.device):
+        q32 = q.astype(np.float32)
+        d = len(q)
+        self.t = torch.from_numpy(q32).to(device)
+        gamma = (d + 2) * F32_EPS / (1 - (d + 2) * F32_EPS)
+        self.err_per_norm = gamma * float(np.linalg.norm(q32.astype(np.float64))) * (1 + 1e-9) + float(
+            np.linalg.norm(q - q32.astype(np.float64))
+        ) * (1 + 1e-9)
+        self.norm = float(np.linalg.norm(q)) * (1 + 1e-9)
+
+    def products(self, rows: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return (rows @ self.t).cpu().numpy().astype(np.float64)
+
+
+def scan(
+    served: ServedFeatures, sq: ScoredQuery, k: int, directions: tuple[str, ...] = ("proponents",)
+) -> dict[str, TopK]:
+    """Exact top-k rows per direction, from one pass over the features (see the module docstring)."""
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"direction must be proponents or opponents, got {d!r}")
+    t0 = time.perf_counter()
+    cks = sq.checkpoints
+    n = served.n
+    k = max(1, min(int(k), n))
+    kind = served.kernel_kind()
+    queries = {
+        c: (_Int8Query(sq.vectors[c]) if kind == "int8" else _FloatQuery(sq.vectors[c], served.device)) for c in cks
+    }
+    approx = np.empty(n)
+    bound = np.empty(n)
+    streaming = served.mode == "stream"
+    # running k-th best lower bound per direction, and the rows rescored so far with their exact terms
+    running = {d: -np.inf for d in directions}
+    pool_rows: dict[str, list[np.ndarray]] = {d: [] for d in directions}
+    pool_terms: dict[str, list[np.ndarray]] = {d: [] for d in directions}
+    best_lower: dict[str, np.ndarray] = {d: np.empty(0) for d in directions}
+    t_rescore = 0.0
+    for block in served.blocks(cks):
+        lo, hi = block.lo, block.hi
+        s_hat = np.zeros(hi - lo)
+        err = np.zeros(hi - lo)
+        for c in cks:
+            qc = queries[c]
+            rows_t = block.data[c]
+            if isinstance(qc, _Int8Query):
+                t = qc.products(rows_t)
+                scale = served.row_scale(c)
+                assert scale is not None
+                sc = scale[lo:hi].astype(np.float64)
+                t *= sc
+                e = qc.resid_norm * served.resident_norm[c][lo:hi]
+                resid = served.residual[c]
+                if resid is not None:
+                    e = e + qc.norm * resid[lo:hi]
+            else:
+                t = qc.products(rows_t)
+                e = qc.err_per_norm * served.feat_norm[c][lo:hi]
+            if sq.row_mult is not None:
+                mu = sq.row_mult[c][lo:hi]
+                t = t * mu
+                e = e * mu
+            s_hat += t
+            err += e
+        if sq.global_mult is not None:
+            g = sq.global_mult[lo:hi]
+            s_hat *= g
+            err *= g
+        err += _SLACK * (np.abs(s_hat) + err)
+        approx[lo:hi] = s_hat
+        bound[lo:hi] = err
+        if streaming:
+            t1 = time.perf_counter()
+            for d in directions:
+                sign = 1.0 if d == "proponents" else -1.0
+                lower = sign * s_hat - err
+                best_lower[d] = _keep_largest(np.concatenate([best_lower[d], lower]), k)
+                if len(best_lower[d]) >= k:
+                    running[d] = float(best_lower[d].min())
+                keep = np.flatnonzero(sign * s_hat + err >= running[d]) + lo
+                if len(keep):
+                    pool_rows[d].append(keep)
+                    pool_terms[d].append(sign * exact_contributions(served, sq, keep, block))
+            t_rescore += time.perf_counter() - t1
+    t_scan = time.perf_counter() - t0 - t_rescore
+    out = {}
+    for d in directions:
+        sign = 1.0 if d == "proponents" else -1.0
+        t1 = time.perf_counter()
+        lower = sign * approx - bound
+        threshold = float(np.partition(lower, n - k)[n - k])
+        if streaming:
+            rows = np.concatenate(pool_rows[d]) if pool_rows[d] else np.empty(0, np.int64)
+            terms = np.concatenate(pool_terms[d]) if pool_terms[d] else np.zeros((0, len(cks)))
+            mask = sign * approx[rows] + bound[rows] >= threshold
+            rows, terms = rows[mask], terms[mask]
+        else:
+            rows = np.flatnonzero(sign * approx + bound >= threshold)
+            terms = sign * exact_contributions(served, sq, rows)
+        total = terms.sum(axis=1)
+        top = _top(total, rows, k)
+        t_rescore += time.perf_counter() - t1
+        out[d] = TopK(
+            rows=rows[top],
+            scores=sign * total[top],
+            contributions=sign * terms[top],
+            exact=True,
+            candidates=int(len(rows)),
+            strategy=f"scan/{served.mode}/{kind}",
+            timings={"scan_s": t_scan, "rescore_s": t_rescore},
+        )
+    return out
+
+
+def _keep_largest(v: np.ndarray, k: int) -> np.ndarray:
+    if len(v) <= k:
+        return v
+    return np.partition(v, len(v) - k)[len(v) - k :]
+
+
+def restricted(served: ServedFeatures, sq: ScoredQuery, rows: np.ndarray, k: int, directions: tuple[str, ...]):
+    """Top-k among ``rows`` only (a pre-filter's candidates), scored exactly: approximate overall."""
+    t0 = time.perf_counter()
+    rows = np.unique(np.asarray(rows, np.int64))
+    terms = exact_contributions(served, sq, rows)
+    out = {}
+    for d in directions:
+        sign = 1.0 if d == "proponents" else -1.0
+        total = sign * terms.sum(axis=1)
+        top = _top(total, rows, k)
+        out[d] = TopK(
+            rows[top],
+            sign * total[top],
+            terms[top],
+            exact=False,
+            candidates=len(rows),
+            strategy="prefilter",
+            timings={"scan_s": 0.0, "rescore_s": time.perf_counter() - t0},
+        )
+    return out
+
+
+def brute_force(served: ServedFeatures, sq: ScoredQuery, block: int = 4096) -> np.ndarray:
+    """Every row's exact score ``[N]`` (float64): the definition the scan is tested against."""
+    out = np.empty(served.n)
+    for lo in range(0, served.n, block):
+        rows = np.arange(lo, min(served.n, lo + block))
+        out[rows] = exact_contributions(served, sq, rows).sum(axis=1)
+    return out

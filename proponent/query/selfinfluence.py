@@ -23,11 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from proponent.build.training import training_objective
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
-from proponent.model.featurizers import make_featurizer
 from proponent.model.featurizers.dense import DenseFeaturizer
-from proponent.model.objectives import draw_noise
+from proponent.model.objectives import draw_noise, objective_from_record
 from proponent.query.index import InfluenceIndex
 
 NOISE_SELF = 2  # noise domain of recomputed self-influence draws
@@ -53,7 +51,7 @@ class SelfInfluenceJob:
         self.index = index
         self.params = params
         self.state_dir = Path(state_dir)
-        self.cks = index.resolve_checkpoints(params.checkpoints)
+        self.cks = index.meta.resolve_checkpoints(params.checkpoints)
         if params.convention not in ("lr", "visits"):
             raise ValueError(f"weight convention must be 'lr' or 'visits', got {params.convention!r}")
         if params.m is not None and params.m < 1:
@@ -61,8 +59,8 @@ class SelfInfluenceJob:
         if params.estimator not in ("norm", "unbiased"):
             raise ValueError(f"estimator must be 'norm' or 'unbiased', got {params.estimator!r}")
         if params.estimator == "unbiased" and params.m is None:
-            params.m = int(index.objective.m)  # the unbiased estimator always recomputes
-        self.n_chunks = index.store.n_chunks
+            params.m = int(index.runtime.objective.m)  # the unbiased estimator always recomputes
+        self.n_chunks = index.store.n_units  # one unit of work of the index = one step of the job
 
     @property
     def total_units(self) -> int:
@@ -96,27 +94,28 @@ class SelfInfluenceJob:
             part = np.load(part_path) if part_path.exists() else np.zeros(idx.n, np.float64)
             feat = None
             if p.m is not None and len(done) < self.n_chunks:
-                model = idx.model(c)
-                obj = training_objective(idx.model_config, p.m)
-                feat = make_featurizer(idx.manifest["featurizer"], model, obj, idx._projectors[c])
-                dense = DenseFeaturizer(model, obj, idx._projectors[c])
-                noise_shape = obj.noise_shape(model)
+                rt = idx.runtime
+                obj = objective_from_record(rt.manifest.objective.model_copy(update={"m": p.m}), rt.manifest.model)
+                feat = rt.featurizer(c, obj)
+                dense = rt.featurizer(c, obj, method="dense")
+                noise_shape = obj.noise_shape(rt.model(c))
             for k in range(self.n_chunks):
                 if k in done:
                     continue
                 if should_stop is not None and should_stop():
                     return None
-                lo, hi = idx.store.chunk_range(k)
+                lo, hi = idx.store.unit_range(k)
                 if feat is None:
-                    part[lo:hi] = np.asarray(idx.store._a(f"ckpt_{c:03d}/sq_norm")[lo:hi], np.float64)
+                    part[lo:hi] = idx.features.sq_norm[c][lo:hi]
                 else:
                     assert p.m is not None
-                    x = torch.from_numpy(idx.store.images(slice(lo, hi)))
-                    y = torch.from_numpy(np.clip(idx.labels[lo:hi], 0, None))
-                    eps = draw_noise(NOISE_SELF, p.seed, c, idx.ids[lo:hi], p.m, noise_shape)
-                    with idx.featurize_lock:
+                    x = torch.from_numpy(idx.store.inputs(slice(lo, hi)))
+                    y = torch.from_numpy(np.clip(idx.meta.labels[lo:hi], 0, None))
+                    eps = draw_noise(NOISE_SELF, p.seed, c, idx.meta.ids[lo:hi], p.m, noise_shape)
+                    with idx.runtime.featurize_lock:
                         if p.estimator == "unbiased":
-                            eps2 = draw_noise(NOISE_SELF_PAIR, p.seed, c, idx.ids[lo:hi], p.m, noise_shape)
+                            eps2 = draw_noise(NOISE_SELF_PAIR, p.seed, c, idx.meta.ids[lo:hi], p.m, noise_shape)
+                            assert isinstance(dense, DenseFeaturizer)
                             part[lo:hi] = _paired_inner_products(dense, x, y, eps, eps2)
                         else:
                             part[lo:hi] = feat.featurize(x, y, eps).sq_norm.cpu().numpy()
@@ -150,19 +149,15 @@ def _paired_inner_products(
 
 def ranking_rows(index: InfluenceIndex, scores: np.ndarray) -> list[dict[str, Any]]:
     """Rows sorted by decreasing self-influence (ties by id)."""
-    order = np.lexsort((index.ids, -scores))
-    loss = index.losses()
-    specs = [s["spec"] for s in index.manifest["dataset"]["sources"]]
+    meta = index.meta
+    order = np.lexsort((meta.ids, -scores))
+    loss = meta.losses()
     return [
         {
             "rank": r + 1,
-            "id": int(index.ids[i]),
             "self_influence": float(scores[i]),
             "loss": float(loss[i]),
-            "label": int(index.labels[i]) if index.labels[i] >= 0 else None,
-            "source": specs[int(index.origin[i])],
-            "source_row": int(index.source_row[i]),
-            "injected": bool(index.injected[i]),
+            **meta.hit_meta(int(i)),
         }
         for r, i in enumerate(order)
     ]

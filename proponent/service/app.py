@@ -171,14 +171,12 @@ def _startup(state: ServiceState) -> None:
     if s.index is None:
         raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
     set_threads(s.threads)
-    idx = open_index(s.index, device=s.device)  # verifies; raises IndexError_ naming the problem
+    # verifies the manifest and every file's hash; in memory modes reads (and checksums) every feature chunk
+    idx = open_index(s.index, device=s.device, memory_budget=s.memory_budget, feature_mode=s.feature_mode)
     state.index = idx
-    state.source_specs = [src["spec"] for src in idx.manifest["dataset"]["sources"]]
     state.losses = idx.losses()
     state.self_influence = idx.self_influence("lr")
     state.index_info = index.build_index_info(idx, s.max_k)
-    for c in range(len(idx.checkpoints)):  # load models and projectors now, not on the first query
-        idx.model(c)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -196,13 +194,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.jobs = JobManager(state.index, settings.state_dir, metrics)
         state.jobs.start()
         state.ready = True
+        served = state.index.features.describe()
         log.info(
-            "serving %s (N=%d, D=%d, %d checkpoints) on %s",
+            "serving %s (N=%d, D=%d %s, %d checkpoints) on %s; features: %s mode, %.2f GiB resident of a %.2f GiB "
+            "memory budget",
             settings.index,
             state.index.n,
             state.index.dim,
+            served["stored_dtype"],
             len(state.index.checkpoints),
             state.index.device,
+            served["mode"],
+            int(served["resident_bytes"]) / 2**30,  # type: ignore[call-overload]
+            int(served["budget_bytes"]) / 2**30,  # type: ignore[call-overload]
         )
         try:
             yield

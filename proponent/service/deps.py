@@ -28,6 +28,8 @@ def get_settings(state: StateDep) -> Settings:
 
 
 def get_index(state: StateDep) -> InfluenceIndex:
+    if state.damaged:
+        raise ApiError(500, state.damaged, code="index_damaged")
     if not state.ready or state.index is None:
         raise ApiError(503, "the index is not loaded yet", code="not_ready", headers={"Retry-After": "1"})
     return state.index

@@ -22,10 +22,10 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge("proponent_query_queue_depth", "queries waiting for a worker", registry=self.registry)
-        self.rounds = Histogram(
-            "proponent_search_rounds",
-            "certified-search deepening rounds per direction",
-            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16),
+        self.candidates = Histogram(
+            "proponent_search_candidates",
+            "rows rescored exactly per direction (k plus the rows within the scan's error bound)",
+            buckets=(1, 10, 20, 50, 100, 200, 500, 1000, 5000, 20000),
             registry=self.registry,
         )
         self.jobs = Gauge("proponent_jobs", "jobs by state", ["state"], registry=self.registry)

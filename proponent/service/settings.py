@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     query_workers: int = Field(1, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     factors_max_rows: int = Field(5000, ge=10)
+    memory_budget: str | None = Field(
+        None, description="bytes of features to hold in memory, e.g. 8G (default: half the available RAM)"
+    )
+    feature_mode: str = Field("auto", description="auto | memory | quantized | stream (auto: from the budget)")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -32,8 +32,13 @@ class Featurizer(ABC):
 
     @abstractmethod
     def featurize(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
-        """``x [B, *shape]``, ``y [B]`` (int64; ignored by unsupervised objectives),
-        ``eps [B, m, *noise]``."""
+        """The per-layer (first-stage) features ``[B, projector.stage1_dim]``, exact norms and losses:
+        ``x [B, *shape]``, ``y [B]`` (int64; ignored by unsupervised objectives), ``eps [B, m, *noise]``."""
+
+    def features(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
+        """The stored features ``[B, projector.dim]``: first stage, then the projector's sketch (if any)."""
+        fb = self.featurize(x, y, eps)
+        return FeatureBatch(self.projector.finish(fb.features), fb.sq_norm, fb.loss)
 
 
 def make_featurizer(

@@ -146,13 +146,13 @@ class KroneckerFeaturizer(Featurizer):
         step = n if self.chunk_size is None else self.chunk_size
         if n == 0:
             return FeatureBatch(
-                torch.empty(0, self.projector.dim, dtype=torch.float32, device=self.device),
+                torch.empty(0, self.projector.stage1_dim, dtype=torch.float32, device=self.device),
                 torch.empty(0, dtype=torch.float64, device=self.device),
                 torch.empty(0, dtype=torch.float32, device=self.device),
             )
         if n <= step:
             return self._featurize_chunk(x, y, eps)
-        feats = torch.empty(n, self.projector.dim, dtype=torch.float32, device=self.device)
+        feats = torch.empty(n, self.projector.stage1_dim, dtype=torch.float32, device=self.device)
         sq = torch.empty(n, dtype=torch.float64, device=self.device)
         losses = torch.empty(n, dtype=torch.float32, device=self.device)
         for s in range(0, n, step):
@@ -232,7 +232,7 @@ class KroneckerFeaturizer(Featurizer):
             calls, deltas = {}, {}
             with torch.no_grad():
                 loss = self.objective.loss(self.model, x, y, eps)
-        feats = torch.empty(b, self.projector.dim, dtype=torch.float32, device=self.device)
+        feats = torch.empty(b, self.projector.stage1_dim, dtype=torch.float32, device=self.device)
         sq = torch.zeros(b, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for i, lay in enumerate(self.layers):

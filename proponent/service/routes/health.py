@@ -24,6 +24,8 @@ def healthz(state: StateDep) -> Health:
     summary="Readiness (200 once the index is loaded)",
 )
 def readyz(state: StateDep) -> Response | Health:
+    if state.damaged:
+        return error_response(503, state.damaged, code="index_damaged")
     if not state.ready:
         return error_response(503, "the index is not loaded yet", code="not_ready", headers={"Retry-After": "1"})
     return Health(status="ready", index_loaded=True)

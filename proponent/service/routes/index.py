@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter
 
-from proponent.client.schemas import IndexInfo
+from proponent.client.schemas import DEFAULT_SCORING, IndexInfo
 from proponent.query.crossloss import QUERY_OBJECTIVES
 from proponent.query.index import InfluenceIndex
+from proponent.query.scoring import SCORINGS
 from proponent.service.deps import IndexDep, StateDep
 from proponent.service.errors import error_responses
 
@@ -32,24 +34,35 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
                 "weight_visits": spec.weight("visits", index.n),
             }
         )
-    ds = man["dataset"]
+    ds = man.dataset
+    item = np.dtype(man.storage.dtype).itemsize
+    features_bytes = sum(index.where.size(f) for f in index.where.walk_files("store.zarr") if "/features/" in f)
     return {
         "n": index.n,
         "dim": index.dim,
         "shape": list(index.shape),
         "checkpoints": cks,
-        "objective": man["objective"],
-        "projection": man["projection"],
-        "featurizer": man["featurizer"],
-        "index_kind": man["index"]["kind"],
-        "exact": bool(man["index"]["exact"]),
-        "dataset_spec": ds["spec"],
-        "dataset_fingerprint": ds["fingerprint"],
-        "dataset_sources": ds["sources"],
-        "has_labels": bool(ds.get("has_labels", False)),
+        "objective": man.objective.model_dump(),
+        "projection": man.projection.model_dump(exclude={"layers"}) | {"layers": len(man.projection.layers)},
+        "featurizer": man.featurizer,
+        "index_kind": man.ann.kind,
+        "exact": man.ann.kind == "none",
+        "storage": {
+            "dtype": man.storage.dtype,
+            "bytes_per_sample_per_checkpoint": index.dim * item,
+            "features_bytes": int(features_bytes),
+            "input_encoding": man.storage.input_encoding,
+        },
+        "serving": index.features.describe(),
+        "dataset_spec": ds.spec,
+        "dataset_fingerprint": ds.fingerprint,
+        "dataset_sources": ds.sources,
+        "has_labels": index.meta.has_labels,
         "device": str(index.device),
         "faiss_gpu": bool(index.faiss_on_gpu),
         "query_objectives": list(QUERY_OBJECTIVES),
+        "scorings": list(SCORINGS),
+        "default_scoring": DEFAULT_SCORING,
         "max_k": max_k,
     }
 

@@ -17,10 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proponent.build.data import DataError, load_image_bytes
 from proponent.client.schemas import InfluenceParams, InfluenceResponse
-from proponent.model.objectives import Objective
-from proponent.query.crossloss import ObjectiveError, make_query_objective
-from proponent.query.index import Direction, InfluenceIndex
+from proponent.format.store import StoreError
+from proponent.query.crossloss import ObjectiveError
+from proponent.query.index import InfluenceIndex
+from proponent.query.usecase import answer
 from proponent.service.deps import EngineDep, IndexDep, StateDep
+from proponent.service.engine import QueryEngine
 from proponent.service.errors import ApiError, error_responses
 from proponent.service.state import ServiceState
 
@@ -216,122 +218,51 @@ async def read_query(
     )
 
 
-# ---------------------------------------------------------------------------------- computing
-def check_params(params: InfluenceParams, index: InfluenceIndex, max_k: int) -> tuple[list[int], Objective]:
+# ---------------------------------------------------------------------------------- answering
+def check_params(params: InfluenceParams, index: InfluenceIndex, max_k: int) -> None:
+    """Checks that need the index, answered as 422 before the query is queued."""
     if params.k > max_k:
         raise ApiError(422, f"k: must be between 1 and {max_k}, got {params.k}")
     try:
-        cks = index.resolve_checkpoints(params.checkpoints)
+        index.meta.resolve_checkpoints(params.checkpoints)
     except ValueError as e:
         raise ApiError(422, f"checkpoints: {e}") from None
-    try:
-        obj = make_query_objective(index, params.objective, beta=params.beta, label=params.label)
-    except ObjectiveError as e:
-        raise ApiError(422, f"objective: {e}") from None
-    return cks, obj
 
 
-def compute(
+async def run_query(
     state: ServiceState,
+    engine: QueryEngine,
     params: InfluenceParams,
-    cks: list[int],
-    objective: Objective,
     *,
     x: np.ndarray | None = None,
-    row: int | None = None,
-) -> dict[str, Any]:
-    """Featurize (or read stored features) and run the certified search; runs on a worker thread."""
+    sample_id: int | None = None,
+    decode_ms: float = 0.0,
+) -> InfluenceResponse:
+    """The query use case on a worker thread; its errors as API errors."""
     index = state.index
     assert index is not None
-    t0 = time.perf_counter()
-    if row is not None and params.objective == "elbo":
-        q = index.stored_features(row, cks)
-    else:
-        if x is None:
-            assert row is not None
-            x = index.image(row)
-        label = params.label
-        if label is None and row is not None and index.labels[row] >= 0:
-            label = int(index.labels[row])
-        labels = None if label is None else np.array([label], np.int64)
-        feats = index.featurize(x[None], objective=objective, seed=params.seed, labels=labels, checkpoints=cks)
-        q = {c: v[0] for c, v in feats.items()}
-    candidates = None
-    if params.prefilter:
-        if row is not None:
-            assert index.latent_mu is not None
-            mu = index.latent_mu[row]
-        else:
-            assert x is not None
-            mu = index.latent_means(x[None])[0]
-        candidates = index.latent_neighbours(mu, params.prefilter)
-    t1 = time.perf_counter()
-    directions: list[Direction] = ["proponents", "opponents"] if params.direction == "both" else [params.direction]
-    out: dict[str, Any] = {"search": {}, "exact": True}
-    for d in directions:
-        res = index.top(
-            q,
-            params.k,
-            d,
-            params.convention,
-            cks,
-            strategy=params.search,
-            candidates=candidates,
-        )
-        out[d] = [
-            {**state.hit_meta(int(r)), "score": float(s), "contributions": [float(v) for v in contrib]}
-            for r, s, contrib in zip(res.rows, res.scores, res.contributions, strict=True)
-        ]
-        assert res.search is not None
-        out["search"][d] = {
-            "strategy": res.search.strategy,
-            "rounds": res.search.rounds,
-            "candidates": res.search.candidates,
-            "depth": res.search.depth,
-            "full_scan": res.search.full_scan,
-        }
-        state.metrics.rounds.observe(res.search.rounds)
-        out["exact"] = out["exact"] and res.exact
-    t2 = time.perf_counter()
-    out["featurize_ms"] = (t1 - t0) * 1e3
-    out["search_ms"] = (t2 - t1) * 1e3
-    return out
+    if state.damaged:
+        raise ApiError(500, state.damaged, code="index_damaged")
 
+    def work() -> InfluenceResponse:
+        return answer(index, params, x=x, sample_id=sample_id, decode_ms=decode_ms)
 
-def _response(
-    out: dict[str, Any],
-    params: InfluenceParams,
-    cks: list[int],
-    index: InfluenceIndex,
-    decode_ms: float,
-    t0: float,
-    sample_id: int | None = None,
-) -> dict[str, Any]:
-    return {
-        "query": {
-            "seed": params.seed,
-            "objective": params.objective,
-            "convention": params.convention,
-            "checkpoints": cks,
-            "shape": list(index.shape),
-            "sample_id": sample_id,
-        },
-        "proponents": out.get("proponents"),
-        "opponents": out.get("opponents"),
-        "exact": out["exact"],
-        "approximations": index.approximations(cks, params.prefilter),
-        "search": out["search"],
-        "timings": {
-            "decode_ms": decode_ms,
-            "featurize_ms": out["featurize_ms"],
-            "search_ms": out["search_ms"],
-            "total_ms": (time.perf_counter() - t0) * 1e3,
-        },
-    }
-
-
-def _map_value_errors(e: ValueError) -> ApiError:
-    return ApiError(422, str(e))
+    try:
+        res = await engine.run(work)
+    except StoreError as e:
+        state.damaged = str(e)
+        state.ready = False
+        raise ApiError(500, str(e), code="index_damaged") from None
+    except ObjectiveError as e:
+        raise ApiError(422, f"objective: {e}") from None
+    except KeyError as e:
+        raise ApiError(404, str(e.args[0])) from None
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
+    for d in ("proponents", "opponents"):
+        if d in res.search:
+            state.metrics.candidates.observe(res.search[d].candidates)
+    return res
 
 
 @router.post(
@@ -345,12 +276,8 @@ async def influence(request: Request, index: IndexDep, engine: EngineDep, state:
     t0 = time.perf_counter()
     x, params = await read_query(request, index, state)
     decode_ms = (time.perf_counter() - t0) * 1e3
-    cks, obj = check_params(params, index, state.settings.max_k)
-    try:
-        out = await engine.run(lambda: compute(state, params, cks, obj, x=x))
-    except ValueError as e:
-        raise _map_value_errors(e) from None
-    return _response(out, params, cks, index, decode_ms, t0)
+    check_params(params, index, state.settings.max_k)
+    return await run_query(state, engine, params, x=x, decode_ms=decode_ms)
 
 
 @router.post(
@@ -367,7 +294,6 @@ async def influence_of_sample(
     engine: EngineDep,
     state: StateDep,
 ) -> Any:
-    t0 = time.perf_counter()
     body = await request.body()
     raw: dict[str, Any] = {}
     if body.strip():
@@ -381,15 +307,11 @@ async def influence_of_sample(
             raise ApiError(422, "JSON body must be an object of query parameters")
     params = _parse_params(raw)
     try:
-        row = index.row_of(sample_id)
+        index.row_of(sample_id)
     except KeyError as e:
         raise ApiError(404, str(e.args[0])) from None
-    cks, obj = check_params(params, index, state.settings.max_k)
-    try:
-        out = await engine.run(lambda: compute(state, params, cks, obj, row=row))
-    except ValueError as e:
-        raise _map_value_errors(e) from None
-    return _response(out, params, cks, index, 0.0, t0, sample_id=sample_id)
+    check_params(params, index, state.settings.max_k)
+    return await run_query(state, engine, params, sample_id=sample_id)
 
 
 __all__ = ["router", "sniff", "decode_upload"]

@@ -32,7 +32,8 @@ def _guard(fn: Any, *args: Any) -> Any:
     responses=error_responses(401, 422, 503),
     summary="Start a self-influence ranking job",
 )
-def start_self_influence(body: SelfInfluenceRequest, jobs: JobsDep, response: Response) -> Any:
+def start_self_influence(jobs: JobsDep, response: Response, body: SelfInfluenceRequest | None = None) -> Any:
+    body = body or SelfInfluenceRequest()  # no body: a job with every default
     info = _guard(jobs.create, body.convention, body.checkpoints, body.m, body.seed, body.estimator)
     response.headers["Location"] = f"/v1/jobs/{info['id']}"
     return info

@@ -28,9 +28,9 @@ def _row(index: Any, sample_id: int) -> int:
 def sample(sample_id: SampleId, index: IndexDep, state: StateDep) -> Any:
     row = _row(index, sample_id)
     assert state.losses is not None and state.self_influence is not None
-    mu = None if index.latent_mu is None else [float(v) for v in index.latent_mu[row]]
+    mu = None if index.meta.latent_mu is None else [float(v) for v in index.meta.latent_mu[row]]
     return {
-        **state.hit_meta(row),
+        **index.meta.hit_meta(row),
         "loss": float(state.losses[row]),
         "self_influence": float(state.self_influence[row]),
         "latent_mu": mu,
@@ -51,5 +51,5 @@ async def sample_image(
     scale: Annotated[int, Query(ge=1, le=16, description="nearest-neighbour upscale")] = 1,
 ) -> Response:
     row = _row(index, sample_id)
-    png = await run_in_threadpool(lambda: to_png(index.image(row), scale))
+    png = await run_in_threadpool(lambda: to_png(index.input(row), scale))
     return Response(png, media_type="image/png")

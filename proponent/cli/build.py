@@ -1,0 +1,322 @@
+"""Offline commands: ``train``, ``index``, ``verify``."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA = "digits"
+
+
+def int_list(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _shard(s: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in s.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, got {s!r}") from None
+    return i, n
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=["mlp", "conv", "classifier"], default="mlp", help="architecture (default mlp)")
+    g.add_argument("--latent-dim", type=int, default=16)
+    g.add_argument("--hidden", type=int_list, default=None, help="MLP hidden sizes, e.g. 512,256")
+    g.add_argument("--channels", type=int_list, default=None, help="conv channels, e.g. 32,64")
+    g.add_argument("--beta", type=float, default=1.0)
+    g.add_argument(
+        "--likelihood",
+        choices=["gaussian", "bernoulli"],
+        default="bernoulli",
+        help="decoder likelihood (default bernoulli: see README, sanity check)",
+    )
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from proponent.build.data import load_dataset
+    from proponent.build.training import TrainConfig, train
+    from proponent.model.architectures import default_config_for
+
+    data = load_dataset(a.data)
+    cfg = default_config_for(
+        data.shape,
+        kind=a.model,
+        latent_dim=a.latent_dim,
+        hidden=tuple(a.hidden) if a.hidden else None,
+        channels=tuple(a.channels) if a.channels else None,
+        beta=a.beta,
+        likelihood=a.likelihood,
+        num_classes=int(data.labels.max()) + 1 if data.labels is not None else 10,
+    )
+    tc = TrainConfig(
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        optimizer=a.optimizer,
+        momentum=a.momentum,
+        checkpoints=a.checkpoints,
+        checkpoint_every_steps=a.checkpoint_every_steps,
+        checkpoint_every_epochs=a.checkpoint_every_epochs,
+        seed=a.seed,
+        device=a.device,
+    )
+    out = train(data, cfg, a.out, tc, show_progress=not a.quiet)
+    run = json.loads((out / "run.json").read_text())
+    print(
+        f"trained {cfg.kind} VAE on {len(data)} samples in {run['seconds']:.1f}s (final loss {run['final_loss']:.3f}); "
+        f"{len(run['checkpoints'])} checkpoints in {out}"
+    )
+    return 0
+
+
+def _per_ckpt(vals: list[Any] | None, default: Any, name: str, n: int) -> list[Any]:
+    if vals is None:
+        return [default] * n
+    if len(vals) == 1:
+        return vals * n
+    if len(vals) != n:
+        raise ValueError(f"--{name} needs 1 or {n} values, got {len(vals)}")
+    return vals
+
+
+def external_checkpoints(a: argparse.Namespace) -> list[Any]:
+    """CheckpointSpecs of ``--checkpoints`` with their training metadata (flags or ``--checkpoint-meta``)."""
+    from proponent.model.checkpoints import CheckpointSpec
+
+    paths = list(a.checkpoints)
+    n = len(paths)
+    if a.checkpoint_meta:
+        from proponent.format.fsio import read_json
+
+        meta = read_json(a.checkpoint_meta)
+        rows = meta["checkpoints"] if isinstance(meta, dict) else meta
+        if not isinstance(rows, list) or len(rows) != n:
+            raise ValueError(f"{a.checkpoint_meta}: expected a list of {n} checkpoint entries (one per --checkpoints)")
+        specs = []
+        prev = 0
+        for p, r in zip(paths, rows, strict=True):
+            step = int(r.get("step", r.get("iteration", 0)))
+            gap = int(r.get("steps_since_prev", step - prev))
+            specs.append(
+                CheckpointSpec(
+                    path=p, lr=float(r["lr"]), batch_size=int(r["batch_size"]), steps_since_prev=gap, step=step
+                )
+            )
+            prev = step
+        return specs
+    lrs = _per_ckpt(a.lr, 1.0, "lr", n)
+    bss = _per_ckpt(a.batch_size_trained, 1, "batch-size-trained", n)
+    if a.iterations_from_names:
+        try:
+            steps = [int(Path(p).stem) for p in paths]
+        except ValueError:
+            raise ValueError(
+                "--iterations-from-names: every checkpoint file name must be an iteration number"
+            ) from None
+        order = sorted(range(n), key=lambda i: steps[i])
+        if order != list(range(n)):
+            raise ValueError("--iterations-from-names: give the checkpoints in increasing iteration order")
+        gaps = [steps[0]] + [steps[i] - steps[i - 1] for i in range(1, n)]
+    else:
+        gaps = _per_ckpt(a.steps, 1, "steps", n)
+        steps = list(itertools.accumulate(gaps))
+    return [
+        CheckpointSpec(path=p, lr=float(lr), batch_size=int(b), steps_since_prev=int(g), step=int(s))
+        for p, lr, b, g, s in zip(paths, lrs, bss, gaps, steps, strict=True)
+    ]
+
+
+def _cmd_index(a: argparse.Namespace) -> int:
+    from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, set_threads
+    from proponent.format.fsio import index_dir
+    from proponent.format.manifest import read_manifest
+    from proponent.model.architectures import ModelConfig
+    from proponent.model.projection import ProjectionSpec
+
+    set_threads(a.threads)
+    model_config = None
+    record = None
+    if a.run:
+        specs, run = checkpoints_from_run(a.run)
+        data_spec = a.data or run["data"]["spec"]
+    else:
+        if not a.checkpoints:
+            raise ValueError("give --run DIR or --checkpoints FILE [FILE ...]")
+        if not a.data:
+            raise ValueError("--data is required with --checkpoints")
+        data_spec = a.data
+        if a.model_code:
+            from proponent.model.plugin import plugin_record
+
+            record = plugin_record(a.model_code, checkpoint_key=a.checkpoint_key)
+            print(f"loading model code {record.plugin.code} (this runs it): factory {record.plugin.factory}")
+        elif a.model_config:
+            from proponent.format.fsio import read_json
+
+            model_config = ModelConfig.from_dict(read_json(a.model_config))
+        specs = external_checkpoints(a)
+        if record is None and a.checkpoint_key:
+            from proponent.build.job import builtin_record
+
+            if model_config is None:
+                raise ValueError("--checkpoint-key needs --model-config or --model-code")
+            record = builtin_record(model_config, a.checkpoint_key)
+    opts = IndexOptions(
+        m=a.m,
+        seed=a.seed,
+        projection=ProjectionSpec(
+            kind="none" if a.projection == "none" else "kron",
+            k=a.proj_k,
+            seed=a.proj_seed,
+            sketch=None if a.sketch == "none" else a.sketch,
+            sketch_dim=a.sketch_dim if a.sketch != "none" else None,
+        ),
+        layers=a.layers,
+        featurizer=a.featurizer,
+        dtype=a.dtype,
+        index_kind=a.index_kind,
+        batch_size=a.batch_size,
+        device=a.device,
+        shard=a.shard,
+    )
+    t0 = time.perf_counter()
+    where = index_dir(a.out)
+    engine = None
+    if a.engine == "ray":
+        from proponent.build.ray_engine import ray_engine
+
+        engine = ray_engine(
+            address=a.ray_address, workers=a.workers, gpus_per_worker=a.gpus_per_worker, device=a.device
+        )
+    out = build_index(
+        data_spec,
+        specs,
+        a.out,
+        opts,
+        model_config=model_config,
+        model_record=record,
+        overwrite=a.overwrite,
+        show_progress=not a.quiet,
+        engine=engine,
+        log=None if a.quiet else print,
+    )
+    man = read_manifest(where)
+    if not man.complete:
+        print(
+            f"shard {a.shard[0]}/{a.shard[1]} done in {time.perf_counter() - t0:.1f}s; run the other shards, "
+            f"then once more without --shard to finish -> {out}"
+        )
+        return 0
+    print(
+        f"indexed {man.n} samples x {len(man.checkpoints)} checkpoints (D={man.dim} {man.storage.dtype}, "
+        f"m={man.objective.m}, {man.featurizer}) in {time.perf_counter() - t0:.1f}s -> {a.out}"
+    )
+    return 0
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from proponent.format.integrity import verify_index
+
+    t0 = time.perf_counter()
+    problems = verify_index(a.index, deep=a.deep)
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        return 1
+    what = "every chunk's checksum, " if a.deep else ""
+    print(
+        f"OK {a.index}: manifest, {what}checkpoints, store and ANN files are consistent "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
+    return 0
+
+
+def register(sub: Any) -> None:
+    from proponent.format.ann import KINDS
+
+    t = sub.add_parser("train", help="train a β-VAE and save TracIn checkpoints")
+    t.add_argument("--data", default=DEFAULT_DATA, help="data spec (default: digits); see README")
+    t.add_argument("--out", required=True, help="run directory")
+    _add_model_args(t)
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    t.add_argument("--momentum", type=float, default=0.0)
+    t.add_argument("--checkpoints", type=int, default=5, help="number of evenly spaced checkpoints")
+    t.add_argument("--checkpoint-every-steps", type=int)
+    t.add_argument("--checkpoint-every-epochs", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    from proponent.build.job import DEFAULT_DTYPE
+    from proponent.model.projection import ProjectionSpec
+
+    defaults = ProjectionSpec()
+    i = sub.add_parser("index", help="featurize training data at every checkpoint into the index's Zarr store")
+    i.add_argument("--run", help="run directory written by `proponent train`")
+    i.add_argument("--data", help="data spec (default: the run's)")
+    g = i.add_argument_group("a model trained elsewhere")
+    g.add_argument("--checkpoints", nargs="+", help="checkpoint files, in training order")
+    g.add_argument("--model-config", help="JSON config of a built-in model for bare state dicts")
+    g.add_argument(
+        "--model-code",
+        help="your model: FILE.py:FACTORY or package.module:FACTORY (see README 'Your own model'); loading it runs it",
+    )
+    g.add_argument(
+        "--checkpoint-key", help="dotted key of the state dict inside each checkpoint, e.g. model_states.net"
+    )
+    g.add_argument(
+        "--checkpoint-meta", help="JSON list (or {'checkpoints': [...]}) of {lr, batch_size, step} per checkpoint"
+    )
+    g.add_argument("--lr", type=float, nargs="+", help="learning rate (one, or one per checkpoint)")
+    g.add_argument("--batch-size-trained", type=int, nargs="+", help="training batch size (one, or per checkpoint)")
+    g.add_argument("--steps", type=int, nargs="+", help="optimiser steps since the previous checkpoint")
+    g.add_argument(
+        "--iterations-from-names", action="store_true", help="file names are iteration numbers: steps follow from them"
+    )
+    i.add_argument("--out", required=True, help="index directory")
+    i.add_argument("--m", type=int, default=16, help="reparameterised draws per sample (default 16)")
+    i.add_argument("--seed", type=int, default=0, help="noise seed")
+    f = i.add_argument_group("feature layout (README: 'Feature layout')")
+    f.add_argument("--projection", choices=["kron", "none"], default=defaults.kind, help="per-layer stage")
+    f.add_argument(
+        "--proj-k", type=int, default=defaults.k, help=f"per-layer projection size per side (default {defaults.k})"
+    )
+    f.add_argument("--proj-seed", type=int, default=0)
+    f.add_argument(
+        "--sketch", default=defaults.sketch or "none", help=f"second stage (default {defaults.sketch or 'none'})"
+    )
+    f.add_argument("--sketch-dim", type=int, default=defaults.sketch_dim, help="dimension after the sketch")
+    f.add_argument("--layers", default="all", help="all | encoder | decoder | last:K | module prefixes")
+    f.add_argument("--dtype", choices=["int8", "float16", "float32"], default=DEFAULT_DTYPE, help="stored precision")
+    i.add_argument("--featurizer", choices=["kron", "dense"], default="kron")
+    i.add_argument("--index-kind", default="none", help=f"optional FAISS index for approximate search: {KINDS}")
+    i.add_argument("--batch-size", type=int, help="featurization batch (default: from available memory)")
+    i.add_argument("--device", default="auto")
+    i.add_argument("--threads", type=int)
+    i.add_argument("--shard", type=_shard, help="I/N: featurize only units u with u %% N == I")
+    i.add_argument("--engine", choices=["local", "ray"], default="local", help="where units run (default here)")
+    i.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
+    i.add_argument("--workers", type=int, help="Ray workers (default: one per CPU / GPU)")
+    i.add_argument("--gpus-per-worker", type=float, default=0.0)
+    i.add_argument("--overwrite", action="store_true")
+    i.add_argument("--quiet", action="store_true")
+    i.set_defaults(func=_cmd_index)
+
+    v = sub.add_parser("verify", help="check an index as the server does before serving (--deep: every chunk)")
+    v.add_argument("--index", required=True)
+    v.add_argument("--deep", action="store_true", help="read every chunk and check its checksum")
+    v.set_defaults(func=_cmd_verify)

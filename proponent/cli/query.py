@@ -1,0 +1,193 @@
+"""Query commands: ``influence``, ``self-influence``, ``serve``.
+
+``proponent influence`` answers through :func:`proponent.query.usecase.answer`, the code the
+server runs for ``POST /v1/influence[/samples/{id}]``; ``--json`` prints the API's response body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from proponent.cli.build import int_list
+
+
+def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
+    from proponent.build.job import set_threads
+    from proponent.query.index import open_index
+
+    set_threads(a.threads)
+    return open_index(
+        a.index,
+        device=a.device,
+        use_gpu_faiss=False,
+        memory_budget=getattr(a, "memory_budget", None),
+        feature_mode=feature_mode,
+    )
+
+
+def _cmd_influence(a: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from proponent.build.data import load_image_bytes
+    from proponent.client.schemas import InfluenceParams
+    from proponent.query.usecase import answer
+
+    if (a.sample_id is None) == (a.image is None):
+        raise ValueError("give exactly one of --sample-id N or --image FILE")
+    try:
+        params = InfluenceParams(
+            k=a.k,
+            direction=a.direction,
+            objective=a.objective,
+            beta=a.beta,
+            label=a.label,
+            checkpoints=a.checkpoints,
+            convention=a.convention,
+            scoring=a.scoring,
+            seed=a.seed,
+            prefilter=a.prefilter,
+            features=a.features,
+            search=a.search,
+            allow_resize=a.resize,
+        )
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    idx = _open(a)
+    x = None
+    if a.image is not None:
+        path = Path(a.image)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
+        x = load_image_bytes(raw, idx.shape, allow_resize=a.resize)
+    res = answer(idx, params, x=x, sample_id=a.sample_id)
+    if a.json:
+        print(res.model_dump_json())
+        return 0
+    for d in ("proponents", "opponents"):
+        hits = getattr(res, d)
+        if hits is None:
+            continue
+        print(f"{d} ({'exact' if res.exact else 'approximate'}; scoring {res.query.scoring}):")
+        for h in hits:
+            lab = "" if h.label is None else f"  label {h.label}"
+            inj = "  injected" if h.injected else ""
+            se = "" if h.stderr is None else f" ± {h.stderr:.2g}"
+            tie = "  ~next" if h.separated_from_next is False else ""
+            print(f"  {h.rank:3d}  id {h.id:<8d} score {h.score:+.6g}{se}{lab}{inj}{tie}")
+    if res.approximations:
+        print("approximations: " + "; ".join(res.approximations))
+    return 0
+
+
+def _cmd_self_influence(a: argparse.Namespace) -> int:
+    from proponent.format.fsio import atomic_write_bytes
+    from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams, ranking_rows, rows_to_csv
+
+    idx = _open(a, feature_mode="stream")  # norms only: no features are loaded
+    params = SelfInfluenceParams(
+        convention=a.convention, checkpoints=a.checkpoints, m=a.m, seed=a.seed, estimator=a.estimator
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(a.state_dir) if a.state_dir else Path(tmp)
+        scores = SelfInfluenceJob(idx, params, state).run()
+    assert scores is not None
+    rows = ranking_rows(idx, scores)
+    atomic_write_bytes(a.out, rows_to_csv(rows).encode())
+    print(f"ranked {len(rows)} samples by self-influence -> {a.out}")
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    for flag, env in (
+        ("index", "PROPONENT_INDEX"),
+        ("state_dir", "PROPONENT_STATE_DIR"),
+        ("memory_budget", "PROPONENT_MEMORY_BUDGET"),
+        ("feature_mode", "PROPONENT_FEATURE_MODE"),
+    ):
+        if getattr(a, flag, None):
+            os.environ[env] = str(getattr(a, flag))
+    if a.shards:
+        from proponent.service.sharded import serve_sharded
+
+        return serve_sharded(a)
+    from proponent.service.app import create_app
+
+    uvicorn.run(create_app(), host=a.host, port=a.port, log_level=a.log_level)
+    return 0
+
+
+def register(sub: Any) -> None:
+    from proponent.client.schemas import DEFAULT_SCORING
+
+    i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
+    i.add_argument("--index", required=True)
+    i.add_argument("--sample-id", type=int)
+    i.add_argument("--image", help="image file (PNG, JPEG, .npy)")
+    i.add_argument("--resize", action="store_true", help="resize the image to the index's shape")
+    i.add_argument("--k", type=int, default=10)
+    i.add_argument("--direction", choices=["proponents", "opponents", "both"], default="both")
+    i.add_argument("--scoring", choices=["raw", "cosine", "relatif"], default=DEFAULT_SCORING)
+    i.add_argument("--objective", default="elbo", help="elbo | reconstruction | kl | elbo_beta | probe")
+    i.add_argument("--label", type=int, help="query label (classifiers, objective probe; default: the stored sample's)")
+    i.add_argument("--beta", type=float, help="β of objective elbo_beta")
+    i.add_argument("--checkpoints", type=int_list, help="checkpoint subset, e.g. 0,2,4")
+    i.add_argument("--convention", choices=["lr", "visits"], default="lr")
+    i.add_argument("--prefilter", type=int, help="score only the L training samples nearest in latent space")
+    i.add_argument(
+        "--features",
+        choices=["recompute", "stored"],
+        default="recompute",
+        help="stored samples: recompute with fresh query draws (default) or use the index's stored features",
+    )
+    i.add_argument("--search", choices=["auto", "scan", "ann"], default="auto")
+    i.add_argument("--seed", type=int, default=0, help="query noise seed")
+    i.add_argument("--device", default="cpu")
+    i.add_argument("--threads", type=int)
+    i.add_argument("--memory-budget", help="features held in memory, e.g. 8G (default: half the available RAM)")
+    i.add_argument("--json", action="store_true", help="print the API's JSON response")
+    i.set_defaults(func=_cmd_influence)
+
+    s = sub.add_parser("self-influence", help="rank the training set by self-influence (CSV)")
+    s.add_argument("--index", required=True)
+    s.add_argument("--out", required=True, help="CSV file")
+    s.add_argument("--convention", choices=["lr", "visits"], default="lr")
+    s.add_argument("--checkpoints", type=int_list, help="checkpoint subset, e.g. 0,2,4")
+    s.add_argument("--m", type=int, help="recompute gradients with this many fresh draws (default: stored norms)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--estimator",
+        choices=["norm", "unbiased"],
+        default="norm",
+        help="norm: ||mean gradient||^2 (paper's code); "
+        "unbiased: <g, g'> over two independent draw sets (dense, slower)",
+    )
+    s.add_argument("--state-dir", help="keep resumable job state here")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=_cmd_self_influence)
+
+    sv = sub.add_parser("serve", help="run the influence server")
+    sv.add_argument("--index", help="index directory (or PROPONENT_INDEX)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--state-dir", help="job state directory (or PROPONENT_STATE_DIR)")
+    sv.add_argument("--memory-budget", help="features held in memory, e.g. 8G (default: half the available RAM)")
+    sv.add_argument(
+        "--feature-mode",
+        choices=["auto", "memory", "quantized", "stream"],
+        help="auto (default): from the budget; memory, quantized (int8 + exact rescoring) or stream",
+    )
+    sv.add_argument("--shards", type=int, help="split the rows into N shards served by Ray Serve replicas")
+    sv.add_argument("--ray-address", help="Ray cluster address for --shards (default: a local one)")
+    sv.add_argument("--log-level", default="info")
+    sv.set_defaults(func=_cmd_serve)

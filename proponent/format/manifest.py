@@ -1,0 +1,256 @@
+"""The index manifest: one typed record of everything an index holds, with its reader and writer.
+
+``manifest.json`` is the only description of an index that the index job, the server,
+``proponent verify`` and the benchmarks read; they all go through :func:`read_manifest`, which
+refuses (with a message that says what to do) a file that is missing, damaged, of another format
+version, or that does not validate. The manifest carries its own sha256 (``checksum``, computed
+over the canonical JSON of every other field), so a flipped byte in it is detected too.
+
+Format history: version 1 (proponent 0.1) stored Kronecker k=64 float32 features twice (Zarr and
+flat FAISS files), 8-bit copies of the training inputs and no checksums. Version 2 stores the
+features once (compact, chunk-checksummed), the exact training inputs, and hashes of every
+other file. A version-1 index is refused with the command that rebuilds it; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .fsio import IndexDir, sha256_bytes
+
+MANIFEST_VERSION = 2
+MANIFEST_FILE = "manifest.json"
+FORMAT_NAME = "proponent-index"
+
+Convention = Literal["lr", "visits"]
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, damaged, of another version, or invalid: the message says which."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointSpec(_Record):
+    """A TracIn checkpoint and the training metadata its weight needs (DESIGN.md §1)."""
+
+    path: str
+    lr: float
+    batch_size: int
+    steps_since_prev: int
+    step: int = 0
+    epoch: float = 0.0
+    sha256: str = ""
+    name: str = ""  # the file name it came from (display)
+
+    def weight(self, convention: str, n_train: int) -> float:
+        """TracIn checkpoint weight: ``lr`` (Pruthi et al.) or ``visits`` (VAE-TracIn code)."""
+        if convention == "lr":
+            return float(self.lr)
+        if convention == "visits":
+            return float(self.lr) * self.batch_size * self.steps_since_prev / n_train
+        raise ValueError(f"weight convention must be 'lr' or 'visits', got {convention!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointSpec:
+        return cls.model_validate({k: v for k, v in d.items() if k in cls.model_fields})
+
+
+class FileRecord(_Record):
+    path: str
+    sha256: str
+
+
+class DatasetRecord(_Record):
+    spec: str
+    fingerprint: str
+    shape: list[int]
+    sources: list[dict[str, Any]]
+    has_labels: bool
+    num_classes: int | None = None
+
+
+class PluginRecord(_Record):
+    """A user's model code (``--model-code FILE.py:FACTORY``): loading it runs it."""
+
+    code: str  # the file path (absolute) or module name
+    factory: str
+    sha256: str  # of the code file
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelRecord(_Record):
+    kind: Literal["builtin", "plugin"]
+    config: dict[str, Any] | None = None  # ModelConfig of a built-in model
+    plugin: PluginRecord | None = None
+    checkpoint_key: str | None = None  # key path of the state dict inside checkpoint files
+    latent_dim: int = 0  # 0 for models without a latent space (classifiers)
+    supervised: bool = False  # the objective needs labels (classifiers)
+
+
+class ObjectiveRecord(_Record):
+    name: str
+    m: int
+    seed: int = 0
+    beta: float | None = None
+    likelihood: str | None = None
+    recon_weight: float = 1.0
+    scale: float = 1.0
+
+
+class LayerRecord(_Record):
+    name: str
+    kind: str
+    params: list[str]
+    in_dim: int
+    out_dim: int
+    k_in: int
+    k_out: int
+    offset: int
+    projected_in: bool
+    projected_out: bool
+
+
+class SketchRecord(_Record):
+    kind: str
+    in_dim: int
+    out_dim: int
+    seed: int
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProjectionRecord(_Record):
+    kind: Literal["kron", "none"]
+    k: int
+    seed: int
+    selection: str = "all"  # which layers (all | encoder | decoder | last:K | prefixes)
+    stage1_dim: int  # the per-layer (Kronecker) stage's dimension
+    dim: int  # the stored feature dimension (after the sketch, if any)
+    layers: list[LayerRecord]
+    sketch: SketchRecord | None = None
+
+    @property
+    def is_exact(self) -> bool:
+        return self.sketch is None and not any(l.projected_in or l.projected_out for l in self.layers)
+
+
+class StorageRecord(_Record):
+    dtype: Literal["float32", "float16", "int8"]
+    chunk_rows: int  # rows per storage chunk of the feature arrays
+    unit_rows: int  # rows per unit of work (a multiple of chunk_rows); one done flag each
+    input_encoding: Literal["uint8/255", "float32"]  # how the exact training inputs are stored
+    metadata: list[FileRecord] = Field(default_factory=list)  # zarr.json of the group and every array
+
+
+class AnnRecord(_Record):
+    kind: str = "none"  # none | ivf:NLIST[:NPROBE] | hnsw:M[:EF] | ivfsq8:NLIST[:NPROBE] | ivfpq:NLIST:M[:NPROBE]
+    files: list[FileRecord] = Field(default_factory=list)
+
+
+class Manifest(_Record):
+    format: Literal["proponent-index"] = "proponent-index"
+    version: int = MANIFEST_VERSION
+    complete: bool = False
+    n: int
+    dataset: DatasetRecord
+    model: ModelRecord
+    objective: ObjectiveRecord
+    projection: ProjectionRecord
+    featurizer: str
+    batch_size: int
+    storage: StorageRecord
+    checkpoints: list[CheckpointSpec]
+    ann: AnnRecord = Field(default_factory=AnnRecord)
+    library_versions: dict[str, str] = Field(default_factory=dict)
+    seconds: float | None = None
+    checksum: str = ""
+
+    @property
+    def dim(self) -> int:
+        return self.projection.dim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.shape)
+
+    def weights(self, convention: str) -> list[float]:
+        return [c.weight(convention, self.n) for c in self.checkpoints]
+
+    def job_key(self) -> dict[str, Any]:
+        """The settings that determine the stored bytes; a resume or a shard must match them all."""
+        return {
+            "n": self.n,
+            "dataset_fingerprint": self.dataset.fingerprint,
+            "model": self.model.model_dump(),
+            "checkpoints": [c.sha256 for c in self.checkpoints],
+            "objective": self.objective.model_dump(),
+            "projection": self.projection.model_dump(),
+            "featurizer": self.featurizer,
+            "dtype": self.storage.dtype,
+            "chunk_rows": self.storage.chunk_rows,
+            "unit_rows": self.storage.unit_rows,
+            "ann": self.ann.kind,
+            "batch_size": self.batch_size,
+        }
+
+    def canonical_bytes(self) -> bytes:
+        body = self.model_dump(mode="json")
+        body.pop("checksum", None)
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def with_checksum(self) -> Manifest:
+        return self.model_copy(update={"checksum": sha256_bytes(self.canonical_bytes())})
+
+
+def write_manifest(where: IndexDir, manifest: Manifest) -> Manifest:
+    """Write ``manifest.json`` atomically, with its checksum; returns the manifest as written."""
+    m = manifest.with_checksum()
+    where.write_bytes(MANIFEST_FILE, (m.model_dump_json(indent=2) + "\n").encode())
+    return m
+
+
+def rebuild_hint(where: IndexDir) -> str:
+    return (
+        f"rebuild it with `proponent index --run RUN_DIR --out NEW_DIR` (or the --data/--checkpoints it was "
+        f"built from); {where} is left untouched"
+    )
+
+
+def read_manifest(where: IndexDir) -> Manifest:
+    """The validated manifest of the index at ``where``; :class:`ManifestError` names any problem."""
+    path = where.describe(MANIFEST_FILE)
+    if not where.is_file(MANIFEST_FILE):
+        raise ManifestError(f"{path}: manifest missing (not an index directory?)")
+    raw = where.read_bytes(MANIFEST_FILE)
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: damaged (not valid JSON: {e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+        raise ManifestError(f"{path}: not a proponent index manifest")
+    version = obj.get("version")
+    if version != MANIFEST_VERSION:
+        if isinstance(version, int) and version < MANIFEST_VERSION:
+            raise ManifestError(
+                f"{path}: index format version {version} (proponent 0.1: float32 features stored twice, 8-bit "
+                f"inputs, no checksums); this proponent reads version {MANIFEST_VERSION}: {rebuild_hint(where)}"
+            )
+        raise ManifestError(f"{path}: index format version {version!r}; this proponent reads {MANIFEST_VERSION}")
+    try:
+        m = Manifest.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path}: damaged or invalid ({loc}: {first['msg']})") from None
+    expected = sha256_bytes(m.canonical_bytes())
+    if m.checksum != expected:
+        raise ManifestError(f"{path}: damaged (its checksum does not match its contents)")
+    return m

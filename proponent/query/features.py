@@ -1,0 +1,233 @@
+"""The features a server searches, held within a memory budget.
+
+Three modes, chosen at start-up from the budget (``auto``) or forced:
+
+* ``memory``: the stored features are held in RAM (or GPU memory) as stored -- int8 codes
+  with their per-row scales, float16 or float32.
+* ``quantized``: float features held as int8 (a quarter or half of their size); the scan bounds
+  every row's quantization error and rescores, from the store at stored precision, every row
+  whose bound reaches the k-th best, so answers stay exact over the stored features.
+* ``stream``: nothing is held; every query reads the store chunk by chunk (checksums verified
+  on every read), with the same answers as the in-memory scan.
+
+Per-row values the scan needs (exact squared gradient norms, stored-row norms, scales) are
+always held: a few bytes per row and checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..format.store import FeatureStore, quantize_int8, round_up_f32
+
+log = logging.getLogger("proponent.features")
+
+MODES = ("auto", "memory", "quantized", "stream")
+BLOCK_ROWS = 16384  # rows per scan block of resident features
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """``"8G"``, ``"512MiB"``, ``"1.5GB"``, ``123456`` -> bytes (binary units); None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    s = text.strip().lower().replace("ib", "").replace("b", "")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        if s and s[-1] in mult:
+            return int(float(s[:-1]) * mult[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"memory size {text!r}: expected a number of bytes or e.g. 512M, 8G") from None
+
+
+def default_budget() -> int:
+    """Half of the memory available at start-up."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+@dataclass
+class Block:
+    """Rows ``lo:hi`` of every searched checkpoint, as the scan kernels take them."""
+
+    lo: int
+    hi: int
+    data: dict[int, torch.Tensor]  # checkpoint -> [hi - lo, D] int8 codes or float32 rows
+    exact: bool  # the rows are the stored values (int8 codes x scale, or floats): rescoring may use them
+
+
+class ServedFeatures:
+    """Per-checkpoint features and per-row values of an index, resident or streamed."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        checkpoints: int,
+        *,
+        mode: str = "auto",
+        budget_bytes: int | None = None,
+        device: torch.device | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"feature mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.store = store
+        self.n, self.dim = store.n, store.dim
+        self.stored_dtype = store.dtype.name
+        self.n_checkpoints = checkpoints
+        self.device = device or torch.device("cpu")
+        self.budget = budget_bytes if budget_bytes is not None else default_budget()
+        self.sq_norm = [store.sq_norm(c) for c in range(checkpoints)]
+        self.feat_norm = [store.feat_norm(c) for c in range(checkpoints)]
+        self.scale = [store.scale(c) for c in range(checkpoints)]
+        gpu = self.device.type == "cuda"
+        # memory mode holds int8 codes as they are on the CPU, everything else as float32
+        per_value = 1 if (self.stored_dtype == "int8" and not gpu) else 4
+        memory_bytes = self.n * self.dim * checkpoints * per_value
+        int8_bytes = self.n * self.dim * checkpoints
+        if gpu and budget_bytes is None:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.budget = int(free * 0.5)
+        if mode == "auto":
+            if memory_bytes <= self.budget:
+                mode = "memory"
+            elif self.stored_dtype != "int8" and int8_bytes <= self.budget:
+                mode = "quantized"
+            else:
+                mode = "stream"
+        if mode == "quantized" and self.stored_dtype == "int8":
+            mode = "memory"  # int8 is already the quantized form
+        self.mode = mode
+        # resident[c]: int8 codes (CPU) or float32 rows (CPU or GPU); None when streamed
+        self.resident: list[torch.Tensor | None] = [None] * checkpoints
+        self.resident_scale: list[np.ndarray | None] = [None] * checkpoints
+        self.resident_norm: list[np.ndarray] = list(self.feat_norm)  # bound on ||resident row||
+        self.residual: list[np.ndarray | None] = [None] * checkpoints  # bound on ||stored - resident||
+        if mode != "stream":
+            for c in range(checkpoints):
+                self._load(c)
+
+    # ------------------------------------------------------------------ loading
+    def _load(self, c: int) -> None:
+        """Read checkpoint ``c``'s features (every chunk checksum-verified) into the resident form."""
+        st = self.store
+        layout = st.layout
+        gpu = self.device.type == "cuda"
+        if self.mode == "memory" and (self.stored_dtype == "int8") and not gpu:
+            codes = np.empty((self.n, self.dim), np.int8)
+            for k in range(layout.n_chunks):
+                lo, hi = layout.chunk_range(k)
+                codes[lo:hi] = st.feature_chunk(c, k)
+            self.resident[c] = torch.from_numpy(codes)
+            self.resident_scale[c] = self.scale[c]
+            return
+        if self.mode == "memory":
+            rows = torch.empty((self.n, self.dim), dtype=torch.float32, device=self.device)
+            for lo, block in st.iter_feature_chunks(c):
+                rows[lo : lo + len(block)] = torch.from_numpy(block).to(self.device)
+            self.resident[c] = rows
+            return
+        # quantized: int8 codes of the float features, with exact per-row error bounds
+        codes = np.empty((self.n, self.dim), np.int8)
+        scale = np.empty(self.n, np.float32)
+        resid = np.empty(self.n, np.float64)
+        rnorm = np.empty(self.n, np.float64)
+        for lo, block in st.iter_feature_chunks(c):
+            hi = lo + len(block)
+            q, s = quantize_int8(block)
+            codes[lo:hi], scale[lo:hi] = q, s
+            approx = q.astype(np.float64) * s.astype(np.float64)[:, None]
+            diff = block.astype(np.float64) - approx
+            resid[lo:hi] = round_up_f32(np.sqrt(np.einsum("ij,ij->i", diff, diff))) * (1 + 1e-6)
+            rnorm[lo:hi] = round_up_f32(np.sqrt(np.einsum("ij,ij->i", approx, approx))) * (1 + 1e-6)
+        self.resident[c] = torch.from_numpy(codes)
+        self.resident_scale[c] = scale
+        self.residual[c] = resid
+        self.resident_norm[c] = rnorm
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(int(t.numel() * t.element_size()) for t in self.resident if t is not None)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "budget_bytes": int(self.budget),
+            "resident_bytes": self.resident_bytes,
+            "stored_dtype": self.stored_dtype,
+            "device": str(self.device),
+            "rescoring": "from the store (stored precision)" if self.mode == "quantized" else "from the scanned rows",
+        }
+
+    # ------------------------------------------------------------------ scanning
+    def kernel_kind(self) -> str:
+        """``int8`` (exact integer products) or ``float`` (float32 products)."""
+        if self.mode == "stream":
+            return "int8" if self.stored_dtype == "int8" else "float"
+        first = self.resident[0]
+        return "int8" if first is not None and first.dtype == torch.int8 else "float"
+
+    def row_scale(self, c: int) -> np.ndarray | None:
+        """Per-row scale of the scanned int8 codes of checkpoint ``c`` (None for float rows)."""
+        return self.resident_scale[c] if self.mode != "stream" else self.scale[c]
+
+    def blocks(self, checkpoints: list[int]) -> Iterator[Block]:
+        if self.mode != "stream":
+            exact = self.mode == "memory"
+            for lo in range(0, self.n, BLOCK_ROWS):
+                hi = min(self.n, lo + BLOCK_ROWS)
+                data = {}
+                for c in checkpoints:
+                    r = self.resident[c]
+                    assert r is not None
+                    data[c] = r[lo:hi]
+                yield Block(lo, hi, data, exact)
+            return
+        yield from self._stream(checkpoints)
+
+    def _read_chunk(self, checkpoints: list[int], k: int) -> Block:
+        lo, hi = self.store.layout.chunk_range(k)
+        data = {}
+        for c in checkpoints:
+            raw = self.store.feature_chunk(c, k)
+            data[c] = torch.from_numpy(raw if raw.dtype == np.int8 else raw.astype(np.float32))
+        return Block(lo, hi, data, True)
+
+    def _stream(self, checkpoints: list[int]) -> Iterator[Block]:
+        n_chunks = self.store.layout.n_chunks
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch") as pool:
+            ahead = [pool.submit(self._read_chunk, checkpoints, k) for k in range(min(2, n_chunks))]
+            for k in range(n_chunks):
+                block = ahead.pop(0).result()
+                if k + 2 < n_chunks:
+                    ahead.append(pool.submit(self._read_chunk, checkpoints, k + 2))
+                yield block
+
+    # ------------------------------------------------------------------ exact rows
+    def exact_rows(self, c: int, rows: np.ndarray, block: Block | None = None) -> np.ndarray:
+        """Stored features of ``rows`` as float64 (from a block holding them, the resident copy, or the store)."""
+        rows = np.asarray(rows, np.int64)
+        if block is not None and block.exact:
+            t = block.data[c][torch.from_numpy(rows - block.lo)]
+            vals = t.cpu().numpy().astype(np.float64)
+            if t.dtype == torch.int8:
+                sc = self.scale[c]
+                assert sc is not None
+                vals *= sc[rows].astype(np.float64)[:, None]
+            return vals
+        r = self.resident[c]
+        if self.mode == "memory" and r is not None:
+            t = r[torch.from_numpy(rows).to(r.device)]
+            vals = t.cpu().numpy().astype(np.float64)
+            if t.dtype == torch.int8:
+                sc = self.scale[c]
+                assert sc is not None
+                vals *= sc[rows].astype(np.float64)[:, None]
+            return vals
+        return self.store.feature_rows(c, rows)

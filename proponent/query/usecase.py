@@ -1,0 +1,233 @@
+"""The one query path: a typed query in, a typed answer out.
+
+``answer(index, params, x=..., sample_id=...)`` is called by the REST route, the CLI
+(``proponent influence``), the Python API (``InfluenceIndex.influence``) and the report, so they
+give the same answer to the same question. ``params`` is the API's :class:`InfluenceParams`;
+the answer is the API's :class:`InfluenceResponse`.
+
+A stored sample is answered like an upload of its exact stored input: its gradient is
+recomputed with fresh query draws (independent of the index's draws, as paper eq. 10 wants,
+and with per-hit standard errors). ``features="stored"`` uses the index's stored features of
+that sample instead (no featurization; the query then shares the training side's draws). The
+label of a stored sample is its stored label unless given; a classifier query without a label
+is an error that says so.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from proponent.client.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
+from proponent.query.crossloss import make_query_objective
+from proponent.query.scoring import query_scale, scored_query
+from proponent.query.search import ScoredQuery, TopK, brute_force, restricted, scan
+
+if TYPE_CHECKING:
+    from proponent.query.index import InfluenceIndex
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (the message says why)."""
+
+
+def _query_features(
+    index: InfluenceIndex, params: InfluenceParams, x: np.ndarray | None, row: int | None, cks: list[int]
+):
+    """Per-checkpoint query vectors, exact squared norms, per-draw vectors (or None), and m."""
+    meta = index.meta
+    label = params.label
+    if label is None and row is not None:
+        label = meta.label_of(row)
+    if params.features == "stored":
+        if row is None:
+            raise QueryError("features='stored' needs a stored sample (sample_id), not an upload")
+        if params.objective != "elbo" or (params.label is not None and params.label != meta.label_of(row)):
+            raise QueryError("features='stored' answers with the training objective only (objective elbo, own label)")
+        vec = {c: index.store.feature_rows(c, np.array([row]))[0] for c in cks}
+        sq = {c: float(index.features.sq_norm[c][row]) for c in cks}
+        return vec, sq, None, 1, label
+    if x is None:
+        assert row is not None
+        x = index.input(row)
+    objective = make_query_objective(index, params.objective, beta=params.beta, label=label)
+    labels = None if label is None else np.array([label], np.int64)
+    qf = index.runtime.featurize(
+        x[None], objective=objective, seed=params.seed, labels=labels, checkpoints=cks, per_draw=params.uncertainty
+    )
+    vec = {c: qf.mean[c][0] for c in cks}
+    sq = {c: float(qf.sq_norm[c][0]) for c in cks}
+    draws = None if qf.per_draw is None else {c: qf.per_draw[c][0] for c in cks}
+    m = int(objective.m)
+    return vec, sq, draws, m, label
+
+
+def _prefilter_rows(
+    index: InfluenceIndex, params: InfluenceParams, x: np.ndarray | None, row: int | None
+) -> np.ndarray:
+    meta = index.meta
+    size = int(params.prefilter or 0)
+    if meta.latent_mu is None:
+        raise QueryError("this index stores no latent means (not a VAE): no latent pre-filter")
+    if row is not None:
+        mu = meta.latent_mu[row]
+    else:
+        assert x is not None
+        mu = index.runtime.latent_means(x[None])[0]
+    d = ((meta.latent_mu - np.asarray(mu, np.float32)[None, :]) ** 2).sum(axis=1)
+    size = min(size, meta.n)
+    return np.argpartition(d, size - 1)[:size] if size < meta.n else np.arange(meta.n)
+
+
+def _ann(index: InfluenceIndex, sq: ScoredQuery, k: int, directions: tuple[str, ...]) -> dict[str, TopK]:
+    """Candidates from the per-checkpoint FAISS indexes (raw inner products), rescored exactly: approximate."""
+    t0 = time.perf_counter()
+    depth = min(index.n, max(4 * k, 64))
+    out = {}
+    for d in directions:
+        sign = 1.0 if d == "proponents" else -1.0
+        cand = []
+        for c in sq.checkpoints:
+            q = np.ascontiguousarray(sign * sq.vectors[c][None, :], dtype=np.float32)
+            _, ids = index.ann_indexes[c].search(q, depth)
+            cand.append(ids[0][ids[0] >= 0])
+        rows = np.unique(np.concatenate(cand)) if cand else np.empty(0, np.int64)
+        part = restricted(index.features, sq, rows, k, (d,))[d]
+        part.strategy = f"ann/{index.manifest.ann.kind}"
+        part.timings = {"scan_s": time.perf_counter() - t0, "rescore_s": 0.0}
+        out[d] = part
+    return out
+
+
+def _uncertainty(
+    index: InfluenceIndex,
+    sq: ScoredQuery,
+    draws: dict[int, np.ndarray],
+    scales: dict[int, float],
+    rows: np.ndarray,
+    sign: float,
+) -> np.ndarray:
+    """Per-draw scores ``[m, len(rows)]`` of ``rows`` (the mean over draws is the score)."""
+    m = next(iter(draws.values())).shape[0]
+    out = np.zeros((m, len(rows)))
+    for c in sq.checkpoints:
+        f = index.features.exact_rows(c, rows)  # [h, D] float64
+        vals = (draws[c].astype(np.float64) * scales[c]) @ f.T  # [m, h]
+        if sq.row_mult is not None:
+            vals = vals * sq.row_mult[c][rows][None, :]
+        out += vals
+    if sq.global_mult is not None:
+        out *= sq.global_mult[rows][None, :]
+    return sign * out
+
+
+def answer(
+    index: InfluenceIndex,
+    params: InfluenceParams,
+    *,
+    x: np.ndarray | None = None,
+    sample_id: int | None = None,
+    decode_ms: float = 0.0,
+) -> InfluenceResponse:
+    """Proponents and/or opponents of an input ``x [*shape]`` or a stored sample (see the module docstring)."""
+    t0 = time.perf_counter()
+    if (x is None) == (sample_id is None):
+        raise QueryError("give exactly one of an input x or a sample_id")
+    meta = index.meta
+    row = meta.row_of(sample_id) if sample_id is not None else None
+    cks = meta.resolve_checkpoints(params.checkpoints)
+    if x is not None:
+        x = np.asarray(x, np.float32)
+        if x.shape != index.shape:
+            raise QueryError(f"query shape {list(x.shape)} does not match the index's input shape {list(index.shape)}")
+    vec, sqn, draws, m, _ = _query_features(index, params, x, row, cks)
+    t1 = time.perf_counter()
+    weights = meta.weights(params.convention)
+    sq = scored_query(index.features, weights, cks, vec, sqn, params.scoring)
+    directions: tuple[str, ...] = ("proponents", "opponents") if params.direction == "both" else (params.direction,)
+    k = min(params.k, meta.n)
+    use_ann = params.search == "ann" or (params.search == "auto" and bool(index.ann_indexes))
+    if params.search == "ann" and not index.ann_indexes:
+        raise QueryError("search='ann' needs an index built with an ANN kind (--index-kind ivf:..., hnsw:...)")
+    if params.prefilter:
+        results = restricted(index.features, sq, _prefilter_rows(index, params, x, row), k, directions)
+    elif use_ann:
+        results = _ann(index, sq, k, directions)
+    else:
+        results = scan(index.features, sq, k, directions)
+    t2 = time.perf_counter()
+    scales = {c: query_scale(weights, c, sqn[c], params.scoring) for c in cks}
+    out: dict[str, Any] = {}
+    unresolved: dict[str, list[list[int]]] = {}
+    search: dict[str, SearchStats] = {}
+    for d, res in results.items():
+        sign = 1.0 if d == "proponents" else -1.0
+        per_draw = _uncertainty(index, sq, draws, scales, res.rows, sign) if draws is not None and m > 1 else None
+        hits = []
+        pairs = []
+        for i, (r, s, contrib) in enumerate(zip(res.rows, res.scores, res.contributions, strict=True)):
+            stderr = sep = None
+            if per_draw is not None:
+                stderr = float(per_draw[:, i].std(ddof=1) / np.sqrt(m))
+                if i + 1 < len(res.rows):
+                    diff = per_draw[:, i] - per_draw[:, i + 1]
+                    se = float(diff.std(ddof=1) / np.sqrt(m))
+                    sep = bool(sign * (s - res.scores[i + 1]) >= 2 * se)
+                    if not sep:
+                        pairs.append([i + 1, i + 2])
+            hits.append(
+                Hit(
+                    rank=i + 1,
+                    score=float(s),
+                    contributions=[float(v) for v in contrib],
+                    stderr=stderr,
+                    separated_from_next=sep,
+                    **meta.hit_meta(int(r)),
+                )
+            )
+        out[d] = hits
+        unresolved[d] = pairs
+        search[d] = SearchStats(strategy=res.strategy, candidates=res.candidates, exact=res.exact)
+    t3 = time.perf_counter()
+    exact = all(r.exact for r in results.values())
+    return InfluenceResponse(
+        query=QueryInfo(
+            seed=params.seed,
+            objective=params.objective,
+            convention=params.convention,
+            scoring=params.scoring,
+            checkpoints=cks,
+            shape=list(index.shape),
+            sample_id=sample_id,
+            features=params.features,
+            m=m,
+        ),
+        proponents=out.get("proponents"),
+        opponents=out.get("opponents"),
+        exact=exact,
+        approximations=meta.approximations(cks, prefilter=params.prefilter, ann_used=use_ann and not params.prefilter),
+        search=search,
+        timings=Timings(
+            decode_ms=decode_ms,
+            featurize_ms=(t1 - t0) * 1e3,
+            search_ms=(t2 - t1) * 1e3,
+            total_ms=(t3 - t0) * 1e3 + decode_ms,
+        ),
+        unresolved=unresolved,
+    )
+
+
+def all_scores(
+    index: InfluenceIndex, params: InfluenceParams, *, x: np.ndarray | None = None, sample_id: int | None = None
+) -> np.ndarray:
+    """Every training row's exact score ``[N]`` for one query, featurized as :func:`answer` does."""
+    if (x is None) == (sample_id is None):
+        raise QueryError("give exactly one of an input x or a sample_id")
+    row = index.meta.row_of(sample_id) if sample_id is not None else None
+    cks = index.meta.resolve_checkpoints(params.checkpoints)
+    xx = None if x is None else np.asarray(x, np.float32)
+    vec, sqn, _, _, _ = _query_features(index, params.model_copy(update={"uncertainty": False}), xx, row, cks)
+    sq = scored_query(index.features, index.meta.weights(params.convention), cks, vec, sqn, params.scoring)
+    return brute_force(index.features, sq)
