@@ -40,7 +40,7 @@ def _png(a: np.ndarray) -> bytes:
 
 def test_query_kinds_agree(svc_client, svc_server, tmp_path: Path):
     """A path, bytes, a numpy array (.npy) and a PIL image of the same picture give the same answer."""
-    img = svc_server.index.image(9)
+    img = svc_server.index.input(9)
     q8 = np.round(img * 255) / 255  # what an 8-bit PNG holds
     path = tmp_path / "q.png"
     path.write_bytes(_png(img[0]))
@@ -107,7 +107,7 @@ def test_jobs_paging_csv_cancel_and_conflict(svc_server):
         idx = svc_server.index
         expected = idx.self_influence("lr", [1, 3])
         got = {r.id: r.self_influence for r in rows}
-        np.testing.assert_allclose([got[int(i)] for i in idx.ids], expected, rtol=1e-12)
+        np.testing.assert_allclose([got[int(i)] for i in idx.meta.ids], expected, rtol=1e-12)
         assert all(rows[i].self_influence >= rows[i + 1].self_influence for i in range(len(rows) - 1))
         text = job.result(format="csv")
         assert text.splitlines()[0].startswith("rank,id,self_influence") and len(text.splitlines()) == 301
@@ -172,7 +172,7 @@ def test_async_twin(svc_server):
                 ref = sync.influence(sample_id=s, k=5, direction="both")
                 assert [h.id for h in a.proponents] == [h.id for h in ref.proponents]
                 assert [h.id for h in a.opponents] == [h.id for h in ref.opponents]
-            img = svc_server.index.image(5)
+            img = svc_server.index.input(5)
             a = await ac.proponents(img, k=3, checkpoints=[2])
             assert [h.id for h in a.proponents] == [h.id for h in sync.proponents(img, k=3, checkpoints=[2]).proponents]
             assert (await ac.sample(3)).id == 3

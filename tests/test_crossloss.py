@@ -2,7 +2,7 @@
 
 score(x_i, z) = Σ_c w_c <∇θ l_train(x_i; θ_c), ∇θ l_query(z; θ_c)>, computed one sample at a
 time with torch.autograd.grad and the index's own noise keys, must equal what
-``index.scores(index.featurize(z, objective=...))`` returns on an unprojected index.
+``index.scores(z, objective=...)`` (the query path's brute force) returns on an unprojected index.
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ def _build(tmp: object, spec: str) -> object:
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crossloss")
-    idx = open_index(_build(tmp, SPEC), device="cpu", use_gpu_faiss=False)
-    idx.train_x = load_dataset(SPEC).x  # the exact training images (the store keeps 8-bit copies)
-    return idx
+    return open_index(_build(tmp, SPEC), device="cpu", use_gpu_faiss=False)
 
 
 def _flat_grad(model: torch.nn.Module, objective, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -56,10 +54,12 @@ def _flat_grad(model: torch.nn.Module, objective, x: torch.Tensor, y: torch.Tens
 
 def _brute_force(index, query_obj, z: np.ndarray, z_label: int, rows: list[int]) -> np.ndarray:
     w = index.weights("lr")
-    train_obj = index.objective
+    train_obj = index.runtime.objective
+    cfg = ModelConfig.from_dict(index.manifest.model.config)
+    train_x = load_dataset(SPEC).x  # the training images, from the data source itself
     out = np.zeros(len(rows))
     for c, ck in enumerate(index.checkpoints):
-        model, _, _ = load_checkpoint(index.path / ck.path, index.model_config)
+        model, _, _ = load_checkpoint(index.path / ck.path, cfg)
         for p in model.parameters():
             p.requires_grad_(True)
         shape = train_obj.noise_shape(model)
@@ -67,10 +67,10 @@ def _brute_force(index, query_obj, z: np.ndarray, z_label: int, rows: list[int])
         eps_q = draw_noise(NOISE_QUERY, QUERY_SEED, c, [0], q_obj.m, q_obj.noise_shape(model))
         gq = _flat_grad(model, q_obj, torch.from_numpy(z[None]), torch.tensor([z_label]), eps_q)
         for j, r in enumerate(rows):
-            sid = int(index.ids[r])
+            sid = int(index.meta.ids[r])
             eps = draw_noise(NOISE_INDEX, SEED, c, [sid], M, shape)
-            x = torch.from_numpy(index.train_x[r : r + 1])
-            y = torch.tensor([max(int(index.labels[r]), 0)])
+            x = torch.from_numpy(train_x[r : r + 1])
+            y = torch.tensor([max(int(index.meta.labels[r]), 0)])
             gx = _flat_grad(model, train_obj, x, y, eps)
             out[j] += w[c] * float(gx @ gq)
     return out
@@ -79,11 +79,14 @@ def _brute_force(index, query_obj, z: np.ndarray, z_label: int, rows: list[int])
 @pytest.mark.parametrize("name", ["elbo", "reconstruction", "kl", "elbo_beta", "probe"])
 def test_query_objective_matches_autograd(index, name):
     query_row = 7
-    z = index.image(query_row)
-    label = int(index.labels[query_row])
-    obj = make_query_objective(index, name, beta=4.0 if name == "elbo_beta" else None, label=label)
-    q = index.featurize(z[None], objective=obj, seed=QUERY_SEED, labels=np.array([label]))
-    scores = index.scores({c: v[0] for c, v in q.items()})
+    z = index.input(query_row)
+    label = int(index.meta.labels[query_row])
+    beta = 4.0 if name == "elbo_beta" else None
+    obj = make_query_objective(index, name, beta=beta, label=label)
+    scores = index.scores(z, objective=name, beta=beta, label=label, seed=QUERY_SEED)
+    # the API's answer comes from the same scores
+    top = index.influence(z, k=5, objective=name, beta=beta, label=label, seed=QUERY_SEED, uncertainty=False)
+    assert top.ids() == [int(i) for i in np.lexsort((np.arange(index.n), -scores))[:5]]
     rows = [0, 5, query_row, 42, 199]
     expected = _brute_force(index, obj, z, label, rows)
     scale = np.abs(scores).max()
@@ -92,13 +95,11 @@ def test_query_objective_matches_autograd(index, name):
 
 
 def test_query_objectives_differ(index):
-    z = index.image(3)[None]
-    label = int(index.labels[3])
+    z = index.input(3)
+    label = int(index.meta.labels[3])
     got = {}
     for name in ("elbo", "reconstruction", "kl", "probe"):
-        obj = make_query_objective(index, name, label=label)
-        q = index.featurize(z, objective=obj, seed=QUERY_SEED)
-        got[name] = index.scores({c: v[0] for c, v in q.items()})
+        got[name] = index.scores(z, objective=name, label=label, seed=QUERY_SEED)
     # ELBO = reconstruction + β·KL (β = 1), with the same query draws
     np.testing.assert_allclose(
         got["elbo"], got["reconstruction"] + got["kl"], rtol=1e-4, atol=1e-6 * np.abs(got["elbo"]).max()
@@ -112,9 +113,9 @@ def test_probe_is_fitted_per_checkpoint_and_cached(index):
     assert not np.allclose(p0.weight, p1.weight)  # each checkpoint's own latent space
     assert index_probe(index, 1) is p1  # cached
     with torch.no_grad():
-        mu = index.model(1).encode(torch.from_numpy(index.store.images(np.arange(index.n))))[0].numpy()
+        mu = index.runtime.model(1).encode(torch.from_numpy(index.store.inputs(np.arange(index.n))))[0].numpy()
     pred = p1.classes[np.argmax(mu @ p1.weight.T + p1.bias, axis=1)]
-    assert (pred == index.labels).mean() == pytest.approx(p1.accuracy)
+    assert (pred == index.meta.labels).mean() == pytest.approx(p1.accuracy)
     assert p1.accuracy > 0.2  # above chance (0.1): the probe learned something from a 3-epoch model
 
 
@@ -129,7 +130,9 @@ def test_probe_errors(index, tmp_path):
         make_query_objective(index, "elbo_beta")
     obj = make_query_objective(index, "probe", label=1)
     with pytest.raises(ObjectiveError, match="objective_for"):
-        obj.loss(index.model(0), torch.zeros(1, *index.shape), torch.zeros(1, dtype=torch.long), torch.zeros(1, M, 4))
+        obj.loss(
+            index.runtime.model(0), torch.zeros(1, *index.shape), torch.zeros(1, dtype=torch.long), torch.zeros(1, M, 4)
+        )
 
 
 def test_probe_needs_labels(tmp_path):

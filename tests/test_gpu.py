@@ -27,17 +27,34 @@ def test_gpu_index_answers_like_cpu(tmp_path: Path) -> None:
     opts = IndexOptions(m=4, projection=ProjectionSpec(kind="kron", k=8), device="cuda")
     out = build_index(data, specs, tmp_path / "idx", opts, show_progress=False)
     gpu, cpu = open_index(out, device="cuda"), open_index(out, device="cpu")
-    assert gpu._gpu_features, "features should be held on the GPU for the scan"
+    assert gpu.features.describe()["device"].startswith("cuda"), "features should be held on the GPU for the scan"
+    assert gpu.features.kernel_kind() == "float"
+    from proponent.query.scoring import scored_query
+    from proponent.query.search import scan
+
+    cks = list(range(len(gpu.checkpoints)))
     for row in (0, 17, 123):
         x = data.x[row]
-        qg = gpu.featurize(x[None], seed=5)
-        qc = cpu.featurize(x[None], seed=5)
-        for c in qg:
-            np.testing.assert_allclose(qg[c], qc[c], rtol=1e-4, atol=1e-6)
-        q = {c: v[0] for c, v in qc.items()}  # same query features: the searches must agree exactly
-        for direction in ("proponents", "opponents"):
-            a = gpu.top(q, k=10, direction=direction)
-            b = cpu.top(q, k=10, direction=direction)
-            np.testing.assert_array_equal(a.rows, b.rows)
-            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-12)
-            assert a.exact and a.search is not None and a.search.strategy == "scan"
+        qg = gpu.runtime.featurize(x[None], seed=5, checkpoints=cks)
+        qc = cpu.runtime.featurize(x[None], seed=5, checkpoints=cks)
+        for c in cks:
+            np.testing.assert_allclose(qg.mean[c], qc.mean[c], rtol=1e-4, atol=1e-6)
+        vec = {c: qc.mean[c][0] for c in cks}  # same query features: the searches must agree exactly
+        sqn = {c: float(qc.sq_norm[c][0]) for c in cks}
+        for scoring in ("raw", "cosine", "relatif"):
+            a = scan(
+                gpu.features,
+                scored_query(gpu.features, gpu.weights(), cks, vec, sqn, scoring),
+                10,
+                ("proponents", "opponents"),
+            )
+            b = scan(
+                cpu.features,
+                scored_query(cpu.features, cpu.weights(), cks, vec, sqn, scoring),
+                10,
+                ("proponents", "opponents"),
+            )
+            for d in a:
+                np.testing.assert_array_equal(a[d].rows, b[d].rows)
+                np.testing.assert_allclose(a[d].scores, b[d].scores, rtol=1e-12)
+                assert a[d].exact and a[d].strategy == "scan/memory/float"

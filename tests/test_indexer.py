@@ -12,12 +12,15 @@ import torch
 from proponent.build.data import load_dataset
 from proponent.build.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
 from proponent.build.training import TrainConfig, train
+from proponent.format.fsio import IndexDir
+from proponent.format.integrity import verify_index
 from proponent.format.store import FeatureStore
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import CheckpointSpec
 from proponent.model.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_noise
 from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
-from proponent.query.index import open_index, verify_index
+from proponent.query.index import open_index
+from tests.helpers import query_vectors, reference_scores, stored_matrix
 
 DATA = "digits,limit=150"
 
@@ -48,18 +51,18 @@ def _autograd_grad(
 def test_unprojected_features_equal_autograd_and_scores_match_definition(tiny_run: Path, tmp_path: Path) -> None:
     out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="none"))
     idx = open_index(out, device="cpu")
-    obj = idx.objective
+    obj = idx.runtime.objective
     assert isinstance(obj, ELBO) and obj.m == 3
-    assert idx.approximations() == []  # exact gradients, all layers and checkpoints, flat index
+    assert idx.meta.approximations([0, 1]) == []  # exact gradients, all layers and checkpoints, exact scan
     x_train = torch.from_numpy(load_dataset(DATA).x)
     query = x_train[7] * 0.5 + x_train[9] * 0.5
-    q_feats = idx.featurize(query.numpy()[None], seed=11)
+    q_vec, q_sq = query_vectors(idx, query.numpy(), seed=11)
     exact_g: dict[int, dict[int, torch.Tensor]] = {}
     for c in range(len(idx.checkpoints)):
-        model = idx.model(c)
-        proj = idx._projectors[c]
+        model = idx.runtime.model(c)
+        proj = idx.runtime.projector(c)
         shape = obj.noise_shape(model)
-        stored = idx.store.features(c)
+        stored = stored_matrix(idx, c)
         for i in (0, 5, 42):
             eps = draw_noise(NOISE_INDEX, 0, c, [i], obj.m, shape)[0]
             g = proj.project_gradients(_autograd_grad(model, obj, x_train[i], eps))[0].double()
@@ -69,14 +72,18 @@ def test_unprojected_features_equal_autograd_and_scores_match_definition(tiny_ru
             exact_g.setdefault(c, {})[i] = g
         eps_q = draw_noise(NOISE_QUERY, 11, c, [0], obj.m, shape)[0]
         gq = proj.project_gradients(_autograd_grad(model, obj, query, eps_q))[0].double()
-        assert (torch.from_numpy(q_feats[c][0]).double() - gq).norm() / gq.norm() < 1e-5
+        assert (torch.from_numpy(q_vec[c]).double() - gq).norm() / gq.norm() < 1e-5
+        assert q_sq[c] == pytest.approx(float(gq.pow(2).sum()), rel=1e-5)
         exact_g[c][-1] = gq
     for conv in ("lr", "visits"):
         w = idx.weights(conv)
-        scores = idx.scores({c: v[0] for c, v in q_feats.items()}, convention=conv)
+        scores = idx.scores(query.numpy(), convention=conv, seed=11)  # the product's own brute force
+        np.testing.assert_allclose(scores, reference_scores(idx, q_vec, q_sq, convention=conv), rtol=1e-12)
         for i in (0, 5, 42):
             expected = sum(w[c] * float(exact_g[c][i] @ exact_g[c][-1]) for c in exact_g)
             assert scores[i] == pytest.approx(expected, rel=1e-5)
+    # the stored training inputs are exactly the data the index featurized
+    np.testing.assert_array_equal(idx.store.inputs(slice(None)), x_train.numpy())
     # the visits convention is lr * batch * steps / N, recorded per checkpoint
     ck = idx.checkpoints[1]
     assert idx.weights("visits")[1] == pytest.approx(ck.lr * ck.batch_size * ck.steps_since_prev / idx.n)
@@ -114,93 +121,97 @@ def test_projection_is_unbiased_over_seeds() -> None:
 
 
 def _hash_store(path: Path) -> str:
-    store = FeatureStore.open(path / "store.zarr")
+    """sha256 over every file of the store (chunks and metadata)."""
     h = hashlib.sha256()
-    for c in range(store.n_checkpoints):
-        h.update(store.features(c).tobytes())
-        h.update(store.sq_norm(c).tobytes())
-        h.update(store.loss(c).tobytes())
-    h.update(store.array("latent_mu").tobytes())
+    for p in sorted((path / "store.zarr").rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
     return h.hexdigest()
 
 
-def _hash_faiss(path: Path) -> list[str]:
-    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((path / "faiss").glob("*.index"))]
+def _features(path: Path, c: int) -> np.ndarray:
+    store = FeatureStore.open(IndexDir(path))
+    return np.concatenate([b for _, b in store.iter_feature_chunks(c)])
 
 
 def test_features_bit_identical_across_runs_and_shards_and_batch_invariant(tiny_run: Path, tmp_path: Path) -> None:
     proj = ProjectionSpec(kind="kron", k=4, seed=3)
-    a = _build(tiny_run, tmp_path / "a", projection=proj, batch_size=64, chunk_rows=64)
-    b = _build(tiny_run, tmp_path / "b", projection=proj, batch_size=64, chunk_rows=64)
-    c = _build(tiny_run, tmp_path / "c", projection=proj, batch_size=7, chunk_rows=64)
-    _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64, shard=(0, 2))
+    a = _build(tiny_run, tmp_path / "a", projection=proj, batch_size=64, chunk_rows=64, unit_rows=64)
+    b = _build(tiny_run, tmp_path / "b", projection=proj, batch_size=64, chunk_rows=64, unit_rows=64)
+    c = _build(tiny_run, tmp_path / "c", projection=proj, batch_size=7, chunk_rows=64, unit_rows=64)
+    _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64, unit_rows=64, shard=(0, 2))
     man = (tmp_path / "d" / "manifest.json").read_text()
     assert '"complete": false' in man
-    _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64, shard=(1, 2))
-    d = _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64)
+    _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64, unit_rows=64, shard=(1, 2))
+    d = _build(tiny_run, tmp_path / "d", projection=proj, batch_size=64, chunk_rows=64, unit_rows=64)
     ha = _hash_store(a)
     assert ha == _hash_store(b) == _hash_store(d)
-    assert _hash_faiss(a) == _hash_faiss(b) == _hash_faiss(d)
     # Noise is keyed by sample id, not batch position, so another batch size gives the same
     # features up to float32 BLAS rounding (vendor GEMMs are not batch-shape invariant).
-    sa, sc = FeatureStore.open(a / "store.zarr"), FeatureStore.open(c / "store.zarr")
+    sa, sc = FeatureStore.open(IndexDir(a)), FeatureStore.open(IndexDir(c))
     for ck in range(sa.n_checkpoints):
-        np.testing.assert_allclose(
-            sc.features(ck), sa.features(ck), rtol=1e-4, atol=1e-5 * np.abs(sa.features(ck)).max()
-        )
+        fa, fc = _features(a, ck), _features(c, ck)
+        np.testing.assert_allclose(fc, fa, rtol=1e-4, atol=1e-5 * np.abs(fa).max())
         np.testing.assert_allclose(sc.sq_norm(ck), sa.sq_norm(ck), rtol=1e-5)
-    e = _build(tiny_run, tmp_path / "e", projection=ProjectionSpec(kind="kron", k=4, seed=4), chunk_rows=64)
+    e = _build(
+        tiny_run, tmp_path / "e", projection=ProjectionSpec(kind="kron", k=4, seed=4), chunk_rows=64, unit_rows=64
+    )
     assert _hash_store(e) != ha  # a different projection seed changes the bytes
 
 
-def test_store_layout_faiss_and_manifest(tiny_run: Path, tmp_path: Path) -> None:
-    out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="kron", k=4), dtype="float16")
-    assert verify_index(out) == []
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_store_layout_and_manifest(tiny_run: Path, tmp_path: Path, dtype: str) -> None:
+    out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="kron", k=4), dtype=dtype)
+    assert verify_index(out) == [] and verify_index(out, deep=True) == []
+    assert not (out / "faiss").exists()  # features are stored once: the exact scan reads the store
     idx = open_index(out, device="cpu")
     man = idx.manifest
-    assert man["complete"] and man["dtype"] == "float16" and man["n"] == 150
-    for key in ("dataset", "model_config", "objective", "projection", "checkpoints", "library_versions"):
-        assert key in man
-    assert all(len(c["sha256"]) == 64 for c in man["checkpoints"])
+    assert man.complete and man.storage.dtype == dtype and man.n == 150 and man.version == 2
+    assert len(man.checksum) == 64 and all(len(c.sha256) == 64 for c in man.checkpoints)
+    assert {f.path for f in man.storage.metadata} == set(idx.store.metadata_files())
     arr = idx.store.group["ckpt_000/features"]
-    assert str(arr.dtype) == "float16" and arr.shape == (150, idx.dim)
-    assert arr.chunks[0] * idx.dim * 2 >= 1 << 20 or arr.chunks[0] >= 150
-    assert idx.cpu_indexes[0].ntotal == 150 and idx.cpu_indexes[0].d == idx.dim
-    # the FAISS index holds exactly the stored (float16 -> float32) features
-    np.testing.assert_array_equal(idx.sources[0].all(), idx.store.features(0))
-    # brute force through open_index: proponents are the largest scores, opponents the smallest
-    q = idx.stored_features(3)
-    s = idx.scores(q)
-    pro = idx.top(q, k=5)
-    opp = idx.top(q, k=5, direction="opponents")
-    np.testing.assert_array_equal(pro.rows, np.argsort(-s, kind="stable")[:5])
-    np.testing.assert_array_equal(opp.rows, np.argsort(s, kind="stable")[:5])
-    assert pro.exact and opp.exact
+    assert str(arr.dtype) == dtype and arr.shape == (150, idx.dim)
+    codecs = arr.metadata.to_dict()["codecs"]
+    assert [c["name"] for c in codecs] == ["bytes", "crc32c"]
+    f = stored_matrix(idx, 0)
+    np.testing.assert_allclose(idx.store.feat_norm(0), np.linalg.norm(f, axis=1), rtol=1e-6)
+    assert np.all(idx.store.feat_norm(0) >= np.linalg.norm(f, axis=1))  # rounded up: a bound
+    # proponents are the largest scores, opponents the smallest, from the Python API
+    res = idx.influence(sample_id=3, k=5, direction="both")
+    s = idx.scores(sample_id=3)
+    assert res.ids("proponents") == [int(i) for i in np.argsort(-s, kind="stable")[:5]]
+    assert res.ids("opponents") == [int(i) for i in np.argsort(s, kind="stable")[:5]]
+    assert res.exact
     si = idx.self_influence()
     assert si.shape == (150,) and np.all(si > 0)
-    labels = idx.labels
-    assert labels.min() >= 0 and idx.store.array("latent_mu").shape == (150, 4)
-    approx = idx.approximations([1])
-    assert any("random projection" in a for a in approx) and any("float16" in a for a in approx)
+    assert idx.meta.labels.min() >= 0 and idx.store.array("latent_mu").shape == (150, 4)
+    approx = idx.meta.approximations([1])
+    assert any("random projection" in a for a in approx) and any(dtype in a for a in approx)
     assert any("checkpoint subset: [1]" in a for a in approx)
-    # the fused scan and the certified threshold algorithm agree with brute force
-    for direction in ("proponents", "opponents"):
-        a = idx.top(q, k=7, direction=direction, strategy="scan")
-        b = idx.top(q, k=7, direction=direction, strategy="threshold")
-        np.testing.assert_array_equal(a.rows, b.rows)
-        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-12)
+
+
+def test_ann_index_is_approximate_and_flagged(tiny_run: Path, tmp_path: Path) -> None:
+    out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="kron", k=4), index_kind="ivf:4:4")
+    idx = open_index(out, device="cpu")
+    assert idx.manifest.ann.kind == "ivf:4:4" and len(idx.manifest.ann.files) == 2
+    res = idx.influence(sample_id=3, k=5)
+    assert res.exact is False and res.search["proponents"].strategy == "ann/ivf:4:4"
+    assert any("approximate nearest-neighbour index" in a for a in res.approximations)
+    exact = idx.influence(sample_id=3, k=5, search="scan")  # all lists probed here: the same answer, exact
+    assert exact.exact and exact.ids() == res.ids()
+    (out / "faiss" / "ckpt_001.index").unlink()
+    assert any("ckpt_001.index missing" in p for p in verify_index(out))
 
 
 def test_index_refuses_mismatched_settings_and_reports_corruption(tiny_run: Path, tmp_path: Path) -> None:
     out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="kron", k=4))
     with pytest.raises(IndexJobError, match="projection"):
         _build(tiny_run, out, projection=ProjectionSpec(kind="kron", k=5))
-    ck = out / open_index(out).manifest["checkpoints"][0]["path"]
+    ck = out / open_index(out).manifest.checkpoints[0].path
     ck.write_bytes(ck.read_bytes() + b"x")
     problems = verify_index(out)
     assert any("checkpoint 0" in p and "sha256" in p for p in problems)
-    (out / "faiss" / "ckpt_001.index").unlink()
-    assert any("ckpt_001.index missing" in p for p in verify_index(out))
 
 
 def test_external_checkpoints_and_layer_selection(tiny_run: Path, tmp_path: Path) -> None:
@@ -211,7 +222,12 @@ def test_external_checkpoints_and_layer_selection(tiny_run: Path, tmp_path: Path
     torch.save(raw["state_dict"], bare)
     opts = IndexOptions(m=2, featurizer="dense", layers="decoder", projection=ProjectionSpec(kind="none"), device="cpu")
     out = build_index(
-        DATA, [CheckpointSpec(str(bare), 0.5, 32, 10)], tmp_path / "ext", opts, model_config=cfg, show_progress=False
+        DATA,
+        [CheckpointSpec(path=str(bare), lr=0.5, batch_size=32, steps_since_prev=10)],
+        tmp_path / "ext",
+        opts,
+        model_config=cfg,
+        show_progress=False,
     )
     idx = open_index(out)
     model = build_model(cfg)

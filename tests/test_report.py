@@ -225,7 +225,7 @@ def test_cli_analysis_commands(letters_index, tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert out.startswith("proponents (exact):") and "opponents" not in out
+    assert out.startswith("proponents (exact; scoring ") and "opponents" not in out
     assert (
         cli.main(
             [

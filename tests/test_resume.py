@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from proponent.format.fsio import IndexDir
+from proponent.format.integrity import verify_index
 from proponent.format.store import FeatureStore
-from proponent.query.index import verify_index
 
 DATA = "digits,limit=400"
 
@@ -66,19 +67,19 @@ def _index_args(run: Path, out: Path) -> list[str]:
         "16",
         "--threads",
         "1",
+        "--index-kind",
+        "ivf:4:2",  # an ANN index too, so that a kill can land while FAISS files are written
         "--quiet",
     )
 
 
 def _digest(out: Path) -> str:
+    """sha256 over every file of the store and every FAISS file."""
     h = hashlib.sha256()
-    store = FeatureStore.open(out / "store.zarr")
-    for c in range(store.n_checkpoints):
-        for arr in (store.features(c), store.sq_norm(c), store.loss(c), store.done_mask(c)):
-            h.update(np.ascontiguousarray(arr).tobytes())
-    h.update(store.array("latent_mu").tobytes())
-    for f in sorted((out / "faiss").glob("*.index")):
-        h.update(f.read_bytes())
+    for p in sorted([*(out / "store.zarr").rglob("*"), *(out / "faiss").glob("*.index")]):
+        if p.is_file():
+            h.update(str(p.relative_to(out)).encode())
+            h.update(p.read_bytes())
     return h.hexdigest()
 
 
@@ -109,7 +110,7 @@ def test_sigkill_then_resume_is_bit_identical(run_dir: Path, tmp_path: Path) -> 
 
     def chunks_done() -> int:
         try:
-            st = FeatureStore.open(out / "store.zarr")
+            st = FeatureStore.open(IndexDir(out))
             return sum(int(st.done_mask(c).sum()) for c in range(st.n_checkpoints))
         except Exception:
             return 0
@@ -134,9 +135,9 @@ def test_verify_cli_names_the_problem(run_dir: Path, tmp_path: Path) -> None:
     subprocess.run(_index_args(run_dir, out), check=True, env=env)
     ok = subprocess.run(_cli("verify", "--index", str(out)), capture_output=True, text=True)
     assert ok.returncode == 0 and "OK" in ok.stdout
-    st = FeatureStore.open(out / "store.zarr", mode="r+")
-    st.group["ckpt_001/done"][0] = 0  # pretend a chunk never finished
+    st = FeatureStore.open(IndexDir(out), mode="r+")
+    st.group["ckpt_001/done"][0] = 0  # pretend a unit never finished
     bad = subprocess.run(_cli("verify", "--index", str(out)), capture_output=True, text=True)
-    assert bad.returncode == 1 and "checkpoint 1 has 1 unfinished row chunks" in bad.stdout
+    assert bad.returncode == 1 and "checkpoint 1 has 1 unfinished units" in bad.stdout
     missing = subprocess.run(_cli("verify", "--index", str(tmp_path / "nope")), capture_output=True, text=True)
     assert missing.returncode == 1 and "manifest missing" in missing.stdout

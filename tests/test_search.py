@@ -1,47 +1,145 @@
-"""The fused exact scan: equal to float64 brute force, near-ties included."""
+"""The exact scan and its certificate: equal to float64 brute force over the stored features, near-ties
+included, for every stored dtype, every features mode (memory, quantized, stream) and every scoring."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from proponent.query.search import ArrayRows as Rows
-from proponent.query.search import exact_scores, scan_topk
+from proponent.format.fsio import IndexDir
+from proponent.format.store import FeatureStore
+from proponent.query.features import ServedFeatures
+from proponent.query.scoring import scored_query
+from proponent.query.search import brute_force, scan
 
 
-def _brute(qs: list[np.ndarray], fs: list[np.ndarray], k: int) -> np.ndarray:
-    s = exact_scores(qs, fs).sum(axis=1)
-    return np.lexsort((np.arange(len(s)), -s))[:k]
+def make_store(tmp_path, feats: list[np.ndarray], dtype: str, chunk_rows: int = 256) -> FeatureStore:
+    """A real store holding ``feats`` (one [N, D] array per checkpoint) with random exact norms."""
+    n, d = feats[0].shape
+    where = IndexDir(tmp_path)
+    store = FeatureStore.create(
+        where,
+        "store.zarr",
+        dim=d,
+        n_checkpoints=len(feats),
+        dtype=dtype,
+        latent_dim=0,
+        inputs=np.zeros((n, 1), np.float32),
+        ids=np.arange(n),
+        labels=None,
+        origin=np.zeros(n, np.int32),
+        source_row=np.arange(n),
+        injected=np.zeros(n, bool),
+        chunk_rows=chunk_rows,
+        unit_rows=chunk_rows * 2,
+    )
+    rng = np.random.default_rng(99)
+    for c, f in enumerate(feats):
+        for u in range(store.n_units):
+            lo, hi = store.unit_range(u)
+            sq = (f[lo:hi].astype(np.float64) ** 2).sum(axis=1) * rng.uniform(1, 3, hi - lo)  # "exact" > projected
+            store.write_unit(c, u, f[lo:hi], sq, np.zeros(hi - lo, np.float32))
+    return FeatureStore.open(where)
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("k", [1, 5, 40])
-def test_scan_equals_float64_brute_force_with_near_ties(seed: int, k: int) -> None:
+def planted(seed: int, n: int = 3000, d: int = 257, c: int = 3, scale: float = 1.0):
+    """Features and a query with near-duplicates of the best rows (scores equal to float32 resolution)."""
     rng = np.random.default_rng(seed)
-    n, d, c = 3000, 257, 3
-    fs = [rng.standard_normal((n, d)).astype(np.float32) for _ in range(c)]
+    fs = [rng.standard_normal((n, d)).astype(np.float32) * scale for _ in range(c)]
     qs = [rng.standard_normal(d).astype(np.float32) for _ in range(c)]
-    # plant near-duplicates of the best rows: scores that differ at float32 resolution
-    best = _brute(qs, fs, 5)
+    s = sum(f.astype(np.float64) @ q.astype(np.float64) for f, q in zip(fs, qs))
+    best = np.argsort(-s)[:5]
+    worst = np.argsort(s)[:5]
     for f in fs:
         f[n - 5 :] = np.nextafter(f[best], np.float32(np.inf))
-    norms = [float(np.sqrt((f.astype(np.float64) ** 2).sum(axis=1).max())) for f in fs]
-    res = scan_topk(qs, [Rows(f) for f in fs], k, norms)
-    want = _brute(qs, fs, k)
-    s64 = exact_scores(qs, fs).sum(axis=1)
-    # float64 sums over different row blocks may differ in the last bits (~1e-16 relative), which
-    # may reorder exact duplicates; the answer must be the same up to that.
-    tol = 1e-12 * np.abs(s64).max()
-    np.testing.assert_allclose(res.scores, s64[want], rtol=0, atol=tol)
-    assert np.all(s64[res.ids] >= s64[want[-1]] - tol)
-    assert len(set(res.ids.tolist())) == k
-    assert res.exact and res.strategy == "scan" and res.candidates >= k
+        f[n - 10 : n - 5] = np.nextafter(f[worst], np.float32(-np.inf))
+    return fs, qs
 
 
-def test_scan_handles_k_larger_than_n() -> None:
+def reference_top(served, sq, k, direction):
+    s = brute_force(served, sq)
+    sign = 1.0 if direction == "proponents" else -1.0
+    return np.lexsort((np.arange(len(s)), -sign * s))[:k], s
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("mode", ["memory", "quantized", "stream"])
+@pytest.mark.parametrize("scoring", ["raw", "cosine", "relatif"])
+def test_scan_equals_brute_force_with_planted_near_ties(tmp_path, dtype, mode, scoring):
+    fs, qs = planted(seed=len(dtype) + len(mode) + len(scoring))
+    store = make_store(tmp_path, fs, dtype)
+    served = ServedFeatures(store, len(fs), mode=mode)
+    assert served.mode == ("memory" if (mode == "quantized" and dtype == "int8") else mode)
+    weights = np.array([0.7, 1.3, 0.4])
+    vec = {c: qs[c] for c in range(len(qs))}
+    sqn = {c: float((qs[c].astype(np.float64) ** 2).sum()) * 1.5 for c in range(len(qs))}
+    sq = scored_query(served, weights, [0, 1, 2], vec, sqn, scoring)
+    for k in (1, 5, 40):
+        res = scan(served, sq, k, ("proponents", "opponents"))
+        for d in ("proponents", "opponents"):
+            want, s64 = reference_top(served, sq, k, d)
+            got = res[d]
+            # float64 sums in different orders may differ in the last bits and reorder exact duplicates
+            tol = 1e-12 * np.abs(s64).max()
+            np.testing.assert_allclose(got.scores, s64[want], rtol=0, atol=tol)
+            sign = 1.0 if d == "proponents" else -1.0
+            assert np.all(sign * s64[got.rows] >= sign * s64[want[-1]] - tol)
+            assert len(set(got.rows.tolist())) == k and got.exact and got.candidates >= k
+            np.testing.assert_allclose(got.contributions.sum(axis=1), got.scores, rtol=1e-12, atol=tol)
+
+
+def test_certificate_is_tight_and_quantized_rescoring_reads_the_store(tmp_path):
+    fs, qs = planted(seed=3)
+    store = make_store(tmp_path, fs, "float16")
+    weights = np.ones(3)
+    vec = {c: qs[c] for c in range(3)}
+    for mode in ("memory", "quantized", "stream"):
+        served = ServedFeatures(store, 3, mode=mode)
+        sq = scored_query(served, weights, [0, 1, 2], vec, {}, "raw")
+        res = scan(served, sq, 10)["proponents"]
+        # memory/stream: float32 rounding only; quantized: int8 error bound: still only a few rows rescored
+        assert res.candidates <= (60 if mode == "quantized" else 20), (mode, res.candidates)
+    served = ServedFeatures(store, 3, mode="quantized")
+    assert served.resident_bytes == 3 * 3000 * 257  # int8 in memory
+    assert served.residual[0] is not None and served.residual[0].max() > 0
+
+
+def test_budget_chooses_the_mode(tmp_path):
+    fs, _ = planted(seed=1, n=500, d=64)
+    store = make_store(tmp_path, fs, "float32", chunk_rows=128)
+    full = 3 * 500 * 64 * 4
+    assert ServedFeatures(store, 3, budget_bytes=full).mode == "memory"
+    assert ServedFeatures(store, 3, budget_bytes=full - 1).mode == "quantized"
+    assert ServedFeatures(store, 3, budget_bytes=full // 4 - 1).mode == "stream"
+    assert ServedFeatures(store, 3, budget_bytes=full // 4 - 1).resident_bytes == 0
+
+
+def test_long_rows_split_the_integer_products(tmp_path):
+    """Rows longer than int32 can sum exactly (D·127² ≥ 2³¹) are split into exact pieces."""
     rng = np.random.default_rng(0)
-    f = rng.standard_normal((7, 5)).astype(np.float32)
-    q = rng.standard_normal(5).astype(np.float32)
-    res = scan_topk([q], [Rows(f)], 50, [float(np.linalg.norm(f, axis=1).max())])
-    assert len(res.ids) == 7
-    np.testing.assert_array_equal(res.ids, _brute([q], [f], 7))
+    n, d = 40, 140_000
+    fs = [rng.standard_normal((n, d)).astype(np.float32)]
+    store = make_store(tmp_path, fs, "int8", chunk_rows=64)
+    served = ServedFeatures(store, 1, mode="memory")
+    q = rng.standard_normal(d).astype(np.float32)
+    sq = scored_query(served, np.ones(1), [0], {0: q}, {}, "raw")
+    res = scan(served, sq, 5)["proponents"]
+    want, s64 = reference_top(served, sq, 5, "proponents")
+    assert res.rows.tolist() == want.tolist()
+    np.testing.assert_allclose(res.scores, s64[want], rtol=1e-12)
+
+
+def test_k_larger_than_n_and_damaged_chunk(tmp_path):
+    fs, qs = planted(seed=2, n=300, d=16, c=1)
+    store = make_store(tmp_path, fs, "int8", chunk_rows=64)
+    served = ServedFeatures(store, 1, mode="stream")
+    sq = scored_query(served, np.ones(1), [0], {0: qs[0]}, {}, "raw")
+    assert len(scan(served, sq, 5000)["proponents"].rows) == 300
+    key = tmp_path / "store.zarr" / "ckpt_000" / "features" / "c" / "2" / "0"
+    data = bytearray(key.read_bytes())
+    data[10] ^= 0x40
+    key.write_bytes(bytes(data))
+    from proponent.format.store import StoreError
+
+    with pytest.raises(StoreError, match=r"ckpt_000/features/c/2/0: damaged \(checksum mismatch\)"):
+        scan(served, sq, 5)

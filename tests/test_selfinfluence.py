@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train, training_objective
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, training_objective
+from proponent.build.training import TrainConfig, train
 from proponent.cli import main as cli_main
 from proponent.model.architectures import ModelConfig
 from proponent.model.objectives import draw_noise
@@ -44,16 +44,17 @@ def test_recomputed_self_influence_matches_autograd(index_path: Path, tmp_path: 
     p = SelfInfluenceParams(m=2, seed=9, estimator=estimator)
     scores = SelfInfluenceJob(idx, p, tmp_path / "state").run()
     assert scores is not None and scores.shape == (idx.n,)
-    obj = training_objective(idx.model_config, 2)
+    obj = training_objective(idx.manifest.model, 2)
     w = idx.weights("lr")
-    x = torch.from_numpy(idx.store.images(slice(0, idx.n)))
+    x = torch.from_numpy(idx.store.inputs(slice(0, idx.n)))
+    ids = idx.meta.ids
     for i in (0, 33, 77):
         want = 0.0
         for c in range(len(idx.checkpoints)):
-            model = idx.model(c)
+            model = idx.runtime.model(c)
             shape = obj.noise_shape(model)
-            g1 = _grad(model, obj, x[i], draw_noise(NOISE_SELF, 9, c, [int(idx.ids[i])], 2, shape)[0])
-            g2 = _grad(model, obj, x[i], draw_noise(NOISE_SELF_PAIR, 9, c, [int(idx.ids[i])], 2, shape)[0])
+            g1 = _grad(model, obj, x[i], draw_noise(NOISE_SELF, 9, c, [int(ids[i])], 2, shape)[0])
+            g2 = _grad(model, obj, x[i], draw_noise(NOISE_SELF_PAIR, 9, c, [int(ids[i])], 2, shape)[0])
             want += w[c] * float(g1 @ (g2 if estimator == "unbiased" else g1))
         assert scores[i] == pytest.approx(want, rel=1e-5)
 
@@ -75,7 +76,7 @@ def test_cli_self_influence_csv(index_path: Path, tmp_path: Path) -> None:
     rows = list(csv.DictReader(out.open()))
     idx = open_index(index_path, device="cpu")
     si = idx.self_influence()
-    assert len(rows) == idx.n and int(rows[0]["id"]) == int(idx.ids[np.argmax(si)])
+    assert len(rows) == idx.n and int(rows[0]["id"]) == int(idx.meta.ids[np.argmax(si)])
     scores = [float(r["self_influence"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     with pytest.raises(SystemExit) as e:  # argparse: one line on stderr, exit 2

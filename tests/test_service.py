@@ -477,7 +477,7 @@ def test_self_influence_job_equals_cli(svc_client, svc_server, svc_offline_self_
     job = svc_client.start_self_influence(**JOB)
     assert job.state in ("queued", "running") and len(job.id) == 32
     job.wait(timeout=240)
-    chunks = len(JOB["checkpoints"]) * svc_server.index.store.n_units
+    chunks = len(JOB["checkpoints"]) * svc_server.index.store.layout.n_chunks
     assert job.info.progress.done == job.info.progress.total == chunks
     rows = job.result()
     _same_ranking([r.model_dump() for r in rows], svc_offline_self_influence)

@@ -210,10 +210,15 @@ class Manifest(_Record):
         return self.model_copy(update={"checksum": sha256_bytes(self.canonical_bytes())})
 
 
+def render(manifest: Manifest) -> bytes:
+    """The bytes of ``manifest.json`` for a manifest (the only form a valid file may have)."""
+    return (manifest.model_dump_json(indent=2) + "\n").encode()
+
+
 def write_manifest(where: IndexDir, manifest: Manifest) -> Manifest:
     """Write ``manifest.json`` atomically, with its checksum; returns the manifest as written."""
     m = manifest.with_checksum()
-    where.write_bytes(MANIFEST_FILE, (m.model_dump_json(indent=2) + "\n").encode())
+    where.write_bytes(MANIFEST_FILE, render(m))
     return m
 
 
@@ -253,4 +258,6 @@ def read_manifest(where: IndexDir) -> Manifest:
     expected = sha256_bytes(m.canonical_bytes())
     if m.checksum != expected:
         raise ManifestError(f"{path}: damaged (its checksum does not match its contents)")
+    if raw != render(m):  # e.g. whitespace changed: the content is intact but the file is not as written
+        raise ManifestError(f"{path}: damaged (its bytes differ from the manifest as written)")
     return m

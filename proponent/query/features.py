@@ -17,6 +17,7 @@ always held: a few bytes per row and checkpoint.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -196,7 +197,9 @@ class ServedFeatures:
         data = {}
         for c in checkpoints:
             raw = self.store.feature_chunk(c, k)
-            data[c] = torch.from_numpy(raw if raw.dtype == np.int8 else raw.astype(np.float32))
+            with warnings.catch_warnings():  # a read-only view of the chunk's bytes; the scan never writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                data[c] = torch.from_numpy(raw if raw.dtype == np.int8 else raw.astype(np.float32))
         return Block(lo, hi, data, True)
 
     def _stream(self, checkpoints: list[int]) -> Iterator[Block]:

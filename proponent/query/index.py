@@ -15,7 +15,6 @@ path that the REST API, the CLI and the report use too.
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +53,17 @@ class IndexMeta:
         self.injected = store.array("injected").astype(bool)
         self.source_specs = [s["spec"] for s in manifest.dataset.sources]
         self._row_of_id = {int(i): r for r, i in enumerate(self.ids)}
-        # encoder means at the final checkpoint, [N, L] (None without a latent space): pre-filter, sample metadata
+        # encoder posteriors at the final checkpoint, [N, L] (None without a latent space): pre-filter, factors
         self.latent_mu = store.array("latent_mu").astype(np.float32) if store.latent_dim else None
-
-    @cached_property
-    def latent_logvar(self) -> np.ndarray | None:
-        return self.store.array("latent_logvar").astype(np.float32) if self.store.latent_dim else None
+        self.latent_logvar = store.array("latent_logvar").astype(np.float32) if store.latent_dim else None
+        self.loss = [store.loss(c) for c in range(len(self.checkpoints))]  # per checkpoint, [N]
 
     @property
     def has_labels(self) -> bool:
         return bool(self.manifest.dataset.has_labels) and bool((self.labels >= 0).any())
 
     def losses(self, c: int | None = None) -> np.ndarray:
-        return self.store.loss(len(self.checkpoints) - 1 if c is None else c)
+        return self.loss[len(self.checkpoints) - 1 if c is None else c]
 
     def row_of(self, sample_id: int) -> int:
         try:
@@ -167,6 +164,13 @@ class InfluenceIndex:
             )
         except StoreError as e:
             raise IndexError_(str(e)) from None
+        if self.features.mode != "stream":
+            # every other byte of the store has been read (and checksum-checked) by now; the inputs are read
+            # one sample at a time later, so check their chunks here too (checksums only)
+            for idx in store.chunk_indices("inputs"):
+                problem = store.chunk_problem("inputs", idx)
+                if problem:
+                    raise IndexError_(f"{self.where}: index cannot be served: {problem}")
         self.ann_indexes: list[Any] = []
         if manifest.ann.kind != "none":
             cpu = [ann.read(self.where, f.path) for f in manifest.ann.files]

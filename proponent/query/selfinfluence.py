@@ -60,7 +60,7 @@ class SelfInfluenceJob:
             raise ValueError(f"estimator must be 'norm' or 'unbiased', got {params.estimator!r}")
         if params.estimator == "unbiased" and params.m is None:
             params.m = int(index.runtime.objective.m)  # the unbiased estimator always recomputes
-        self.n_chunks = index.store.n_units  # one unit of work of the index = one step of the job
+        self.n_chunks = index.store.layout.n_chunks  # a step of the job: one feature chunk's rows
 
     @property
     def total_units(self) -> int:
@@ -104,7 +104,7 @@ class SelfInfluenceJob:
                     continue
                 if should_stop is not None and should_stop():
                     return None
-                lo, hi = idx.store.unit_range(k)
+                lo, hi = idx.store.layout.chunk_range(k)
                 if feat is None:
                     part[lo:hi] = idx.features.sq_norm[c][lo:hi]
                 else:

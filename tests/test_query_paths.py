@@ -1,0 +1,136 @@
+"""One query path: the CLI (--json), the Python API and the REST API give identical answers.
+
+For a VAE index and a classifier index, stored-sample and uploaded queries, several parameter
+sets: the same hits in the same order with the same scores (to the last bit), because all three
+call proponent.query.usecase.answer. Classifier queries need a label: a stored sample uses its
+stored label, an upload without one is refused with a message that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from proponent.cli import main as cli_main
+from proponent.query.index import open_index
+from tests.conftest import svc_run_server
+
+pytestmark = pytest.mark.timeout(600)
+
+CASES = [
+    {"k": 5, "direction": "both"},
+    {"k": 3, "direction": "opponents", "scoring": "cosine", "checkpoints": [1, 3], "convention": "visits"},
+    {"k": 4, "scoring": "relatif", "seed": 7},
+    {"k": 4, "objective": "reconstruction"},
+]
+
+
+def _cli_args(params: dict) -> list[str]:
+    out = []
+    for key, v in params.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return out
+
+
+def _hits(body: dict) -> dict:
+    return {
+        d: [(h["id"], h["score"], h["stderr"]) for h in body[d]] for d in ("proponents", "opponents") if body.get(d)
+    }
+
+
+def _cli_json(capsys, index: Path, *args: str) -> dict:
+    assert cli_main(["influence", "--index", str(index), *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _npy(x: np.ndarray, path: Path) -> Path:
+    np.save(path, x)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae_server(svc_index_dir, tmp_path_factory):
+    with svc_run_server(index=svc_index_dir, state_dir=tmp_path_factory.mktemp("paths_state")) as s:
+        yield s
+
+
+@pytest.mark.parametrize("params", CASES)
+def test_cli_python_and_rest_answer_identically(vae_server, svc_index_dir, tmp_path, capsys, params):
+    idx = open_index(svc_index_dir, device="cpu")
+    sid = 17
+    x = idx.input(idx.row_of(41))
+    # stored sample
+    rest = httpx.post(f"{vae_server.url}/v1/influence/samples/{sid}", json=params, timeout=120).json()
+    py = idx.influence(sample_id=sid, **params).model_dump(mode="json")
+    cli = _cli_json(capsys, svc_index_dir, "--sample-id", str(sid), *_cli_args({"direction": "proponents", **params}))
+    assert _hits(rest) == _hits(py) == _hits(cli)
+    assert rest["exact"] == py["exact"] == cli["exact"] and rest["approximations"] == py["approximations"]
+    # upload (an .npy of an exact input): REST multipart, Python array, CLI file
+    path = _npy(x, tmp_path / "q.npy")
+    form = {k: (json.dumps(v) if isinstance(v, list) else str(v)) for k, v in params.items()}
+    rest_up = httpx.post(
+        f"{vae_server.url}/v1/influence", files={"file": ("q.npy", path.read_bytes())}, data=form, timeout=120
+    ).json()
+    py_up = idx.influence(x, **params).model_dump(mode="json")
+    cli_up = _cli_json(capsys, svc_index_dir, "--image", str(path), *_cli_args({"direction": "proponents", **params}))
+    assert _hits(rest_up) == _hits(py_up) == _hits(cli_up)
+    # a stored sample is answered as an upload of its exact stored input
+    as_upload = idx.influence(idx.input(idx.row_of(sid)), **params).model_dump(mode="json")
+    assert _hits(as_upload) == _hits(py)
+
+
+@pytest.fixture(scope="module")
+def classifier_index(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clf")
+    cmd = [sys.executable, "-m", "proponent"]
+    subprocess.run(
+        [*cmd, "train", "--data", "digits,limit=240", "--model", "classifier", "--hidden", "32", "--epochs", "4"]
+        + ["--out", str(root / "run"), "--quiet"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*cmd, "index", "--run", str(root / "run"), "--out", str(root / "idx"), "--quiet"],
+        check=True,
+        capture_output=True,
+    )
+    return root / "idx"
+
+
+def test_classifier_labels(classifier_index, tmp_path, capsys):
+    idx = open_index(classifier_index, device="cpu")
+    assert idx.manifest.model.supervised and idx.manifest.objective.name == "cross_entropy"
+    row = 12
+    sid, label = int(idx.meta.ids[row]), int(idx.meta.labels[row])
+    implicit = idx.influence(sample_id=sid, k=6)  # its stored label
+    explicit = idx.influence(sample_id=sid, k=6, label=label)
+    assert implicit.ids() == explicit.ids() and implicit.scores() == explicit.scores()
+    other = idx.influence(sample_id=sid, k=6, label=(label + 1) % 10)
+    assert other.scores() != explicit.scores()
+    up = idx.influence(idx.input(row), k=6, label=label)
+    assert up.ids() == explicit.ids()
+    with pytest.raises(ValueError, match="classifier: a query needs its label"):
+        idx.influence(idx.input(row), k=6)
+    # the same through the CLI and the REST API
+    path = _npy(idx.input(row), tmp_path / "q.npy")
+    assert cli_main(["influence", "--index", str(classifier_index), "--image", str(path)]) == 2
+    assert "needs its label" in capsys.readouterr().err
+    cli = _cli_json(capsys, classifier_index, "--sample-id", str(sid), "--k", "6", "--direction", "proponents")
+    assert [h["id"] for h in cli["proponents"]] == implicit.ids()
+    with svc_run_server(index=classifier_index, state_dir=tmp_path / "s") as s:
+        with httpx.Client(base_url=s.url, timeout=120) as h:
+            r = h.post("/v1/influence", files={"file": ("q.npy", path.read_bytes())})
+            assert r.status_code == 422 and "needs its label" in r.json()["error"]["message"]
+            r = h.post(
+                "/v1/influence", files={"file": ("q.npy", path.read_bytes())}, data={"label": str(label), "k": "6"}
+            )
+            assert [hit["id"] for hit in r.json()["proponents"]] == explicit.ids()
+            r = h.post(f"/v1/influence/samples/{sid}", json={"k": 6})
+            assert [hit["id"] for hit in r.json()["proponents"]] == implicit.ids()
