@@ -109,7 +109,8 @@ class Layout:
 
 
 _CRC = [Crc32cCodec()]
-_ALL = {"write_empty_chunks": True}  # every chunk is a file, even all-zero ones: a missing file is damage
+# every chunk is a file, even all-zero ones: a missing file is damage
+_ALL: Any = {"write_empty_chunks": True}
 
 
 class FeatureStore:
