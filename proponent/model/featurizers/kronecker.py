@@ -190,7 +190,8 @@ class KroneckerFeaturizer(Featurizer):
             sub.blocks = other
             self._dense = DenseFeaturizer(model, objective, sub)
         self._fast_params = [p for lay in self.layers for p in lay.module.parameters(recurse=False)]
-        self._safe = False  # set once a model is seen to modify recorded tensors in place
+        # (layer, 0 = input / 1 = output) recorded tensors the model was seen to modify in place: copied
+        self._safe: set[tuple[int, int]] = set()
         self._routes: dict[str, str] = {}  # layer name -> route taken in the last pass
 
     # ------------------------------------------------------------------ public
@@ -247,12 +248,15 @@ class KroneckerFeaturizer(Featurizer):
         If the model modifies a recorded layer input or output in place (e.g.
         ``nn.ReLU(inplace=True)`` right after a Linear), the recorded tensors would no
         longer be the layer's; that is detected from version counters and the pass is
-        redone in safe mode, where the hooks keep copies (and from then on always).
+        redone with the hooks keeping copies of just those tensors (and from then on
+        always): an output is copied by letting the model continue on a clone.
         """
-        calls, grads, loss, clean = self._capture_once(x, y, eps, safe=self._safe)
-        if not clean:
-            self._safe = True
-            calls, grads, loss, _ = self._capture_once(x, y, eps, safe=True)
+        calls, grads, loss, dirty = self._capture_once(x, y, eps, self._safe)
+        while dirty:
+            if dirty <= self._safe:  # cannot happen; copying everything is always clean
+                dirty = {(i, s) for i in range(len(self.layers)) for s in (0, 1)}
+            self._safe |= dirty
+            calls, grads, loss, dirty = self._capture_once(x, y, eps, self._safe)
         deltas: dict[int, list[torch.Tensor]] = {}
         pos = 0
         for i in calls:
@@ -262,22 +266,25 @@ class KroneckerFeaturizer(Featurizer):
             calls[i].outputs.clear()
         return calls, deltas, loss.detach()
 
-    def _capture_once(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, safe: bool):
+    def _capture_once(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, safe: set[tuple[int, int]]):
+        """One pass; also returns the (layer, input/output) keys of uncopied recorded tensors that
+        the model modified in place (empty: the pass is valid)."""
         calls: dict[int, _Calls] = {i: _Calls() for i in range(len(self.layers))}
-        versions: list[tuple[torch.Tensor, int]] = []
+        versions: list[tuple[torch.Tensor, int, tuple[int, int]]] = []
         handles = []
 
         def make_hook(i: int):
             def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor):
                 a = args[0] if args else kwargs["input"]
-                if safe:
+                if (i, 0) in safe:
                     calls[i].inputs.append(a.detach().clone())
-                    calls[i].outputs.append(out)
-                    return out.clone()  # the model continues on a copy; `out` stays the layer's output
-                calls[i].inputs.append(a.detach())
+                else:
+                    calls[i].inputs.append(a.detach())
+                    versions.append((a, a._version, (i, 0)))
                 calls[i].outputs.append(out)
-                versions.append((a, a._version))
-                versions.append((out, out._version))
+                if (i, 1) in safe:
+                    return out.clone()  # the model continues on a copy; `out` stays the layer's output
+                versions.append((out, out._version, (i, 1)))
                 return None
 
             return hook
@@ -289,8 +296,9 @@ class KroneckerFeaturizer(Featurizer):
                 if not all(p.requires_grad for p in self._fast_params) and x.is_floating_point():
                     x = x.detach().requires_grad_(True)
                 loss = self.objective.loss(self.model, x, y, eps)
-                if any(t._version != v for t, v in versions):
-                    return calls, (), loss, False
+                dirty = {key for t, v, key in versions if t._version != v}
+                if dirty:
+                    return calls, (), loss, dirty
                 outs = [o for i in calls for o in calls[i].outputs]
                 if outs:
                     grads = torch.autograd.grad(loss.sum(), outs, allow_unused=True, materialize_grads=True)
@@ -299,7 +307,7 @@ class KroneckerFeaturizer(Featurizer):
         finally:
             for h in handles:
                 h.remove()
-        return calls, grads, loss, True
+        return calls, grads, loss, set()
 
     def _featurize_chunk(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
         b = x.shape[0]
