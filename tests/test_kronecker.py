@@ -433,3 +433,19 @@ def test_layer_routes() -> None:
     )
     feat.featurize(*_data(shared, m=1))
     assert feat.layer_routes() == [("a", "kronecker (matrix route)"), ("b", "kronecker (factor route)")]
+
+
+def test_conv_matrix_route_grouped_and_per_sample_loop_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conv matrix route's two forms (CPU: a loop over samples; CUDA: one call grouped per row)."""
+    import proponent.model.featurizers.kronecker as kron
+
+    obj = ELBO(m=M)
+    for model in (_model("conv"), _convt_model("k3s1p1d2op1")):
+        proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind="kron", k=3)))
+        x, y, eps = _data(model)
+        loop = KroneckerFeaturizer(model, obj, proj, route="matrix").featurize(x, y, eps)
+        monkeypatch.setattr(kron, "_per_sample_loop", lambda device, rows: False)
+        grouped = KroneckerFeaturizer(model, obj, proj, route="matrix").featurize(x, y, eps)
+        monkeypatch.undo()
+        assert _rel(grouped.features, loop.features) < 1e-12
+        assert torch.allclose(grouped.sq_norm, loop.sq_norm, rtol=1e-12, atol=0)
