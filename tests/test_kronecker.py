@@ -449,3 +449,16 @@ def test_conv_matrix_route_grouped_and_per_sample_loop_agree(monkeypatch: pytest
         monkeypatch.undo()
         assert _rel(grouped.features, loop.features) < 1e-12
         assert torch.allclose(grouped.sq_norm, loop.sq_norm, rtol=1e-12, atol=0)
+
+
+def test_convtranspose_manifest_record() -> None:
+    """The projection record with a separate bias block validates and says whether it is exact."""
+    from proponent.format.manifest import ProjectionRecord
+
+    model = _convt_model("k4s2p1")
+    rec = ProjectionRecord.model_validate(build_projector(model, "all", ProjectionSpec(kind="kron", k=3)).manifest())
+    layer = {l.name: l for l in rec.layers}["decoder.3"]
+    assert (layer.kind, layer.bias_dim, layer.k_bias, layer.projected_bias) == ("convt2d", 4, 3, True)
+    assert not rec.is_exact
+    exact = ProjectionRecord.model_validate(build_projector(model, "all", ProjectionSpec(kind="none")).manifest())
+    assert exact.is_exact
