@@ -276,11 +276,9 @@ class Projector:
                     "offset": b.offset,
                     "projected_in": b.p_in is not None,
                     "projected_out": b.p_out is not None,
-                    **(
-                        {"bias_dim": b.info.bias_dim, "k_bias": b.k_bias, "projected_bias": b.p_bias is not None}
-                        if b.info.bias_dim
-                        else {}
-                    ),
+                    "bias_dim": b.info.bias_dim,  # a separate bias block (ConvTranspose2d), 0 when none
+                    "k_bias": b.k_bias,
+                    "projected_bias": b.p_bias is not None,
                 }
                 for b in self.blocks
             ],
