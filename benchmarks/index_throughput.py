@@ -1,7 +1,9 @@
 """Throughput and memory of the featurizers against a plain training step.
 
 For (a) the MLP VAE at MNIST size and (b) the conv VAE at 32x32x3, on synthetic
-data in [0, 1]:
+data in [0, 1] (and, with ``--models official``, (c) the VAE-TracIn authors' β-VAE from
+``examples/official_vae/model.py`` at 64x64x3 with their loss, their last checkpoint when
+``../shared/vae-tracin-official`` is there, and SGD (lr 3e-4, batch 64) as their training step):
 
 * gradient rows/s (one row = one sample x one draw) of the Kronecker featurizer and
   of the dense torch.func path (on fewer samples: it is slow);
@@ -20,11 +22,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import os
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -32,16 +37,19 @@ import torch
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.featurizers.dense import DenseFeaturizer
 from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
-from proponent.model.objectives import ELBO
+from proponent.model.objectives import ELBO, Objective
 from proponent.model.projection import ProjectionSpec, build_projector
 
 MODELS = {
     "mlp": ModelConfig(kind="mlp", input_shape=(1, 28, 28), hidden=(512, 256), latent_dim=16),
     "conv": ModelConfig(kind="conv", input_shape=(3, 32, 32), channels=(32, 64), latent_dim=32),
+    "official": ModelConfig(kind="conv", input_shape=(3, 64, 64), latent_dim=64),  # shapes only: see _official
 }
-TARGET_VS_TRAIN = {"mlp": 0.5, "conv": 0.3}
+TARGET_VS_TRAIN = {"mlp": 0.5, "conv": 0.3, "official": 0.3}
 TARGET_VS_DENSE = 20.0
 TARGET_RSS_GB = 3.0
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL_CKPT = REPO.parent / "shared" / "vae-tracin-official" / "checkpoints" / "1500000"
 
 
 def _sync(device: torch.device) -> None:
@@ -57,9 +65,37 @@ def _batch(cfg: ModelConfig, m: int, n: int, seed: int, device: torch.device):
     return x.to(device), y.to(device), eps.to(device)
 
 
-def train_samples_per_s(model, cfg, device, batch: int, steps: int) -> float:
-    obj = ELBO(m=1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+class _UserLoss(Objective):
+    """A user's per-sample loss ``fn(forward, x, eps)`` with m draws of ``noise`` as an objective."""
+
+    name = "user"
+
+    def __init__(self, fn, m: int, noise: tuple[int, ...]):
+        self.fn, self.m, self.noise = fn, m, noise
+
+    def noise_shape(self, model) -> tuple[int, ...]:
+        return self.noise
+
+    def loss(self, forward, x, y, eps):
+        return self.fn(forward, x, eps)
+
+
+def _official(m: int, device: torch.device):
+    """The authors' model file (imported by path, as a user's file is), a model and its loss."""
+    spec = importlib.util.spec_from_file_location("official_vae_model", REPO / "examples/official_vae/model.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build()
+    if OFFICIAL_CKPT.is_file():
+        model.load_state_dict(mod.load_checkpoint(OFFICIAL_CKPT), strict=True)
+    print(f"official: weights {'from ' + str(OFFICIAL_CKPT) if OFFICIAL_CKPT.is_file() else 'random (no checkpoint)'}")
+    return model.to(device), _UserLoss(mod.per_sample_loss, m, (mod.Z_DIM,)), mod
+
+
+def train_samples_per_s(model, cfg, device, batch: int, steps: int, obj=None, sgd_lr: float | None = None) -> float:
+    obj = obj or ELBO(m=1)
+    opt = torch.optim.SGD(model.parameters(), lr=sgd_lr) if sgd_lr else torch.optim.Adam(model.parameters(), lr=1e-4)
     x, y, eps = _batch(cfg, 1, batch, 1, device)
 
     def step() -> None:
@@ -160,8 +196,15 @@ def gb(x: int) -> str:
 def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, object]:
     cfg = MODELS[name]
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    obj = ELBO(m=args.m)
+    train_kw: dict[str, object] = {}
+    train_batch = 256
+    if name == "official":  # the authors' model, loss and training step
+        model, obj, official = _official(args.m, device)
+        train_kw = {"obj": _UserLoss(official.per_sample_loss, 1, (cfg.latent_dim,)), "sgd_lr": official.LEARNING_RATE}
+        train_batch = official.BATCH_SIZE
+    else:
+        model = build_model(cfg).to(device)
+        obj = ELBO(m=args.m)
     proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=args.k), device=device)
     if args.batch:
         batch = args.batch
@@ -169,19 +212,18 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
         batch = 1024 if name == "mlp" else 256
     else:
         batch = 256 if name == "mlp" else 32
-    auto = auto_batch_size(model, obj, proj, device)
+    auto = auto_batch_size(model, obj, proj, device, sample_shape=cfg.input_shape)
     kron = KroneckerFeaturizer(model, obj, proj, chunk_size=batch)
     dense = DenseFeaturizer(model, obj, proj, chunk_size=args.dense_chunk)
     n_dense = args.dense_n or (8 if name == "mlp" else 2)
     kron_batches = args.kron_batches or (8 if name == "mlp" else 2)
     if args.quick:
         kron_batches = max(1, kron_batches // 4)
-    train_model = build_model(cfg).to(device)  # separate copy: Adam steps must not change the featurized model
-    train_model.load_state_dict(model.state_dict())
+    train_model = copy.deepcopy(model)  # separate copy: training steps must not change the featurized model
 
     tr, kr, de, fl = [], [], [], []
     for _ in range(args.repeats):  # interleaved so that load drift affects all alike
-        tr.append(train_samples_per_s(train_model, cfg, device, 256, args.train_steps))
+        tr.append(train_samples_per_s(train_model, cfg, device, train_batch, args.train_steps, **train_kw))
         kr.append(featurize_rows_per_s(kron, cfg, args.m, device, batch, kron_batches))
         de.append(featurize_rows_per_s(dense, cfg, args.m, device, n_dense, 1))
         fl.append(floor_rows_per_s(kron, cfg, args.m, device, batch, kron_batches))
@@ -214,7 +256,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="mlp,conv", help="comma-separated subset of: mlp, conv")
+    ap.add_argument("--models", default="mlp,conv", help="comma-separated subset of: mlp, conv, official")
     ap.add_argument("--m", type=int, default=16, help="draws per sample")
     ap.add_argument("--k", type=int, default=16, help="Kronecker projection size per side")
     ap.add_argument("--n", type=int, default=60_000, help="samples streamed for the MLP memory run")

@@ -24,6 +24,8 @@ def _double_projector(proj: Projector) -> Projector:
             bl.p_in = bl.p_in.double()
         if bl.p_out is not None:
             bl.p_out = bl.p_out.double()
+        if bl.p_bias is not None:
+            bl.p_bias = bl.p_bias.double()
     return proj
 
 
@@ -302,3 +304,161 @@ def test_empty_batch() -> None:
     x, y, eps = _data(model, n=0)
     fb = KroneckerFeaturizer(model, ELBO(m=M), proj).featurize(x, y, eps)
     assert fb.features.shape == (0, proj.dim) and fb.sq_norm.shape == (0,) and fb.loss.shape == (0,)
+
+
+# ------------------------------------------------------------------ ConvTranspose2d
+
+# (kernel, stride, padding, output_padding, dilation) of the first decoder ConvTranspose2d; from 4x4
+CONVT_SPECS = {
+    "k4s2p1": (4, 2, 1, 0, 1),  # the authors' upsampling layer: 4 -> 8
+    "k3s2p1op1": (3, 2, 1, 1, 1),  # output padding: 4 -> 8
+    "k3s1p0": (3, 1, 0, 0, 1),  # 4 -> 6
+    "k2s3p1op2": (2, 3, 1, 2, 1),  # stride > kernel (positions no input reaches): 4 -> 9
+    "k3s1p2d2": (3, 1, 2, 0, 2),  # dilation: 4 -> 4
+    "k3s1p1d2op1": (3, 1, 1, 1, 2),  # output padding >= stride (< dilation): the swapped conv outgrows the input
+    "rect": ((3, 2), (2, 1), (1, 0), (1, 0), (1, 2)),  # per-axis geometry: 4x4 -> 9x6
+}
+
+
+class _ConvTVAE(nn.Module):
+    """A small conv VAE whose decoder upsamples with ConvTranspose2d (cropped to the input size)."""
+
+    def __init__(self, spec: tuple, bias: bool = True, groups: int = 1) -> None:
+        super().__init__()
+        self.config = ModelConfig(kind="conv", input_shape=(2, 8, 8), latent_dim=3)
+        k, s, p, op, d = spec
+        self.encoder = nn.Sequential(nn.Conv2d(2, 4, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 6))
+        self.decoder = nn.Sequential(
+            nn.Linear(3, 6 * 16),
+            nn.Unflatten(1, (6, 4, 4)),
+            nn.ReLU(),
+            nn.ConvTranspose2d(6, 4, k, s, p, op, groups=groups, bias=bias, dilation=d),
+            nn.Tanh(),
+            nn.ConvTranspose2d(4, 2, 4, 2, 1, bias=bias),
+        )
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        b, m, L = eps.shape
+        z = (mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps).reshape(b * m, L)
+        logits = self.decoder(z)[..., :8, :8]
+        return mu, logvar, logits.reshape(b, m, 2, 8, 8)
+
+
+def _convt_model(spec_name: str, bias: bool = True, groups: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    model = _ConvTVAE(CONVT_SPECS[spec_name], bias, groups).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_convtranspose_layout() -> None:
+    model = _convt_model("rect")
+    info = {l.name: l for l in discover_layers(model)}
+    t = info["decoder.3"]
+    assert (t.kind, t.in_dim, t.out_dim, t.has_bias, t.bias_dim) == ("convt2d", 4 * 3 * 2, 6, True, 4)
+    assert not t.bias_column and info["encoder.0"].bias_column
+    proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=3))
+    blk = {b.info.name: b for b in proj.blocks}
+    assert (blk["decoder.3"].k_bias, blk["decoder.3"].dim) == (3, 9 + 3)  # C_out = 4 > k: projected bias
+    assert (blk["decoder.5"].k_bias, blk["decoder.5"].p_bias) == (2, None)  # C_out = 2 <= k: identity
+    assert proj.dim == sum(b.dim for b in proj.blocks)
+    layer = {d["name"]: d for d in proj.manifest()["layers"]}
+    assert layer["decoder.3"]["bias_dim"] == 4 and layer["decoder.3"]["projected_bias"]
+    # kind "none": the exact gradients, weight as stored [C_in, C_out, kh, kw], then the bias
+    none = build_projector(model, "decoder.3", ProjectionSpec(kind="none"))
+    gw, gb = torch.randn(2, 6, 4, 3, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    feats = none.project_gradients({"decoder.3.weight": gw, "decoder.3.bias": gb})
+    assert torch.equal(feats, torch.cat([gw.reshape(2, -1), gb], dim=1))
+    no_bias = {l.name: l for l in discover_layers(_convt_model("rect", bias=False))}["decoder.3"]
+    assert (no_bias.has_bias, no_bias.bias_dim, no_bias.params) == (False, 0, ["decoder.3.weight"])
+    grouped = {l.name: l for l in discover_layers(_convt_model("k4s2p1", groups=2))}
+    assert grouped["decoder.3"].kind == "other"
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("spec", list(CONVT_SPECS))
+def test_convtranspose_matches_dense(spec: str, bias: bool) -> None:
+    model = _convt_model(spec, bias)
+    obj = ELBO(m=M, beta=0.7)
+    x, y, eps = _data(model)
+    for proj_kind in ("kron", "none"):
+        proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind=proj_kind, k=3, seed=2)))
+        assert [b.info.kind for b in proj.blocks].count("convt2d") == 2
+        _check(model, obj, proj, x, y, eps, routes=("auto", "factor", "matrix"))
+    proj = build_projector(model, "decoder", ProjectionSpec(kind="kron", k=3))
+    want = _autograd_sq_norms(model, obj, proj, x, y, eps)
+    for route in ("auto", "factor", "matrix"):
+        feat = KroneckerFeaturizer(model, obj, proj, route=route)
+        got = feat.featurize(x, y, eps).sq_norm
+        assert torch.allclose(got, want, rtol=1e-10, atol=0), route
+        assert all(p.startswith("kronecker") for _, p in feat.layer_routes())
+
+
+def test_convtranspose_grouped_falls_back_and_chunks() -> None:
+    model = _convt_model("k3s2p1op1", groups=2)
+    obj = ELBO(m=M)
+    proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind="kron", k=3)))
+    x, y, eps = _data(model, n=7)
+    _check(model, obj, proj, x, y, eps, routes=("auto", "matrix"), chunk_size=3)
+
+
+def test_layer_routes() -> None:
+    torch.manual_seed(0)
+    model = _NormClassifier().double()
+    proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=3))
+    feat = KroneckerFeaturizer(model, CrossEntropy(), proj)
+    pending = "kronecker (route not chosen yet)"
+    assert feat.layer_routes() == [
+        ("conv", pending),
+        ("dw", "dense fallback"),
+        ("fc1", pending),
+        ("norm", "dense fallback"),
+        ("fc2", pending),
+    ]
+    feat.featurize(*_data(model, m=1))
+    routes = dict(feat.layer_routes())
+    assert routes["dw"] == routes["norm"] == "dense fallback"
+    assert all(routes[n] in ("kronecker (factor route)", "kronecker (matrix route)") for n in ("conv", "fc1", "fc2"))
+    for route in ("factor", "matrix"):
+        forced = KroneckerFeaturizer(model, CrossEntropy(), proj, route=route)
+        forced.featurize(*_data(model, m=1))
+        assert dict(forced.layer_routes())["fc1"] == f"kronecker ({route} route)"
+    # a layer called twice always takes the matrix route
+    shared = _Shared().double()
+    feat = KroneckerFeaturizer(
+        shared, CrossEntropy(), build_projector(shared, "all", ProjectionSpec(k=3)), route="factor"
+    )
+    feat.featurize(*_data(shared, m=1))
+    assert feat.layer_routes() == [("a", "kronecker (matrix route)"), ("b", "kronecker (factor route)")]
+
+
+def test_conv_matrix_route_grouped_and_per_sample_loop_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conv matrix route's two forms (CPU: a loop over samples; CUDA: one call grouped per row)."""
+    import proponent.model.featurizers.kronecker as kron
+
+    obj = ELBO(m=M)
+    for model in (_model("conv"), _convt_model("k3s1p1d2op1")):
+        proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind="kron", k=3)))
+        x, y, eps = _data(model)
+        loop = KroneckerFeaturizer(model, obj, proj, route="matrix").featurize(x, y, eps)
+        monkeypatch.setattr(kron, "_per_sample_loop", lambda device, rows: False)
+        grouped = KroneckerFeaturizer(model, obj, proj, route="matrix").featurize(x, y, eps)
+        monkeypatch.undo()
+        assert _rel(grouped.features, loop.features) < 1e-12
+        assert torch.allclose(grouped.sq_norm, loop.sq_norm, rtol=1e-12, atol=0)
+
+
+def test_convtranspose_manifest_record() -> None:
+    """The projection record with a separate bias block validates and says whether it is exact."""
+    from proponent.format.manifest import ProjectionRecord
+
+    model = _convt_model("k4s2p1")
+    rec = ProjectionRecord.model_validate(build_projector(model, "all", ProjectionSpec(kind="kron", k=3)).manifest())
+    layer = {l.name: l for l in rec.layers}["decoder.3"]
+    assert (layer.kind, layer.bias_dim, layer.k_bias, layer.projected_bias) == ("convt2d", 4, 3, True)
+    assert not rec.is_exact
+    exact = ProjectionRecord.model_validate(build_projector(model, "all", ProjectionSpec(kind="none")).manifest())
+    assert exact.is_exact

@@ -117,6 +117,10 @@ class LayerRecord(_Record):
     offset: int
     projected_in: bool
     projected_out: bool
+    # a bias that is its own block after the weight's (ConvTranspose2d: per output channel)
+    bias_dim: int = 0
+    k_bias: int = 0
+    projected_bias: bool = False
 
 
 class SketchRecord(_Record):
@@ -139,7 +143,9 @@ class ProjectionRecord(_Record):
 
     @property
     def is_exact(self) -> bool:
-        return self.sketch is None and not any(l.projected_in or l.projected_out for l in self.layers)
+        return self.sketch is None and not any(
+            l.projected_in or l.projected_out or l.projected_bias for l in self.layers
+        )
 
 
 class StorageRecord(_Record):

@@ -1,8 +1,9 @@
 """β-VAE models (MLP and convolutional) and a small classifier.
 
-Every parameterised layer is an ``nn.Linear`` or ``nn.Conv2d`` so that the
-Kronecker-factored featurizer covers the whole model; the decoder upsamples with
-``nn.Upsample`` + ``nn.Conv2d`` rather than ``ConvTranspose2d`` for that reason.
+Every parameterised layer is an ``nn.Linear`` or ``nn.Conv2d``, so the
+Kronecker-factored featurizer covers the whole model (it covers ``ConvTranspose2d``
+too, as in the VAE-TracIn authors' model, ``examples/official_vae/model.py``); the
+decoder upsamples with ``nn.Upsample`` + ``nn.Conv2d``.
 
 Models are batch-agnostic (no BatchNorm): per-sample gradients of a batched loss
 are the gradients of the per-sample losses, which both featurizers rely on.

@@ -11,6 +11,14 @@ Each parameterised layer contributes one block to the feature vector:
   unbiased (``E[P Pᵀ] = I`` on each side, and the sides are independent).
   A side whose dimension is at most ``k`` is not projected (identity): exact and
   no larger than the projection would be.
+* ``nn.ConvTranspose2d`` (groups = 1): the weight ``[C_in, C_out, kh, kw]`` is taken
+  as it is stored, ``G = ∂W`` of shape ``[C_in, C_out·kh·kw]`` -- the layout in which
+  ``G = Σ_t x_t u_tᵀ`` (``x_t`` the layer input at position t, ``u_t`` the unfolded
+  output gradient around it), so the Kronecker path applies with the roles of
+  input and output swapped. The bias is per *output* channel and aligns with
+  neither side of G, so it is its own block after the weight's: the vector
+  ``∂b [C_out]`` times a seeded ``P_bias [C_out, k]`` (identity when ``C_out <= k``),
+  i.e. the ``[1, C_out]`` matrix projected like any other.
 * any other parameterised module: its flattened gradient (all its parameters,
   in ``named_parameters`` order) times a seeded Gaussian ``[numel, k·k]``.
 
@@ -28,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-LayerKind = Literal["linear", "conv2d", "other"]
+LayerKind = Literal["linear", "conv2d", "convt2d", "other"]
 
 
 @dataclass
@@ -36,9 +44,15 @@ class LayerInfo:
     name: str  # module name in the model
     kind: LayerKind
     params: list[str]  # full parameter names, weight first
-    in_dim: int  # columns of G (bias column included); numel for "other"
+    in_dim: int  # columns of G (bias column included, except for convt2d); numel for "other"
     out_dim: int  # rows of G; 1 for "other"
     has_bias: bool
+    bias_dim: int = 0  # length of a separate bias block (convt2d: C_out); 0 when none
+
+    @property
+    def bias_column(self) -> bool:
+        """Whether the bias is the last column of G (Linear, Conv2d) rather than its own block."""
+        return self.has_bias and self.bias_dim == 0
 
 
 def discover_layers(model: nn.Module) -> list[LayerInfo]:
@@ -56,6 +70,10 @@ def discover_layers(model: nn.Module) -> list[LayerInfo]:
             bias = mod.bias is not None
             k = mod.in_channels * math.prod(mod.kernel_size)
             layers.append(LayerInfo(mname, "conv2d", full, k + bias, mod.out_channels, bias))
+        elif isinstance(mod, nn.ConvTranspose2d) and mod.groups == 1:
+            bias = mod.bias is not None
+            k = mod.out_channels * math.prod(mod.kernel_size)
+            layers.append(LayerInfo(mname, "convt2d", full, k, mod.in_channels, bias, mod.out_channels if bias else 0))
         else:
             numel = sum(p.numel() for _, p in own)
             layers.append(LayerInfo(mname, "other", full, numel, 1, False))
@@ -119,10 +137,12 @@ class LayerBlock:
     offset: int
     p_in: torch.Tensor | None  # None = identity
     p_out: torch.Tensor | None
+    k_bias: int = 0  # width of the separate bias block (convt2d), after the weight's k_out·k_in
+    p_bias: torch.Tensor | None = None  # [bias_dim, k_bias]; None = identity
 
     @property
     def dim(self) -> int:
-        return self.k_in * self.k_out
+        return self.k_in * self.k_out + self.k_bias
 
 
 class Projector:
@@ -158,10 +178,16 @@ class Projector:
                     if k_out == info.out_dim
                     else _gaussian(info.out_dim, k_out, _seed_for(spec.seed, info.name, "out"))
                 )
+            k_bias, p_bias = info.bias_dim, None
+            if info.bias_dim and spec.kind != "none" and info.bias_dim > spec.k:
+                k_bias = spec.k
+                p_bias = _gaussian(info.bias_dim, k_bias, _seed_for(spec.seed, info.name, "bias"))
             p_in = None if p_in is None else p_in.to(self.device)
             p_out = None if p_out is None else p_out.to(self.device)
-            self.blocks.append(LayerBlock(info, k_in, k_out, offset, p_in, p_out))
-            offset += k_in * k_out
+            p_bias = None if p_bias is None else p_bias.to(self.device)
+            block = LayerBlock(info, k_in, k_out, offset, p_in, p_out, k_bias, p_bias)
+            self.blocks.append(block)
+            offset += block.dim
         self.stage1_dim = offset
         self.sketch: Any = None
         if spec.sketch:
@@ -192,21 +218,41 @@ class Projector:
             g = block.p_out.T @ g
         return g.reshape(g.shape[0], -1)
 
+    def project_bias(self, block: LayerBlock, gb: torch.Tensor) -> torch.Tensor:
+        """A separate bias block: ``[B, bias_dim] -> [B, k_bias]``."""
+        return gb if block.p_bias is None else gb @ block.p_bias
+
     def gradient_matrix(self, block: LayerBlock, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-sample parameter gradients of one layer as the matrix ``G`` ``[B, out, in]``."""
+        """Per-sample parameter gradients of one layer as the matrix ``G`` ``[B, out, in]``
+        (for convt2d the weight only: see :meth:`bias_gradient`)."""
         info = block.info
         first = grads[info.params[0]]
         b = first.shape[0]
         if info.kind == "other":
             return torch.cat([grads[p].reshape(b, -1) for p in info.params], dim=1).unsqueeze(1)
-        w = first.reshape(b, info.out_dim, -1)
-        if info.has_bias:
+        w = first.reshape(b, info.out_dim, -1)  # convt2d: [C_in, C_out, kh, kw] -> [C_in, C_out·kh·kw]
+        if info.bias_column:
             w = torch.cat([w, grads[info.params[1]].reshape(b, info.out_dim, 1)], dim=2)
         return w
 
+    def bias_gradient(self, block: LayerBlock, grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The per-sample gradient ``[B, bias_dim]`` of a separate bias block, None if the layer has none."""
+        if not block.info.bias_dim:
+            return None
+        g = grads[block.info.params[1]]
+        return g.reshape(g.shape[0], -1)
+
+    def project_block(self, block: LayerBlock, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One layer's feature block ``[B, block.dim]`` from materialised per-sample gradients."""
+        f = self.project_matrix(block, self.gradient_matrix(block, grads))
+        gb = self.bias_gradient(block, grads)
+        if gb is None:
+            return f
+        return torch.cat([f, self.project_bias(block, gb.to(f.dtype))], dim=1)
+
     def project_gradients(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Project materialised per-sample gradients ``{param: [B, *shape]}`` to ``[B, dim]``."""
-        return torch.cat([self.project_matrix(bl, self.gradient_matrix(bl, grads)) for bl in self.blocks], dim=1)
+        return torch.cat([self.project_block(bl, grads) for bl in self.blocks], dim=1)
 
     def manifest(self, selection: str = "all") -> dict[str, Any]:
         """The projection record of the index manifest (``proponent.format.manifest.ProjectionRecord``)."""
@@ -230,6 +276,9 @@ class Projector:
                     "offset": b.offset,
                     "projected_in": b.p_in is not None,
                     "projected_out": b.p_out is not None,
+                    "bias_dim": b.info.bias_dim,  # a separate bias block (ConvTranspose2d), 0 when none
+                    "k_bias": b.k_bias,
+                    "projected_bias": b.p_bias is not None,
                 }
                 for b in self.blocks
             ],

@@ -5,7 +5,16 @@ For an ``nn.Linear`` / ``nn.Conv2d`` layer the per-sample gradient is
 unfolded patches, plus a constant 1 for the bias) and ``δ_t`` the gradients of the
 summed loss w.r.t. the layer outputs; ``t`` runs over the rows of sample i (one
 row for an encoder layer, m draws for a decoder layer, sample-major) and, for a
-convolution, over the output positions. Forward hooks record ``a``; one
+convolution, over the output positions.
+
+An ``nn.ConvTranspose2d`` ``y = conv_transpose2d(x, W)`` is the adjoint of the
+Conv2d with the same weight, so its weight gradient is a Conv2d weight gradient
+with the roles swapped: conv input = ``δ`` (channels C_out), conv output gradient
+= ``x`` (channels C_in), same stride, padding and dilation (``x`` zero-padded at the
+bottom/right when an output padding makes that conv's output larger). Everything
+below then runs on that Conv2d view: ``G = Σ_t x_t u_tᵀ`` ``[C_in, C_out·kh·kw]``,
+with ``u_t`` the unfolded ``δ``. The bias (per output channel, ``Σ_t δ_t``) is a
+separate small block (see :mod:`proponent.model.projection`). Forward hooks record ``a``; one
 ``torch.autograd.grad`` of ``objective.loss(...).sum()`` w.r.t. the recorded
 layer outputs gives every ``δ`` at once (parameters' ``.grad`` are never touched
 and no batch-summed weight gradient is computed).
@@ -23,8 +32,9 @@ Each layer then takes the cheaper of two exact routes, chosen from its shapes:
   its norm and project it. It costs what the weight gradient of a training step
   costs.
 
-Other parameterised layers fall back to the dense torch.func path for just their
-parameters. The feature layout is the projector's, identical to
+Other parameterised layers (and grouped convolutions) fall back to the dense
+torch.func path for just their parameters; :meth:`KroneckerFeaturizer.layer_routes`
+says which layer took which path. The feature layout is the projector's, identical to
 :class:`~proponent.model.featurizers.dense.DenseFeaturizer`.
 """
 
@@ -50,24 +60,38 @@ _MAX_GRAM_ROWS = 2048
 _MAT_CHUNK_BYTES = 64 << 20
 
 
+def _per_sample_loop(device: torch.device, rows_per_sample: int) -> bool:
+    """Conv matrix route: one ordinary weight gradient per sample (a Python loop over samples) rather
+    than one grouped call with a group per row. On CPU with several rows per sample (decoder layers,
+    m draws) the loop measured 2-10x less CPU time on the authors' decoder layers (m = 16, one
+    thread); on CUDA the single grouped call is kept (one launch instead of one per sample)."""
+    return device.type == "cpu" and rows_per_sample > 1
+
+
 @dataclass
 class _Calls:
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
+_FAST_KINDS = ("linear", "conv2d", "convt2d")
+
+
 class _Layer:
-    """A Linear/Conv2d block: its module and projection matrices cast per dtype."""
+    """A Linear/Conv2d/ConvTranspose2d block: its module and projection matrices cast per dtype."""
 
     def __init__(self, block: LayerBlock, module: nn.Module):
         self.block = block
         self.module = module
         self.info = block.info
-        self.bias = block.info.has_bias
+        self.bias = block.info.bias_column  # the bias is the last column of G
+        self.bias_sep = block.info.bias_dim > 0  # the bias is its own block (ConvTranspose2d)
         self.in_nb = block.info.in_dim - int(self.bias)  # input columns without the bias column
         self.out = block.info.out_dim
-        self.is_conv = block.info.kind == "conv2d"
+        self.is_convt = block.info.kind == "convt2d"
+        self.is_conv = block.info.kind in ("conv2d", "convt2d")
         self._mats: dict[Any, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
+        self._pbias: dict[Any, torch.Tensor | None] = {}
 
     def mats(self, dtype: torch.dtype, device: torch.device):
         """``(P_in without the bias row, P_in's bias row, P_out)``, each None when identity."""
@@ -83,6 +107,44 @@ class _Layer:
                 p_out = b.p_out.to(device=device, dtype=dtype).contiguous()
             self._mats[key] = (p_w, p_b, p_out)
         return self._mats[key]
+
+    def bias_mat(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """``P_bias`` of a separate bias block, None when identity."""
+        key = (dtype, device)
+        if key not in self._pbias:
+            p = self.block.p_bias
+            self._pbias[key] = None if p is None else p.to(device=device, dtype=dtype).contiguous()
+        return self._pbias[key]
+
+    def convt_grad_hw(self, d: torch.Tensor) -> tuple[int, int]:
+        """ConvTranspose2d: spatial size of the swapped Conv2d's output (conv of ``δ``), >= the input's."""
+        mod = self.module
+        assert isinstance(mod, nn.ConvTranspose2d)
+        h, w = d.shape[-2:]
+        k, s, p, dil = mod.kernel_size, mod.stride, mod.padding, mod.dilation
+        return (
+            (h + 2 * int(p[0]) - dil[0] * (k[0] - 1) - 1) // s[0] + 1,
+            (w + 2 * int(p[1]) - dil[1] * (k[1] - 1) - 1) // s[1] + 1,
+        )
+
+    def conv_operands(self, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``(conv input, conv output gradient, integer padding)`` of the Conv2d whose weight gradient
+        is this layer's G: the layer's own for a Conv2d, the swapped one for a ConvTranspose2d."""
+        if not self.is_convt:
+            xp, pad = self.conv_geometry(a)
+            return xp, d, pad
+        mod = self.module
+        assert isinstance(mod, nn.ConvTranspose2d)
+        ho, wo = self.convt_grad_hw(d)
+        h, w = a.shape[-2:]
+        if (ho, wo) != (h, w):
+            if ho < h or wo < w:
+                raise ValueError(
+                    f"layer {self.info.name!r}: ConvTranspose2d output {tuple(d.shape[-2:])} is too small for "
+                    f"its input {(h, w)}"
+                )
+            a = F.pad(a, (0, wo - w, 0, ho - h))  # positions the input does not reach: zero
+        return d, a, [int(p) for p in mod.padding]
 
     def conv_geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Input padded explicitly where needed, and the integer padding left for the conv."""
@@ -125,7 +187,7 @@ class KroneckerFeaturizer(Featurizer):
         self.layers: list[_Layer] = []
         other: list[LayerBlock] = []
         for block in projector.blocks:
-            if block.info.kind in ("linear", "conv2d"):
+            if block.info.kind in _FAST_KINDS:
                 self.layers.append(_Layer(block, modules[block.info.name]))
             else:
                 other.append(block)
@@ -136,9 +198,33 @@ class KroneckerFeaturizer(Featurizer):
             sub.blocks = other
             self._dense = DenseFeaturizer(model, objective, sub)
         self._fast_params = [p for lay in self.layers for p in lay.module.parameters(recurse=False)]
-        self._safe = False  # set once a model is seen to modify recorded tensors in place
+        # (layer, 0 = input / 1 = output) recorded tensors the model was seen to modify in place: copied
+        self._safe: set[tuple[int, int]] = set()
+        self._routes: dict[str, str] = {}  # layer name -> route taken in the last pass
 
     # ------------------------------------------------------------------ public
+
+    def layer_routes(self) -> list[tuple[str, str]]:
+        """``(layer name, path)`` for every layer of the projector, in feature order.
+
+        ``path`` is ``"kronecker (factor route)"`` / ``"kronecker (matrix route)"`` for a layer on
+        the fast path (the route taken in the most recent pass; the auto route is chosen from
+        the layer's shapes, so it is the same for every batch of one dataset),
+        ``"kronecker (route not chosen yet)"`` before the first pass or for a layer the last
+        forward did not use, and ``"dense fallback"`` for a layer featurized by torch.func
+        (any parameterised module other than Linear, Conv2d and ConvTranspose2d with groups=1).
+        """
+        fast = {lay.info.name for lay in self.layers}
+        out = []
+        for blk in self.projector.blocks:
+            name = blk.info.name
+            if name not in fast:
+                out.append((name, "dense fallback"))
+            elif name in self._routes:
+                out.append((name, f"kronecker ({self._routes[name]} route)"))
+            else:
+                out.append((name, "kronecker (route not chosen yet)"))
+        return out
 
     def featurize(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
         x, y, eps = x.to(self.device), y.to(self.device), eps.to(self.device)
@@ -170,12 +256,15 @@ class KroneckerFeaturizer(Featurizer):
         If the model modifies a recorded layer input or output in place (e.g.
         ``nn.ReLU(inplace=True)`` right after a Linear), the recorded tensors would no
         longer be the layer's; that is detected from version counters and the pass is
-        redone in safe mode, where the hooks keep copies (and from then on always).
+        redone with the hooks keeping copies of just those tensors (and from then on
+        always): an output is copied by letting the model continue on a clone.
         """
-        calls, grads, loss, clean = self._capture_once(x, y, eps, safe=self._safe)
-        if not clean:
-            self._safe = True
-            calls, grads, loss, _ = self._capture_once(x, y, eps, safe=True)
+        calls, grads, loss, dirty = self._capture_once(x, y, eps, self._safe)
+        while dirty:
+            if dirty <= self._safe:  # cannot happen; copying everything is always clean
+                dirty = {(i, s) for i in range(len(self.layers)) for s in (0, 1)}
+            self._safe |= dirty
+            calls, grads, loss, dirty = self._capture_once(x, y, eps, self._safe)
         deltas: dict[int, list[torch.Tensor]] = {}
         pos = 0
         for i in calls:
@@ -185,22 +274,25 @@ class KroneckerFeaturizer(Featurizer):
             calls[i].outputs.clear()
         return calls, deltas, loss.detach()
 
-    def _capture_once(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, safe: bool):
+    def _capture_once(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, safe: set[tuple[int, int]]):
+        """One pass; also returns the (layer, input/output) keys of uncopied recorded tensors that
+        the model modified in place (empty: the pass is valid)."""
         calls: dict[int, _Calls] = {i: _Calls() for i in range(len(self.layers))}
-        versions: list[tuple[torch.Tensor, int]] = []
+        versions: list[tuple[torch.Tensor, int, tuple[int, int]]] = []
         handles = []
 
         def make_hook(i: int):
             def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor):
                 a = args[0] if args else kwargs["input"]
-                if safe:
+                if (i, 0) in safe:
                     calls[i].inputs.append(a.detach().clone())
-                    calls[i].outputs.append(out)
-                    return out.clone()  # the model continues on a copy; `out` stays the layer's output
-                calls[i].inputs.append(a.detach())
+                else:
+                    calls[i].inputs.append(a.detach())
+                    versions.append((a, a._version, (i, 0)))
                 calls[i].outputs.append(out)
-                versions.append((a, a._version))
-                versions.append((out, out._version))
+                if (i, 1) in safe:
+                    return out.clone()  # the model continues on a copy; `out` stays the layer's output
+                versions.append((out, out._version, (i, 1)))
                 return None
 
             return hook
@@ -212,8 +304,9 @@ class KroneckerFeaturizer(Featurizer):
                 if not all(p.requires_grad for p in self._fast_params) and x.is_floating_point():
                     x = x.detach().requires_grad_(True)
                 loss = self.objective.loss(self.model, x, y, eps)
-                if any(t._version != v for t, v in versions):
-                    return calls, (), loss, False
+                dirty = {key for t, v, key in versions if t._version != v}
+                if dirty:
+                    return calls, (), loss, dirty
                 outs = [o for i in calls for o in calls[i].outputs]
                 if outs:
                     grads = torch.autograd.grad(loss.sum(), outs, allow_unused=True, materialize_grads=True)
@@ -222,7 +315,7 @@ class KroneckerFeaturizer(Featurizer):
         finally:
             for h in handles:
                 h.remove()
-        return calls, grads, loss, True
+        return calls, grads, loss, set()
 
     def _featurize_chunk(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
         b = x.shape[0]
@@ -240,20 +333,38 @@ class KroneckerFeaturizer(Featurizer):
                 blk = lay.block
                 if not ins:  # layer unused by this forward: zero gradient
                     feats[:, blk.offset : blk.offset + blk.dim] = 0
+                    self._routes.pop(lay.info.name, None)
                     continue
                 f, s = self._layer_features(lay, ins, ds, b)
-                feats[:, blk.offset : blk.offset + blk.dim] = f.reshape(b, -1)
+                w = blk.k_in * blk.k_out
+                feats[:, blk.offset : blk.offset + w] = f.reshape(b, -1)
                 sq += s.double()
+                if lay.bias_sep:
+                    fb, sb = self._separate_bias(lay, ds, b)
+                    feats[:, blk.offset + w : blk.offset + blk.dim] = fb
+                    sq += sb.double()
                 ins.clear()
                 ds.clear()
         if self._dense is not None:
             self._other_features(x, y, eps, feats, sq)
         return FeatureBatch(feats, sq, loss.float())
 
+    def _separate_bias(self, lay: _Layer, ds: list[torch.Tensor], b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ConvTranspose2d bias: per-sample ``Σ_{rows, positions} δ`` ``[b, C_out]``, projected; its norm."""
+        gb = None
+        for d in ds:
+            if d.dtype in (torch.float16, torch.bfloat16):
+                d = d.float()
+            g = d.reshape(b, -1, d.shape[1], d[0, 0].numel()).sum(dim=(1, 3))
+            gb = g if gb is None else gb + g
+        assert gb is not None
+        p = lay.bias_mat(gb.dtype, gb.device)
+        return (gb if p is None else gb @ p), gb.square().sum(1)
+
     def _other_features(
         self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, feats: torch.Tensor, sq: torch.Tensor
     ) -> None:
-        """Dense torch.func fallback for the non-Linear/Conv2d layers, written at their offsets."""
+        """Dense torch.func fallback for the other layers, written at their offsets."""
         assert self._dense is not None
         grads, _ = self._dense.per_sample_gradients(x, y, eps)
         b = x.shape[0]
@@ -268,22 +379,24 @@ class KroneckerFeaturizer(Featurizer):
     # ------------------------------------------------------------ per layer
 
     def _factors(self, lay: _Layer, a: torch.Tensor, d: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a [b, T, in_nb]`` and ``δ [b, T, out]`` for one call (conv: patches via unfold)."""
+        """``a [b, T, in_nb]`` and ``δ [b, T, out]`` for one call (conv: patches via unfold; ConvTranspose2d:
+        the swapped pair, unfolded ``δ`` and the input)."""
         if lay.is_conv:
             mod = lay.module
-            assert isinstance(mod, nn.Conv2d)
-            xp, pad = lay.conv_geometry(a)
+            assert isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d))
+            inp, gout, pad = lay.conv_operands(a, d)
             # [R, in, L]
-            u = F.unfold(xp, mod.kernel_size, dilation=mod.dilation, padding=tuple(pad), stride=mod.stride)
+            u = F.unfold(inp, mod.kernel_size, dilation=mod.dilation, padding=tuple(pad), stride=mod.stride)
             a = u.transpose(1, 2).reshape(b, -1, lay.in_nb)
-            d = d.flatten(2).transpose(1, 2).reshape(b, -1, lay.out)
+            d = gout.flatten(2).transpose(1, 2).reshape(b, -1, lay.out)
             return a, d
         return a.reshape(b, -1, lay.in_nb), d.reshape(b, -1, lay.out)
 
     def _rows_per_sample(self, lay: _Layer, a: torch.Tensor, d: torch.Tensor, b: int) -> int:
         if lay.is_conv and a.dim() != 4:
             raise ValueError(
-                f"layer {lay.info.name!r}: Conv2d input must be batched [N, C, H, W], got {tuple(a.shape)}"
+                f"layer {lay.info.name!r}: {type(lay.module).__name__} input must be batched [N, C, H, W], "
+                f"got {tuple(a.shape)}"
             )
         rows = a.shape[0] if lay.is_conv else a.numel() // max(lay.in_nb, 1)
         if rows % b:
@@ -291,7 +404,10 @@ class KroneckerFeaturizer(Featurizer):
                 f"layer {lay.info.name!r} saw {rows} rows for a batch of {b} samples; rows must be a multiple of "
                 "the batch size and ordered sample-major"
             )
-        positions = d[0, 0].numel() if lay.is_conv else 1
+        if lay.is_convt:
+            positions = math.prod(lay.convt_grad_hw(d))
+        else:
+            positions = d[0, 0].numel() if lay.is_conv else 1
         return rows // b * positions
 
     def _choose(self, lay: _Layer, t: int, n_calls: int) -> str:
@@ -317,8 +433,10 @@ class KroneckerFeaturizer(Featurizer):
         t = self._rows_per_sample(lay, ins[0], ds[0], b)
         route = self._choose(lay, t, len(ins))
         if route == "factor" and len(ins) == 1:
+            self._routes[lay.info.name] = "factor"
             a, d = self._factors(lay, ins[0], ds[0], b)
             return self._factor_route(lay, a, d)
+        self._routes[lay.info.name] = "matrix"
         return self._matrix_route(lay, ins, ds, b)
 
     def _factor_route(self, lay: _Layer, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,29 +466,39 @@ class KroneckerFeaturizer(Featurizer):
         return feat, s
 
     def _per_sample_matrix(self, lay: _Layer, a: torch.Tensor, d: torch.Tensor, b: int) -> torch.Tensor:
-        """``G [b, out, in_dim]`` (bias column last) for one call."""
+        """``G [b, out, in_dim]`` (bias column last, if it is one) for one call."""
         if lay.is_conv:
             mod = lay.module
-            assert isinstance(mod, nn.Conv2d)
-            xp, pad = lay.conv_geometry(a)
+            assert isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d))
+            xp, d, pad = lay.conv_operands(a, d)  # ConvTranspose2d: δ as the input, the input as grad_output
             rows, c, h, w = xp.shape
             o, ho, wo = d.shape[1:]
-            # one group per row (no transposes): per-row weight gradients, then summed per sample
-            gw = torch.ops.aten.convolution_backward(
-                d.reshape(1, rows * o, ho, wo),
-                xp.reshape(1, rows * c, h, w),
-                d.new_empty((rows * o, c, *mod.kernel_size)),
-                None,
-                list(mod.stride),
-                pad,
-                list(mod.dilation),
-                False,
-                [0, 0],
-                rows,
-                [False, True, False],
-            )[1]
             r = rows // b
-            g = gw.reshape(b, r, o, lay.in_nb).sum(dim=1) if r > 1 else gw.reshape(b, o, lay.in_nb)
+
+            def weight_grad(gout: torch.Tensor, inp: torch.Tensor, groups: int) -> torch.Tensor:
+                return torch.ops.aten.convolution_backward(
+                    gout,
+                    inp,
+                    d.new_empty((gout.shape[1], inp.shape[1] // groups, *mod.kernel_size)),
+                    None,
+                    list(mod.stride),
+                    pad,
+                    list(mod.dilation),
+                    False,
+                    [0, 0],
+                    groups,
+                    [False, True, False],
+                )[1]
+
+            if _per_sample_loop(xp.device, r):
+                # one ordinary weight gradient per sample over its r (contiguous) rows
+                g = d.new_empty((b, o, lay.in_nb))
+                for i in range(b):
+                    g[i] = weight_grad(d[i * r : (i + 1) * r], xp[i * r : (i + 1) * r], 1).reshape(o, -1)
+            else:
+                # one group per row (no transposes): per-row weight gradients, then summed per sample
+                gw = weight_grad(d.reshape(1, rows * o, ho, wo), xp.reshape(1, rows * c, h, w), rows)
+                g = gw.reshape(b, r, o, lay.in_nb).sum(dim=1) if r > 1 else gw.reshape(b, o, lay.in_nb)
             if lay.bias:
                 g = torch.cat([g, d.reshape(b, r, o, -1).sum(dim=(1, 3)).unsqueeze(2)], dim=2)
             return g
@@ -385,8 +513,12 @@ class KroneckerFeaturizer(Featurizer):
         self, lay: _Layer, ins: list[torch.Tensor], ds: list[torch.Tensor], b: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         item = ds[0].element_size()
-        per_row = max(a.shape[0] // b for a in ins) if lay.is_conv else 1  # conv: per-row G before the sum
-        step = max(1, min(b, _MAT_CHUNK_BYTES // max(1, per_row * lay.out * lay.info.in_dim * item)))
+        per_row = max(a.shape[0] // b for a in ins) if lay.is_conv else 1
+        if lay.is_conv and not _per_sample_loop(ds[0].device, per_row):
+            per_row_g = per_row  # conv, grouped per row: per-row G before the sum
+        else:
+            per_row_g = 1
+        step = max(1, min(b, _MAT_CHUNK_BYTES // max(1, per_row_g * lay.out * lay.info.in_dim * item)))
         p_w, p_b, p_out = lay.mats(ds[0].dtype, ds[0].device)
         blk = lay.block
         feat = ds[0].new_empty(b, blk.k_out, blk.k_in)
