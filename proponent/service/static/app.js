@@ -260,6 +260,7 @@ async function loadIndex() {
   setupJobControls();
   renderIndex();
   document.body.dataset.ready = "1";
+  if (!$("#view-self-influence").hidden) refreshJobList();
 }
 
 function checkpointChips(container, name) {
@@ -409,32 +410,36 @@ const APPROX_WORDS = [
 
 function exactnessNotice(ans) {
   const approx = ans.approximations || [];
-  const box = h("div", { class: "notice " + (ans.exact && approx.length === 0 ? "exact" : "approx"), id: "exactness" });
-  box.append(
+  const wrap = h("div", { id: "exactness" });
+  wrap.append(
     h(
       "p",
-      { style: "margin:0", dataset: { exact: String(!!ans.exact) } },
+      { class: "notice " + (ans.exact ? "exact" : "approx"), dataset: { exact: String(!!ans.exact) } },
       ans.exact
         ? "Exact search: every training sample was scored, so these are the true top hits for the stored features."
         : "Approximate search: not every training sample was scored exactly, so a stronger proponent or opponent may be missing.",
     ),
   );
   if (approx.length === 0) {
-    box.append(h("p", { style: "margin:.3rem 0 0" }, "Nothing else is approximated: exact VAE-TracIn over all parameters and checkpoints."));
+    wrap.append(h("p", { class: "notice exact" }, "Nothing else is approximated: exact VAE-TracIn over all parameters and checkpoints."));
   } else {
-    box.append(
-      h("p", { style: "margin:.3rem 0 0" }, "What the scores approximate:"),
+    wrap.append(
       h(
-        "ul",
-        { id: "approximations" },
-        approx.map((a) => {
-          const words = APPROX_WORDS.find(([re]) => re.test(a));
-          return h("li", {}, words ? words[1] + " " : "", h("span", { class: "muted" }, `(${a})`));
-        }),
+        "div",
+        { class: "notice approx" },
+        "What the scores approximate:",
+        h(
+          "ul",
+          { id: "approximations" },
+          approx.map((a) => {
+            const words = APPROX_WORDS.find(([re]) => re.test(a));
+            return h("li", {}, words ? words[1] + " " : "", h("span", { class: "muted" }, `(${a})`));
+          }),
+        ),
       ),
     );
   }
-  return box;
+  return wrap;
 }
 
 function renderAnswer(entry) {
@@ -627,7 +632,7 @@ function renderTrail() {
   nav.hidden = S.history.length < 2;
   nav.replaceChildren(
     h("span", { class: "muted" }, "History:"),
-    S.history.map((e, i) =>
+    ...S.history.map((e, i) =>
       h(
         "button",
         {
@@ -1001,10 +1006,10 @@ function rankCard(row) {
     box.checked = on;
     updateMarks();
   };
-  box.addEventListener("click", (ev) => {
-    ev.stopPropagation();
-    ev.preventDefault();
-    toggle();
+  // the checkbox toggles itself (no preventDefault: a cancelled click would restore its old state)
+  box.addEventListener("click", (ev) => ev.stopPropagation());
+  box.addEventListener("change", () => {
+    if (box.checked !== S.marks.has(row.id)) toggle();
   });
   card.addEventListener("click", toggle);
   card.addEventListener("keydown", (ev) => {
