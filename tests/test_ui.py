@@ -102,10 +102,15 @@ def card_ids(page: Any, grid: str) -> list[int]:
 
 
 def images_loaded(page: Any, sel: str) -> list[int]:
-    """naturalWidth of every image under ``sel`` once all have loaded (0 = broken)."""
+    """naturalWidth of every image under ``sel``, once each has loaded; fails naming those that did not."""
     page.wait_for_function(
-        "sel => [...document.querySelectorAll(sel)].every(i => i.complete && i.src)", arg=sel, timeout=15_000
+        "sel => [...document.querySelectorAll(sel)]"
+        ".every(i => (i.complete && i.src) || i.classList.contains('broken'))",
+        arg=sel,
+        timeout=30_000,
     )
+    broken = page.locator(sel).evaluate_all("els => els.filter(i => !i.naturalWidth).map(i => i.alt + ': ' + i.title)")
+    assert not broken, f"images that did not load: {broken}"
     return page.locator(sel).evaluate_all("els => els.map(i => i.naturalWidth)")
 
 
@@ -329,11 +334,14 @@ def test_future_fields_scoring_stderr_and_unresolved_pairs(page, svc_server):
 def test_self_influence_job_ranked_grid_marks_and_csv(page, svc_server):
     url = svc_server.url
     open_page(page, url, "self-influence")
+    polls: list[str] = []
+    page.on("request", lambda r: polls.append(r.url) if "/v1/jobs/" in r.url and r.method == "GET" else None)
     page.click("#j-start")
     status = page.locator("#job-status")
     page.wait_for_selector("#job-status[data-state='succeeded']", timeout=60_000)
     job_id = status.get_attribute("data-job-id")
     assert job_id and "succeeded" in page.locator("#job-state").inner_text()
+    assert f"{url}/v1/jobs/{job_id}" in polls  # the page watched the job's progress
     page.wait_for_selector("#rank-grid .hit")
     first = httpx.get(f"{url}/v1/jobs/{job_id}/result", params={"offset": 0, "limit": 48}).json()
     assert card_ids(page, "#rank-grid") == [r["id"] for r in first["items"]]

@@ -193,6 +193,19 @@ const clearError = (box) => {
 const imageCache = new Map(); // "id@scale" -> Promise<object URL>, least recently used first
 const IMAGE_CACHE_MAX = 1500;
 
+/** The PNG of a stored sample; a dropped connection or a 5xx is retried twice (grids load many at once). */
+async function fetchImage(id, scale) {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await api(`v1/samples/${encodeURIComponent(id)}/image.png?scale=${scale}`, { as: "blob" });
+    } catch (e) {
+      console.warn(`image of sample ${id}: ${e.message} (attempt ${attempt + 1})`);
+      if (attempt >= 2 || !(e.status === 0 || e.status >= 500)) throw e;
+      await new Promise((res) => setTimeout(res, 300 * 3 ** attempt));
+    }
+  }
+}
+
 function sampleImageURL(id, scale) {
   const key = `${id}@${scale}`;
   let p = imageCache.get(key);
@@ -201,9 +214,7 @@ function sampleImageURL(id, scale) {
     imageCache.set(key, p);
     return p;
   }
-  p = api(`v1/samples/${encodeURIComponent(id)}/image.png?scale=${scale}`, { as: "blob" }).then((b) =>
-    URL.createObjectURL(b),
-  );
+  p = fetchImage(id, scale).then((b) => URL.createObjectURL(b));
   p.catch(() => imageCache.delete(key));
   imageCache.set(key, p);
   while (imageCache.size > IMAGE_CACHE_MAX) {
@@ -704,6 +715,7 @@ function arrayPreview(arr) {
 
 async function uploadChanged() {
   const file = $("#upload-file").files[0] || null;
+  if (file && file === S.uploadFile) return; // unchanged: keep its preview
   S.uploadFile = file;
   S.uploadPreview = null;
   if (!file) return;
@@ -751,9 +763,8 @@ function bindDrawing() {
     return [((ev.clientX - r.left) * canvas.width) / r.width, ((ev.clientY - r.top) * canvas.height) / r.height];
   };
   const stroke = (a, b) => {
-    const r = canvas.getBoundingClientRect();
     drawCtx.strokeStyle = drawCtx.fillStyle = S.geom && S.geom.c === 1 ? "#fff" : $("#ink").value;
-    drawCtx.lineWidth = (Number($("#brush").value) * canvas.width) / Math.max(1, r.width);
+    drawCtx.lineWidth = Number($("#brush").value) * (canvas.width / S.geom.w); // in pixels of the input
     drawCtx.lineCap = "round";
     drawCtx.lineJoin = "round";
     drawCtx.beginPath();
