@@ -464,6 +464,8 @@ function renderAnswer(entry) {
     q.scoring || req.params.scoring ? ["scoring", q.scoring || req.params.scoring] : null,
     ["checkpoints", cks.join(", ") + (cks.length === S.info.checkpoints.length ? " (all)" : "")],
     ["weights", q.convention],
+    q.features ? ["query features", q.features === "stored" ? "the index's stored features" : "recomputed (fresh draws)"] : null,
+    q.m != null ? ["draws m", q.m] : null,
     ["seed", q.seed],
     ["k", `${req.params.k} per direction`],
     ["time", `${fmt(t.total_ms, 3)} ms (featurize ${fmt(t.featurize_ms, 3)}, search ${fmt(t.search_ms, 3)})`],
@@ -481,13 +483,12 @@ function renderAnswer(entry) {
     ),
   );
   summary.hidden = false;
-  const unresolved = unresolvedPairs(ans);
   for (const dir of ["proponents", "opponents"]) {
     const section = $(`#${dir}-section`);
     const hits = ans[dir];
     section.hidden = !Array.isArray(hits);
     if (!Array.isArray(hits)) continue;
-    const pairs = resolvePairs(unresolved[dir] || [], hits);
+    const pairs = unresolvedPairs(ans, dir, hits);
     const inPairs = new Set(pairs.flat());
     const grid = $(`#${dir}`);
     grid.replaceChildren(...hits.map((hit, i) => hitCard(hit, i, dir, cks, inPairs.has(i))));
@@ -503,7 +504,7 @@ function renderAnswer(entry) {
           { class: "unresolved-list", dataset: { direction: dir } },
           h("strong", {}, "Order not resolved by the standard errors: "),
           pairs
-            .map(([a, b]) => `#${hits[a].id} and #${hits[b].id} (ranks ${a + 1} and ${b + 1})`)
+            .map(([a, b]) => `#${hits[a].id} and #${hits[b].id} (ranks ${hits[a].rank ?? a + 1} and ${hits[b].rank ?? b + 1})`)
             .join("; "),
           " may be swapped.",
         ),
@@ -513,39 +514,21 @@ function renderAnswer(entry) {
   renderTrail();
 }
 
-/** Unresolved adjacent pairs per direction, from whichever form the answer uses:
- * {"unresolved": {"proponents": [[id_a, id_b], ...]}}, a flat list (proponents), or per-direction search stats. */
-function unresolvedPairs(ans) {
-  const out = {};
-  const src = ans.unresolved ?? ans.unresolved_pairs;
-  if (Array.isArray(src)) out.proponents = src;
-  else if (src && typeof src === "object") Object.assign(out, src);
-  for (const dir of ["proponents", "opponents"]) {
-    const s = ans.search && ans.search[dir];
-    if (!out[dir] && s && Array.isArray(s.unresolved)) out[dir] = s.unresolved;
-  }
-  return out;
-}
-
-/** Pairs as positions in hits. An entry is [a, b] or {ids: [a, b]} / {ranks: [a, b]} / {a, b}; plain
- * numbers are sample ids when both are hits of this direction, else 0-based ranks. */
-function resolvePairs(pairs, hits) {
-  const pos = new Map(hits.map((x, i) => [x.id, i]));
+/** Unresolved adjacent pairs of one direction, as 0-based positions in hits. The answer's
+ * {"unresolved": {"proponents": [[2, 3], ...]}} lists 1-based ranks (Hit.rank) whose order the standard errors
+ * do not resolve; without it, a hit with separated_from_next === false pairs with the next one. */
+function unresolvedPairs(ans, dir, hits) {
+  const pos = new Map(hits.map((x, i) => [x.rank ?? i + 1, i]));
+  const src = ans.unresolved && Array.isArray(ans.unresolved[dir]) ? ans.unresolved[dir] : null;
   const out = [];
-  for (const p of pairs) {
-    let a;
-    let b;
-    let byRank = false;
-    if (Array.isArray(p)) [a, b] = p;
-    else if (p && Array.isArray(p.ids)) [a, b] = p.ids;
-    else if (p && Array.isArray(p.ranks)) {
-      [a, b] = p.ranks;
-      byRank = true;
-    } else if (p && "a" in p) ({ a, b } = p);
-    else continue;
-    if (!byRank && pos.has(a) && pos.has(b)) out.push([pos.get(a), pos.get(b)]);
-    else if (Number.isInteger(a) && Number.isInteger(b) && a >= 0 && b >= 0 && a < hits.length && b < hits.length)
-      out.push([a, b]);
+  if (src) {
+    for (const p of src) {
+      if (Array.isArray(p) && p.length === 2 && pos.has(p[0]) && pos.has(p[1])) out.push([pos.get(p[0]), pos.get(p[1])]);
+    }
+  } else {
+    hits.forEach((x, i) => {
+      if (x.separated_from_next === false && i + 1 < hits.length) out.push([i, i + 1]);
+    });
   }
   return out;
 }
@@ -559,9 +542,9 @@ function hitCard(hit, i, dir, cks, unresolved) {
       tabindex: 0,
       role: "button",
       "aria-label": `sample ${hit.id}, score ${fmt(hit.score)}: query it`,
-      dataset: { id: hit.id, rank: i + 1, score: hit.score },
+      dataset: { id: hit.id, rank: hit.rank ?? i + 1, score: hit.score },
     },
-    h("span", { class: "rank" }, i + 1),
+    h("span", { class: "rank" }, hit.rank ?? i + 1),
     sampleImg(hit.id, `sample ${hit.id}`),
     h(
       "figcaption",
@@ -1099,24 +1082,38 @@ function renderIndex() {
     ["labels", info.has_labels ? "yes" : "no"],
     ["checkpoints", String(C)],
     ["featurizer", info.featurizer],
-    ["index", `${info.index_kind} (${info.exact ? "exact search" : "approximate search"})`],
+    ["index", info.index_kind === "none" ? "exact scan (no ANN index)" : `${info.index_kind} (${info.exact ? "exact search" : "approximate search"})`],
     ["device", `${info.device}${info.faiss_gpu ? ", FAISS on GPU" : ""}`],
     ["query objectives", info.query_objectives.join(", ")],
     Array.isArray(info.scorings) ? ["scorings", info.scorings.join(", ")] : null,
     ["largest k", String(info.max_k)],
   ]);
+  const st = info.storage && typeof info.storage === "object" ? info.storage : null;
   const sizes = kvTable([
     ["feature dimension D", info.dim.toLocaleString()],
     fullDim ? ["gradient dimension (projected layers)", `${fullDim.toLocaleString()} → D (×${fmt(fullDim / info.dim, 3)} smaller)`] : null,
     ["features per checkpoint", `${info.n.toLocaleString()} × ${info.dim.toLocaleString()}`],
-    ["feature store", `${fmtBytes(bytes4)} per checkpoint, ${fmtBytes(bytes4 * C)} in all (at float32; half at float16)`],
+    st && st.dtype ? ["stored as", String(st.dtype)] : null,
+    st && st.bytes_per_sample_per_checkpoint != null
+      ? ["per sample and checkpoint", fmtBytes(st.bytes_per_sample_per_checkpoint)]
+      : null,
+    st && st.features_bytes != null
+      ? ["feature store", `${fmtBytes(st.features_bytes)} on disk`]
+      : ["feature store", `${fmtBytes(bytes4)} per checkpoint, ${fmtBytes(bytes4 * C)} in all (at float32)`],
+    st && st.input_encoding ? ["stored inputs", String(st.input_encoding)] : null,
   ]);
+  const serving =
+    info.serving && typeof info.serving === "object" && Object.keys(info.serving).length
+      ? kvTable(Object.entries(info.serving).map(([k, v]) => [k.replace(/_/g, " "), /_bytes$/.test(k) && typeof v === "number" ? fmtBytes(v) : String(v)]))
+      : null;
+  const shards = Array.isArray(info.shards) && info.shards.length ? info.shards : null;
   const objective = kvTable(Object.entries(obj).map(([k, v]) => [k, String(v)]));
   const projection = kvTable([
     ["kind", String(proj.kind)],
     proj.k != null ? ["k per side", String(proj.k)] : null,
     proj.seed != null ? ["seed", String(proj.seed)] : null,
     ["dimension", String(proj.dim ?? info.dim)],
+    typeof proj.layers === "number" ? ["layers", String(proj.layers)] : null,
   ]);
   const maxW = Math.max(1e-300, ...info.checkpoints.map((c) => c.weight_lr));
   const ckTable = h(
@@ -1192,14 +1189,22 @@ function renderIndex() {
       ),
     ),
   );
-  $("#index-info").replaceChildren(
+  const panels = [
     panel("What is served", served),
     panel("Sizes", sizes, h("h3", { style: "margin-top:.8rem" }, "Training objective"), objective),
     h("div", { class: "panel span-all" }, h("h3", {}, "Checkpoints and their weights"), ckTable,
       h("p", { class: "hint" }, "Scores sum w_c⟨g_c(x), g_c(z)⟩ over checkpoints: lr weights w = η, visits weights w = η·B·Δsteps/N.")),
     panel("Projection", projection, layerTable),
     panel("Data sources", sources),
-  );
+    serving ? panel("Serving", serving) : null,
+    shards
+      ? panel(
+          `Shards (${shards.length})`,
+          h("table", { class: "data" }, h("tbody", {}, shards.map((sh, i) => h("tr", {}, h("td", {}, i), h("td", { class: "left" }, JSON.stringify(sh)))))),
+        )
+      : null,
+  ];
+  $("#index-info").replaceChildren(...panels.filter(Boolean));
 }
 
 // ================================================================== views, wiring
