@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; override e.g. TORCH_SPEC="torch>=2.3" on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint typecheck unit bench clean
+# Headless Chromium for the browser tests (tests/test_ui.py): Debian's package, never a browser download.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: setup browsers demo test lint typecheck unit bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+browsers:
+	@if [ -x "$(CHROMIUM)" ]; then echo "chromium: $(CHROMIUM)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
+		sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "browsers: no $(CHROMIUM) and no apt-get: tests/test_ui.py will be skipped (set PROPONENT_CHROMIUM)"; fi
+
 demo: setup
 	$(PY) examples/demo.py --workdir demo_out
 
@@ -25,7 +36,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy proponent
 
-unit: setup
+unit: setup browsers
 	$(PY) -m pytest -q
 
 test: lint typecheck unit

@@ -14,11 +14,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proponent.build.job import set_threads
@@ -33,6 +37,9 @@ from proponent.service.settings import Settings
 from proponent.service.state import ServiceState
 
 log = logging.getLogger("proponent.service")
+
+#: The influence explorer (index.html, app.js, style.css), shipped as package data.
+STATIC_DIR = Path(__file__).resolve().with_name("static")
 
 
 class _RequestIdFilter(logging.Filter):
@@ -92,7 +99,8 @@ class RequestContextMiddleware:
         route = scope.get("route")
         template = getattr(route, "path", None)
         if not template:
-            return "<unmatched>"
+            # the static-file mount sets no route; one label for all its files
+            return "/static/{path}" if str(scope.get("path", "")).startswith("/static/") else "<unmatched>"
         path_parts = str(scope.get("path", "")).rstrip("/").split("/")
         n = len(template.rstrip("/").split("/")) - 1
         prefix = "/".join(path_parts[: len(path_parts) - n]) if n else str(scope.get("path", "")).rstrip("/")
@@ -179,6 +187,26 @@ def _startup(state: ServiceState) -> None:
     state.index_info = index.build_index_info(idx, s.max_k)
 
 
+class _RevalidatedStaticFiles(StaticFiles):
+    """Static files that the browser revalidates (ETag / 304) instead of caching stale code after an upgrade."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+def _install_ui(app: FastAPI) -> None:
+    """The influence explorer: ``/`` (the page) and ``/static/...``, open (static files; the API calls it
+    makes need the key when keys are set), left out of the OpenAPI schema."""
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    def ui_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", _RevalidatedStaticFiles(directory=STATIC_DIR), name="static")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _install_logging()
@@ -225,6 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.proponent = state
     install_error_handlers(app)
     app.include_router(health.router)
+    _install_ui(app)
     for r in (index.router, influence.router, samples.router, jobs.router, factors.router):
         app.include_router(r, prefix="/v1", dependencies=[Depends(require_api_key)])
     if settings.cors_origins:
