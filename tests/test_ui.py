@@ -185,7 +185,7 @@ def test_upload_is_its_own_first_proponent_then_click_through(page, svc_server):
     assert Image.open(io.BytesIO(png)).size == tuple(info["shape"][1:][::-1])
 
     open_page(page, url)
-    assert page.locator("#scoring-field").is_hidden()  # /v1/index advertises no scorings
+    assert page.locator("#scoring-field").is_visible()  # /v1/index advertises the scorings
     page.fill("#q-k", "5")
     page.select_option("#q-direction", "both")
     page.set_input_files("#upload-file", files=[{"name": f"sample-{sid}.png", "mimeType": "image/png", "buffer": png}])
@@ -218,7 +218,8 @@ def test_upload_is_its_own_first_proponent_then_click_through(page, svc_server):
         second.click()
     page.wait_for_selector(f"#query-title[data-sample-id='{shown[1]}']")
     expected = httpx.post(f"{url}/v1/influence/samples/{shown[1]}", json={"k": 5, "direction": "both"}).json()
-    assert resp2.value.request.post_data_json == {"k": 5, "direction": "both", "objective": "elbo"}
+    sent = resp2.value.request.post_data_json
+    assert sent == {"k": 5, "direction": "both", "objective": "elbo", "scoring": info["default_scoring"]}
     assert card_ids(page, "#proponents") == [h["id"] for h in expected["proponents"]]
     assert card_ids(page, "#opponents") == [h["id"] for h in expected["opponents"]]
     assert page.locator("input[name=source][value=sample]").is_checked()
@@ -286,65 +287,42 @@ def test_bad_requests_show_the_servers_error(page, svc_server):
     assert err_box.is_hidden()
 
 
-def test_future_fields_scoring_stderr_and_unresolved_pairs(page, svc_server):
-    """Fields the backend is adding (IndexInfo.scorings / default_scoring / storage / serving, Hit.rank / stderr /
-    separated_from_next, InfluenceResponse.unresolved as 1-based rank pairs): the page renders them.
-
-    This server does not send them yet, so the browser's traffic is rewritten on the way (Playwright routes):
-    /v1/index gains them; the page's ``scoring`` is recorded and removed before the real server answers (it would
-    refuse the unknown field); the answer gains ranks, standard errors and unresolved pairs."""
+def test_scoring_stderr_and_unresolved_pairs(page, svc_server):
+    """The scoring control (from /v1/index), per-hit standard errors and the unresolved adjacent pairs, as the
+    API answers them; the index view shows the storage and serving mode the server reports."""
     url = svc_server.url
-    sent: list[dict[str, Any]] = []
-    extra_index = {
-        "scorings": ["raw", "cosine", "relatif"],
-        "default_scoring": "raw",
-        "storage": {"dtype": "int8", "bytes_per_sample_per_checkpoint": 19520, "features_bytes": 29_280_000},
-        "serving": {"mode": "quantized", "budget_bytes": 2**30, "resident_bytes": 29_280_000},
-    }
-
-    def index_route(route: Any) -> None:
-        route.fulfill(json={**route.fetch().json(), **extra_index})
-
-    def influence_route(route: Any) -> None:
-        body = route.request.post_data_json
-        sent.append(dict(body))
-        body.pop("scoring", None)
-        ans = route.fetch(post_data=json.dumps(body)).json()
-        hits = ans["proponents"]
-        for i, hit in enumerate(hits):
-            hit.update(rank=i + 1, stderr=0.01 * (i + 1), separated_from_next=i + 1 < len(hits) and i != 1)
-        ans["unresolved"] = {"proponents": [[2, 3]]}  # ranks 2 and 3 are within the noise
-        ans["query"].update(scoring=sent[-1].get("scoring"), m=4, features="recompute")
-        route.fulfill(json=ans)
-
-    page.route("**/v1/index", index_route)
-    page.route("**/v1/influence/samples/*", influence_route)
+    info = httpx.get(f"{url}/v1/index").json()
     open_page(page, url)
     assert page.locator("#scoring-field").is_visible()
-    assert page.locator("#q-scoring option").all_inner_texts() == ["raw", "cosine", "relatif"]
-    assert page.input_value("#q-scoring") == "raw"
+    assert page.locator("#q-scoring option").all_inner_texts() == info["scorings"]
+    assert page.input_value("#q-scoring") == info["default_scoring"]
     page.select_option("#q-scoring", "cosine")
     page.check("input[name=source][value=sample]", force=True)
     page.fill("#sample-id", "4")
-    page.fill("#q-k", "4")
+    page.fill("#q-k", "6")
     page.select_option("#q-direction", "proponents")
     page.click("#q-run")
     page.wait_for_selector("#proponents .hit")
-    assert sent[-1]["scoring"] == "cosine"
+    want = httpx.post(
+        f"{url}/v1/influence/samples/4", json={"k": 6, "direction": "proponents", "scoring": "cosine"}, timeout=60
+    ).json()
     assert page.locator("#opponents-section").is_hidden()
     ids = card_ids(page, "#proponents")
+    assert ids == [h["id"] for h in want["proponents"]]
     stderrs = [t.strip() for t in page.locator("#proponents .hit-stderr").all_inner_texts()]
-    assert stderrs == ["± 0.01", "± 0.02", "± 0.03", "± 0.04"]
-    note = page.locator("#proponents-section .unresolved-list").inner_text()
-    assert f"#{ids[1]} and #{ids[2]} (ranks 2 and 3)" in note
-    assert page.locator("#proponents .hit.unresolved").evaluate_all("els => els.map(e => +e.dataset.rank)") == [2, 3]
+    assert len(stderrs) == 6 and all(t.startswith("± ") for t in stderrs)
+    ranks = page.locator("#proponents .hit.unresolved").evaluate_all("els => els.map(e => +e.dataset.rank)")
+    assert sorted(set(ranks)) == sorted({r for pair in want["unresolved"]["proponents"] for r in pair})
+    if want["unresolved"]["proponents"]:
+        a, b = want["unresolved"]["proponents"][0]
+        note = page.locator("#proponents-section .unresolved-list").inner_text()
+        assert f"#{ids[a - 1]} and #{ids[b - 1]} (ranks {a} and {b})" in note
     summary = page.locator("#query-summary").inner_text()
-    assert "scoring\ncosine" in summary and "draws m\n4" in summary
-    # the index view shows the storage and serving the server reports
+    assert "scoring\ncosine" in summary and f"draws m\n{want['query']['m']}" in summary
     page.goto(f"{url}/#index")
     page.wait_for_selector("#checkpoint-table")
     text = page.locator("#index-info").inner_text()
-    assert "int8" in text and "quantized" in text and "27.9 MiB on disk" in text
+    assert info["storage"]["dtype"] in text and info["serving"]["mode"] in text
 
 
 # ---------------------------------------------------------------------------------- self-influence

@@ -305,6 +305,8 @@ function setupQueryControls() {
   $("#scoring-field").hidden = scorings.length === 0;
   $("#q-scoring").replaceChildren(...scorings.map((s) => h("option", { value: s }, s)));
   if (scorings.length) $("#q-scoring").value = info.default_scoring || scorings[0];
+  // The ANN search option only where the index has an ANN (FAISS) index.
+  $("#q-search-ann").hidden = !info.index_kind || info.index_kind === "none";
   $("#q-k").max = info.max_k;
   $("#sample-id").max = info.n - 1;
   checkpointChips($("#q-checkpoints"), "q-ck");
@@ -345,6 +347,7 @@ function queryParams() {
   if ($("#q-seed").value !== "" && $("#q-seed").value !== "0") p.seed = numOrRaw($("#q-seed").value);
   if ($("#q-prefilter").value !== "") p.prefilter = numOrRaw($("#q-prefilter").value);
   if ($("#q-search").value !== "auto") p.search = $("#q-search").value;
+  if ($("#q-features").value !== "recompute" && currentSource() === "sample") p.features = $("#q-features").value;
   return p;
 }
 
