@@ -29,6 +29,7 @@ from proponent.format.manifest import CheckpointSpec, Manifest, ManifestError, r
 from proponent.format.store import FeatureStore, StoreError
 from proponent.model.runtime import ModelRuntime
 from proponent.query.features import ServedFeatures, parse_size
+from proponent.query.searcher import LocalSearcher, Searcher
 
 __all__ = ["IndexError_", "IndexMeta", "InfluenceIndex", "open_index", "verify_index"]
 
@@ -176,6 +177,12 @@ class InfluenceIndex:
             cpu = [ann.read(self.where, f.path) for f in manifest.ann.files]
             self.ann_indexes = [ann.to_gpu(i) if use_gpu_faiss else i for i in cpu]
         self.faiss_on_gpu = bool(self.ann_indexes) and use_gpu_faiss and ann.gpu_available()
+        # where the rows are searched: here, or (sharded serving) replaced by a searcher that fans out
+        self.searcher: Searcher = LocalSearcher(self.features, self.ann_indexes, manifest.ann.kind)
+
+    @property
+    def has_ann(self) -> bool:
+        return self.manifest.ann.kind != "none"
 
     # ------------------------------------------------------------------ shortcuts
     @property

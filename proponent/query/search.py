@@ -65,6 +65,7 @@ class TopK:
     candidates: int = 0  # rows rescored exactly
     strategy: str = "scan"
     timings: dict[str, float] = field(default_factory=dict)
+    per_draw: np.ndarray | None = None  # [m, k] each query draw's score of the hits (their mean is the score)
 
 
 def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

@@ -22,8 +22,9 @@ import numpy as np
 
 from proponent.client.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
 from proponent.query.crossloss import make_query_objective
-from proponent.query.scoring import query_scale, scored_query
-from proponent.query.search import ScoredQuery, TopK, brute_force, restricted, scan
+from proponent.query.scoring import scored_query
+from proponent.query.search import brute_force
+from proponent.query.searcher import SearchRequest
 
 if TYPE_CHECKING:
     from proponent.query.index import InfluenceIndex
@@ -81,48 +82,6 @@ def _prefilter_rows(
     return np.argpartition(d, size - 1)[:size] if size < meta.n else np.arange(meta.n)
 
 
-def _ann(index: InfluenceIndex, sq: ScoredQuery, k: int, directions: tuple[str, ...]) -> dict[str, TopK]:
-    """Candidates from the per-checkpoint FAISS indexes (raw inner products), rescored exactly: approximate."""
-    t0 = time.perf_counter()
-    depth = min(index.n, max(4 * k, 64))
-    out = {}
-    for d in directions:
-        sign = 1.0 if d == "proponents" else -1.0
-        cand = []
-        for c in sq.checkpoints:
-            q = np.ascontiguousarray(sign * sq.vectors[c][None, :], dtype=np.float32)
-            _, ids = index.ann_indexes[c].search(q, depth)
-            cand.append(ids[0][ids[0] >= 0])
-        rows = np.unique(np.concatenate(cand)) if cand else np.empty(0, np.int64)
-        part = restricted(index.features, sq, rows, k, (d,))[d]
-        part.strategy = f"ann/{index.manifest.ann.kind}"
-        part.timings = {"scan_s": time.perf_counter() - t0, "rescore_s": 0.0}
-        out[d] = part
-    return out
-
-
-def _uncertainty(
-    index: InfluenceIndex,
-    sq: ScoredQuery,
-    draws: dict[int, np.ndarray],
-    scales: dict[int, float],
-    rows: np.ndarray,
-    sign: float,
-) -> np.ndarray:
-    """Per-draw scores ``[m, len(rows)]`` of ``rows`` (the mean over draws is the score)."""
-    m = next(iter(draws.values())).shape[0]
-    out = np.zeros((m, len(rows)))
-    for c in sq.checkpoints:
-        f = index.features.exact_rows(c, rows)  # [h, D] float64
-        vals = (draws[c].astype(np.float64) * scales[c]) @ f.T  # [m, h]
-        if sq.row_mult is not None:
-            vals = vals * sq.row_mult[c][rows][None, :]
-        out += vals
-    if sq.global_mult is not None:
-        out *= sq.global_mult[rows][None, :]
-    return sign * out
-
-
 def answer(
     index: InfluenceIndex,
     params: InfluenceParams,
@@ -144,27 +103,30 @@ def answer(
             raise QueryError(f"query shape {list(x.shape)} does not match the index's input shape {list(index.shape)}")
     vec, sqn, draws, m, _ = _query_features(index, params, x, row, cks)
     t1 = time.perf_counter()
-    weights = meta.weights(params.convention)
-    sq = scored_query(index.features, weights, cks, vec, sqn, params.scoring)
     directions: tuple[str, ...] = ("proponents", "opponents") if params.direction == "both" else (params.direction,)
-    k = min(params.k, meta.n)
-    use_ann = params.search == "ann" or (params.search == "auto" and bool(index.ann_indexes))
-    if params.search == "ann" and not index.ann_indexes:
+    use_ann = not params.prefilter and (params.search == "ann" or (params.search == "auto" and index.has_ann))
+    if params.search == "ann" and not index.has_ann:
         raise QueryError("search='ann' needs an index built with an ANN kind (--index-kind ivf:..., hnsw:...)")
-    if params.prefilter:
-        results = restricted(index.features, sq, _prefilter_rows(index, params, x, row), k, directions)
-    elif use_ann:
-        results = _ann(index, sq, k, directions)
-    else:
-        results = scan(index.features, sq, k, directions)
+    request = SearchRequest(
+        vectors=vec,
+        sq_norms=sqn,
+        weights=meta.weights(params.convention),
+        checkpoints=cks,
+        scoring=params.scoring,
+        k=min(params.k, meta.n),
+        directions=directions,
+        draws=draws if (draws is not None and m > 1) else None,
+        candidates=_prefilter_rows(index, params, x, row) if params.prefilter else None,
+        use_ann=use_ann,
+    )
+    results = index.searcher.search(request)
     t2 = time.perf_counter()
-    scales = {c: query_scale(weights, c, sqn[c], params.scoring) for c in cks}
     out: dict[str, Any] = {}
     unresolved: dict[str, list[list[int]]] = {}
     search: dict[str, SearchStats] = {}
     for d, res in results.items():
         sign = 1.0 if d == "proponents" else -1.0
-        per_draw = _uncertainty(index, sq, draws, scales, res.rows, sign) if draws is not None and m > 1 else None
+        per_draw = res.per_draw
         hits = []
         pairs = []
         for i, (r, s, contrib) in enumerate(zip(res.rows, res.scores, res.contributions, strict=True)):
@@ -207,7 +169,7 @@ def answer(
         proponents=out.get("proponents"),
         opponents=out.get("opponents"),
         exact=exact,
-        approximations=meta.approximations(cks, prefilter=params.prefilter, ann_used=use_ann and not params.prefilter),
+        approximations=meta.approximations(cks, prefilter=params.prefilter, ann_used=use_ann),
         search=search,
         timings=Timings(
             decode_ms=decode_ms,
