@@ -156,3 +156,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     return ckpt["model_states"]["net"]
+
+
+def plugin() -> Any:
+    """The factory ``proponent index --model-code examples/official_vae/model.py:plugin`` calls: the VAE parts.
+
+    proponent draws the noise (keyed by sample id and checkpoint), forms ``z = μ + exp(log σ²/2)·ε`` and
+    computes ``LOSS_SCALE · (mean over the draws of reconstruction_error + BETA · KL)`` -- the authors' loss.
+    """
+    from proponent.model.plugin import VAEParts
+
+    return VAEParts(
+        module=build(),
+        encode=encode,
+        decode=decode,
+        reconstruction=reconstruction_error,
+        latent_dim=Z_DIM,
+        beta=BETA,
+        scale=LOSS_SCALE,
+    )

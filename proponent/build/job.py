@@ -508,8 +508,9 @@ def build_index(
             )
     if cks.record.supervised and data.labels is None:
         raise IndexJobError("the model is a classifier: its index needs labelled data")
-    device = resolve_device(opts.device)
     objective = training_objective(cks.record, opts.m)
+    check_model_on(model0, objective, data, cks.record)
+    device = resolve_device(opts.device)
     projector = build_projector(model0, opts.layers, opts.projection)
     batch = opts.batch_size
     if batch is None and where.is_file(MANIFEST_FILE) and not overwrite:
@@ -524,7 +525,7 @@ def build_index(
         model0.cpu()
     man = plan(data, cks, opts, projector, objective, batch)
     if log:
-        log(describe_layout(man, model0, objective, projector))
+        log(describe_layout(man, model0, objective, projector, data))
     state = reconcile(where, man, overwrite, opts.shard)
     if state == "complete":
         return where.local_path()
@@ -549,8 +550,30 @@ def build_index(
     return where.local_path()
 
 
-def describe_layout(man: Manifest, model0: nn.Module, objective: Objective, projector: Projector) -> str:
-    """What the index will hold, and which layers take the fast (Kronecker) path."""
+def _probe(model: nn.Module, objective: Objective, data: Dataset, n: int = 2):
+    x = torch.from_numpy(data.x[:n])
+    y = torch.from_numpy(np.clip(data.labels[:n], 0, None) if data.labels is not None else np.zeros(len(x), np.int64))
+    eps = draw_noise(NOISE_INDEX, 0, 0, np.arange(len(x)), objective.m, objective.noise_shape(model))
+    return x, y, eps
+
+
+def check_model_on(model: nn.Module, objective: Objective, data: Dataset, record: ModelRecord) -> None:
+    """The training objective computes one finite loss per sample on two of the data's inputs."""
+    what = "the model" if record.kind == "builtin" else f"model code {record.plugin.code if record.plugin else ''}"
+    try:
+        with torch.no_grad():
+            loss = objective.loss(model, *_probe(model, objective, data))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IndexJobError(f"{what} fails on inputs of shape {list(data.shape)}: {type(e).__name__}: {first}") from None
+    if tuple(loss.shape) != (min(2, len(data.x)),) or not bool(torch.isfinite(loss).all()):
+        raise IndexJobError(f"{what}: the loss must be one finite value per sample, got shape {tuple(loss.shape)}")
+
+
+def describe_layout(
+    man: Manifest, model0: nn.Module, objective: Objective, projector: Projector, data: Dataset
+) -> str:
+    """What the index will hold, and which layers take the fast (Kronecker) path (from a probe pass)."""
     lines = [
         f"layout: D={man.dim} {man.storage.dtype} ({man.dim * np.dtype(man.storage.dtype).itemsize / 1024:.1f} KiB per "
         f"sample per checkpoint), {len(man.checkpoints)} checkpoints, N={man.n}, m={man.objective.m}, "
@@ -559,6 +582,7 @@ def describe_layout(man: Manifest, model0: nn.Module, objective: Objective, proj
     feat = make_featurizer(man.featurizer, model0, objective, projector)
     routes = getattr(feat, "layer_routes", None)
     if callable(routes):
+        feat.featurize(*_probe(model0, objective, data))
         for name, route in routes():
             lines.append(f"  layer {name}: {route}")
     return "\n".join(lines)

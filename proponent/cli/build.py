@@ -158,8 +158,8 @@ def _cmd_index(a: argparse.Namespace) -> int:
         if a.model_code:
             from proponent.model.plugin import plugin_record
 
+            print(f"importing model code {a.model_code} (this runs it)")
             record = plugin_record(a.model_code, checkpoint_key=a.checkpoint_key)
-            print(f"loading model code {record.plugin.code} (this runs it): factory {record.plugin.factory}")
         elif a.model_config:
             from proponent.format.fsio import read_json
 

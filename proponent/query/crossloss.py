@@ -24,6 +24,7 @@ objective has it).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,14 +189,15 @@ def make_query_objective(
         raise ObjectiveError(f"unknown objective {name!r}; choose from {', '.join(QUERY_OBJECTIVES)}")
     if not isinstance(train, ELBO):
         raise ObjectiveError(f"objective {name!r} needs a VAE index; this index uses {train.name!r}")
+    # variants of the training ELBO (a plugin's keeps its own reconstruction term and scale)
     if name == "reconstruction":
-        return ELBO(beta=0.0, likelihood=train.likelihood, m=train.m, name="reconstruction")
+        return dataclasses.replace(train, beta=0.0, recon_weight=1.0, name="reconstruction")
     if name == "kl":
-        return ELBO(beta=1.0, likelihood=train.likelihood, m=train.m, recon_weight=0.0, name="kl")
+        return dataclasses.replace(train, beta=1.0, recon_weight=0.0, name="kl")
     if name == "elbo_beta":
         if beta is None or beta < 0:
             raise ObjectiveError("objective 'elbo_beta' needs beta >= 0")
-        return ELBO(beta=float(beta), likelihood=train.likelihood, m=train.m, name="elbo_beta")
+        return dataclasses.replace(train, beta=float(beta), recon_weight=1.0, name="elbo_beta")
     # probe
     if label is None:
         raise ObjectiveError("objective 'probe' needs the query's label (label=...)")
