@@ -159,10 +159,13 @@ docker run --rm "$IMAGE" sh -c 'find / -xdev -type f -size -50M -exec sha256sum 
   | sort >"$WORK/image.sha256"
 found="$(join <(cut -c1-64 "$WORK/forbidden.sha256" | sort -u) <(sort "$WORK/image.sha256") || true)"
 found+="$(docker run --rm "$IMAGE" sh -c 'find / -xdev \( -name "torch-*.whl" -o -path /tmp/local -o -path /src \
-  -o -path /app -o -name .git -o -name .venv -o -path "*/site-packages/proponent/*test*" \) 2>/dev/null; exit 0')"
+  -o -path /app -o -name .git -o -name .venv -o -path "/opt/proponent/*test*" \) 2>/dev/null; exit 0')"
 [ -z "$found" ] || { echo "$found" >&2; die "the image holds files it should not"; }
 info "image: none of its $(wc -l <"$WORK/image.sha256") files (< 50 MB) equals one of the $(wc -l <"$WORK/forbidden.sha256") files of tests/, benchmarks/, examples/, docker/local/ (CA bundle); no torch wheel, /src, /tmp/local, .git"
-info "files of the proponent package in the image: $(docker run --rm "$IMAGE" sh -c 'find /opt/venv/lib/python3*/site-packages/proponent -name "*.py" | wc -l') .py"
+leak="$(docker history --no-trunc "$IMAGE"; docker image inspect -f '{{json .Config.Env}}' "$IMAGE")"
+if grep -q -i -E "tmp/local|ca-certificates|pip.conf|PIP_CERT|TORCH_SPEC" <<<"$leak"; then die "the image's history or env mentions build inputs"; fi
+info "image history and env: no trace of docker/local, the CA bundle or build arguments"
+info "files of the proponent package in the image: $(docker run --rm "$IMAGE" sh -c 'find /opt/proponent/proponent -name "*.py" | wc -l') .py"
 
 # ------------------------------------------------------------------------------------ 5. index with the image's CLI
 say "digits index in volume $P-data, built with the image's CLI"
