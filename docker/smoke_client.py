@@ -47,13 +47,17 @@ def cmd_check(a: argparse.Namespace) -> None:
         print("GET /v1/index without the API key -> 401 (keys enforced)")
     with client(a) as c:
         info = c.index_info()
-        print(f"index: N={info.n} D={info.dim} shape={info.shape} checkpoints={len(info.checkpoints)} "
-              f"device={info.device} exact={info.exact}")
+        print(
+            f"index: N={info.n} D={info.dim} shape={info.shape} checkpoints={len(info.checkpoints)} "
+            f"device={info.device} exact={info.exact}"
+        )
         png = c.sample_image(3)
         r = c.influence(png, k=5, direction="both")
         top = [h.id for h in r.proponents or []]
-        print(f"upload (PNG of sample 3): proponents {top} opponents {[h.id for h in r.opponents or []]} "
-              f"({r.timings.total_ms:.0f} ms)")
+        print(
+            f"upload (PNG of sample 3): proponents {top} opponents {[h.id for h in r.opponents or []]} "
+            f"({r.timings.total_ms:.0f} ms)"
+        )
         if len(top) != 5 or len(r.opponents or []) != 5:
             fail("upload: expected 5 proponents and 5 opponents")
         x = np.random.default_rng(0).random(info.shape, dtype=np.float32)
@@ -66,8 +70,10 @@ def cmd_check(a: argparse.Namespace) -> None:
             fail("stored sample: expected 5 proponents")
         t0 = time.perf_counter()
         rows = c.start_self_influence().wait(timeout=600).result()
-        print(f"self-influence job (stored norms): {len(rows)} rows in {time.perf_counter() - t0:.1f}s, "
-              f"top {[(row.id, round(row.self_influence, 4)) for row in rows[:3]]}")
+        print(
+            f"self-influence job (stored norms): {len(rows)} rows in {time.perf_counter() - t0:.1f}s, "
+            f"top {[(row.id, round(row.self_influence, 4)) for row in rows[:3]]}"
+        )
         if len(rows) != info.n or [row.rank for row in rows[:3]] not in ([0, 1, 2], [1, 2, 3]):
             fail(f"self-influence: {len(rows)} rows, expected {info.n} ranked rows")
 
@@ -112,8 +118,10 @@ def cmd_finish(a: argparse.Namespace) -> None:
         with open(a.csv, "w") as f:
             f.write(text)
         p = job.info.progress
-        print(f"job {a.job[:8]} {job.state} ({p.done}/{p.total} chunks) after {time.perf_counter() - t0:.1f}s more; "
-              f"{len(text.splitlines()) - 1} rows -> {a.csv}")
+        print(
+            f"job {a.job[:8]} {job.state} ({p.done}/{p.total} chunks) after {time.perf_counter() - t0:.1f}s more; "
+            f"{len(text.splitlines()) - 1} rows -> {a.csv}"
+        )
 
 
 def _read(path: str) -> list[dict[str, str]]:
@@ -131,8 +139,10 @@ def cmd_compare_csv(a: argparse.Namespace) -> None:
         for r, s in zip(sorted(x, key=lambda r: r["id"]), sorted(y, key=lambda r: r["id"]))
     )
     same_bytes = open(a.a).read() == open(a.b).read()
-    print(f"resumed job vs uninterrupted CLI run: {len(x)} rows, same ranking: {ids_equal}, "
-          f"max relative difference {worst:.2e}, identical CSV: {same_bytes}")
+    print(
+        f"resumed job vs uninterrupted CLI run: {len(x)} rows, same ranking: {ids_equal}, "
+        f"max relative difference {worst:.2e}, identical CSV: {same_bytes}"
+    )
     if not ids_equal or not math.isfinite(worst) or worst > 1e-6:
         fail("the resumed job's result differs from an uninterrupted run")
 
