@@ -40,6 +40,10 @@ def cmd_check(a: argparse.Namespace) -> None:
         if r.status_code != 200 or r.json().get("status") != want:
             fail(f"GET {path} -> {r.status_code} {r.text}")
         print(f"GET {path} -> {r.status_code} {r.json()}")
+    r = httpx.get(a.url + "/", timeout=10)  # the web UI where the server has one (package data in the wheel)
+    if r.status_code >= 500 or (r.status_code == 200 and "html" not in r.headers.get("content-type", "")):
+        fail(f"GET / -> {r.status_code} {r.headers.get('content-type')}")
+    print(f"GET / -> {r.status_code} {r.headers.get('content-type', '')}")
     if a.api_key:
         r = httpx.get(a.url + "/v1/index", timeout=10)
         if r.status_code != 401:
