@@ -47,3 +47,8 @@ bench: setup
 
 clean:
 	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache
+
+# Build the Docker images and smoke-test them (root + Debian: installs docker.io/debootstrap if missing). See docs/docker.md.
+.PHONY: docker-smoke
+docker-smoke: setup
+	SMOKE_PYTHON=$(abspath $(PY)) bash docker/smoke.sh
