@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 class StorageError(OSError):
     """Reading or writing the index's storage failed; the message names the file and the cause."""
 
@@ -30,6 +39,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600: give the umask's usual mode instead
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
