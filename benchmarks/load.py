@@ -137,11 +137,12 @@ def main() -> int:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     index_dir = Path(a.index) if a.index else build_digits_index(work, a.featurizer)
+    from proponent.format.fsio import IndexDir
     from proponent.format.store import FeatureStore
 
-    store = FeatureStore.open(index_dir / "store.zarr")
+    store = FeatureStore.open(IndexDir(index_dir))
     ids = [int(i) for i in store.array("ids")]
-    images = store.images(slice(0, min(store.n, 256)))
+    images = store.inputs(slice(0, min(store.n, 256)))
     rng = np.random.default_rng(0)
     # uploads: stored images with a little noise (distinct bodies, realistic content)
     bodies = [_npy(np.clip(im + 0.05 * rng.standard_normal(im.shape), 0, 1).astype(np.float32)) for im in images]
