@@ -207,25 +207,24 @@ class Manifest(_Record):
             "batch_size": self.batch_size,
         }
 
-    def canonical_bytes(self) -> bytes:
-        body = self.model_dump(mode="json")
-        body.pop("checksum", None)
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-    def with_checksum(self) -> Manifest:
-        return self.model_copy(update={"checksum": sha256_bytes(self.canonical_bytes())})
 
 
-def render(manifest: Manifest) -> bytes:
-    """The bytes of ``manifest.json`` for a manifest (the only form a valid file may have)."""
-    return (manifest.model_dump_json(indent=2) + "\n").encode()
+def _canonical(body: dict[str, Any]) -> bytes:
+    """What the checksum covers: every field but the checksum, as sorted compact JSON."""
+    return json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _render(body: dict[str, Any]) -> bytes:
+    """The only bytes a manifest file with this content may have (as :func:`write_manifest` writes them)."""
+    return (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 def write_manifest(where: IndexDir, manifest: Manifest) -> Manifest:
     """Write ``manifest.json`` atomically, with its checksum; returns the manifest as written."""
-    m = manifest.with_checksum()
-    where.write_bytes(MANIFEST_FILE, render(m))
-    return m
+    body = manifest.model_dump(mode="json")
+    body["checksum"] = sha256_bytes(_canonical(body))
+    where.write_bytes(MANIFEST_FILE, _render(body))
+    return manifest.model_copy(update={"checksum": body["checksum"]})
 
 
 def rebuild_hint(where: IndexDir) -> str:
@@ -255,15 +254,15 @@ def read_manifest(where: IndexDir) -> Manifest:
                 f"inputs, no checksums); this proponent reads version {MANIFEST_VERSION}: {rebuild_hint(where)}"
             )
         raise ManifestError(f"{path}: index format version {version!r}; this proponent reads {MANIFEST_VERSION}")
+    # The checksum covers the file's own content (so fields added to the format later, with defaults, do
+    # not invalidate older manifests), and the bytes must be exactly as written (a flipped space too).
+    if obj.get("checksum") != sha256_bytes(_canonical(obj)):
+        raise ManifestError(f"{path}: damaged (its checksum does not match its contents)")
+    if raw != _render(obj):
+        raise ManifestError(f"{path}: damaged (its bytes differ from the manifest as written)")
     try:
-        m = Manifest.model_validate(obj)
+        return Manifest.model_validate(obj)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ManifestError(f"{path}: damaged or invalid ({loc}: {first['msg']})") from None
-    expected = sha256_bytes(m.canonical_bytes())
-    if m.checksum != expected:
-        raise ManifestError(f"{path}: damaged (its checksum does not match its contents)")
-    if raw != render(m):  # e.g. whitespace changed: the content is intact but the file is not as written
-        raise ManifestError(f"{path}: damaged (its bytes differ from the manifest as written)")
-    return m
+        raise ManifestError(f"{path}: invalid ({loc}: {first['msg']})") from None
