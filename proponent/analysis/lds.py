@@ -1,0 +1,218 @@
+"""Linear datamodeling score (LDS): attribution scores judged against retraining.
+
+TRAK (Park et al., ICML 2023) defines the yardstick: draw M random subsets ``S_j`` of the
+training set (here each of ``fraction · N`` samples), retrain a model on each, and measure a
+query's output ``f(z; θ_j)``. An attribution method predicts the effect of a whole subset by
+summing its members' scores, ``g(z, S_j) = Σ_{i ∈ S_j} τ(z, i)``; its LDS for the query is the
+Spearman rank correlation, over the subsets, between the prediction and the actual output. The
+reported figure is the mean over queries.
+
+For VAE-TracIn the output is the query's loss (paper eq. 6) under **fixed draws** -- the same
+m draws ``ε`` for every retrained model, keyed by the query (domain :data:`NOISE_LDS`), so the
+loss differences come from the training data, not from the Monte Carlo noise. A proponent
+(positive score) lowers the query's loss, so the prediction is correlated with the **negative**
+loss: higher predicted group influence should mean lower loss.
+
+Seed scheme (documented so that caches are reusable and runs reproducible):
+
+* subset ``j`` is the ``round(fraction · N)`` rows with the smallest keys of a Philox generator
+  seeded by ``(NOISE_LDS, subset_seed, j)``: subset j does not depend on M;
+* every subset model is trained with the full model's :class:`TrainConfig` (epochs, learning
+  rate, batch size, optimiser, m), its ``seed`` included -- the same initialisation and the same
+  minibatch-shuffle generator for every subset, so the models differ by their data only --
+  unless ``vary_seed``, where subset j trains with ``seed + 1 + j``;
+* the loss draws of query row r are ``draw_noise(NOISE_LDS, loss_seed, 0, [r], m, ...)``.
+
+:func:`retrain_subsets` caches every trained model (``<workdir>/subsets/NNN/``) and every loss
+vector (per query set) on disk; re-running with other attribution configurations reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from proponent.build.data import Dataset
+from proponent.build.training import TrainConfig, train, training_objective
+from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
+from proponent.model.architectures import ModelConfig
+from proponent.model.checkpoints import load_checkpoint
+from proponent.model.objectives import draw_noise
+
+NOISE_LDS = 2
+"""Noise domain of the LDS subsets and query-loss draws (index features use 0, queries 1)."""
+
+__all__ = [
+    "NOISE_LDS",
+    "fixed_query_noise",
+    "lds_per_query",
+    "predicted_group_influence",
+    "query_losses",
+    "retrain_subsets",
+    "spearman_rows",
+    "subset_masks",
+    "summarize",
+]
+
+
+def subset_masks(n: int, n_subsets: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """``[n_subsets, n]`` boolean masks, each with ``round(fraction · n)`` rows (see the seed scheme)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    size = max(1, min(n - 1, round(fraction * n)))
+    masks = np.zeros((n_subsets, n), dtype=bool)
+    for j in range(n_subsets):
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([NOISE_LDS, seed, j])))
+        masks[j, np.argsort(rng.random(n), kind="stable")[:size]] = True
+    return masks
+
+
+def fixed_query_noise(n_queries: int, m: int, noise_shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """The fixed loss draws ``[n_queries, m, *noise_shape]`` (query row r keyed by (NOISE_LDS, seed, 0, r))."""
+    return draw_noise(NOISE_LDS, seed, 0, np.arange(n_queries), m, noise_shape)
+
+
+@torch.no_grad()
+def query_losses(model: torch.nn.Module, model_config: ModelConfig, x: np.ndarray, eps: torch.Tensor) -> np.ndarray:
+    """Per-query training loss (paper eq. 6) of ``model`` under the given draws, float64 ``[Q]``."""
+    objective = training_objective(model_config, int(eps.shape[1]))
+    model.eval()
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    y = torch.zeros(len(xt), dtype=torch.int64)
+    return objective.loss(model, xt, y, eps).double().numpy()
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def retrain_subsets(
+    data: Dataset,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    masks: np.ndarray,
+    workdir: str | Path,
+    query_x: np.ndarray,
+    query_eps: torch.Tensor,
+    *,
+    vary_seed: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Train one model per subset (cached) and return the queries' losses ``[M, Q]``.
+
+    A subset's directory holds its run (final checkpoint only) and ``losses-<key>.npy`` per query
+    set; ``subset.json`` records the training data fingerprint, the mask hash and the training
+    configuration, and a cached subset whose record differs is an error (use another workdir).
+    """
+    workdir = Path(workdir)
+    if masks.shape[1] != len(data):
+        raise ValueError(f"masks cover {masks.shape[1]} rows, the data has {len(data)}")
+    loss_key = _digest(np.asarray(query_x, np.float32), query_eps.numpy())[:16]
+    out = np.empty((len(masks), len(query_x)), dtype=np.float64)
+    for j, mask in enumerate(masks):
+        tc = TrainConfig(**{**asdict(train_config), "checkpoints": 1, "checkpoint_every_steps": None})
+        tc.checkpoint_every_epochs = None
+        if vary_seed:
+            tc.seed = train_config.seed + 1 + j
+        sub_dir = workdir / "subsets" / f"{j:03d}"
+        record = {
+            "data_fingerprint": data.fingerprint,
+            "mask": _digest(mask),
+            "model_config": model_config.to_dict(),
+            "train_config": asdict(tc),
+        }
+        rec_path = sub_dir / "subset.json"
+        run_dir = sub_dir / "run"
+        if rec_path.exists():
+            old = read_json(rec_path)
+            if old != json.loads(json.dumps(record)):
+                diff = [k for k in record if old.get(k) != json.loads(json.dumps(record[k]))]
+                raise ValueError(f"{sub_dir}: cached subset model was trained differently ({', '.join(diff)} differ)")
+        if not (rec_path.exists() and (run_dir / "run.json").exists()):
+            if progress:
+                progress(f"training subset model {j + 1}/{len(masks)}")
+            train(data.subset(mask), model_config, run_dir, tc, show_progress=False)
+            atomic_write_json(rec_path, record)
+        loss_path = sub_dir / f"losses-{loss_key}.npy"
+        if loss_path.exists():
+            out[j] = np.load(loss_path)
+            continue
+        run = read_json(run_dir / "run.json")
+        model, _, _ = load_checkpoint(run_dir / run["checkpoints"][-1]["path"], model_config)
+        losses = query_losses(model, model_config, query_x, query_eps)
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, losses)
+        atomic_write_bytes(loss_path, buf.getvalue())
+        out[j] = losses
+    return out
+
+
+def predicted_group_influence(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``Σ_{i ∈ S_j} score(q, i)``: ``scores [Q, N]``, ``masks [M, N]`` -> ``[Q, M]``."""
+    return np.asarray(scores, np.float64) @ np.asarray(masks, np.float64).T
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Average ranks along the last axis (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return np.asarray(rankdata(a, axis=-1), dtype=np.float64)
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of ``a`` with the same row of ``b`` (``[Q, M]`` each) -> ``[Q]``.
+
+    A row with constant values has no rank correlation; it gets NaN.
+    """
+    ra, rb = _ranks(np.atleast_2d(a)), _ranks(np.atleast_2d(b))
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """LDS of each query: Spearman over subsets of predicted group influence vs **negative** loss.
+
+    ``scores [Q, N]`` (positive = proponent), ``masks [M, N]``, ``losses [M, Q]`` -> ``[Q]``.
+    """
+    pred = predicted_group_influence(scores, masks)
+    return spearman_rows(pred, -np.asarray(losses, np.float64).T)
+
+
+def summarize(values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, float | int]:
+    """Mean, std, standard error and a 95% percentile bootstrap CI of the mean (NaNs dropped)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        nan = float("nan")
+        return {"mean": nan, "std": nan, "sem": nan, "ci_low": nan, "ci_high": nan, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+        "sem": float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0,
+        "ci_low": float(np.percentile(boots, 2.5)),
+        "ci_high": float(np.percentile(boots, 97.5)),
+        "n": int(v.size),
+    }
