@@ -51,7 +51,9 @@ NOISE_LDS = 2
 
 __all__ = [
     "NOISE_LDS",
+    "checkpoint_subsets",
     "fixed_query_noise",
+    "lds_rows",
     "lds_per_query",
     "predicted_group_influence",
     "query_losses",
@@ -216,3 +218,83 @@ def summarize(values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: in
         "ci_high": float(np.percentile(boots, 97.5)),
         "n": int(v.size),
     }
+
+
+def checkpoint_subsets(n_checkpoints: int, names: Sequence[str]) -> dict[str, list[int]]:
+    """Named checkpoint subsets: ``all``, ``last``, ``first+last``, or explicit ``0,2,4``-style lists."""
+    out: dict[str, list[int]] = {}
+    for name in names:
+        if name == "all":
+            out[name] = list(range(n_checkpoints))
+        elif name == "last":
+            out[name] = [n_checkpoints - 1]
+        elif name == "first+last":
+            out[name] = sorted({0, n_checkpoints - 1})
+        else:
+            try:
+                out[name] = sorted({int(v) for v in name.replace("+", ",").split(",")})
+            except ValueError:
+                raise ValueError(f"checkpoint subset {name!r}: expected all, last, first+last or 0,2,4") from None
+    return out
+
+
+def lds_rows(
+    index: Any,
+    query_x: np.ndarray,
+    masks: np.ndarray,
+    losses: np.ndarray,
+    *,
+    scorings: Sequence[str] = ("raw", "cosine", "relatif"),
+    checkpoint_sets: Sequence[str] = ("all",),
+    prefilters: Sequence[int] = (),
+    convention: str = "lr",
+    seed: int = 0,
+    scorer: Callable[..., np.ndarray] | None = None,
+    n_boot: int = 2000,
+) -> list[dict[str, Any]]:
+    """LDS of every (checkpoint subset or latent pre-filter) x scoring on one index.
+
+    ``query_x [Q, *shape]`` are the held-out queries whose losses under the subset models are
+    ``losses [M, Q]``. Queries are featurized once (all checkpoints, query seed ``seed``) and their
+    per-checkpoint inner products computed once; ``scorer`` (default: the definitions of
+    :func:`proponent.analysis.scorings.scores_all`) maps ``(index, features, sq_norms, scoring,
+    convention, checkpoints)`` to ``[Q, N]`` scores. A pre-filter of size L
+    scores only each query's L nearest training samples in latent space (all checkpoints); the
+    others contribute 0. Returns one row per variant and scoring with the per-query LDS summary.
+    """
+    from proponent.analysis.scorings import checkpoint_dots, combine_scores, featurize_queries
+
+    queries = featurize_queries(index, query_x, seed=seed)
+    dots = checkpoint_dots(index, queries.features) if scorer is None else {}
+    n_ck = len(index.checkpoints)
+    variants: list[tuple[str, list[int], int | None]] = [
+        (name, cks, None) for name, cks in checkpoint_subsets(n_ck, checkpoint_sets).items()
+    ]
+    variants += [(f"prefilter L={size}", list(range(n_ck)), int(size)) for size in prefilters]
+    mu = index.latent_means(query_x) if prefilters else None
+    rows: list[dict[str, Any]] = []
+    for name, cks, size in variants:
+        for scoring in scorings:
+            if scorer is None:  # the inner products are computed once; the scorings only combine them
+                s = combine_scores(index, dots, queries.sq_norm, scoring, convention, cks)  # type: ignore[arg-type]
+            else:
+                s = np.atleast_2d(scorer(index, queries.features, queries.sq_norm, scoring, convention, cks))
+            if size is not None:
+                assert mu is not None
+                kept = np.zeros_like(s)
+                for b in range(len(s)):
+                    cand = index.latent_neighbours(mu[b], size)
+                    kept[b, cand] = s[b, cand]
+                s = kept
+            per_query = lds_per_query(s, masks, losses)
+            rows.append(
+                {
+                    "variant": name,
+                    "checkpoints": cks,
+                    "prefilter": size,
+                    "scoring": scoring,
+                    **summarize(per_query, n_boot=n_boot, seed=seed),
+                    "per_query": [float(v) for v in per_query],
+                }
+            )
+    return rows

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +41,8 @@ SCORINGS = ("raw", "cosine", "relatif")
 __all__ = [
     "SCORINGS",
     "QueryFeatures",
+    "checkpoint_dots",
+    "combine_scores",
     "compare_scorings",
     "featurize_queries",
     "scores_all",
@@ -61,7 +64,9 @@ class QueryFeatures:
 
     def select(self, rows: Sequence[int] | np.ndarray) -> QueryFeatures:
         sel = np.asarray(rows)
-        return QueryFeatures({c: f[sel] for c, f in self.features.items()}, {c: s[sel] for c, s in self.sq_norm.items()})
+        return QueryFeatures(
+            {c: f[sel] for c, f in self.features.items()}, {c: s[sel] for c, s in self.sq_norm.items()}
+        )
 
 
 def featurize_queries(
@@ -101,7 +106,9 @@ def featurize_queries(
     return QueryFeatures(feats, norms)
 
 
-def stored_queries(index: InfluenceIndex, rows: Sequence[int] | np.ndarray, checkpoints: list[int] | None = None) -> QueryFeatures:
+def stored_queries(
+    index: InfluenceIndex, rows: Sequence[int] | np.ndarray, checkpoints: list[int] | None = None
+) -> QueryFeatures:
     """Training rows as queries with their stored features and exact norms (the index's own draws)."""
     sel = np.asarray(rows, dtype=np.int64)
     cks = index.resolve_checkpoints(checkpoints)
@@ -109,6 +116,71 @@ def stored_queries(index: InfluenceIndex, rows: Sequence[int] | np.ndarray, chec
         {c: index.sources[c].rows(sel) for c in cks},
         {c: np.asarray(index.store.sq_norm(c), np.float64)[sel] for c in cks},
     )
+
+
+def checkpoint_dots(
+    index: InfluenceIndex,
+    query_feats: dict[int, np.ndarray],
+    checkpoints: list[int] | None = None,
+    block_rows: int = 2048,
+) -> dict[int, np.ndarray]:
+    """Unweighted inner products ``<q_c, f_c(i)>`` per checkpoint, float64 ``[B, N]`` each.
+
+    Computed in float64 over row blocks of the stored features (no full float64 copy).
+    """
+    cks = index.resolve_checkpoints(checkpoints)
+    missing = [c for c in cks if c not in query_feats]
+    if missing:
+        raise ValueError(f"query features lack checkpoints {missing}")
+    out = {}
+    for c in cks:
+        q = np.atleast_2d(np.asarray(query_feats[c], dtype=np.float64))  # [B, D]
+        feats = index.sources[c].all()
+        dots = np.empty((len(q), index.n), dtype=np.float64)
+        for start in range(0, index.n, block_rows):
+            stop = min(index.n, start + block_rows)
+            dots[:, start:stop] = q @ feats[start:stop].astype(np.float64).T
+        out[c] = dots
+    return out
+
+
+def combine_scores(
+    index: InfluenceIndex,
+    dots: dict[int, np.ndarray],
+    query_sqnorms: dict[int, np.ndarray] | None,
+    scoring: str = "raw",
+    convention: Convention = "lr",
+    checkpoints: list[int] | None = None,
+) -> np.ndarray:
+    """The scorings' definitions, from per-checkpoint inner products ``dots[c] [B, N]`` -> ``[B, N]``.
+
+    raw: ``Σ_c w_c dots_c``; cosine: ``Σ_c w_c dots_c / sqrt(n_c(q) n_c(i))``; relatif:
+    ``Σ_c w_c dots_c / sqrt(Σ_c w_c n_c(i))``, sums over ``checkpoints``. A zero norm contributes 0.
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    cks = index.resolve_checkpoints(checkpoints)
+    w = index.weights(convention)
+    total: np.ndarray | None = None
+    self_infl = np.zeros(index.n, dtype=np.float64)
+    for c in cks:
+        d = np.atleast_2d(dots[c])
+        n_train = np.asarray(index.store.sq_norm(c), dtype=np.float64)
+        if scoring == "cosine":
+            if query_sqnorms is None or c not in query_sqnorms:
+                raise ValueError("cosine scoring needs the queries' exact squared norms")
+            n_query = np.atleast_1d(np.asarray(query_sqnorms[c], dtype=np.float64))
+            denom = np.sqrt(n_query[:, None] * n_train[None, :])
+            d = np.divide(d, denom, out=np.zeros_like(d), where=denom > 0)
+        elif scoring == "relatif":
+            self_infl += w[c] * n_train
+        part = w[c] * d
+        total = part if total is None else total + part
+    assert total is not None
+    if scoring == "relatif":
+        root = np.broadcast_to(np.sqrt(self_infl)[None, :], total.shape)
+        total = np.divide(total, root, out=np.zeros_like(total), where=root > 0)
+    return total
 
 
 def scores_all(
@@ -122,38 +194,13 @@ def scores_all(
     """Scores of every training row under ``scoring``: ``[N]`` for one query, ``[B, N]`` for B.
 
     ``query_feats[c]`` is ``[D]`` or ``[B, D]``; ``query_sqnorms[c]`` the matching exact squared
-    norms (scalar or ``[B]``; only ``cosine`` needs them). Float64 throughout. A zero norm
-    contributes 0 (its gradient is zero, so is every inner product with it).
+    norms (scalar or ``[B]``; only ``cosine`` needs them). Float64 throughout. This is the one
+    function to replace with the query path's own scoring call.
     """
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     cks = index.resolve_checkpoints(checkpoints)
-    missing = [c for c in cks if c not in query_feats]
-    if missing:
-        raise ValueError(f"query features lack checkpoints {missing}")
-    single = np.asarray(query_feats[cks[0]]).ndim == 1
-    w = index.weights(convention)
-    total: np.ndarray | None = None
-    self_infl = np.zeros(index.n, dtype=np.float64)
-    for c in cks:
-        q = np.atleast_2d(np.asarray(query_feats[c], dtype=np.float64))  # [B, D]
-        dots = q @ index.sources[c].all().astype(np.float64).T  # [B, N]
-        n_train = np.asarray(index.store.sq_norm(c), dtype=np.float64)
-        if scoring == "cosine":
-            if query_sqnorms is None or c not in query_sqnorms:
-                raise ValueError("cosine scoring needs the queries' exact squared norms")
-            n_query = np.atleast_1d(np.asarray(query_sqnorms[c], dtype=np.float64))
-            denom = np.sqrt(n_query[:, None] * n_train[None, :])
-            dots = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
-        elif scoring == "relatif":
-            self_infl += w[c] * n_train
-        part = w[c] * dots
-        total = part if total is None else total + part
-    assert total is not None
-    if scoring == "relatif":
-        root = np.sqrt(self_infl)
-        total = np.divide(total, root[None, :], out=np.zeros_like(total), where=root[None, :] > 0)
-    return total[0] if single else total
+    single = np.asarray(query_feats[cks[0]]).ndim == 1 if cks[0] in query_feats else False
+    scores = combine_scores(index, checkpoint_dots(index, query_feats, cks), query_sqnorms, scoring, convention, cks)
+    return scores[0] if single else scores
 
 
 def top_rows(scores: np.ndarray, k: int, direction: str = "proponents", exclude: int | None = None) -> np.ndarray:
@@ -172,6 +219,13 @@ def self_influence_ratio(index: InfluenceIndex, convention: Convention = "lr") -
         return None
     si = np.asarray(index.self_influence(convention), dtype=np.float64)
     return float(np.median(si[inj]) / np.median(si[~inj]))
+
+
+def _spread(rows: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` of ``rows``, evenly spaced (all of them when there are fewer)."""
+    if len(rows) <= n:
+        return rows.astype(np.int64)
+    return rows[np.linspace(0, len(rows) - 1, n).round().astype(np.int64)]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -226,21 +280,21 @@ def compare_scorings(
         q_labels = None
     queries = featurize_queries(index, q_images, seed=seed, checkpoints=cks)
 
-    clean, dirty = np.flatnonzero(~injected), np.flatnonzero(injected)
     if self_rows is None:
-        picks = [clean[np.linspace(0, len(clean) - 1, min(n_self, len(clean))).astype(int)]] if len(clean) else []
-        s_clean = picks[0] if picks else np.zeros(0, np.int64)
-        s_dirty = dirty[np.linspace(0, len(dirty) - 1, min(n_self, len(dirty))).astype(int)] if len(dirty) else dirty
+        s_clean, s_dirty = _spread(np.flatnonzero(~injected), n_self), _spread(np.flatnonzero(injected), n_self)
     else:
         chosen = np.asarray(self_rows, dtype=np.int64)
         s_clean, s_dirty = chosen[~injected[chosen]], chosen[injected[chosen]]
     s_rows = np.concatenate([s_clean, s_dirty]).astype(np.int64)
-    self_queries = featurize_queries(index, index.store.images(s_rows), seed=seed + 1, checkpoints=cks) if len(s_rows) else None
+    self_queries = (
+        featurize_queries(index, index.store.images(s_rows), seed=seed + 1, checkpoints=cks) if len(s_rows) else None
+    )
 
+    dots = checkpoint_dots(index, queries.features, cks)
+    self_dots = checkpoint_dots(index, self_queries.features, cks) if self_queries is not None else None
     results = []
     for scoring in scorings:
-        scores = scores_all(index, queries.features, queries.sq_norm, scoring, convention, cks)
-        scores = np.atleast_2d(scores)
+        scores = combine_scores(index, dots, queries.sq_norm, scoring, convention, cks)
         inj_p, inj_o, same_p, same_o = [], [], [], []
         for b in range(len(q_images)):
             pro = top_rows(scores[b], k, "proponents", excludes[b])
@@ -251,8 +305,8 @@ def compare_scorings(
                 same_p.append(float((train_labels[pro] == q_labels[b]).mean()))
                 same_o.append(float((train_labels[opp] == q_labels[b]).mean()))
         self_hits = np.zeros(0, dtype=bool)
-        if self_queries is not None:
-            s_scores = np.atleast_2d(scores_all(index, self_queries.features, self_queries.sq_norm, scoring, convention, cks))
+        if self_queries is not None and self_dots is not None:
+            s_scores = combine_scores(index, self_dots, self_queries.sq_norm, scoring, convention, cks)
             self_hits = np.argmax(s_scores, axis=1) == s_rows
         n_c = len(s_clean)
         results.append(
@@ -283,3 +337,28 @@ def compare_scorings(
         "n_self_injected": int(len(s_dirty)),
         "scorings": results,
     }
+
+
+def upscaled_digits_npz(path: str | Path, size: int = 28) -> Path:
+    """Write scikit-learn's digits upscaled to ``size`` x ``size`` (bilinear) as an ``npz:`` source.
+
+    The clean counterpart of ``glyphs:size=28`` (the generated outliers reproduce the raw-score
+    failure at MNIST's size, not at 8x8); ``x`` uint8, ``y`` the digit labels. Idempotent.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    path = Path(path)
+    if path.exists():
+        return path
+    bunch = load_digits()
+    planes = [
+        np.asarray(Image.fromarray((im / 16).astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
+        for im in bunch.images
+    ]
+    x = np.clip(np.stack(planes), 0.0, 1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez(tmp, x=np.round(x * 255).astype(np.uint8), y=np.asarray(bunch.target, dtype=np.int64))
+    tmp.replace(path)
+    return path
