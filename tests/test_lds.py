@@ -137,5 +137,9 @@ def test_retrain_subsets_uses_its_cache(lds_setup):
         data, cfg, tc, masks[:2], root / "work", query_x, fixed_query_noise(20, 16, (cfg.latent_dim,), seed=1)
     )
     assert calls == [] and other.shape == (2, 20) and not np.array_equal(other, losses[:2])
-    with pytest.raises(ValueError, match="trained differently"):
-        retrain_subsets(data, cfg, TrainConfig(epochs=3, checkpoints=3), masks[:1], root / "work", query_x, eps)
+    # another training configuration is another model, in its own cache entry
+    fresh = retrain_subsets(
+        data, cfg, TrainConfig(epochs=3), masks[:1], root / "work", query_x, eps, progress=calls.append
+    )
+    assert calls == ["training subset model 1/1"] and not np.array_equal(fresh[0], losses[0])
+    assert len(list((root / "work" / "subsets").iterdir())) == 17

@@ -23,16 +23,18 @@ Seed scheme (documented so that caches are reusable and runs reproducible):
   unless ``vary_seed``, where subset j trains with ``seed + 1 + j``;
 * the loss draws of query row r are ``draw_noise(NOISE_LDS, loss_seed, 0, [r], m, ...)``.
 
-:func:`retrain_subsets` caches every trained model (``<workdir>/subsets/NNN/``) and every loss
-vector (per query set) on disk; re-running with other attribution configurations reuses them.
+:func:`retrain_subsets` caches every trained model (``<workdir>/subsets/<key>/``, keyed by its data,
+rows and configuration) and every loss vector (per query set and draws) on disk; re-running with
+other attribution configurations reuses them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +120,11 @@ def retrain_subsets(
 ) -> np.ndarray:
     """Train one model per subset (cached) and return the queries' losses ``[M, Q]``.
 
-    A subset's directory holds its run (final checkpoint only) and ``losses-<key>.npy`` per query
-    set; ``subset.json`` records the training data fingerprint, the mask hash and the training
-    configuration, and a cached subset whose record differs is an error (use another workdir).
+    A subset model lives in ``<workdir>/subsets/<key>/``, ``key`` a digest of everything that
+    determines it (training data fingerprint, the subset's rows, model and training
+    configuration), so a cache is never reused for another setting and settings can be mixed in
+    one workdir. The directory holds the run (final checkpoint only), ``subset.json`` (what the
+    key covers, readable) and one ``losses-<key>.npy`` per query set and draws.
     """
     workdir = Path(workdir)
     if masks.shape[1] != len(data):
@@ -128,29 +132,23 @@ def retrain_subsets(
     loss_key = _digest(np.asarray(query_x, np.float32), query_eps.numpy())[:16]
     out = np.empty((len(masks), len(query_x)), dtype=np.float64)
     for j, mask in enumerate(masks):
-        tc = TrainConfig(**{**asdict(train_config), "checkpoints": 1, "checkpoint_every_steps": None})
-        tc.checkpoint_every_epochs = None
+        tc = dataclasses.replace(train_config, checkpoints=1, checkpoint_every_steps=None, checkpoint_every_epochs=None)
         if vary_seed:
             tc.seed = train_config.seed + 1 + j
-        sub_dir = workdir / "subsets" / f"{j:03d}"
         record = {
             "data_fingerprint": data.fingerprint,
-            "mask": _digest(mask),
+            "rows": _digest(np.flatnonzero(mask).astype(np.int64)),
+            "n_rows": int(mask.sum()),
             "model_config": model_config.to_dict(),
-            "train_config": asdict(tc),
+            "train_config": dataclasses.asdict(tc),
         }
-        rec_path = sub_dir / "subset.json"
+        sub_dir = workdir / "subsets" / _digest(record)[:20]
         run_dir = sub_dir / "run"
-        if rec_path.exists():
-            old = read_json(rec_path)
-            if old != json.loads(json.dumps(record)):
-                diff = [k for k in record if old.get(k) != json.loads(json.dumps(record[k]))]
-                raise ValueError(f"{sub_dir}: cached subset model was trained differently ({', '.join(diff)} differ)")
-        if not (rec_path.exists() and (run_dir / "run.json").exists()):
+        if not (sub_dir / "subset.json").exists():
             if progress:
                 progress(f"training subset model {j + 1}/{len(masks)}")
             train(data.subset(mask), model_config, run_dir, tc, show_progress=False)
-            atomic_write_json(rec_path, record)
+            atomic_write_json(sub_dir / "subset.json", {**record, "subset": j})
         loss_path = sub_dir / f"losses-{loss_key}.npy"
         if loss_path.exists():
             out[j] = np.load(loss_path)
@@ -158,8 +156,6 @@ def retrain_subsets(
         run = read_json(run_dir / "run.json")
         model, _, _ = load_checkpoint(run_dir / run["checkpoints"][-1]["path"], model_config)
         losses = query_losses(model, model_config, query_x, query_eps)
-        import io
-
         buf = io.BytesIO()
         np.save(buf, losses)
         atomic_write_bytes(loss_path, buf.getvalue())
