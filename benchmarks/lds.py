@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from proponent.analysis.lds import fixed_query_noise, lds_rows, retrain_subsets, subset_masks
+from proponent.analysis.lds import fixed_query_noise, lds_rows, paired_difference, retrain_subsets, subset_masks
 from proponent.analysis.scorings import SCORINGS
 from proponent.build.data import load_dataset
 from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, set_threads
@@ -185,6 +185,21 @@ def main() -> None:
             by_variant.setdefault(r["variant"], {})[r["scoring"]] = r
         for variant, cells in by_variant.items():
             print(f"{name:>8} {entry['dim']:>6} {variant:>15} " + " ".join(f"{fmt(cells[s]):>32}" for s in scorings))
+    others = [s for s in scorings if s != scorings[0]]
+    if others:
+        print(f"\npaired per-query differences against {scorings[0]}: mean [95% bootstrap CI]")
+        print(f"{'index':>8} {'variant':>15} " + " ".join(f"{s + ' - ' + scorings[0]:>26}" for s in others))
+        for name, entry in results["indexes"].items():
+            by_variant = {}
+            for r in entry["rows"]:
+                by_variant.setdefault(r["variant"], {})[r["scoring"]] = r
+            for variant, cells in by_variant.items():
+                diffs = []
+                for s in others:
+                    d = paired_difference(cells[s]["per_query"], cells[scorings[0]]["per_query"])
+                    cells[s]["minus_" + scorings[0]] = d
+                    diffs.append(f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
+                print(f"{name:>8} {variant:>15} " + " ".join(f"{t:>26}" for t in diffs))
     log("done")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ __all__ = [
     "checkpoint_subsets",
     "fixed_query_noise",
     "lds_rows",
+    "paired_difference",
     "lds_per_query",
     "predicted_group_influence",
     "query_losses",
@@ -214,6 +215,18 @@ def summarize(values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: in
         "ci_high": float(np.percentile(boots, 97.5)),
         "n": int(v.size),
     }
+
+
+def paired_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> dict[str, float | int]:
+    """:func:`summarize` of the per-query differences ``a - b`` (the same queries scored two ways).
+
+    Pairing removes the between-query spread, so it resolves differences that overlapping
+    per-method confidence intervals do not; queries where either side is NaN are dropped.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return summarize(d, n_boot=n_boot, seed=seed)
 
 
 def checkpoint_subsets(n_checkpoints: int, names: Sequence[str]) -> dict[str, list[int]]:

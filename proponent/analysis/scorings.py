@@ -254,6 +254,7 @@ def compare_scorings(
 
     * ``injected_share_proponents`` / ``_opponents``: the fraction of injected rows among the
       top-k (averaged over queries); compare with ``injected_fraction`` of the training set;
+    * ``queries_with_injected_top1``: the fraction of queries whose strongest proponent is injected;
     * ``same_class_proponents`` / ``_opponents``: the fraction of the top-k with the query's
       label (injected rows carry label -1 and never count); None without labels;
     * ``self_top1``: the fraction of ``self_rows`` (default: ``n_self`` clean training rows evenly
