@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from proponent.analysis.lds import fixed_query_noise, lds_rows, paired_difference, retrain_subsets, subset_masks
+from proponent.analysis.lds import (
+    fixed_query_noise,
+    lds_per_query,
+    lds_rows,
+    paired_difference,
+    retrain_subsets,
+    subset_masks,
+    summarize,
+)
 from proponent.analysis.scorings import SCORINGS
 from proponent.build.data import load_dataset
 from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, set_threads
@@ -70,6 +78,30 @@ def parse_index_config(text: str, default_m: int) -> tuple[str, IndexOptions]:
     return name, IndexOptions(projection=ProjectionSpec(**proj), **opts)
 
 
+def baseline_rows(
+    idx: Any, data: Any, query_x: np.ndarray, query_labels: np.ndarray | None, masks: np.ndarray, losses: np.ndarray
+) -> list[dict[str, Any]]:
+    """LDS of attributions that use no gradients: random, same class, latent nearest neighbours."""
+    q = len(query_x)
+    cands: list[tuple[str, np.ndarray]] = [("random scores", np.random.default_rng(0).normal(size=(q, idx.n)))]
+    if data.labels is not None and query_labels is not None:
+        same = (data.labels[None, :] == query_labels[:q, None]) & (data.labels[None, :] >= 0)
+        cands.append(("same class (1 / 0)", same.astype(np.float64)))
+    if idx.latent_mu is not None:
+        d2 = ((idx.latent_means(query_x)[:, None, :] - idx.latent_mu[None]) ** 2).sum(-1)
+        for size in (50, 200):
+            nn = np.zeros_like(d2)
+            np.put_along_axis(nn, np.argsort(d2, axis=1)[:, :size], 1.0, axis=1)
+            cands.append((f"{size} nearest in latent space (1 / 0)", nn))
+        cands.append(("minus latent distance", -np.sqrt(d2)))
+    cands.append(("self-influence (same for every query)", np.tile(idx.self_influence(), (q, 1))))
+    out = []
+    for name, s in cands:
+        per_query = lds_per_query(s, masks, losses)
+        out.append({"name": name, **summarize(per_query), "per_query": per_query.tolist()})
+    return out
+
+
 def fmt(row: dict[str, Any]) -> str:
     return f"{row['mean']:+.3f} ± {row['std']:.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
 
@@ -96,6 +128,7 @@ def main() -> None:
     ap.add_argument("--scorings", default=",".join(SCORINGS))
     ap.add_argument("--convention", default="lr", choices=["lr", "visits"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the gradient-free baselines")
     ap.add_argument("--json", default=None, help="write all numbers (per-query LDS included) here")
     a = ap.parse_args()
     set_threads(a.threads)
@@ -167,6 +200,8 @@ def main() -> None:
             "dim": idx.dim,
             "rows": rows,
         }
+        if a.baselines and "baselines" not in results:
+            results["baselines"] = baseline_rows(idx, data, query_x, held_out.labels, masks, losses)
         del idx
 
     print(
@@ -175,6 +210,7 @@ def main() -> None:
         f"TrainConfig epochs={train_config.epochs} lr={train_config.lr} batch={train_config.batch_size} "
         f"seed={'varied' if a.vary_seed else train_config.seed}; weights {a.convention}"
     )
+
     print("mean ± std over queries [95% bootstrap CI of the mean]")
     scorings = a.scorings.split(",")
     header = f"{'index':>8} {'D':>6} {'variant':>15} " + " ".join(f"{s:>32}" for s in scorings)
@@ -185,21 +221,25 @@ def main() -> None:
             by_variant.setdefault(r["variant"], {})[r["scoring"]] = r
         for variant, cells in by_variant.items():
             print(f"{name:>8} {entry['dim']:>6} {variant:>15} " + " ".join(f"{fmt(cells[s]):>32}" for s in scorings))
-    others = [s for s in scorings if s != scorings[0]]
-    if others:
-        print(f"\npaired per-query differences against {scorings[0]}: mean [95% bootstrap CI]")
-        print(f"{'index':>8} {'variant':>15} " + " ".join(f"{s + ' - ' + scorings[0]:>26}" for s in others))
+    pairs = [(b, a) for i, a in enumerate(scorings) for b in scorings[i + 1 :]]
+    if pairs:
+        print("\npaired per-query differences (the same queries scored two ways): mean [95% bootstrap CI]")
+        print(f"{'index':>8} {'variant':>15} " + " ".join(f"{b + ' - ' + a:>26}" for b, a in pairs))
         for name, entry in results["indexes"].items():
             by_variant = {}
             for r in entry["rows"]:
                 by_variant.setdefault(r["variant"], {})[r["scoring"]] = r
             for variant, cells in by_variant.items():
                 diffs = []
-                for s in others:
-                    d = paired_difference(cells[s]["per_query"], cells[scorings[0]]["per_query"])
-                    cells[s]["minus_" + scorings[0]] = d
+                for b, a in pairs:
+                    d = paired_difference(cells[b]["per_query"], cells[a]["per_query"])
+                    cells[b]["minus_" + a] = d
                     diffs.append(f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
                 print(f"{name:>8} {variant:>15} " + " ".join(f"{t:>26}" for t in diffs))
+    if results.get("baselines"):
+        print("\nbaselines (no gradients; what LDS a trivial attribution gets on the same subsets and losses)")
+        for r in results["baselines"]:
+            print(f"{r['name']:>40} {fmt(r):>32}")
     log("done")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
