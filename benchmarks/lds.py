@@ -32,6 +32,7 @@ import numpy as np
 
 from proponent.analysis.lds import (
     fixed_query_noise,
+    injected_effect,
     lds_per_query,
     lds_rows,
     paired_difference,
@@ -200,6 +201,10 @@ def main() -> None:
             "dim": idx.dim,
             "rows": rows,
         }
+        if data.injected.any():
+            results["indexes"][name]["injected_effect"] = injected_effect(
+                idx, query_x, masks, losses, scorings=a.scorings.split(","), convention=a.convention
+            )
         if a.baselines and "baselines" not in results:
             results["baselines"] = baseline_rows(idx, data, query_x, held_out.labels, masks, losses)
         del idx
@@ -221,21 +226,38 @@ def main() -> None:
             by_variant.setdefault(r["variant"], {})[r["scoring"]] = r
         for variant, cells in by_variant.items():
             print(f"{name:>8} {entry['dim']:>6} {variant:>15} " + " ".join(f"{fmt(cells[s]):>32}" for s in scorings))
-    pairs = [(b, a) for i, a in enumerate(scorings) for b in scorings[i + 1 :]]
+    pairs = [(hi, lo) for i, lo in enumerate(scorings) for hi in scorings[i + 1 :]]
     if pairs:
         print("\npaired per-query differences (the same queries scored two ways): mean [95% bootstrap CI]")
-        print(f"{'index':>8} {'variant':>15} " + " ".join(f"{b + ' - ' + a:>26}" for b, a in pairs))
+        print(f"{'index':>8} {'variant':>15} " + " ".join(f"{hi + ' - ' + lo:>26}" for hi, lo in pairs))
         for name, entry in results["indexes"].items():
             by_variant = {}
             for r in entry["rows"]:
                 by_variant.setdefault(r["variant"], {})[r["scoring"]] = r
             for variant, cells in by_variant.items():
                 diffs = []
-                for b, a in pairs:
-                    d = paired_difference(cells[b]["per_query"], cells[a]["per_query"])
-                    cells[b]["minus_" + a] = d
+                for hi, lo in pairs:
+                    d = paired_difference(cells[hi]["per_query"], cells[lo]["per_query"])
+                    cells[hi]["minus_" + lo] = d
                     diffs.append(f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
                 print(f"{name:>8} {variant:>15} " + " ".join(f"{t:>26}" for t in diffs))
+    effects = {name: e["injected_effect"] for name, e in results["indexes"].items() if "injected_effect" in e}
+    if effects:
+        first = next(iter(effects.values()))["actual"]
+        print(
+            f"\ninjected rows: Spearman(number of injected rows in the subset, -loss) = {fmt(first)}"
+            " (0: removing them does not change the clean queries' losses)"
+        )
+        print(
+            f"{'index':>8} {'scoring':>8} {'LDS, clean rows only':>32} {'LDS, injected rows only':>32} "
+            f"{'predicted variance from injected':>33}"
+        )
+        for name, eff in effects.items():
+            for scoring, e in eff["scorings"].items():
+                print(
+                    f"{name:>8} {scoring:>8} {fmt(e['lds_clean_rows_only']):>32} "
+                    f"{fmt(e['lds_injected_rows_only']):>32} {e['predicted_variance_share_injected']:>33.2f}"
+                )
     if results.get("baselines"):
         print("\nbaselines (no gradients; what LDS a trivial attribution gets on the same subsets and losses)")
         for r in results["baselines"]:

@@ -18,6 +18,7 @@ from scipy.stats import spearmanr
 from proponent.analysis.lds import (
     checkpoint_subsets,
     fixed_query_noise,
+    injected_effect,
     lds_per_query,
     lds_rows,
     predicted_group_influence,
@@ -86,7 +87,7 @@ def test_checkpoint_subsets():
 def lds_setup(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lds")
-    data = load_dataset("digits,limit=300")
+    data = load_dataset("digits,limit=270+digits,offset=270,limit=30,injected")  # "injected": a marker only
     cfg = default_config_for(data.shape)
     tc = TrainConfig(epochs=10, checkpoints=3)
     train(data, cfg, root / "run", tc, show_progress=False)
@@ -143,3 +144,13 @@ def test_retrain_subsets_uses_its_cache(lds_setup):
     )
     assert calls == ["training subset model 1/1"] and not np.array_equal(fresh[0], losses[0])
     assert len(list((root / "work" / "subsets").iterdir())) == 17
+
+
+def test_injected_effect_reports_shares(lds_setup):
+    root, data, cfg, tc, idx, query_x, eps, masks, losses = lds_setup
+    eff = injected_effect(idx, query_x, masks, losses)
+    assert eff["actual"]["n"] == 20 and -1 <= eff["actual"]["mean"] <= 1
+    for scoring in ("raw", "cosine", "relatif"):
+        e = eff["scorings"][scoring]
+        assert 0.0 <= e["predicted_variance_share_injected"] <= 1.0
+        assert e["lds_clean_rows_only"]["mean"] > 0.2  # 90% of the rows carry most of the signal

@@ -307,3 +307,44 @@ def lds_rows(
                 }
             )
     return rows
+
+
+def injected_effect(
+    index: Any,
+    query_x: np.ndarray,
+    masks: np.ndarray,
+    losses: np.ndarray,
+    *,
+    scorings: Sequence[str] = ("raw", "cosine", "relatif"),
+    convention: str = "lr",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Do the injected rows matter counterfactually, and how much do the scorings credit them?
+
+    ``actual``: per-query Spearman between the number of injected rows in a subset and the
+    negative loss (about 0 when removing outliers does not change the queries' losses). Per
+    scoring: the LDS of the scores of the clean rows only and of the injected rows only, and the
+    median (over queries) share of the variance of the predicted group influence that comes from
+    the injected rows.
+    """
+    from proponent.analysis.scorings import checkpoint_dots, combine_scores, featurize_queries
+
+    inj = np.asarray(index.injected, dtype=bool)
+    counts = masks[:, inj].sum(axis=1).astype(np.float64)
+    actual = spearman_rows(np.tile(counts, (len(query_x), 1)), -np.asarray(losses, np.float64).T)
+    queries = featurize_queries(index, query_x, seed=seed)
+    dots = checkpoint_dots(index, queries.features)
+    out: dict[str, Any] = {"actual": summarize(actual, seed=seed), "scorings": {}}
+    for scoring in scorings:
+        s = combine_scores(index, dots, queries.sq_norm, scoring, convention)  # type: ignore[arg-type]
+        clean, dirty = np.where(inj[None, :], 0.0, s), np.where(inj[None, :], s, 0.0)
+        v_dirty = predicted_group_influence(dirty, masks).var(axis=1)
+        v_clean = predicted_group_influence(clean, masks).var(axis=1)
+        total = v_dirty + v_clean
+        share = np.divide(v_dirty, total, out=np.zeros_like(total), where=total > 0)
+        out["scorings"][scoring] = {
+            "lds_clean_rows_only": summarize(lds_per_query(clean, masks, losses), seed=seed),
+            "lds_injected_rows_only": summarize(lds_per_query(dirty, masks, losses), seed=seed),
+            "predicted_variance_share_injected": float(np.median(share)),
+        }
+    return out
