@@ -83,6 +83,57 @@ def test_digits():
     assert load_dataset("digits,limit=100").fingerprint != ds.fingerprint
 
 
+# ---- glyphs (generated outliers) ------------------------------------------------------------
+
+
+def test_glyphs_deterministic_shapes_and_options():
+    ds = load_dataset("glyphs:n=12")
+    assert ds.shape == (1, 8, 8) and len(ds) == 12 and ds.labels is None
+    assert ds.sources[0].kind == "glyphs" and dict(ds.sources[0].options) == {
+        "n": 12,
+        "size": 8,
+        "seed": 0,
+        "style": "letters",
+    }
+    again = load_dataset("glyphs,n=12")  # options after the colon or after a comma
+    np.testing.assert_array_equal(again.x, ds.x)
+    assert again.fingerprint == ds.fingerprint
+    other = load_dataset("glyphs:n=12,seed=1")
+    assert other.fingerprint != ds.fingerprint and not np.array_equal(other.x, ds.x)
+    # a row depends on (seed, row) only: a longer set starts with the same images; offset/limit slice it
+    longer = load_dataset("glyphs:n=20")
+    np.testing.assert_array_equal(longer.x[:12], ds.x)
+    np.testing.assert_array_equal(load_dataset("glyphs:n=20,offset=5,limit=3").x, longer.x[5:8])
+    for style in ("letters", "negative", "shapes", "texture", "noise", "mix"):
+        g = load_dataset(f"glyphs:n=6,size=28,style={style}")
+        assert g.shape == (1, 28, 28) and g.x.dtype == np.float32
+        assert 0.0 <= g.x.min() and g.x.max() <= 1.0
+        assert g.x.mean() > 0.3  # dense, heavily filled: far more ink than a digit (digits: 0.31 at 8x8, 28x28)
+        assert (g.x.reshape(6, -1).std(axis=1) > 0.3).all()  # high contrast
+
+
+def test_glyphs_combine_with_digits_as_injected():
+    ds = load_dataset("digits,limit=50+glyphs:n=5,injected")
+    assert len(ds) == 55 and ds.injected.sum() == 5 and ds.injected[50:].all()
+    assert ds.labels is not None and (ds.labels[50:] == -1).all() and (ds.labels[:50] >= 0).all()
+    with pytest.raises(DataError, match="cannot combine"):
+        load_dataset("digits,limit=5+glyphs:n=5,size=28")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("glyphs:n=0", "must be at least 1"),
+        ("glyphs:style=bold", "expected one of letters, negative, shapes, texture, noise, mix"),
+        ("glyphs:size=2", "must be at least 4"),
+        ("glyphs:/tmp", "glyphs takes no argument"),
+    ],
+)
+def test_glyphs_errors(spec, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset(spec)
+
+
 # ---- mnist-idx -------------------------------------------------------------------------------
 
 
@@ -414,7 +465,7 @@ def test_subset_keeps_ids_and_origin():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("mnst:/d", r"unknown kind 'mnst' \(known: cifar10, digits, folder, mnist-idx, npz\)"),
+        ("mnst:/d", r"unknown kind 'mnst' \(known: cifar10, digits, folder, glyphs, mnist-idx, npz\)"),
         ("digits,colour=red", r"unknown option 'colour' for digits \(allowed: injected, limit, offset\)"),
         ("mnist-idx:/d,split=test", "unknown option 'split' for mnist-idx"),
         ("digits,limit=abc", r"bad value 'abc' for limit=N: not an integer"),

@@ -1,0 +1,350 @@
+"""Linear datamodeling score (LDS): attribution scores judged against retraining.
+
+TRAK (Park et al., ICML 2023) defines the yardstick: draw M random subsets ``S_j`` of the
+training set (here each of ``fraction · N`` samples), retrain a model on each, and measure a
+query's output ``f(z; θ_j)``. An attribution method predicts the effect of a whole subset by
+summing its members' scores, ``g(z, S_j) = Σ_{i ∈ S_j} τ(z, i)``; its LDS for the query is the
+Spearman rank correlation, over the subsets, between the prediction and the actual output. The
+reported figure is the mean over queries.
+
+For VAE-TracIn the output is the query's loss (paper eq. 6) under **fixed draws** -- the same
+m draws ``ε`` for every retrained model, keyed by the query (domain :data:`NOISE_LDS`), so the
+loss differences come from the training data, not from the Monte Carlo noise. A proponent
+(positive score) lowers the query's loss, so the prediction is correlated with the **negative**
+loss: higher predicted group influence should mean lower loss.
+
+Seed scheme (documented so that caches are reusable and runs reproducible):
+
+* subset ``j`` is the ``round(fraction · N)`` rows with the smallest keys of a Philox generator
+  seeded by ``(NOISE_LDS, subset_seed, j)``: subset j does not depend on M;
+* every subset model is trained with the full model's :class:`TrainConfig` (epochs, learning
+  rate, batch size, optimiser, m), its ``seed`` included -- the same initialisation and the same
+  minibatch-shuffle generator for every subset, so the models differ by their data only --
+  unless ``vary_seed``, where subset j trains with ``seed + 1 + j``;
+* the loss draws of query row r are ``draw_noise(NOISE_LDS, loss_seed, 0, [r], m, ...)``.
+
+:func:`retrain_subsets` caches every trained model (``<workdir>/subsets/<key>/``, keyed by its data,
+rows and configuration) and every loss vector (per query set and draws) on disk; re-running with
+other attribution configurations reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from proponent.build.data import Dataset
+from proponent.build.training import TrainConfig, train, training_objective
+from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
+from proponent.model.architectures import ModelConfig
+from proponent.model.checkpoints import load_checkpoint
+from proponent.model.objectives import draw_noise
+
+NOISE_LDS = 2
+"""Noise domain of the LDS subsets and query-loss draws (index features use 0, queries 1)."""
+
+__all__ = [
+    "NOISE_LDS",
+    "checkpoint_subsets",
+    "fixed_query_noise",
+    "lds_rows",
+    "paired_difference",
+    "lds_per_query",
+    "predicted_group_influence",
+    "query_losses",
+    "retrain_subsets",
+    "spearman_rows",
+    "subset_masks",
+    "summarize",
+]
+
+
+def subset_masks(n: int, n_subsets: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """``[n_subsets, n]`` boolean masks, each with ``round(fraction · n)`` rows (see the seed scheme)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    size = max(1, min(n - 1, round(fraction * n)))
+    masks = np.zeros((n_subsets, n), dtype=bool)
+    for j in range(n_subsets):
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([NOISE_LDS, seed, j])))
+        masks[j, np.argsort(rng.random(n), kind="stable")[:size]] = True
+    return masks
+
+
+def fixed_query_noise(n_queries: int, m: int, noise_shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """The fixed loss draws ``[n_queries, m, *noise_shape]`` (query row r keyed by (NOISE_LDS, seed, 0, r))."""
+    return draw_noise(NOISE_LDS, seed, 0, np.arange(n_queries), m, noise_shape)
+
+
+@torch.no_grad()
+def query_losses(model: torch.nn.Module, model_config: ModelConfig, x: np.ndarray, eps: torch.Tensor) -> np.ndarray:
+    """Per-query training loss (paper eq. 6) of ``model`` under the given draws, float64 ``[Q]``."""
+    objective = training_objective(model_config, int(eps.shape[1]))
+    model.eval()
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    y = torch.zeros(len(xt), dtype=torch.int64)
+    return objective.loss(model, xt, y, eps).double().numpy()
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def retrain_subsets(
+    data: Dataset,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    masks: np.ndarray,
+    workdir: str | Path,
+    query_x: np.ndarray,
+    query_eps: torch.Tensor,
+    *,
+    vary_seed: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Train one model per subset (cached) and return the queries' losses ``[M, Q]``.
+
+    A subset model lives in ``<workdir>/subsets/<key>/``, ``key`` a digest of everything that
+    determines it (training data fingerprint, the subset's rows, model and training
+    configuration), so a cache is never reused for another setting and settings can be mixed in
+    one workdir. The directory holds the run (final checkpoint only), ``subset.json`` (what the
+    key covers, readable) and one ``losses-<key>.npy`` per query set and draws.
+    """
+    workdir = Path(workdir)
+    if masks.shape[1] != len(data):
+        raise ValueError(f"masks cover {masks.shape[1]} rows, the data has {len(data)}")
+    loss_key = _digest(np.asarray(query_x, np.float32), query_eps.numpy())[:16]
+    out = np.empty((len(masks), len(query_x)), dtype=np.float64)
+    for j, mask in enumerate(masks):
+        tc = dataclasses.replace(train_config, checkpoints=1, checkpoint_every_steps=None, checkpoint_every_epochs=None)
+        if vary_seed:
+            tc.seed = train_config.seed + 1 + j
+        record = {
+            "data_fingerprint": data.fingerprint,
+            "rows": _digest(np.flatnonzero(mask).astype(np.int64)),
+            "n_rows": int(mask.sum()),
+            "model_config": model_config.to_dict(),
+            "train_config": dataclasses.asdict(tc),
+        }
+        sub_dir = workdir / "subsets" / _digest(record)[:20]
+        run_dir = sub_dir / "run"
+        if not (sub_dir / "subset.json").exists():
+            if progress:
+                progress(f"training subset model {j + 1}/{len(masks)}")
+            train(data.subset(mask), model_config, run_dir, tc, show_progress=False)
+            atomic_write_json(sub_dir / "subset.json", {**record, "subset": j})
+        loss_path = sub_dir / f"losses-{loss_key}.npy"
+        if loss_path.exists():
+            out[j] = np.load(loss_path)
+            continue
+        run = read_json(run_dir / "run.json")
+        model, _, _ = load_checkpoint(run_dir / run["checkpoints"][-1]["path"], model_config)
+        losses = query_losses(model, model_config, query_x, query_eps)
+        buf = io.BytesIO()
+        np.save(buf, losses)
+        atomic_write_bytes(loss_path, buf.getvalue())
+        out[j] = losses
+    return out
+
+
+def predicted_group_influence(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``Σ_{i ∈ S_j} score(q, i)``: ``scores [Q, N]``, ``masks [M, N]`` -> ``[Q, M]``."""
+    return np.asarray(scores, np.float64) @ np.asarray(masks, np.float64).T
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Average ranks along the last axis (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return np.asarray(rankdata(a, axis=-1), dtype=np.float64)
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of ``a`` with the same row of ``b`` (``[Q, M]`` each) -> ``[Q]``.
+
+    A row with constant values has no rank correlation; it gets NaN.
+    """
+    ra, rb = _ranks(np.atleast_2d(a)), _ranks(np.atleast_2d(b))
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """LDS of each query: Spearman over subsets of predicted group influence vs **negative** loss.
+
+    ``scores [Q, N]`` (positive = proponent), ``masks [M, N]``, ``losses [M, Q]`` -> ``[Q]``.
+    """
+    pred = predicted_group_influence(scores, masks)
+    return spearman_rows(pred, -np.asarray(losses, np.float64).T)
+
+
+def summarize(values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, float | int]:
+    """Mean, std, standard error and a 95% percentile bootstrap CI of the mean (NaNs dropped)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        nan = float("nan")
+        return {"mean": nan, "std": nan, "sem": nan, "ci_low": nan, "ci_high": nan, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+        "sem": float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0,
+        "ci_low": float(np.percentile(boots, 2.5)),
+        "ci_high": float(np.percentile(boots, 97.5)),
+        "n": int(v.size),
+    }
+
+
+def paired_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> dict[str, float | int]:
+    """:func:`summarize` of the per-query differences ``a - b`` (the same queries scored two ways).
+
+    Pairing removes the between-query spread, so it resolves differences that overlapping
+    per-method confidence intervals do not; queries where either side is NaN are dropped.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return summarize(d, n_boot=n_boot, seed=seed)
+
+
+def checkpoint_subsets(n_checkpoints: int, names: Sequence[str]) -> dict[str, list[int]]:
+    """Named checkpoint subsets: ``all``, ``last``, ``first+last``, or explicit ``0,2,4``-style lists."""
+    out: dict[str, list[int]] = {}
+    for name in names:
+        if name == "all":
+            out[name] = list(range(n_checkpoints))
+        elif name == "last":
+            out[name] = [n_checkpoints - 1]
+        elif name == "first+last":
+            out[name] = sorted({0, n_checkpoints - 1})
+        else:
+            try:
+                out[name] = sorted({int(v) for v in name.replace("+", ",").split(",")})
+            except ValueError:
+                raise ValueError(f"checkpoint subset {name!r}: expected all, last, first+last or 0,2,4") from None
+    return out
+
+
+def lds_rows(
+    index: Any,
+    query_x: np.ndarray,
+    masks: np.ndarray,
+    losses: np.ndarray,
+    *,
+    scorings: Sequence[str] = ("raw", "cosine", "relatif"),
+    checkpoint_sets: Sequence[str] = ("all",),
+    prefilters: Sequence[int] = (),
+    convention: str = "lr",
+    seed: int = 0,
+    scorer: Callable[..., np.ndarray] | None = None,
+    n_boot: int = 2000,
+) -> list[dict[str, Any]]:
+    """LDS of every (checkpoint subset or latent pre-filter) x scoring on one index.
+
+    ``query_x [Q, *shape]`` are the held-out queries whose losses under the subset models are
+    ``losses [M, Q]``. Queries are featurized once (all checkpoints, query seed ``seed``) and their
+    per-checkpoint inner products computed once; ``scorer`` (default: the definitions of
+    :func:`proponent.analysis.scorings.scores_all`) maps ``(index, features, sq_norms, scoring,
+    convention, checkpoints)`` to ``[Q, N]`` scores. A pre-filter of size L
+    scores only each query's L nearest training samples in latent space (all checkpoints); the
+    others contribute 0. Returns one row per variant and scoring with the per-query LDS summary.
+    """
+    from proponent.analysis.scorings import checkpoint_dots, combine_scores, featurize_queries
+
+    queries = featurize_queries(index, query_x, seed=seed)
+    dots = checkpoint_dots(index, queries.features) if scorer is None else {}
+    n_ck = len(index.checkpoints)
+    variants: list[tuple[str, list[int], int | None]] = [
+        (name, cks, None) for name, cks in checkpoint_subsets(n_ck, checkpoint_sets).items()
+    ]
+    variants += [(f"prefilter L={size}", list(range(n_ck)), int(size)) for size in prefilters]
+    mu = index.latent_means(query_x) if prefilters else None
+    rows: list[dict[str, Any]] = []
+    for name, cks, size in variants:
+        for scoring in scorings:
+            if scorer is None:  # the inner products are computed once; the scorings only combine them
+                s = combine_scores(index, dots, queries.sq_norm, scoring, convention, cks)  # type: ignore[arg-type]
+            else:
+                s = np.atleast_2d(scorer(index, queries.features, queries.sq_norm, scoring, convention, cks))
+            if size is not None:
+                assert mu is not None
+                kept = np.zeros_like(s)
+                for b in range(len(s)):
+                    cand = index.latent_neighbours(mu[b], size)
+                    kept[b, cand] = s[b, cand]
+                s = kept
+            per_query = lds_per_query(s, masks, losses)
+            rows.append(
+                {
+                    "variant": name,
+                    "checkpoints": cks,
+                    "prefilter": size,
+                    "scoring": scoring,
+                    **summarize(per_query, n_boot=n_boot, seed=seed),
+                    "per_query": [float(v) for v in per_query],
+                }
+            )
+    return rows
+
+
+def injected_effect(
+    index: Any,
+    query_x: np.ndarray,
+    masks: np.ndarray,
+    losses: np.ndarray,
+    *,
+    scorings: Sequence[str] = ("raw", "cosine", "relatif"),
+    convention: str = "lr",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Do the injected rows matter counterfactually, and how much do the scorings credit them?
+
+    ``actual``: per-query Spearman between the number of injected rows in a subset and the
+    negative loss (about 0 when removing outliers does not change the queries' losses). Per
+    scoring: the LDS of the scores of the clean rows only and of the injected rows only, and the
+    median (over queries) share of the variance of the predicted group influence that comes from
+    the injected rows.
+    """
+    from proponent.analysis.scorings import checkpoint_dots, combine_scores, featurize_queries
+
+    inj = np.asarray(index.injected, dtype=bool)
+    counts = masks[:, inj].sum(axis=1).astype(np.float64)
+    actual = spearman_rows(np.tile(counts, (len(query_x), 1)), -np.asarray(losses, np.float64).T)
+    queries = featurize_queries(index, query_x, seed=seed)
+    dots = checkpoint_dots(index, queries.features)
+    out: dict[str, Any] = {"actual": summarize(actual, seed=seed), "scorings": {}}
+    for scoring in scorings:
+        s = combine_scores(index, dots, queries.sq_norm, scoring, convention)  # type: ignore[arg-type]
+        clean, dirty = np.where(inj[None, :], 0.0, s), np.where(inj[None, :], s, 0.0)
+        v_dirty = predicted_group_influence(dirty, masks).var(axis=1)
+        v_clean = predicted_group_influence(clean, masks).var(axis=1)
+        total = v_dirty + v_clean
+        share = np.divide(v_dirty, total, out=np.zeros_like(total), where=total > 0)
+        out["scorings"][scoring] = {
+            "lds_clean_rows_only": summarize(lds_per_query(clean, masks, losses), seed=seed),
+            "lds_injected_rows_only": summarize(lds_per_query(dirty, masks, losses), seed=seed),
+            "predicted_variance_share_injected": float(np.median(share)),
+        }
+    return out
