@@ -88,8 +88,8 @@ def baseline_rows(
     if data.labels is not None and query_labels is not None:
         same = (data.labels[None, :] == query_labels[:q, None]) & (data.labels[None, :] >= 0)
         cands.append(("same class (1 / 0)", same.astype(np.float64)))
-    if idx.latent_mu is not None:
-        d2 = ((idx.latent_means(query_x)[:, None, :] - idx.latent_mu[None]) ** 2).sum(-1)
+    if idx.meta.latent_mu is not None:
+        d2 = ((idx.runtime.latent_means(query_x)[:, None, :] - idx.meta.latent_mu[None]) ** 2).sum(-1)
         for size in (50, 200):
             nn = np.zeros_like(d2)
             np.put_along_axis(nn, np.argsort(d2, axis=1)[:, :size], 1.0, axis=1)

@@ -86,7 +86,7 @@ def main() -> None:
         }
     )
     si = np.asarray(idx.self_influence(a.convention))
-    inj = np.asarray(idx.injected, bool)
+    inj = np.asarray(idx.meta.injected, bool)
 
     print(f"data: {spec}")
     print(

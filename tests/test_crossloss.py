@@ -83,9 +83,10 @@ def test_query_objective_matches_autograd(index, name):
     label = int(index.meta.labels[query_row])
     beta = 4.0 if name == "elbo_beta" else None
     obj = make_query_objective(index, name, beta=beta, label=label)
-    scores = index.scores(z, objective=name, beta=beta, label=label, seed=QUERY_SEED)
+    kw = {"objective": name, "beta": beta, "label": label, "seed": QUERY_SEED, "scoring": "raw"}
+    scores = index.scores(z, **kw)
     # the API's answer comes from the same scores
-    top = index.influence(z, k=5, objective=name, beta=beta, label=label, seed=QUERY_SEED, uncertainty=False)
+    top = index.influence(z, k=5, uncertainty=False, **kw)
     assert top.ids() == [int(i) for i in np.lexsort((np.arange(index.n), -scores))[:5]]
     rows = [0, 5, query_row, 42, 199]
     expected = _brute_force(index, obj, z, label, rows)
@@ -99,7 +100,7 @@ def test_query_objectives_differ(index):
     label = int(index.meta.labels[3])
     got = {}
     for name in ("elbo", "reconstruction", "kl", "probe"):
-        got[name] = index.scores(z, objective=name, label=label, seed=QUERY_SEED)
+        got[name] = index.scores(z, objective=name, label=label, seed=QUERY_SEED, scoring="raw")
     # ELBO = reconstruction + β·KL (β = 1), with the same query draws
     np.testing.assert_allclose(
         got["elbo"], got["reconstruction"] + got["kl"], rtol=1e-4, atol=1e-6 * np.abs(got["elbo"]).max()

@@ -77,7 +77,7 @@ def test_unprojected_features_equal_autograd_and_scores_match_definition(tiny_ru
         exact_g[c][-1] = gq
     for conv in ("lr", "visits"):
         w = idx.weights(conv)
-        scores = idx.scores(query.numpy(), convention=conv, seed=11)  # the product's own brute force
+        scores = idx.scores(query.numpy(), convention=conv, seed=11, scoring="raw")  # the product's own brute force
         np.testing.assert_allclose(scores, reference_scores(idx, q_vec, q_sq, convention=conv), rtol=1e-12)
         for i in (0, 5, 42):
             expected = sum(w[c] * float(exact_g[c][i] @ exact_g[c][-1]) for c in exact_g)

@@ -108,7 +108,7 @@ def test_scores_equal_brute_force_float64_autograd(official_index):
             g = _float64_grad(module, objective, xi, eps)
             assert idx.features.sq_norm[c][r] == pytest.approx(float(g @ g), rel=1e-4)  # exact, unprojected
             expected[j] += w[c] * float(_project(module, proj, g) @ pq)
-    got = idx.scores(x, convention="visits")[rows]
+    got = idx.scores(x, convention="visits", scoring="raw")[rows]
     np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-4 * np.abs(expected).max())
 
 

@@ -14,12 +14,9 @@ import torch
 
 from proponent.analysis.scorings import (
     SCORINGS,
-    combine_scores,
     compare_scorings,
-    featurize_queries,
     scores_all,
     self_influence_ratio,
-    stored_queries,
     top_rows,
     upscaled_digits_npz,
 )
@@ -29,6 +26,7 @@ from proponent.build.training import TrainConfig, train
 from proponent.model.architectures import default_config_for
 from proponent.model.projection import ProjectionSpec
 from proponent.query.index import open_index
+from tests.helpers import query_vectors, reference_scores
 
 
 @pytest.fixture(scope="module")
@@ -47,52 +45,23 @@ def outlier_index(tmp_path_factory):
 
 
 def test_scorings_match_their_definitions(outlier_index):
+    """scores_all (the query path's featurization and scoring) equals the definitions, and the API's answers."""
     idx, held_out = outlier_index
-    q = featurize_queries(idx, held_out.x[:3], seed=5)
-    # the same draws as the index's own featurize on the whole batch
-    plain = idx.featurize(held_out.x[:3], seed=5)
-    for c in plain:
-        np.testing.assert_array_equal(q.features[c], plain[c])
-    w = idx.weights("lr")
-    cks = idx.resolve_checkpoints(None)
-    dots = {c: idx.sources[c].all().astype(np.float64) @ q.features[c].astype(np.float64).T for c in cks}  # [N, B]
-    n_train = {c: idx.store.sq_norm(c) for c in cks}
-    raw = sum(w[c] * dots[c] for c in cks).T
-    cosine = sum(w[c] * dots[c] / np.sqrt(n_train[c][:, None] * q.sq_norm[c][None, :]) for c in cks).T
-    relatif = raw / np.sqrt(sum(w[c] * n_train[c] for c in cks))[None, :]
-    np.testing.assert_allclose(scores_all(idx, q.features, q.sq_norm, "raw"), raw, rtol=1e-10)
-    np.testing.assert_allclose(scores_all(idx, q.features, q.sq_norm, "cosine"), cosine, rtol=1e-10)
-    np.testing.assert_allclose(scores_all(idx, q.features, q.sq_norm, "relatif"), relatif, rtol=1e-10)
-    # raw is the index's own score (paper eq. 10); one query gives [N]
-    one = {c: v[0] for c, v in q.features.items()}
-    np.testing.assert_allclose(scores_all(idx, one, None, "raw"), idx.scores(one), rtol=1e-6)
-    assert scores_all(idx, one, {c: v[0] for c, v in q.sq_norm.items()}, "cosine").shape == (idx.n,)
-    # checkpoint subsets: cosine sums only their terms, relatif normalises by their self-influence
-    last = [cks[-1]]
-    np.testing.assert_allclose(
-        scores_all(idx, q.features, q.sq_norm, "relatif", checkpoints=last),
-        (w[last[0]] * dots[last[0]] / np.sqrt(w[last[0]] * n_train[last[0]])[:, None]).T,
-        rtol=1e-10,
-    )
-    # the exact squared norms of the query are the featurizer's; stored queries reuse the store's
-    sq = stored_queries(idx, [0, 7])
-    np.testing.assert_array_equal(sq.sq_norm[0], idx.store.sq_norm(0)[[0, 7]])
-    # a stored sample scored with cosine against itself: projected / exact norms, close to 1
-    self_cos = combine_scores(idx, {c: (sq.features[c] @ idx.sources[c].all().T) for c in cks}, sq.sq_norm, "cosine")
-    assert 0.5 * w.sum() < self_cos[0, 0] < 1.5 * w.sum()
-    with pytest.raises(ValueError, match="scoring must be one of"):
-        scores_all(idx, q.features, q.sq_norm, "dot")
-    with pytest.raises(ValueError, match="needs the queries' exact squared norms"):
-        scores_all(idx, q.features, None, "cosine")
-
-
-def test_zero_norm_rows_score_zero(outlier_index):
-    idx, held_out = outlier_index
-    q = featurize_queries(idx, held_out.x[:1])
-    zero = {c: np.zeros_like(v) for c, v in q.features.items()}
+    x = held_out.x[0]
+    vec, sqn = query_vectors(idx, x, seed=5)
     for scoring in SCORINGS:
-        s = scores_all(idx, zero, {c: np.zeros(1) for c in q.sq_norm}, scoring)
-        assert np.all(s == 0) and np.all(np.isfinite(s))
+        want = reference_scores(idx, vec, sqn, scoring=scoring)
+        np.testing.assert_allclose(scores_all(idx, x, scoring, seed=5), want, rtol=1e-10)
+        last = [len(idx.checkpoints) - 1]
+        np.testing.assert_allclose(
+            scores_all(idx, x, scoring, checkpoints=last, seed=5),
+            reference_scores(idx, vec, sqn, scoring=scoring, checkpoints=last),
+            rtol=1e-10,
+        )
+        ans = idx.influence(x, k=5, scoring=scoring, seed=5, uncertainty=False)
+        assert ans.ids() == [int(i) for i in top_rows(want, 5)]
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        scores_all(idx, x, "dot")
 
 
 def test_top_rows_order_and_exclusion():

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from proponent.client import InfluenceClient, Overloaded, Unauthorized
+from proponent.client.schemas import DEFAULT_SCORING
 from tests.conftest import SVC_DATA, svc_run_server  # noqa: F401
 from tests.helpers import query_vectors, reference_scores, top
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 # ---------------------------------------------------------------------------------- helpers
-def reference(index, x, k, direction, *, scoring="raw", convention="lr", checkpoints=None, seed=0, **kw):
+def reference(index, x, k, direction, *, scoring=DEFAULT_SCORING, convention="lr", checkpoints=None, seed=0, **kw):
     """Ids and scores of a query by the reference computation (tests/helpers.py)."""
     vec, sqn = query_vectors(index, x, seed=seed, checkpoints=checkpoints, **kw)
     total = reference_scores(index, vec, sqn, scoring=scoring, convention=convention, checkpoints=checkpoints)
@@ -239,7 +240,7 @@ def test_latent_prefilter_is_exact_over_its_candidates_and_flagged(svc_client, s
     assert r.exact is False and any("latent pre-filter" in a for a in r.approximations)
     assert r.search["proponents"].strategy == "prefilter"
     vec, sqn = query_vectors(idx, idx.input(row))
-    total = reference_scores(idx, vec, sqn)
+    total = reference_scores(idx, vec, sqn, scoring=DEFAULT_SCORING)
     for direction, hits in (("proponents", r.proponents), ("opponents", r.opponents)):
         assert {idx.row_of(h.id) for h in hits} <= set(near.tolist())
         sign = 1 if direction == "proponents" else -1

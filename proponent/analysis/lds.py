@@ -264,35 +264,42 @@ def lds_rows(
     """LDS of every (checkpoint subset or latent pre-filter) x scoring on one index.
 
     ``query_x [Q, *shape]`` are the held-out queries whose losses under the subset models are
-    ``losses [M, Q]``. Queries are featurized once (all checkpoints, query seed ``seed``) and their
-    per-checkpoint inner products computed once; ``scorer`` (default: the definitions of
-    :func:`proponent.analysis.scorings.scores_all`) maps ``(index, features, sq_norms, scoring,
-    convention, checkpoints)`` to ``[Q, N]`` scores. A pre-filter of size L
-    scores only each query's L nearest training samples in latent space (all checkpoints); the
-    others contribute 0. Returns one row per variant and scoring with the per-query LDS summary.
+    ``losses [M, Q]``. Queries are featurized once (all checkpoints, query seed ``seed``, as the API
+    does) and their per-checkpoint inner products computed once; each scoring combines them with the
+    query path's definitions (``scorer(index, x, scoring, convention, checkpoints) -> [N]`` replaces
+    that, e.g. to test a deliberately wrong scorer). A pre-filter of size L scores only each query's
+    L nearest training samples in latent space (all checkpoints); the others contribute 0. Returns
+    one row per variant and scoring with the per-query LDS summary.
     """
-    from proponent.analysis.scorings import checkpoint_dots, combine_scores, featurize_queries
+    from proponent.analysis.scorings import query_dots
+    from proponent.query.usecase import combine
 
-    queries = featurize_queries(index, query_x, seed=seed)
-    dots = checkpoint_dots(index, queries.features) if scorer is None else {}
+    queries = [query_dots(index, x, seed=seed) for x in query_x] if scorer is None else []
     n_ck = len(index.checkpoints)
     variants: list[tuple[str, list[int], int | None]] = [
         (name, cks, None) for name, cks in checkpoint_subsets(n_ck, checkpoint_sets).items()
     ]
     variants += [(f"prefilter L={size}", list(range(n_ck)), int(size)) for size in prefilters]
-    mu = index.latent_means(query_x) if prefilters else None
+    mu = index.runtime.latent_means(query_x) if prefilters else None
+    latent = index.meta.latent_mu
     rows: list[dict[str, Any]] = []
     for name, cks, size in variants:
         for scoring in scorings:
             if scorer is None:  # the inner products are computed once; the scorings only combine them
-                s = combine_scores(index, dots, queries.sq_norm, scoring, convention, cks)  # type: ignore[arg-type]
+                s = np.stack(
+                    [
+                        combine(index, qv, d, scoring=scoring, convention=convention, checkpoints=cks)
+                        for qv, d in queries
+                    ]
+                )
             else:
-                s = np.atleast_2d(scorer(index, queries.features, queries.sq_norm, scoring, convention, cks))
+                s = np.stack([scorer(index, x, scoring, convention, cks) for x in query_x])
             if size is not None:
-                assert mu is not None
+                assert mu is not None and latent is not None
                 kept = np.zeros_like(s)
                 for b in range(len(s)):
-                    cand = index.latent_neighbours(mu[b], size)
+                    d2 = ((latent - mu[b][None, :]) ** 2).sum(axis=1)
+                    cand = np.argpartition(d2, size - 1)[:size] if size < len(d2) else np.arange(len(d2))
                     kept[b, cand] = s[b, cand]
                 s = kept
             per_query = lds_per_query(s, masks, losses)
@@ -327,16 +334,16 @@ def injected_effect(
     median (over queries) share of the variance of the predicted group influence that comes from
     the injected rows.
     """
-    from proponent.analysis.scorings import checkpoint_dots, combine_scores, featurize_queries
+    from proponent.analysis.scorings import query_dots
+    from proponent.query.usecase import combine
 
-    inj = np.asarray(index.injected, dtype=bool)
+    inj = np.asarray(index.meta.injected, dtype=bool)
     counts = masks[:, inj].sum(axis=1).astype(np.float64)
     actual = spearman_rows(np.tile(counts, (len(query_x), 1)), -np.asarray(losses, np.float64).T)
-    queries = featurize_queries(index, query_x, seed=seed)
-    dots = checkpoint_dots(index, queries.features)
+    queries = [query_dots(index, x, seed=seed) for x in query_x]
     out: dict[str, Any] = {"actual": summarize(actual, seed=seed), "scorings": {}}
     for scoring in scorings:
-        s = combine_scores(index, dots, queries.sq_norm, scoring, convention)  # type: ignore[arg-type]
+        s = np.stack([combine(index, qv, d, scoring=scoring, convention=convention) for qv, d in queries])
         clean, dirty = np.where(inj[None, :], 0.0, s), np.where(inj[None, :], s, 0.0)
         v_dirty = predicted_group_influence(dirty, masks).var(axis=1)
         v_clean = predicted_group_influence(clean, masks).var(axis=1)

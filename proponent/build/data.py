@@ -563,7 +563,9 @@ def _glyph_letter(rng: np.random.Generator, side: int, negative: bool) -> np.nda
     margin = rng.uniform(0.0, 0.08)  # almost edge to edge, like notMNIST's letters
     target = max(1, int(round(side * (1.0 - 2 * margin))))
     scale = target / max(glyph.size)
-    glyph = glyph.resize((max(1, round(glyph.size[0] * scale)), max(1, round(glyph.size[1] * scale))), Image.Resampling.BILINEAR)
+    glyph = glyph.resize(
+        (max(1, round(glyph.size[0] * scale)), max(1, round(glyph.size[1] * scale))), Image.Resampling.BILINEAR
+    )
     glyph = glyph.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR, expand=False)
     out = Image.new("L", (side, side), 0)
     out.paste(glyph, ((side - glyph.size[0]) // 2, (side - glyph.size[1]) // 2))

@@ -51,7 +51,7 @@ from proponent.format.manifest import (
     read_manifest,
     write_manifest,
 )
-from proponent.format.store import STORE_DIR, FeatureStore, ckpt_group, chunk_rows_for, unit_rows_for
+from proponent.format.store import STORE_DIR, FeatureStore, chunk_rows_for, ckpt_group, unit_rows_for
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import CheckpointError, read_checkpoint, state_dict_at
 from proponent.model.featurizers import make_featurizer
@@ -520,7 +520,9 @@ def build_index(
             batch = None
     if batch is None:
         m_dev = model0.to(device)
-        feat = make_featurizer(opts.featurizer, m_dev, objective, build_projector(m_dev, opts.layers, opts.projection, device))
+        feat = make_featurizer(
+            opts.featurizer, m_dev, objective, build_projector(m_dev, opts.layers, opts.projection, device)
+        )
         batch = _default_batch(feat, device, tuple(data.shape))
         model0.cpu()
     man = plan(data, cks, opts, projector, objective, batch)
@@ -530,9 +532,7 @@ def build_index(
     if state == "complete":
         return where.local_path()
     ck_bytes = sum(Path(p).stat().st_size for p in cks.sources)
-    already = 0 if state == "new" else sum(
-        where.size(f) for f in where.walk_files(STORE_DIR)
-    )
+    already = 0 if state == "new" else sum(where.size(f) for f in where.walk_files(STORE_DIR))
     preflight(where, estimate_bytes(man, data, ck_bytes if state == "new" else 0), already)
     stage(where, man, data, cks, state)
     units = pending_units(where, opts.shard)
@@ -565,14 +565,14 @@ def check_model_on(model: nn.Module, objective: Objective, data: Dataset, record
             loss = objective.loss(model, *_probe(model, objective, data))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise IndexJobError(f"{what} fails on inputs of shape {list(data.shape)}: {type(e).__name__}: {first}") from None
+        raise IndexJobError(
+            f"{what} fails on inputs of shape {list(data.shape)}: {type(e).__name__}: {first}"
+        ) from None
     if tuple(loss.shape) != (min(2, len(data.x)),) or not bool(torch.isfinite(loss).all()):
         raise IndexJobError(f"{what}: the loss must be one finite value per sample, got shape {tuple(loss.shape)}")
 
 
-def describe_layout(
-    man: Manifest, model0: nn.Module, objective: Objective, projector: Projector, data: Dataset
-) -> str:
+def describe_layout(man: Manifest, model0: nn.Module, objective: Objective, projector: Projector, data: Dataset) -> str:
     """What the index will hold, and which layers take the fast (Kronecker) path (from a probe pass)."""
     lines = [
         f"layout: D={man.dim} {man.storage.dtype} ({man.dim * np.dtype(man.storage.dtype).itemsize / 1024:.1f} KiB per "

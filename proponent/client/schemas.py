@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Direction = Literal["proponents", "opponents", "both"]
 Convention = Literal["lr", "visits"]
 Scoring = Literal["raw", "cosine", "relatif"]
-DEFAULT_SCORING: Scoring = "raw"
+DEFAULT_SCORING: Scoring = "cosine"  # measured: benchmarks/outliers.py, benchmarks/lds.py (README "Scoring")
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 __all__ = [

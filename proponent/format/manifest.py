@@ -208,10 +208,11 @@ class Manifest(_Record):
         }
 
 
-
 def _canonical(body: dict[str, Any]) -> bytes:
     """What the checksum covers: every field but the checksum, as sorted compact JSON."""
-    return json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(
+        {k: v for k, v in body.items() if k != "checksum"}, sort_keys=True, separators=(",", ":")
+    ).encode()
 
 
 def _render(body: dict[str, Any]) -> bytes:

@@ -16,6 +16,7 @@ proponents (Hammoudeh & Lowd 2022); the other two remove that. Self-influence st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -34,6 +35,43 @@ def _inv_sqrt(v: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass
+class Multipliers:
+    """A scoring's factors for one query: score(i) = g(i) · Σ_c μ_c(i) · scales[c] · <q_c, f_c(i)>."""
+
+    scales: dict[int, float]  # query side, per checkpoint: the weight (and 1/||g_c(q)|| for cosine)
+    row_mult: dict[int, np.ndarray] | None = None  # μ_c [N] (cosine: 1/||g_c(i)||)
+    global_mult: np.ndarray | None = None  # g [N] (relatif: 1/sqrt(self-influence))
+
+    def combine(self, dots: dict[int, np.ndarray]) -> np.ndarray:
+        """Scores ``[..., N]`` from the raw inner products ``dots[c] = <q_c, f_c(·)>`` (``[..., N]``)."""
+        total: np.ndarray | None = None
+        for c, scale in self.scales.items():
+            part = scale * np.asarray(dots[c], np.float64)
+            if self.row_mult is not None:
+                part = part * self.row_mult[c]
+            total = part if total is None else total + part
+        assert total is not None
+        return total if self.global_mult is None else total * self.global_mult
+
+
+def multipliers(
+    served: ServedFeatures, weights: np.ndarray, checkpoints: list[int], sq_norms: dict[int, float], scoring: str
+) -> Multipliers:
+    """The factors of ``scoring`` for a query with exact squared gradient norms ``sq_norms`` (cosine only)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    if scoring == "raw":
+        return Multipliers({c: float(weights[c]) for c in checkpoints})
+    if scoring == "cosine":
+        scales = {c: float(weights[c]) * float(_inv_sqrt(np.array([sq_norms[c]]))[0]) for c in checkpoints}
+        return Multipliers(scales, row_mult={c: _inv_sqrt(served.sq_norm[c]) for c in checkpoints})
+    self_influence = sum(float(weights[c]) * served.sq_norm[c] for c in checkpoints)
+    return Multipliers(
+        {c: float(weights[c]) for c in checkpoints}, global_mult=_inv_sqrt(np.asarray(self_influence, np.float64))
+    )
+
+
 def scored_query(
     served: ServedFeatures,
     weights: np.ndarray,
@@ -43,22 +81,6 @@ def scored_query(
     scoring: str,
 ) -> ScoredQuery:
     """The scan's form of one query (per-checkpoint vectors [D], the query's exact squared norms)."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
-    vec = {c: float(weights[c]) * np.asarray(vectors[c], np.float64) for c in checkpoints}
-    if scoring == "raw":
-        return ScoredQuery(vec)
-    if scoring == "cosine":
-        for c in checkpoints:
-            vec[c] = vec[c] * float(_inv_sqrt(np.array([sq_norms[c]]))[0])
-        return ScoredQuery(vec, row_mult={c: _inv_sqrt(served.sq_norm[c]) for c in checkpoints})
-    self_influence = sum(float(weights[c]) * served.sq_norm[c] for c in checkpoints)
-    return ScoredQuery(vec, global_mult=_inv_sqrt(np.asarray(self_influence, np.float64)))
-
-
-def query_scale(weights: np.ndarray, c: int, sq_norm: float, scoring: str) -> float:
-    """The factor that multiplies query vectors at checkpoint ``c`` (for per-draw vectors too)."""
-    w = float(weights[c])
-    if scoring == "cosine":
-        return w * float(_inv_sqrt(np.array([sq_norm]))[0])
-    return w
+    mult = multipliers(served, weights, checkpoints, sq_norms, scoring)
+    vec = {c: mult.scales[c] * np.asarray(vectors[c], np.float64) for c in checkpoints}
+    return ScoredQuery(vec, row_mult=mult.row_mult, global_mult=mult.global_mult, scales=mult.scales)

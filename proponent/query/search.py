@@ -50,6 +50,7 @@ class ScoredQuery:
     vectors: dict[int, np.ndarray]  # checkpoint -> float64 [D] (weight x query scale, sign +)
     row_mult: dict[int, np.ndarray] | None = None  # checkpoint -> [N] μ_c (cosine), None = 1
     global_mult: np.ndarray | None = None  # [N] g (RelatIF), None = 1
+    scales: dict[int, float] | None = None  # the query-side factor folded into each vector (for per-draw scores)
 
     @property
     def checkpoints(self) -> list[int]:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from proponent.query.features import ServedFeatures
-from proponent.query.scoring import query_scale, scored_query
+from proponent.query.scoring import scored_query
 from proponent.query.search import ScoredQuery, TopK, restricted, scan
 
 
@@ -46,8 +46,8 @@ def per_draw_scores(served: ServedFeatures, sq: ScoredQuery, request: SearchRequ
     out = np.zeros((m, len(rows)))
     for c in sq.checkpoints:
         f = served.exact_rows(c, rows)
-        scale = query_scale(request.weights, c, request.sq_norms[c], request.scoring)
-        vals = (request.draws[c].astype(np.float64) * scale) @ f.T
+        assert sq.scales is not None
+        vals = (request.draws[c].astype(np.float64) * sq.scales[c]) @ f.T
         if sq.row_mult is not None:
             vals = vals * sq.row_mult[c][rows][None, :]
         out += vals

@@ -16,14 +16,14 @@ is an error that says so.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from proponent.client.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
 from proponent.query.crossloss import make_query_objective
-from proponent.query.scoring import scored_query
-from proponent.query.search import brute_force
+from proponent.query.scoring import multipliers
 from proponent.query.searcher import SearchRequest
 
 if TYPE_CHECKING:
@@ -181,15 +181,57 @@ def answer(
     )
 
 
-def all_scores(
+@dataclass
+class QueryVectors:
+    """A query's features at every searched checkpoint, as the answer uses them."""
+
+    vectors: dict[int, np.ndarray]  # c -> [D] float32
+    sq_norms: dict[int, float]  # c -> exact squared norm of the query gradient
+    checkpoints: list[int]
+
+
+def query_vectors(
     index: InfluenceIndex, params: InfluenceParams, *, x: np.ndarray | None = None, sample_id: int | None = None
-) -> np.ndarray:
-    """Every training row's exact score ``[N]`` for one query, featurized as :func:`answer` does."""
+) -> QueryVectors:
+    """The query's features, featurized exactly as :func:`answer` does (without per-draw features)."""
     if (x is None) == (sample_id is None):
         raise QueryError("give exactly one of an input x or a sample_id")
     row = index.meta.row_of(sample_id) if sample_id is not None else None
     cks = index.meta.resolve_checkpoints(params.checkpoints)
     xx = None if x is None else np.asarray(x, np.float32)
     vec, sqn, _, _, _ = _query_features(index, params.model_copy(update={"uncertainty": False}), xx, row, cks)
-    sq = scored_query(index.features, index.meta.weights(params.convention), cks, vec, sqn, params.scoring)
-    return brute_force(index.features, sq)
+    return QueryVectors(vec, sqn, cks)
+
+
+def raw_dots(index: InfluenceIndex, qv: QueryVectors, block: int = 4096) -> dict[int, np.ndarray]:
+    """Exact float64 inner products ``<q_c, f_c(i)>`` of every training row, per checkpoint (``[N]`` each)."""
+    served = index.features
+    out = {c: np.empty(served.n) for c in qv.checkpoints}
+    for lo in range(0, served.n, block):
+        rows = np.arange(lo, min(served.n, lo + block))
+        for c in qv.checkpoints:
+            out[c][rows] = served.exact_rows(c, rows) @ np.asarray(qv.vectors[c], np.float64)
+    return out
+
+
+def combine(
+    index: InfluenceIndex,
+    qv: QueryVectors,
+    dots: dict[int, np.ndarray],
+    *,
+    scoring: str,
+    convention: str = "lr",
+    checkpoints: list[int] | None = None,
+) -> np.ndarray:
+    """Every row's score ``[N]`` under ``scoring`` from :func:`raw_dots` (any subset of the query's checkpoints)."""
+    cks = qv.checkpoints if checkpoints is None else index.meta.resolve_checkpoints(checkpoints)
+    mult = multipliers(index.features, index.meta.weights(convention), cks, qv.sq_norms, scoring)
+    return mult.combine(dots)
+
+
+def all_scores(
+    index: InfluenceIndex, params: InfluenceParams, *, x: np.ndarray | None = None, sample_id: int | None = None
+) -> np.ndarray:
+    """Every training row's exact score ``[N]`` for one query, featurized and scored as :func:`answer` does."""
+    qv = query_vectors(index, params, x=x, sample_id=sample_id)
+    return combine(index, qv, raw_dots(index, qv), scoring=params.scoring, convention=params.convention)
