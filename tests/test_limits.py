@@ -237,6 +237,10 @@ def test_log_lines_carry_request_id(svc_server):
         assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
         r = httpx.get(svc_server.url + "/v1/samples/999999", headers={"X-Request-ID": "trace-43"})
         assert err(r)["request_id"] == "trace-43"
+        deadline = time.monotonic() + 10  # the access log line is written after the response is sent
+        while {"trace-42", "trace-43"} - {getattr(rec, "request_id", None) for rec in records}:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     finally:
         lg.removeHandler(h)
     mine = {getattr(rec, "request_id", None): rec.getMessage() for rec in records}

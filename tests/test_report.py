@@ -143,6 +143,10 @@ def test_report_detects_injected_letters(letters_index, tmp_path):
     assert 0 <= cs["same_plus"] <= 1 and cs["top_k_per_query"] >= 1 and cs["n_queries"] >= 1
     assert numbers["latent_norms"]["all"]["n"] == numbers["n"]
     assert len(numbers["factors"]["mi"]) == 8
+    sc = {r["scoring"]: r for r in numbers["scorings"]["scorings"]}
+    assert set(sc) == {"raw", "cosine", "relatif"} and numbers["scorings"]["n_injected"] == N_LETTERS
+    assert all(0 <= r["injected_share_proponents"] <= 1 and 0 <= r["self_top1"] <= 1 for r in sc.values())
+    assert numbers["scoring"] == "cosine" and "cosine (default)" in doc
     for q in numbers["proponents"]:
         assert len(q["proponents"]) > 0 and len(q["opponents"]) > 0
         assert all(p["id"] != q["id"] for p in q["proponents"] + q["opponents"])  # the query itself is left out

@@ -114,16 +114,24 @@ def test_sample_and_image(svc_client, svc_server):
 
 
 # ---------------------------------------------------------------------------------- correctness
-def _most_self_dominant_row(index) -> int:
+def _most_self_dominant_row(index, scoring: str = DEFAULT_SCORING) -> int:
+    """The row whose stored features score themselves highest relative to every other row (under ``scoring``)."""
     from tests.helpers import stored_matrix
 
     s = np.zeros((index.n, index.n))
+    sq = [index.store.sq_norm(c) for c in range(len(index.checkpoints))]
+    self_inf = sum(w * sq[c] for c, w in enumerate(index.weights("lr")))
     for c, w in enumerate(index.weights("lr")):
         f = stored_matrix(index, c)
-        s += w * f @ f.T
+        term = w * f @ f.T
+        if scoring == "cosine":
+            term /= np.sqrt(np.outer(sq[c], sq[c]))
+        s += term
+    if scoring == "relatif":
+        s /= np.sqrt(self_inf)[None, :]
     diag = np.diag(s).copy()
     np.fill_diagonal(s, -np.inf)
-    return int(np.argmax((diag - s.max(axis=1)) / diag))
+    return int(np.argmax((diag - s.max(axis=1)) / np.abs(diag)))
 
 
 def test_own_image_is_first_proponent(svc_client, svc_server):

@@ -175,11 +175,12 @@ def test_page_is_served_and_the_api_is_unchanged(svc_server):
 def test_upload_is_its_own_first_proponent_then_click_through(page, svc_server):
     url = svc_server.url
     info = index_info(url)
-    sid, margin = self_dominant_sample(url)
-    # Why the upload must find itself: the sample's own score beats the runner-up's by > 20 %, and the upload is
+    sid, margin = self_dominant_sample(url, candidates=24)
+    # Why the upload must find itself: the sample's own score beats the runner-up's by > 5 %, and the upload is
     # its stored 8-bit image (the PNG at scale 1), within 1/510 per pixel of the training input (digits are
-    # v/16); fresh query draws and that rounding move scores far less than the margin.
-    assert margin > 0.2
+    # v/16), featurized with the same query draws as the stored-sample query; that rounding moves scores far
+    # less than the margin.
+    assert margin > 0.05
     png = httpx.get(f"{url}/v1/samples/{sid}/image.png").content
     assert Image.open(io.BytesIO(png)).size == tuple(info["shape"][1:][::-1])
 

@@ -40,8 +40,11 @@ SECTION_IDS = (
     "proponents",
     "class-stats",
     "latent-norms",
+    "scorings",
     "factors",
 )
+N_SCORING_QUERIES = 48  # clean training rows compared under each scoring
+N_SCORING_SELF = 24
 TOP_FRACTION = 0.001  # the paper's "top-0.1%" strongest proponents / opponents
 N_EXTREMES = 16
 N_SHOWN = 8  # proponents / opponents shown per query
@@ -519,6 +522,55 @@ def section_latent_norms(ctx: ReportContext) -> str:
     return _section("latent-norms", "Latent norms of proponents and opponents", text, body)
 
 
+def section_scorings(ctx: ReportContext) -> str:
+    """Raw, cosine and RelatIF compared on the index's own data (outliers among proponents, classes, self-match)."""
+    from proponent.analysis.scorings import compare_scorings
+
+    clean = np.flatnonzero(~ctx.is_out)
+    rng = np.random.default_rng(ctx.seed)
+    rows = np.sort(rng.choice(clean, size=min(N_SCORING_QUERIES, len(clean)), replace=False))
+    res = compare_scorings(ctx.idx, rows=rows, convention=ctx.convention, seed=ctx.seed, n_self=N_SCORING_SELF)
+    ctx.numbers["scorings"] = res
+    has_out = res["n_injected"] > 0
+
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{100 * v:.1f}%"
+
+    header = ["scoring", "outliers in top-10 proponents", "same class (top-10)", "finds itself first"]
+    body = _table(
+        header,
+        [
+            (
+                r["scoring"] + (" (default)" if r["scoring"] == ctx.scoring else ""),
+                pct(r["injected_share_proponents"]) if has_out else "—",
+                pct(r["same_class_proponents"]),
+                pct(r["self_top1"]),
+            )
+            for r in res["scorings"]
+        ],
+    )
+    ratio = res["self_influence_ratio"]
+    text = (
+        f"The top-10 proponents of {res['n_queries']} clean training samples (each left out of its own list), "
+        "under each query-time scoring: <code>raw</code> (paper eq. 10), <code>cosine</code> (per-checkpoint "
+        "unit-normalised gradients) and <code>relatif</code> (divided by the square root of the training "
+        "sample's self-influence). Raw scores grow with a training sample's gradient norm, so samples with "
+        "large gradients -- outliers -- crowd the proponents of ordinary queries; the other two remove that. "
+    )
+    if has_out:
+        text += (
+            f"{res['n_injected']} samples ({res['injected_fraction']:.1%}) are marked as outliers; their median "
+            f"self-influence is {ratio:.1f}× the clean samples'. "
+        )
+    else:
+        text += "No outliers are marked in this index, so the outlier column is empty. "
+    text += (
+        f"'Finds itself first': the share of {res['n_self']} training samples whose exact input, queried, has "
+        "itself as its strongest proponent."
+    )
+    return _section("scorings", "Scorings compared", text, body)
+
+
 def section_factors(ctx: ReportContext) -> str:
     """Influential latent factors (mutual information), via the same analysis as the API and CLI."""
     from proponent.analysis.factors import index_factors
@@ -554,6 +606,7 @@ SECTIONS = (
     section_proponents,
     section_class_stats,
     section_latent_norms,
+    section_scorings,
     section_factors,
 )
 
@@ -638,7 +691,7 @@ def _section(sid: str, title: str, text: str, body: str) -> str:
     return f'<section id="{sid}">\n<h2>{html.escape(title)}</h2>\n<p>{text}</p>\n{body}\n</section>\n'
 
 
-def _table(header: list[str], rows: list[tuple[str, str]]) -> str:
+def _table(header: list[str], rows: Sequence[tuple[str, ...]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
