@@ -127,7 +127,12 @@ def shard_ranges(n: int, chunk_rows: int, shards: int) -> list[tuple[int, int]]:
         raise ValueError(f"shards must be >= 1, got {shards}")
     if shards > max(n_chunks, 1):
         raise ValueError(f"{shards} shards for an index of {n_chunks} chunks of {chunk_rows} rows: at most {n_chunks}")
-    bounds = [round(i * n_chunks / shards) for i in range(shards + 1)]
+    # boundary i near i·n/shards rows, in whole chunks, each shard at least one chunk
+    bounds = [0]
+    for i in range(1, shards):
+        want = math.floor(i * n / shards / chunk_rows + 0.5)
+        bounds.append(min(max(want, bounds[-1] + 1), n_chunks - (shards - i)))
+    bounds.append(n_chunks)
     return [(bounds[i] * chunk_rows, min(n, bounds[i + 1] * chunk_rows)) for i in range(shards)]
 
 

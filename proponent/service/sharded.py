@@ -190,7 +190,14 @@ def serve_sharded(a: argparse.Namespace) -> int:
     started = connect(a.ray_address)
     try:
         settings = Settings()
-        dep = deploy(settings, a.shards, host=a.host, port=a.port, gpus_per_shard=getattr(a, "gpus_per_shard", 0.0))
+        dep = deploy(
+            settings,
+            a.shards,
+            host=a.host,
+            port=a.port,
+            cpus_per_replica=getattr(a, "cpus_per_replica", 1.0),
+            gpus_per_shard=getattr(a, "gpus_per_shard", 0.0),
+        )
         rows = ", ".join(f"{lo}..{hi - 1}" for lo, hi in dep.ranges)
         print(f"serving {settings.index} in {a.shards} shards (rows {rows}) on {dep.url}; ^C stops", flush=True)
         try:
