@@ -207,7 +207,8 @@ def serve_sharded(a: argparse.Namespace) -> int:
             pass
         undeploy(dep)
     finally:
+        if started and not a.ray_address:
+            serve.shutdown()  # the local cluster started here goes: Serve with it (a joined cluster keeps its Serve)
         if started:
-            serve.shutdown()
             ray.shutdown()
     return 0
