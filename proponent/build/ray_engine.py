@@ -70,7 +70,8 @@ class UnitActor:
         os._exit(1)  # mid-unit: its first batch featurized, nothing of it written yet
 
 
-def _forwarded_env() -> dict[str, str]:
+def forwarded_env() -> dict[str, str]:
+    """The environment Ray workers need from the driver's: proponent settings, object-store credentials."""
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
@@ -132,7 +133,7 @@ def run_units(
         "num_gpus": gpus_per_worker,
         "max_restarts": max_restarts,
         "max_task_retries": max_restarts,
-        "runtime_env": {"env_vars": _forwarded_env()},
+        "runtime_env": {"env_vars": forwarded_env()},
     }
     actors = [actor_cls.options(**options).remote(str(where.location), actor_device, per_worker) for _ in range(count)]
     if log:

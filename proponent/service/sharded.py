@@ -32,6 +32,7 @@ import ray
 from ray import serve
 
 from proponent.build.job import set_threads
+from proponent.build.ray_engine import connect, forwarded_env
 from proponent.format.fsio import index_dir
 from proponent.format.manifest import read_manifest
 from proponent.format.store import FeatureStore
@@ -152,12 +153,13 @@ def deploy(
         fixed["cache_dir"] = str(Path(settings.cache_dir).resolve())
     conf = settings.model_dump(mode="json") | fixed
     timeout = shard_timeout_s if shard_timeout_s is not None else max(1.0, 0.8 * settings.request_timeout_s)
+    runtime_env = {"env_vars": forwarded_env()}  # settings and object-store credentials, on any node
     serve.start(http_options={"host": host, "port": port})
     shard_cls: Any = serve.deployment(
         ShardReplica,
         name=SHARD_DEPLOYMENT,
         num_replicas=1,
-        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_shard},
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_shard, "runtime_env": runtime_env},
     )
     apps = [shard_app(i) for i in range(shards)]
     targets = [
@@ -168,7 +170,7 @@ def deploy(
         serve.ingress(_router_builder(conf, list(zip(apps, ranges, strict=True)), timeout))(),
         name="Router",
         num_replicas=1,
-        ray_actor_options={"num_cpus": cpus_per_replica},
+        ray_actor_options={"num_cpus": cpus_per_replica, "runtime_env": runtime_env},
     )
     targets.append(RunTarget(router_cls.bind(), name=ROUTER_APP, route_prefix="/"))
     serve.run_many(targets)
@@ -185,8 +187,6 @@ def undeploy(dep: ShardedDeployment) -> None:
 
 def serve_sharded(a: argparse.Namespace) -> int:
     """``proponent serve --shards N``: deploy on Ray Serve (a local cluster unless ``--ray-address``); until ^C."""
-    from proponent.build.ray_engine import connect
-
     started = connect(a.ray_address)
     try:
         settings = Settings()
