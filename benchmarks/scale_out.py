@@ -133,11 +133,11 @@ def featurization(a: argparse.Namespace, work: Path) -> None:
     base = timings["single process"][1] / timings["single process"][0]
     print(f"\nfeaturization: {run_json['data']['spec']}, C={len(specs)}, m={a.m}, kron, batch 256, {a.threads} threads")
     print(f"(local Ray cluster of {a.ray_cpus} CPUs started in {t_ray:.1f}s, not counted)")
-    print(f"{'engine':<18} {'threads/worker':>14} {'rows':>8} {'seconds':>8} {'rows/s':>9} {'ratio':>6}  bytes")
+    print(f"{'engine':<26} {'threads/worker':>14} {'rows':>8} {'seconds':>8} {'rows/s':>9} {'ratio':>6}  bytes")
     for name, (sec, rows) in timings.items():
         per = threads_of[name]
         same = "identical" if digests[name] == digests["single process"] else "DIFFER"
-        print(f"{name:<18} {per:>14} {rows:>8} {sec:>8.2f} {rows / sec:>9.0f} {rows / sec / base:>6.2f}  {same}")
+        print(f"{name:<26} {per:>14} {rows:>8} {sec:>8.2f} {rows / sec:>9.0f} {rows / sec / base:>6.2f}  {same}")
 
 
 # ---------------------------------------------------------------------------------- 2. queries
@@ -238,11 +238,11 @@ def queries(a: argparse.Namespace, work: Path) -> None:
         f"{a.queries} stored-sample queries (k={a.k}, both directions, with per-hit uncertainty), one client"
     )
     print(
-        f"{'server':<22} {'threads/replica':>15} {'ready s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>9}  answers"
+        f"{'server':<26} {'threads/replica':>15} {'ready s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>9}  answers"
     )
     for name, (threads, ready, p50, p99, _) in rows.items():
         same = "identical" if answers[name] == answers["single process"] else "DIFFER"
-        print(f"{name:<22} {threads:>15} {ready:>8.1f} {p50:>8.1f} {p99:>8.1f} {p50 / base[2]:>9.2f}  {same}")
+        print(f"{name:<26} {threads:>15} {ready:>8.1f} {p50:>8.1f} {p99:>8.1f} {p50 / base[2]:>9.2f}  {same}")
 
 
 # ---------------------------------------------------------------------------------- 3. one shard
