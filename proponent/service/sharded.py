@@ -56,7 +56,7 @@ class ShardReplica:
 
     def __init__(self, settings: dict[str, Any], rows: tuple[int, int]):
         s = Settings(**settings)
-        set_threads(s.threads or 1)
+        set_threads(s.threads)
         assert s.index is not None
         where = index_dir(s.index)
         man = read_manifest(where)
@@ -151,6 +151,8 @@ def deploy(
         fixed["index"] = str(Path(str(settings.index)).resolve())
     if settings.cache_dir is not None:
         fixed["cache_dir"] = str(Path(settings.cache_dir).resolve())
+    # threads pinned explicitly in every replica (torch and FAISS share the process): its CPU share by default
+    fixed["threads"] = settings.threads or max(1, int(cpus_per_replica))
     conf = settings.model_dump(mode="json") | fixed
     timeout = shard_timeout_s if shard_timeout_s is not None else max(1.0, 0.8 * settings.request_timeout_s)
     runtime_env = {"env_vars": forwarded_env()}  # settings and object-store credentials, on any node
