@@ -112,6 +112,8 @@ def _index(run: Path, out: str) -> list[str]:
         "16",
         "--threads",
         "1",
+        "--index-kind",
+        "ivf:4:2",  # FAISS files too: written and read through the object store like every other file
         "--quiet",
     )
 
@@ -151,12 +153,13 @@ def test_index_verify_and_serve_from_s3_equal_local(s3: S3, run_dir: Path, local
     where = index_dir(url)
     assert isinstance(where, ObjectStoreDir) and where.is_committed("store.zarr")
     assert digests(where) == digests(IndexDir(local_ref))  # the store byte for byte
+    assert digests(where, "faiss") == digests(IndexDir(local_ref), "faiss") != {}  # and the FAISS files
     assert read_manifest(where).complete and verify_index(url) == [] and verify_index(url, deep=True) == []
     v = _run(_cli("verify", "--index", url, "--deep"), {})
     assert v.returncode == 0 and v.stdout.startswith(f"OK {url}"), v.stdout + v.stderr
     queries = [
-        {"sample_id": 3, "k": 6, "direction": "both"},
-        {"sample_id": 40, "k": 5, "scoring": "cosine", "direction": "opponents"},
+        {"sample_id": 3, "k": 6, "direction": "both", "search": "scan"},  # the exact scan over every chunk
+        {"sample_id": 40, "k": 5, "scoring": "cosine", "direction": "opponents"},  # auto: the FAISS index
     ]
     with svc_run_server(index=local_ref, state_dir=tmp_path / "a", feature_mode="memory") as ref:
         want = [InfluenceClient(ref.url, retries=0, timeout=120).influence(**q) for q in queries]  # type: ignore[arg-type]
@@ -167,6 +170,7 @@ def test_index_verify_and_serve_from_s3_equal_local(s3: S3, run_dir: Path, local
             c = InfluenceClient(s.url, retries=0, timeout=120)
             got = [c.influence(**q) for q in queries]  # type: ignore[arg-type]
             assert [answer_key(g) for g in got] == [answer_key(w) for w in want], mode
+            assert got[0].exact and not got[1].exact and got[1].search["opponents"].strategy.startswith("ann/")
             assert answer_key(c.influence(x, k=4, direction="both")) == answer_key(want_x)
             assert c.index_info().storage["features_bytes"] > 0
             cache = s.index.store.cache
@@ -278,6 +282,7 @@ def test_bad_credentials_missing_bucket_and_network_cut_leave_a_resumable_index(
     r = _run(_index(run_dir, url), {})
     assert r.returncode == 0, r.stderr
     assert digests(where) == want and verify_index(url, deep=True) == []
+    assert digests(where, "faiss") == digests(IndexDir(local_ref), "faiss")
 
 
 def _chunk_rows(store: FeatureStore, rel: str) -> set[int]:

@@ -356,7 +356,11 @@ class ObjectStoreDir(IndexDir):
                 errno.ENOENT, f"s3://{self.bucket}: the bucket does not exist (create it first, or check the URL)"
             ) from None
         except Exception as e:
-            raise translate_storage_error(e, f"s3://{self.bucket}", "access the bucket") from None
+            err = translate_storage_error(e, f"s3://{self.bucket}", "access the bucket")
+            if getattr(err, "errno", None) != errno.EACCES:
+                raise err from None
+            # access denied to the bucket itself: the credentials may be scoped to the prefix, so the
+            # requests that follow decide (bad credentials are refused there with the same message)
         self._bucket_checked = True
 
     def _info(self, rel: str) -> dict[str, Any] | None:
