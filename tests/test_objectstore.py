@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from proponent.client import InfluenceClient
 from proponent.format.fsio import IndexDir, ObjectStoreDir, StorageError, index_dir
 from proponent.format.integrity import verify_index
 from proponent.format.manifest import read_manifest
-from proponent.format.store import FeatureStore, ckpt_group
+from proponent.format.store import FeatureStore, StoreError, ckpt_group
 from tests.conftest import REPO, svc_run_server
 from tests.helpers import answer_key
 
@@ -304,3 +305,34 @@ def test_object_store_errors_are_one_clear_line(s3: S3) -> None:
         missing.rename("a", "b")
     with pytest.raises(ValueError, match="unsupported storage scheme"):
         index_dir("gs://bucket/x")
+
+
+def test_a_store_is_trusted_only_once_its_commit_marker_is_written(s3: S3) -> None:
+    """Object stores cannot rename: the skeleton is built in place and committed by a marker written last."""
+    where = index_dir(f"s3://{BUCKET}/uncommitted")
+    building = where.stage_dir("store.zarr")
+    assert building == "store.zarr"
+    n = 8
+    FeatureStore.create(
+        where,
+        building,
+        dim=4,
+        n_checkpoints=1,
+        dtype="float32",
+        latent_dim=0,
+        inputs=np.zeros((n, 1, 2, 2), np.float32),
+        ids=np.arange(n),
+        labels=None,
+        origin=np.zeros(n, np.int32),
+        source_row=np.arange(n),
+        injected=np.zeros(n, bool),
+        chunk_rows=4,
+        unit_rows=4,
+    )
+    assert where.is_file("store.zarr/zarr.json") and not where.is_committed("store.zarr")
+    with pytest.raises(StoreError, match="commit marker"):
+        FeatureStore.open(where)  # a kill before the commit: a resume starts the skeleton again
+    where.commit_dir(building, "store.zarr")
+    assert where.is_committed("store.zarr") and FeatureStore.open(where).n == n
+    where.stage_dir("store.zarr")  # staging again takes the marker away first, then the contents
+    assert not where.is_committed("store.zarr") and where.walk_files("store.zarr") == []

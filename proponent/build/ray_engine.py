@@ -129,7 +129,8 @@ def run_units(
     actor_device = "cuda" if gpus_per_worker > 0 else ("cpu" if device == "auto" else device)
     actor_cls: Any = ray.remote(UnitActor)
     options: dict[str, Any] = {
-        "num_cpus": 1 if gpus_per_worker <= 0 else 0,
+        # more workers than CPUs share them (fractional CPUs) instead of waiting forever to be scheduled
+        "num_cpus": min(1.0, cpus / count) if gpus_per_worker <= 0 else 0,
         "num_gpus": gpus_per_worker,
         "max_restarts": max_restarts,
         "max_task_retries": max_restarts,
