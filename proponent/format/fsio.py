@@ -425,11 +425,11 @@ class ObjectStoreDir(IndexDir):
 
     def remove(self, rel: str) -> None:
         def rm() -> None:
-            keys = list(self.fs.find(self.key(rel)))
-            if self._info(rel) is not None and self.is_file(rel):
-                keys.append(self.key(rel))
+            keys = set(self.fs.find(self.key(rel)))  # everything under the prefix (or the object itself)
+            if rel and self.is_file(rel):
+                keys.add(self.key(rel))
             if keys:
-                self.fs.rm(sorted(set(keys)))
+                self.fs.rm(sorted(keys))
 
         self._call(rel, "delete", rm)
 
