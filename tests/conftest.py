@@ -186,3 +186,30 @@ def svc_process_factory() -> Iterator[Any]:
     yield make
     for p in procs:
         p.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[str]:
+    """A small local Ray cluster (2 logical CPUs) started for the tests; yields its address.
+
+    A Ray that cannot start fails the tests that use it (no skip).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=256 << 20,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()

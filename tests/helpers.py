@@ -67,3 +67,17 @@ def query_vectors(index, x: np.ndarray, *, seed: int = 0, checkpoints=None, obje
     labels = None if label is None else np.array([label])
     qf = index.runtime.featurize(x[None], objective=objective, seed=seed, labels=labels, checkpoints=cks)
     return {c: qf.mean[c][0] for c in cks}, {c: float(qf.sq_norm[c][0]) for c in cks}
+
+
+def answer_key(res) -> dict:
+    """What two answers must share to be the same answer (everything but timings and strategy names)."""
+    out = {
+        "exact": res.exact,
+        "partial": res.partial,
+        "approximations": res.approximations,
+        "unresolved": res.unresolved,
+    }
+    for d in ("proponents", "opponents"):
+        hits = getattr(res, d)
+        out[d] = None if hits is None else [h.model_dump() for h in hits]
+    return out

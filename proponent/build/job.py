@@ -8,7 +8,8 @@ Phases (each a function, so that other engines -- Ray -- run the same code):
    featurization batch; reconciled with an existing index (resume, or a clear refusal);
    :func:`preflight` -- the disk it needs against the free space;
 3. :func:`stage` -- checkpoint copies (named by content hash), the manifest, the store's skeleton
-   with the exact training inputs (built beside its name and renamed into place);
+   with the exact training inputs (built so that it appears whole: locally beside its name and
+   renamed into place, on object storage in place and committed by a marker written last);
 4. :func:`featurize_unit` -- the unit of work: one row block of one checkpoint, written with its
    done flag last; :func:`featurize_pending` runs the pending ones in this process;
 5. :func:`finish` -- ANN indexes (when asked for), hashes of the store's metadata, ``complete``.
@@ -302,7 +303,7 @@ def reconcile(where: IndexDir, man: Manifest, overwrite: bool, shard: tuple[int,
             )
         if old.complete:
             return "complete"
-        return "resume" if where.is_file(f"{STORE_DIR}/zarr.json") else "new"
+        return "resume" if where.is_committed(STORE_DIR) else "new"
     if shard is not None and where.exists(STORE_DIR):
         raise IndexJobError(f"{where}: store exists without a manifest; refusing to shard into it")
     if not where.is_empty():
@@ -321,11 +322,12 @@ def stage(where: IndexDir, man: Manifest, data: Dataset, cks: CheckpointSet, sta
     if state == "resume":
         return read_manifest(where)
     man = write_manifest(where, man)
-    partial = f"{STORE_DIR}.partial"
-    where.remove(partial)
+    # Built so that it appears whole (beside its name and renamed into place; on object storage in place,
+    # committed by a marker written last): a kill during creation leaves no half-made store that a resume trusts.
+    building = where.stage_dir(STORE_DIR)
     FeatureStore.create(
         where,
-        partial,
+        building,
         dim=man.dim,
         n_checkpoints=len(man.checkpoints),
         dtype=man.storage.dtype,
@@ -339,9 +341,7 @@ def stage(where: IndexDir, man: Manifest, data: Dataset, cks: CheckpointSet, sta
         chunk_rows=man.storage.chunk_rows,
         unit_rows=man.storage.unit_rows,
     )
-    # Built beside its final name and renamed into place: a kill during creation leaves no
-    # half-made store that a resume would trust.
-    where.rename(partial, STORE_DIR)
+    where.commit_dir(building, STORE_DIR)
     return man
 
 
@@ -481,10 +481,12 @@ def build_index(
     model_record: ModelRecord | None = None,
     engine: Callable[[IndexDir, list[tuple[int, int]]], None] | None = None,
     log: Callable[[str], None] | None = None,
-) -> Path:
+) -> Path | str:
     """Featurize ``data`` at every checkpoint into the index at ``out`` (see the module docstring).
 
-    ``engine(where, units)`` runs the pending units elsewhere (e.g. on Ray); by default here.
+    ``out`` is a local directory or an object-store URL (``s3://bucket/prefix``); the index's
+    location is returned (a Path, or the URL). ``engine(where, units)`` runs the pending units
+    elsewhere (e.g. on Ray: :func:`proponent.build.ray_engine.ray_engine`); by default here.
     """
     opts = options or IndexOptions()
     where = index_dir(out)
@@ -530,9 +532,10 @@ def build_index(
         log(describe_layout(man, model0, objective, projector, data))
     state = reconcile(where, man, overwrite, opts.shard)
     if state == "complete":
-        return where.local_path()
+        return where.location
     ck_bytes = sum(Path(p).stat().st_size for p in cks.sources)
-    already = 0 if state == "new" else sum(where.size(f) for f in where.walk_files(STORE_DIR))
+    known_free = where.free_bytes() is not None  # object storage: unknown, the preflight skips
+    already = sum(where.file_sizes(STORE_DIR).values()) if state != "new" and known_free else 0
     preflight(where, estimate_bytes(man, data, ck_bytes if state == "new" else 0), already)
     stage(where, man, data, cks, state)
     units = pending_units(where, opts.shard)
@@ -542,12 +545,12 @@ def build_index(
         else:
             featurize_pending(where, units, opts.device, show_progress)
     if not FeatureStore.open(where).is_complete():
-        return where.local_path()  # a shard finished its part; the run that finds every unit done finishes
+        return where.location  # a shard finished its part; the run that finds every unit done finishes
     finish(where, t0)
     if log:
         problems = verify_index(where)
         log("verified: OK" if not problems else "verify: " + "; ".join(problems))
-    return where.local_path()
+    return where.location
 
 
 def _probe(model: nn.Module, objective: Objective, data: Dataset, n: int = 2):

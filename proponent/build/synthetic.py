@@ -14,6 +14,7 @@ featurized for real. Used by ``benchmarks/query_latency.py``, ``benchmarks/scale
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,14 +53,15 @@ def synthetic_index(
     index_kind: str = "none",
     seed: int = 0,
     show_progress: bool = True,
-) -> Path:
+) -> Path | str:
     """Write (or reuse, when complete with the same settings) a synthetic index of ``n`` rows."""
     where = index_dir(out)
     cfg = ModelConfig(kind="mlp", input_shape=(1, 8, 8), hidden=(64, 32), latent_dim=8)
     torch.manual_seed(seed)
     model = build_model(cfg)
     proj_spec = _projection_for(model, dim)
-    tmp = Path(where.local_path()).parent / f".{Path(where.local_path()).name}.ckpts"
+    parent = where.local_path().parent if where.is_local else Path(tempfile.gettempdir())
+    tmp = parent / f".{str(where.location).rstrip('/').rsplit('/', 1)[-1]}.ckpts"
     tmp.mkdir(parents=True, exist_ok=True)
     specs = []
     for c in range(checkpoints):
@@ -83,7 +85,7 @@ def synthetic_index(
     man = plan(data, cks, opts, projector, objective, batch_size=256)
     state = reconcile(where, man, overwrite=False, shard=None)
     if state == "complete":
-        return where.local_path()
+        return where.location
     stage(where, man, data, cks, state)
     store = FeatureStore.open(where, mode="r+")
     d = store.dim
@@ -106,4 +108,4 @@ def synthetic_index(
     bar.close()
     finish(where, t0)
     assert read_manifest(where).complete
-    return where.local_path()
+    return where.location

@@ -196,7 +196,13 @@ def _cmd_index(a: argparse.Namespace) -> int:
         from proponent.build.ray_engine import ray_engine
 
         engine = ray_engine(
-            address=a.ray_address, workers=a.workers, gpus_per_worker=a.gpus_per_worker, device=a.device
+            address=a.ray_address,
+            workers=a.workers,
+            gpus_per_worker=a.gpus_per_worker,
+            device=a.device,
+            threads=a.threads,
+            show_progress=not a.quiet,
+            log=None if a.quiet else print,
         )
     out = build_index(
         data_spec,

@@ -189,5 +189,9 @@ def register(sub: Any) -> None:
     )
     sv.add_argument("--shards", type=int, help="split the rows into N shards served by Ray Serve replicas")
     sv.add_argument("--ray-address", help="Ray cluster address for --shards (default: a local one)")
+    sv.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard replica (--shards)")
+    sv.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per shard and router replica (--shards)"
+    )
     sv.add_argument("--log-level", default="info")
     sv.set_defaults(func=_cmd_serve)

@@ -22,8 +22,11 @@ resumed, sharded or distributed run writes the same bytes as one uninterrupted r
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import google_crc32c
@@ -31,7 +34,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .fsio import IndexDir
+from .fsio import IndexDir, atomic_write_bytes
 
 MIB = 1 << 20
 STORE_DIR = "store.zarr"
@@ -120,6 +123,7 @@ class FeatureStore:
         self.where = where
         self.rel = rel
         self.group = group
+        self.cache: ChunkCache | None = None  # a local copy of chunks read from remote storage (serving)
         attrs: dict[str, Any] = dict(group.attrs)
         try:
             self.n = int(attrs["n"])
@@ -217,8 +221,9 @@ class FeatureStore:
 
     @classmethod
     def open(cls, where: IndexDir, rel: str = STORE_DIR, mode: str = "r") -> FeatureStore:
-        if not where.is_file(f"{rel}/zarr.json"):
-            raise StoreError(f"{where.describe(rel)}: no Zarr v3 store here (zarr.json missing)")
+        if not where.is_committed(rel):
+            what = "zarr.json missing" if where.is_local else f"zarr.json or the commit marker {rel}.committed missing"
+            raise StoreError(f"{where.describe(rel)}: no Zarr v3 store here ({what})")
         try:
             g = zarr.open_group(where.zarr_store(rel, read_only=mode == "r"), mode=mode, zarr_format=3)  # type: ignore[arg-type]
         except Exception as e:  # zarr raises several types for damaged metadata
@@ -274,20 +279,30 @@ class FeatureStore:
         if not self.where.is_file(key):
             return f"{self.where.describe(key)}: chunk missing"
         data = self.where.read_bytes(key)
-        if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+        if not _crc_ok(data):
             return f"{self.where.describe(key)}: damaged (checksum mismatch)"
         return None
 
     def raw_chunk(self, name: str, k: int) -> np.ndarray:
-        """Row chunk ``k`` of a 2-D array read straight from its file (checksum verified, no copy)."""
+        """Row chunk ``k`` of a 2-D array read straight from its file (checksum verified, no copy).
+
+        With a :attr:`cache`, the chunk's bytes come from the local cache when it holds them (and
+        their checksum holds), else from the index's storage, and are kept for the next read.
+        """
         a = self._a(name)
         key = self.chunk_key(name, (k, *([0] * (a.ndim - 1))))
-        try:
-            data = self.where.read_bytes(key)
-        except FileNotFoundError:
-            raise StoreError(f"{self.where.describe(key)}: chunk missing; the index cannot be served") from None
-        if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
-            raise StoreError(f"{self.where.describe(key)}: damaged (checksum mismatch); the index cannot be served")
+        data = self.cache.get(key) if self.cache is not None else None
+        if data is not None and not _crc_ok(data):
+            data = None  # a damaged cache file: read the chunk again
+        if data is None:
+            try:
+                data = self.where.read_bytes(key)
+            except FileNotFoundError:
+                raise StoreError(f"{self.where.describe(key)}: chunk missing; the index cannot be served") from None
+            if not _crc_ok(data):
+                raise StoreError(f"{self.where.describe(key)}: damaged (checksum mismatch); the index cannot be served")
+            if self.cache is not None:
+                self.cache.put(key, data)
         out = np.frombuffer(data, dtype=np.dtype(str(a.dtype)), count=math.prod(a.chunks))
         lo = k * a.chunks[0]
         rows = min(a.chunks[0], a.shape[0] - lo)
@@ -345,17 +360,18 @@ class FeatureStore:
     def array(self, name: str) -> np.ndarray:
         return self._read(name)
 
-    def sq_norm(self, c: int) -> np.ndarray:
-        return np.asarray(self._read(f"{ckpt_group(c)}/sq_norm"), dtype=np.float64)
+    def sq_norm(self, c: int, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._read(f"{ckpt_group(c)}/sq_norm", rows), dtype=np.float64)
 
     def loss(self, c: int) -> np.ndarray:
         return np.asarray(self._read(f"{ckpt_group(c)}/loss"), dtype=np.float32)
 
-    def feat_norm(self, c: int) -> np.ndarray:
-        return np.asarray(self._read(f"{ckpt_group(c)}/feat_norm"), dtype=np.float64)
+    def feat_norm(self, c: int, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._read(f"{ckpt_group(c)}/feat_norm", rows), dtype=np.float64)
 
-    def scale(self, c: int) -> np.ndarray | None:
-        return np.asarray(self._read(f"{ckpt_group(c)}/scale"), np.float32) if self.dtype == np.int8 else None
+    def scale(self, c: int, rows: slice = slice(None)) -> np.ndarray | None:
+        """Per-row scales of int8 features (``rows`` of them), None for float features."""
+        return np.asarray(self._read(f"{ckpt_group(c)}/scale", rows), np.float32) if self.dtype == np.int8 else None
 
     def inputs(self, rows: Any) -> np.ndarray:
         """The exact training inputs of ``rows`` (float32, as the index featurized them)."""
@@ -381,14 +397,18 @@ class FeatureStore:
         """Chunk ``k`` of checkpoint ``c``'s features in the stored dtype (int8 codes or floats)."""
         return self.raw_chunk(f"{ckpt_group(c)}/features", k)
 
-    def iter_feature_chunks(self, c: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first row, float32 rows)`` of every chunk (dequantized for int8)."""
-        scale = self.scale(c)
-        for k in range(self.layout.n_chunks):
+    def iter_feature_chunks(self, c: int, chunks: range | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 rows)`` of every chunk, or of the contiguous ``chunks`` (dequantized for int8)."""
+        chunks = range(self.layout.n_chunks) if chunks is None else chunks
+        if not len(chunks):
+            return
+        first = self.layout.chunk_range(chunks[0])[0]
+        scale = self.scale(c, slice(first, self.layout.chunk_range(chunks[-1])[1]))
+        for k in chunks:
             lo, hi = self.layout.chunk_range(k)
             block = self.feature_chunk(c, k).astype(np.float32)
             if scale is not None:
-                block *= scale[lo:hi, None]
+                block *= scale[lo - first : hi - first, None]
             yield lo, block
 
     def array_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -402,3 +422,91 @@ class FeatureStore:
         files += [f"{self.rel}/{g}/zarr.json" for g in sorted(groups)]
         files += [f"{self.rel}/{name}/zarr.json" for name in self.array_names()]
         return sorted(files)
+
+
+def _crc_ok(data: bytes) -> bool:
+    """Whether a chunk's bytes end with the crc32c of the rest (zarr's ``crc32c`` codec)."""
+    return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
+
+
+class ChunkCache:
+    """Chunk files of a remote index kept on local disk, for serving (stream and quantized modes).
+
+    Files are keyed by the chunk's path under ``root`` (a directory per index URL and manifest
+    checksum, so a rebuilt index never meets the old one's chunks); every hit is checked against
+    the chunk's own crc32c before use (:meth:`FeatureStore.raw_chunk`). At most ``max_bytes`` are
+    kept: the least recently used files go first.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int = 8 << 30):
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._sizes: dict[Path, int] = {}
+        for dirpath, _, files in os.walk(self.root):
+            for f in files:
+                p = Path(dirpath) / f
+                if not f.endswith(".tmp"):
+                    self._sizes[p] = p.stat().st_size
+        self.bytes = sum(self._sizes.values())
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str) -> bytes | None:
+        p = self._path(key)
+        try:
+            data = p.read_bytes()
+        except OSError:
+            with self._lock:
+                self.misses += 1
+            return None
+        with self._lock:
+            self.hits += 1
+        try:
+            os.utime(p)  # recently used
+        except OSError:
+            pass
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        p = self._path(key)
+        try:
+            atomic_write_bytes(p, data)
+        except OSError:
+            return  # a full or read-only cache disk only costs speed
+        with self._lock:
+            self.bytes += len(data) - self._sizes.get(p, 0)
+            self._sizes[p] = len(data)
+            if self.bytes > self.max_bytes:
+                self._evict()
+
+    def _evict(self) -> None:
+        def last_used(p: Path) -> float:
+            try:
+                return p.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        for p in sorted(self._sizes, key=last_used):
+            if self.bytes <= self.max_bytes * 0.9:
+                break
+            try:
+                p.unlink()
+            except OSError:
+                pass
+            self.bytes -= self._sizes.pop(p)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "dir": str(self.root),
+            "bytes": int(self.bytes),
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+        }

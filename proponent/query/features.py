@@ -12,11 +12,17 @@ Three modes, chosen at start-up from the budget (``auto``) or forced:
 
 Per-row values the scan needs (exact squared gradient norms, stored-row norms, scales) are
 always held: a few bytes per row and checkpoint.
+
+A shard of a sharded server serves a contiguous, chunk-aligned row range ``rows=(lo, hi)`` of the
+index: only the chunks of ``[lo, hi)`` are read and every per-row array is sliced, so ``n`` is
+``hi - lo`` and rows here are local (``row - lo``); ``LocalSearcher(served, offset=lo)`` turns
+them back into the index's rows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -75,18 +81,27 @@ class ServedFeatures:
         mode: str = "auto",
         budget_bytes: int | None = None,
         device: torch.device | None = None,
+        rows: tuple[int, int] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"feature mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.store = store
-        self.n, self.dim = store.n, store.dim
+        layout = store.layout
+        self.lo, self.hi = rows if rows is not None else (0, store.n)
+        if not (0 <= self.lo < self.hi <= store.n) and store.n:
+            raise ValueError(f"row range [{self.lo}, {self.hi}) is not within the index's {store.n} rows")
+        if self.lo % layout.chunk_rows or (self.hi % layout.chunk_rows and self.hi != store.n):
+            raise ValueError(f"row range [{self.lo}, {self.hi}) is not aligned to chunks of {layout.chunk_rows} rows")
+        self.chunks = range(self.lo // layout.chunk_rows, math.ceil(self.hi / layout.chunk_rows))
+        self.n, self.dim = self.hi - self.lo, store.dim
         self.stored_dtype = store.dtype.name
         self.n_checkpoints = checkpoints
         self.device = device or torch.device("cpu")
         self.budget = budget_bytes if budget_bytes is not None else default_budget()
-        self.sq_norm = [store.sq_norm(c) for c in range(checkpoints)]
-        self.feat_norm = [store.feat_norm(c) for c in range(checkpoints)]
-        self.scale = [store.scale(c) for c in range(checkpoints)]
+        sl = slice(self.lo, self.hi)
+        self.sq_norm = [store.sq_norm(c, sl) for c in range(checkpoints)]
+        self.feat_norm = [store.feat_norm(c, sl) for c in range(checkpoints)]
+        self.scale = [store.scale(c, sl) for c in range(checkpoints)]
         gpu = self.device.type == "cuda"
         # memory mode holds int8 codes as they are on the CPU, everything else as float32
         per_value = 1 if (self.stored_dtype == "int8" and not gpu) else 4
@@ -122,16 +137,16 @@ class ServedFeatures:
         gpu = self.device.type == "cuda"
         if self.mode == "memory" and (self.stored_dtype == "int8") and not gpu:
             codes = np.empty((self.n, self.dim), np.int8)
-            for k in range(layout.n_chunks):
+            for k in self.chunks:
                 lo, hi = layout.chunk_range(k)
-                codes[lo:hi] = st.feature_chunk(c, k)
+                codes[lo - self.lo : hi - self.lo] = st.feature_chunk(c, k)
             self.resident[c] = torch.from_numpy(codes)
             self.resident_scale[c] = self.scale[c]
             return
         if self.mode == "memory":
             rows = torch.empty((self.n, self.dim), dtype=torch.float32, device=self.device)
-            for lo, block in st.iter_feature_chunks(c):
-                rows[lo : lo + len(block)] = torch.from_numpy(block).to(self.device)
+            for lo, block in st.iter_feature_chunks(c, self.chunks):
+                rows[lo - self.lo : lo - self.lo + len(block)] = torch.from_numpy(block).to(self.device)
             self.resident[c] = rows
             return
         # quantized: int8 codes of the float features, with exact per-row error bounds
@@ -139,7 +154,8 @@ class ServedFeatures:
         scale = np.empty(self.n, np.float32)
         resid = np.empty(self.n, np.float64)
         rnorm = np.empty(self.n, np.float64)
-        for lo, block in st.iter_feature_chunks(c):
+        for first, block in st.iter_feature_chunks(c, self.chunks):
+            lo = first - self.lo
             hi = lo + len(block)
             q, s = quantize_int8(block)
             codes[lo:hi], scale[lo:hi] = q, s
@@ -159,6 +175,7 @@ class ServedFeatures:
     def describe(self) -> dict[str, object]:
         return {
             "mode": self.mode,
+            "rows": [self.lo, self.hi],
             "budget_bytes": int(self.budget),
             "resident_bytes": self.resident_bytes,
             "stored_dtype": self.stored_dtype,
@@ -194,6 +211,7 @@ class ServedFeatures:
 
     def _read_chunk(self, checkpoints: list[int], k: int) -> Block:
         lo, hi = self.store.layout.chunk_range(k)
+        lo, hi = lo - self.lo, hi - self.lo
         data = {}
         for c in checkpoints:
             raw = self.store.feature_chunk(c, k)
@@ -203,18 +221,19 @@ class ServedFeatures:
         return Block(lo, hi, data, True)
 
     def _stream(self, checkpoints: list[int]) -> Iterator[Block]:
-        n_chunks = self.store.layout.n_chunks
+        chunks = list(self.chunks)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch") as pool:
-            ahead = [pool.submit(self._read_chunk, checkpoints, k) for k in range(min(2, n_chunks))]
-            for k in range(n_chunks):
+            ahead = [pool.submit(self._read_chunk, checkpoints, k) for k in chunks[:2]]
+            for i in range(len(chunks)):
                 block = ahead.pop(0).result()
-                if k + 2 < n_chunks:
-                    ahead.append(pool.submit(self._read_chunk, checkpoints, k + 2))
+                if i + 2 < len(chunks):
+                    ahead.append(pool.submit(self._read_chunk, checkpoints, chunks[i + 2]))
                 yield block
 
     # ------------------------------------------------------------------ exact rows
     def exact_rows(self, c: int, rows: np.ndarray, block: Block | None = None) -> np.ndarray:
-        """Stored features of ``rows`` as float64 (from a block holding them, the resident copy, or the store)."""
+        """Stored features of (local) ``rows`` as float64: from a block holding them, the resident copy,
+        or the store's chunks (checksum-verified, through the chunk cache of a remote index)."""
         rows = np.asarray(rows, np.int64)
         if block is not None and block.exact:
             t = block.data[c][torch.from_numpy(rows - block.lo)]
@@ -233,4 +252,20 @@ class ServedFeatures:
                 assert sc is not None
                 vals *= sc[rows].astype(np.float64)[:, None]
             return vals
-        return self.store.feature_rows(c, rows)
+        return self._rows_from_chunks(c, rows)
+
+    def _rows_from_chunks(self, c: int, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim))
+        if not len(rows):
+            return out
+        cr = self.store.layout.chunk_rows
+        glob = rows + self.lo
+        which = glob // cr
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            raw = self.store.feature_chunk(c, int(k))
+            out[sel] = raw[glob[sel] - int(k) * cr].astype(np.float64)
+        sc = self.scale[c]
+        if sc is not None:
+            out *= sc[rows].astype(np.float64)[:, None]
+        return out

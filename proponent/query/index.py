@@ -11,10 +11,17 @@
 
 and :class:`InfluenceIndex` answers with :func:`proponent.query.usecase.answer`, the one query
 path that the REST API, the CLI and the report use too.
+
+An index on object storage (``s3://...``) is opened the same way. Memory modes read every feature
+chunk at start-up; stream and quantized modes read chunks per query, through a local on-disk
+:class:`~proponent.format.store.ChunkCache` (``cache_dir``, default ``$PROPONENT_CACHE_DIR`` or
+``~/.cache/proponent``), so repeated queries do not download them again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +33,7 @@ from proponent.format import ann
 from proponent.format.fsio import IndexDir, index_dir
 from proponent.format.integrity import verify_contents, verify_index
 from proponent.format.manifest import CheckpointSpec, Manifest, ManifestError, read_manifest
-from proponent.format.store import FeatureStore, StoreError
+from proponent.format.store import ChunkCache, FeatureStore, StoreError
 from proponent.model.runtime import ModelRuntime
 from proponent.query.features import ServedFeatures, parse_size
 from proponent.query.searcher import LocalSearcher, Searcher
@@ -139,6 +146,9 @@ class InfluenceIndex:
         feature_mode: str = "auto",
         verify: bool = True,
         use_gpu_faiss: bool = True,
+        load_ann: bool = True,
+        cache_dir: str | Path | None = None,
+        cache_bytes: int | str | None = None,
     ):
         self.where = index_dir(location)
         try:
@@ -165,6 +175,9 @@ class InfluenceIndex:
             )
         except StoreError as e:
             raise IndexError_(str(e)) from None
+        if not self.where.is_local and self.features.mode in ("stream", "quantized"):
+            # chunks are read per query (stream: all of them; quantized: the rescored rows'): keep them on disk
+            store.cache = chunk_cache_for(self.where, manifest, cache_dir, cache_bytes)
         if self.features.mode != "stream":
             # every other byte of the store has been read (and checksum-checked) by now; the inputs are read
             # one sample at a time later, so check their chunks here too (checksums only)
@@ -173,7 +186,7 @@ class InfluenceIndex:
                 if problem:
                     raise IndexError_(f"{self.where}: index cannot be served: {problem}")
         self.ann_indexes: list[Any] = []
-        if manifest.ann.kind != "none":
+        if manifest.ann.kind != "none" and load_ann:
             cpu = [ann.read(self.where, f.path) for f in manifest.ann.files]
             self.ann_indexes = [ann.to_gpu(i) if use_gpu_faiss else i for i in cpu]
         self.faiss_on_gpu = bool(self.ann_indexes) and use_gpu_faiss and ann.gpu_available()
@@ -182,7 +195,8 @@ class InfluenceIndex:
 
     @property
     def has_ann(self) -> bool:
-        return self.manifest.ann.kind != "none"
+        """Whether ANN search is available (the index has FAISS files and they were loaded)."""
+        return bool(self.ann_indexes)
 
     # ------------------------------------------------------------------ shortcuts
     @property
@@ -261,6 +275,20 @@ class InfluenceIndex:
         return np.sum([w[c] * self.features.sq_norm[c] for c in cks], axis=0)
 
 
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PROPONENT_CACHE_DIR") or Path.home() / ".cache" / "proponent")
+
+
+def chunk_cache_for(
+    where: IndexDir, manifest: Manifest, cache_dir: str | Path | None, cache_bytes: int | str | None
+) -> ChunkCache:
+    """The chunk cache of a remote index: one directory per index URL and manifest (a rebuild starts afresh)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    url_key = hashlib.sha256(where.url.encode()).hexdigest()[:16]
+    size = parse_size(cache_bytes) if cache_bytes is not None else None
+    return ChunkCache(root / "chunks" / url_key / manifest.checksum[:16], **({"max_bytes": size} if size else {}))
+
+
 def open_index(
     path: str | Path | IndexDir,
     device: str = "auto",
@@ -268,7 +296,17 @@ def open_index(
     *,
     memory_budget: int | str | None = None,
     feature_mode: str = "auto",
+    load_ann: bool = True,
+    cache_dir: str | Path | None = None,
+    cache_bytes: int | str | None = None,
 ) -> InfluenceIndex:
     return InfluenceIndex(
-        path, device=device, use_gpu_faiss=use_gpu_faiss, memory_budget=memory_budget, feature_mode=feature_mode
+        path,
+        device=device,
+        use_gpu_faiss=use_gpu_faiss,
+        memory_budget=memory_budget,
+        feature_mode=feature_mode,
+        load_ann=load_ann,
+        cache_dir=cache_dir,
+        cache_bytes=cache_bytes,
     )

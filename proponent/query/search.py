@@ -25,6 +25,11 @@ Let L be the k-th largest lower bound ŝ − E. Every row of the exact top-k has
 answer. Proponents and opponents come from the same pass (opponents: −ŝ, same E). When the
 features are streamed, rows are rescored while their chunk is in memory against the running
 bound (which only rises), so the store is read once.
+
+Exact scores are **batch-invariant**: a row's float64 score is computed by :func:`row_dots`, the
+same operations in the same order whatever other rows are rescored with it. So a row has one
+exact score -- in the scan, in brute force, and in any shard of a sharded server -- and merging
+shards' exact top-k gives the unsharded answer bit for bit (:func:`proponent.query.searcher.merge_topk`).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class TopK:
     strategy: str = "scan"
     timings: dict[str, float] = field(default_factory=dict)
     per_draw: np.ndarray | None = None  # [m, k] each query draw's score of the hits (their mean is the score)
+    missing: list[tuple[int, int]] = field(default_factory=list)  # row ranges not searched (shards that were down)
 
 
 def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -77,12 +83,35 @@ def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return np.lexsort((rows, -scores))[:k]
 
 
+def row_dots(a: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``a @ q`` (``q [D]`` -> ``[rows]``; ``q [m, D]`` -> ``[m, rows]``) in float64, batch-invariant.
+
+    Each row's products are summed by numpy's pairwise reduction along that row alone, so the result
+    for a row does not depend on the other rows of ``a`` (a BLAS product may group rows into kernels
+    whose rounding differs). Worked in blocks so that the temporaries stay small.
+    """
+    a = np.asarray(a, np.float64)
+    q = np.asarray(q, np.float64)
+    d = a.shape[1] if a.ndim == 2 else len(q)
+    if q.ndim == 1:
+        out = np.empty(len(a))
+        step = max(1, (1 << 22) // max(d, 1))
+        for i in range(0, len(a), step):
+            out[i : i + step] = (a[i : i + step] * q).sum(axis=1)
+        return out
+    out = np.empty((q.shape[0], len(a)))
+    step = max(1, (1 << 22) // max(d * q.shape[0], 1))
+    for i in range(0, len(a), step):
+        out[:, i : i + step] = (a[None, i : i + step, :] * q[:, None, :]).sum(axis=2)
+    return out
+
+
 def exact_contributions(served: ServedFeatures, sq: ScoredQuery, rows: np.ndarray, block: Block | None = None):
-    """Per-checkpoint exact terms ``[len(rows), C]`` (float64) of the score of ``rows``."""
+    """Per-checkpoint exact terms ``[len(rows), C]`` (float64) of the score of ``rows`` (batch-invariant)."""
     cks = sq.checkpoints
     out = np.zeros((len(rows), len(cks)))
     for j, c in enumerate(cks):
-        vals = served.exact_rows(c, rows, block) @ sq.vectors[c]
+        vals = row_dots(served.exact_rows(c, rows, block), sq.vectors[c])
         if sq.row_mult is not None:
             vals = vals * sq.row_mult[c][rows]
         out[:, j] = vals

@@ -106,6 +106,8 @@ def answer(
     directions: tuple[str, ...] = ("proponents", "opponents") if params.direction == "both" else (params.direction,)
     use_ann = not params.prefilter and (params.search == "ann" or (params.search == "auto" and index.has_ann))
     if params.search == "ann" and not index.has_ann:
+        if index.manifest.ann.kind != "none":
+            raise QueryError("search='ann': this server answers with the exact scan only (sharded serving)")
         raise QueryError("search='ann' needs an index built with an ANN kind (--index-kind ivf:..., hnsw:...)")
     request = SearchRequest(
         vectors=vec,
@@ -118,6 +120,7 @@ def answer(
         draws=draws if (draws is not None and m > 1) else None,
         candidates=_prefilter_rows(index, params, x, row) if params.prefilter else None,
         use_ann=use_ann,
+        allow_partial=params.allow_partial,
     )
     results = index.searcher.search(request)
     t2 = time.perf_counter()
@@ -153,7 +156,12 @@ def answer(
         unresolved[d] = pairs
         search[d] = SearchStats(strategy=res.strategy, candidates=res.candidates, exact=res.exact)
     t3 = time.perf_counter()
-    exact = all(r.exact for r in results.values())
+    missing = sorted({tuple(m) for r in results.values() for m in r.missing})
+    exact = all(r.exact for r in results.values()) and not missing
+    approximations = meta.approximations(cks, prefilter=params.prefilter, ann_used=use_ann)
+    if missing:
+        ranges = ", ".join(f"{lo}..{hi - 1}" for lo, hi in missing)
+        approximations.append(f"partial answer: the shards holding rows {ranges} did not answer")
     return InfluenceResponse(
         query=QueryInfo(
             seed=params.seed,
@@ -169,7 +177,7 @@ def answer(
         proponents=out.get("proponents"),
         opponents=out.get("opponents"),
         exact=exact,
-        approximations=meta.approximations(cks, prefilter=params.prefilter, ann_used=use_ann),
+        approximations=approximations,
         search=search,
         timings=Timings(
             decode_ms=decode_ms,
@@ -178,6 +186,7 @@ def answer(
             total_ms=(t3 - t0) * 1e3 + decode_ms,
         ),
         unresolved=unresolved,
+        partial=bool(missing),
     )
 
 

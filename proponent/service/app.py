@@ -4,6 +4,11 @@ The lifespan opens and verifies the index once (a broken index stops start-up wi
 naming the problem), pins torch/FAISS threads, starts the query engine and the job manager
 (resuming unfinished jobs), and on shutdown drains queued queries and stops the running job
 between chunks so it resumes at the next start.
+
+``create_app(settings, searcher_factory=...)`` is the router of a sharded server: the index is
+opened without its features (stream mode, no ANN files: the router featurizes queries and reads
+metadata), and ``index.searcher`` is replaced by the factory's searcher (a
+:class:`~proponent.query.searcher.ShardedSearcher` that fans out to the shards).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proponent.build.job import set_threads
-from proponent.query.index import open_index
+from proponent.query.index import InfluenceIndex, open_index
+from proponent.query.searcher import Searcher
 from proponent.service.deps import require_api_key
 from proponent.service.engine import QueryEngine
 from proponent.service.errors import BodyTooLarge, install_error_handlers, request_id_var
@@ -174,13 +180,26 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-def _startup(state: ServiceState) -> None:
+SearcherFactory = Callable[[InfluenceIndex], Searcher]
+
+
+def _startup(state: ServiceState, searcher_factory: SearcherFactory | None = None) -> None:
     s = state.settings
     if s.index is None:
         raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
     set_threads(s.threads)
     # verifies the manifest and every file's hash; in memory modes reads (and checksums) every feature chunk
-    idx = open_index(s.index, device=s.device, memory_budget=s.memory_budget, feature_mode=s.feature_mode)
+    idx = open_index(
+        s.index,
+        device=s.device,
+        memory_budget=s.memory_budget,
+        feature_mode="stream" if searcher_factory else s.feature_mode,  # a router holds no features
+        load_ann=searcher_factory is None,
+        cache_dir=s.cache_dir,
+        cache_bytes=s.cache_bytes,
+    )
+    if searcher_factory is not None:
+        idx.searcher = searcher_factory(idx)
     state.index = idx
     state.losses = idx.losses()
     state.self_influence = idx.self_influence("lr")
@@ -207,7 +226,7 @@ def _install_ui(app: FastAPI) -> None:
     app.mount("/static", _RevalidatedStaticFiles(directory=STATIC_DIR), name="static")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, searcher_factory: SearcherFactory | None = None) -> FastAPI:
     settings = settings or Settings()
     _install_logging()
     metrics = Metrics()
@@ -215,7 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(_startup, state)
+        await run_in_threadpool(_startup, state, searcher_factory)
         assert state.index is not None
         state.engine = QueryEngine(settings.query_workers, settings.queue_size, settings.request_timeout_s, metrics)
         state.engine.start()

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROPONENT_", env_file=".env", extra="ignore")
 
-    index: Path | None = Field(None, description="index directory to serve")
+    index: str | Path | None = Field(None, description="index to serve: a directory or s3://bucket/prefix")
     state_dir: Path = Field(Path("./state"), description="job state and results")
     device: str = Field("auto", description="torch device for query featurization: auto | cpu | cuda | cuda:N")
     threads: int | None = Field(None, ge=1, description="torch/FAISS threads (default: all cores)")
@@ -31,6 +31,10 @@ class Settings(BaseSettings):
         None, description="bytes of features to hold in memory, e.g. 8G (default: half the available RAM)"
     )
     feature_mode: str = Field("auto", description="auto | memory | quantized | stream (auto: from the budget)")
+    cache_dir: Path | None = Field(
+        None, description="local cache of chunks read from an object-store index (default ~/.cache/proponent)"
+    )
+    cache_bytes: str = Field("8G", description="at most this much in the chunk cache, e.g. 8G")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -36,7 +36,8 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
         )
     ds = man.dataset
     item = np.dtype(man.storage.dtype).itemsize
-    features_bytes = sum(index.where.size(f) for f in index.where.walk_files("store.zarr") if "/features/" in f)
+    sizes = index.where.file_sizes("store.zarr")  # one listing (object storage: one request per 1000 files)
+    features_bytes = sum(size for f, size in sizes.items() if "/features/" in f)
     return {
         "n": index.n,
         "dim": index.dim,
@@ -46,7 +47,7 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
         "projection": man.projection.model_dump(exclude={"layers"}) | {"layers": len(man.projection.layers)},
         "featurizer": man.featurizer,
         "index_kind": man.ann.kind,
-        "exact": man.ann.kind == "none",
+        "exact": not index.has_ann,
         "storage": {
             "dtype": man.storage.dtype,
             "bytes_per_sample_per_checkpoint": index.dim * item,
@@ -71,4 +72,7 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
 def index_info(index: IndexDep, state: StateDep) -> Any:
     if state.index_info is None:
         state.index_info = build_index_info(index, state.settings.max_k)
+    describe_shards = getattr(index.searcher, "describe_shards", None)
+    if callable(describe_shards):  # a sharded server: each shard's rows, mode and health, asked now
+        return {**state.index_info, "shards": describe_shards()}
     return state.index_info

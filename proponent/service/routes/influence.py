@@ -17,9 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proponent.build.data import DataError, load_image_bytes
 from proponent.client.schemas import InfluenceParams, InfluenceResponse
+from proponent.format.fsio import StorageError
 from proponent.format.store import StoreError
 from proponent.query.crossloss import ObjectiveError
 from proponent.query.index import InfluenceIndex
+from proponent.query.searcher import ShardUnavailable
 from proponent.query.usecase import answer
 from proponent.service.deps import EngineDep, IndexDep, StateDep
 from proponent.service.engine import QueryEngine
@@ -253,6 +255,10 @@ async def run_query(
         state.damaged = str(e)
         state.ready = False
         raise ApiError(500, str(e), code="index_damaged") from None
+    except StorageError as e:  # the index's storage (object store) failed: transient, not damage
+        raise ApiError(503, str(e), code="storage_unavailable", headers={"Retry-After": "5"}) from None
+    except ShardUnavailable as e:
+        raise ApiError(503, str(e), code="shard_unavailable", headers={"Retry-After": str(e.retry_after_s)}) from None
     except ObjectiveError as e:
         raise ApiError(422, f"objective: {e}") from None
     except KeyError as e:

@@ -1,0 +1,216 @@
+"""Sharded serving on Ray Serve: ``proponent serve --shards N [--ray-address ADDR]``.
+
+The index's rows are split into N contiguous, chunk-aligned ranges
+(:func:`~proponent.query.searcher.shard_ranges`). Each range is served by one Ray Serve
+application ``proponent-shard-I`` (one replica, a :class:`ShardReplica`): it holds -- or
+streams -- only its chunks (``ServedFeatures(..., rows=(lo, hi))``) and answers a
+:class:`~proponent.query.searcher.SearchRequest` with the exact top-k of its rows through the
+ordinary :class:`~proponent.query.searcher.LocalSearcher` (``offset=lo``: answers carry the
+index's rows).
+
+The router is the application ``proponent`` (route ``/``): the normal FastAPI app of
+:func:`proponent.service.app.create_app`, same REST API, client and UI, with the index opened
+without its features. It featurizes each query once and its searcher, a
+:class:`~proponent.query.searcher.ShardedSearcher`, sends the same request to every shard and
+merges their exact top-k -- the exact global top-k (the proof is in
+:func:`~proponent.query.searcher.merge_topk`). A shard that is down (deleted, restarting, timed
+out) makes a query answer 503 with ``Retry-After``, never a silently partial answer; with
+``allow_partial=true`` the answer comes from the shards that answered, flagged ``partial: true``.
+``GET /v1/index`` lists the shards: rows, mode, resident bytes and whether each is healthy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from proponent.build.job import set_threads
+from proponent.build.ray_engine import connect, forwarded_env
+from proponent.format.fsio import index_dir
+from proponent.format.manifest import read_manifest
+from proponent.format.store import FeatureStore
+from proponent.model.runtime import resolve_device
+from proponent.query.features import ServedFeatures, parse_size
+from proponent.query.index import chunk_cache_for
+from proponent.query.search import TopK
+from proponent.query.searcher import LocalSearcher, SearchRequest, ShardedSearcher, shard_ranges
+from proponent.service.settings import Settings
+
+ROUTER_APP = "proponent"
+SHARD_DEPLOYMENT = "Shard"
+
+
+def shard_app(i: int) -> str:
+    return f"proponent-shard-{i}"
+
+
+class ShardReplica:
+    """One shard: rows ``[lo, hi)`` of the index, held (memory / quantized) or streamed, searched exactly."""
+
+    def __init__(self, settings: dict[str, Any], rows: tuple[int, int]):
+        s = Settings(**settings)
+        set_threads(s.threads)
+        assert s.index is not None
+        where = index_dir(s.index)
+        man = read_manifest(where)
+        if not man.complete:
+            raise RuntimeError(f"{where}: index is incomplete; run the index job to the end")
+        store = FeatureStore.open(where)
+        self.served = ServedFeatures(
+            store,
+            len(man.checkpoints),
+            mode=s.feature_mode,
+            budget_bytes=parse_size(s.memory_budget),
+            device=resolve_device(s.device),
+            rows=rows,
+        )
+        if not where.is_local and self.served.mode in ("stream", "quantized"):
+            store.cache = chunk_cache_for(where, man, s.cache_dir, s.cache_bytes)
+        self.searcher = LocalSearcher(self.served, offset=rows[0])
+        self.started = time.time()
+
+    def search(self, request: SearchRequest) -> dict[str, TopK]:
+        return self.searcher.search(request)
+
+    def describe(self) -> dict[str, Any]:
+        info = self.served.describe()
+        info.update({"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "up_s": time.time() - self.started})
+        return info
+
+
+@dataclass
+class ServeShard:
+    """The router's view of one shard: calls its Ray Serve deployment (implements ``searcher.Shard``)."""
+
+    app: str
+    rows: tuple[int, int]
+    _handle: Any = field(default=None, repr=False)
+
+    def handle(self) -> Any:
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(SHARD_DEPLOYMENT, app_name=self.app, _check_exists=False)
+        return self._handle
+
+    def search(self, request: SearchRequest, timeout_s: float) -> dict[str, TopK]:
+        return self.handle().search.remote(request).result(timeout_s=timeout_s)
+
+    def describe(self, timeout_s: float) -> dict[str, Any]:
+        return self.handle().describe.remote().result(timeout_s=timeout_s)
+
+
+def _router_builder(settings: dict[str, Any], shards: list[tuple[str, tuple[int, int]]], timeout_s: float) -> Any:
+    """A builder of the router's app, evaluated on its replica (nothing unpicklable crosses the wire)."""
+
+    def build() -> Any:
+        from proponent.service.app import create_app
+
+        def searcher(index: Any) -> ShardedSearcher:
+            return ShardedSearcher([ServeShard(app, rows) for app, rows in shards], timeout_s=timeout_s)
+
+        return create_app(Settings(**settings), searcher_factory=searcher)
+
+    return build
+
+
+@dataclass
+class ShardedDeployment:
+    url: str
+    ranges: list[tuple[int, int]]
+    apps: list[str]  # the shards' applications, in row order
+    router: str = ROUTER_APP
+
+
+def deploy(
+    settings: Settings,
+    shards: int,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    shard_timeout_s: float | None = None,
+    cpus_per_replica: float = 1.0,
+    gpus_per_shard: float = 0.0,
+) -> ShardedDeployment:
+    """Deploy N shard applications and the router on the connected Ray cluster; returns once all are running."""
+    from ray.serve.api import RunTarget
+
+    if settings.index is None:
+        raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
+    where = index_dir(settings.index)
+    man = read_manifest(where)
+    ranges = shard_ranges(man.n, man.storage.chunk_rows, shards)
+    # the replicas run elsewhere (another working directory, maybe another node): absolute local paths
+    fixed: dict[str, Any] = {"state_dir": str(Path(settings.state_dir).resolve())}
+    if where.is_local:
+        fixed["index"] = str(Path(str(settings.index)).resolve())
+    if settings.cache_dir is not None:
+        fixed["cache_dir"] = str(Path(settings.cache_dir).resolve())
+    # threads pinned explicitly in every replica (torch and FAISS share the process): its CPU share by default
+    fixed["threads"] = settings.threads or max(1, int(cpus_per_replica))
+    conf = settings.model_dump(mode="json") | fixed
+    timeout = shard_timeout_s if shard_timeout_s is not None else max(1.0, 0.8 * settings.request_timeout_s)
+    runtime_env = {"env_vars": forwarded_env()}  # settings and object-store credentials, on any node
+    serve.start(http_options={"host": host, "port": port})
+    shard_cls: Any = serve.deployment(
+        ShardReplica,
+        name=SHARD_DEPLOYMENT,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_shard, "runtime_env": runtime_env},
+    )
+    apps = [shard_app(i) for i in range(shards)]
+    targets = [
+        RunTarget(shard_cls.bind(conf, rows), name=app, route_prefix=None)
+        for app, rows in zip(apps, ranges, strict=True)
+    ]
+    router_cls: Any = serve.deployment(
+        serve.ingress(_router_builder(conf, list(zip(apps, ranges, strict=True)), timeout))(),
+        name="Router",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": cpus_per_replica, "runtime_env": runtime_env},
+    )
+    targets.append(RunTarget(router_cls.bind(), name=ROUTER_APP, route_prefix="/"))
+    serve.run_many(targets)
+    return ShardedDeployment(f"http://{host}:{port}", ranges, apps)
+
+
+def undeploy(dep: ShardedDeployment) -> None:
+    for app in [dep.router, *dep.apps]:
+        try:
+            serve.delete(app)
+        except Exception:
+            pass
+
+
+def serve_sharded(a: argparse.Namespace) -> int:
+    """``proponent serve --shards N``: deploy on Ray Serve (a local cluster unless ``--ray-address``); until ^C."""
+    started = connect(a.ray_address)
+    try:
+        settings = Settings()
+        dep = deploy(
+            settings,
+            a.shards,
+            host=a.host,
+            port=a.port,
+            cpus_per_replica=getattr(a, "cpus_per_replica", 1.0),
+            gpus_per_shard=getattr(a, "gpus_per_shard", 0.0),
+        )
+        rows = ", ".join(f"{lo}..{hi - 1}" for lo, hi in dep.ranges)
+        print(f"serving {settings.index} in {a.shards} shards (rows {rows}) on {dep.url}; ^C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        undeploy(dep)
+    finally:
+        if started and not a.ray_address:
+            serve.shutdown()  # the local cluster started here goes: Serve with it (a joined cluster keeps its Serve)
+        if started:
+            ray.shutdown()
+    return 0
