@@ -186,7 +186,7 @@ def test_scorings_equal_brute_force(svc_client, svc_server, scoring):
 def test_uncertainty_per_hit(svc_client, svc_server):
     """Standard errors from the query's m draws (paper Theorem 1), and the unresolved adjacent pairs."""
     idx = svc_server.index
-    r = svc_client.influence(sample_id=5, k=8, direction="both")
+    r = svc_client.influence(sample_id=5, k=8, direction="both", scoring="raw")
     m = idx.manifest.objective.m
     assert r.query.m == m == 4
     for d in ("proponents", "opponents"):

@@ -209,25 +209,30 @@ class ServedFeatures:
             return
         yield from self._stream(checkpoints)
 
-    def _read_chunk(self, checkpoints: list[int], k: int) -> Block:
-        lo, hi = self.store.layout.chunk_range(k)
-        lo, hi = lo - self.lo, hi - self.lo
+    def _read_chunks(self, checkpoints: list[int], ks: list[int]) -> Block:
+        """Consecutive feature chunks ``ks`` of every checkpoint as one block (checksums verified)."""
+        layout = self.store.layout
+        lo, hi = layout.chunk_range(ks[0])[0], layout.chunk_range(ks[-1])[1]
         data = {}
         for c in checkpoints:
-            raw = self.store.feature_chunk(c, k)
+            parts = [self.store.feature_chunk(c, k) for k in ks]
+            raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
             with warnings.catch_warnings():  # a read-only view of the chunk's bytes; the scan never writes to it
                 warnings.simplefilter("ignore", UserWarning)
                 data[c] = torch.from_numpy(raw if raw.dtype == np.int8 else raw.astype(np.float32))
-        return Block(lo, hi, data, True)
+        return Block(lo - self.lo, hi - self.lo, data, True)
 
     def _stream(self, checkpoints: list[int]) -> Iterator[Block]:
+        """Blocks of about BLOCK_ROWS rows (whole chunks), read ahead by two threads while the scan computes."""
         chunks = list(self.chunks)
+        per = max(1, BLOCK_ROWS // self.store.layout.chunk_rows)
+        groups = [chunks[i : i + per] for i in range(0, len(chunks), per)]
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch") as pool:
-            ahead = [pool.submit(self._read_chunk, checkpoints, k) for k in chunks[:2]]
-            for i in range(len(chunks)):
+            ahead = [pool.submit(self._read_chunks, checkpoints, g) for g in groups[:2]]
+            for i in range(len(groups)):
                 block = ahead.pop(0).result()
-                if i + 2 < len(chunks):
-                    ahead.append(pool.submit(self._read_chunk, checkpoints, chunks[i + 2]))
+                if i + 2 < len(groups):
+                    ahead.append(pool.submit(self._read_chunks, checkpoints, groups[i + 2]))
                 yield block
 
     # ------------------------------------------------------------------ exact rows
