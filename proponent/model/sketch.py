@@ -1,0 +1,531 @@
+"""Seeded second-stage sketches of feature vectors, per-layer dimension allocation, row quantization.
+
+A :class:`Sketch` is a seeded random linear map ``S: R^in_dim -> R^out_dim`` applied to rows,
+``apply(x) = x @ S``, with ``E[S Sᵀ] = I`` so that inner products are unbiased:
+``E[<Sx, Sy>] = <x, y>``. It is meant to run after the per-layer Kronecker stage of
+:class:`~proponent.model.projection.Projector` (``P_outᵀ G P_in`` per layer, concatenated):
+the Kronecker stage is cheap but its error falls only like ``1/sqrt(k)`` for aligned layer
+inputs, so it is kept generous (k = 64 or more) and a second, global sketch brings the
+concatenated vector down to the stored dimension, where a Johnson–Lindenstrauss sketch of
+dimension D has relative error ``~ 1/sqrt(D)``. A global second stage also spends its
+dimensions where the gradient energy is (a layer with most of ``||g||²`` dominates the
+inner products it preserves), with no per-layer tuning.
+
+Kinds (all generated on the CPU from ``(seed, kind, in_dim, out_dim, nnz)`` only, so the same
+sketch is rebuilt anywhere; :meth:`Sketch.to` moves it to another device):
+
+``srht``
+    subsampled randomized Hadamard transform: ``S = D_σ H R / sqrt(out_dim)`` with random
+    signs σ on the input (zero-padded to ``n' = h · 2^p``, h in {1, 12, 20}: the smallest such
+    size, e.g. 19,520 -> 20,480), the unnormalised Hadamard matrix ``H = H_h ⊗ H_{a_1} ⊗ ...``
+    (Paley matrices of order 12 / 20, Sylvester blocks of order ≤ 32) applied as one batched
+    matmul per factor, and R choosing ``out_dim`` of the ``n'`` outputs uniformly without
+    replacement. Cost ``O(n' Σ a_i)`` per row; never materialises a dense matrix.
+``sparse``
+    sparse JL / CountSketch: each input coordinate goes to ``nnz`` buckets (one per round, a
+    seeded permutation taken modulo ``out_dim`` so buckets are balanced) with random signs and
+    weight ``1/sqrt(nnz)``. Cost ``O(in_dim · nnz)`` per row (``index_add_`` on the CPU; a
+    deterministic gather-and-sum on other devices).
+``gaussian``
+    dense ``N(0, 1/out_dim)`` matrix: the reference, ``O(in_dim · out_dim)`` per row.
+
+Inputs may be float32 or float64 (others are computed in float32 and cast back). Rows are
+independent, so results do not depend on the batch size beyond float rounding.
+
+Also here: :func:`allocate_dims` / :func:`allocate_kron` (per-layer dimensions from the mean
+squared gradient norm of each layer on a calibration sample), :func:`kron_projector` (a
+:class:`Projector` with per-layer ``k_in`` / ``k_out``, seeded exactly like the uniform one),
+and :func:`quantize_rows` / :func:`dequantize_rows` (float16 or int8 storage with one scale
+per row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from proponent.model.projection import LayerBlock, LayerInfo, ProjectionSpec, Projector, _gaussian, _seed_for
+
+SketchKind = Literal["srht", "sparse", "gaussian"]
+SKETCH_KINDS: tuple[str, ...] = ("srht", "sparse", "gaussian")
+SKETCH_VERSION = 1
+
+# Largest Sylvester block of the Hadamard transform: one matmul per block; 32 measured fastest on
+# a 2-core CPU for n' = 2^15 (32^3: 13.7 ms for 256 rows, 128 x 256: 26 ms, 64 x 512: 46 ms, the
+# radix-2 butterfly: 240 ms).
+_MAX_BLOCK = 32
+# Orders of the non-power-of-two Hadamard factors (Paley construction I, q = 11, 19).
+_PALEY_ORDERS = (12, 20)
+
+
+def _sub_seed(seed: int, *parts: object) -> int:
+    h = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _generator(seed: int, *parts: object) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(_sub_seed(seed, *parts))
+
+
+# ---------------------------------------------------------------------------- Hadamard matrices
+
+
+def sylvester(order: int) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of ``order`` (a power of two), float64, symmetric."""
+    if order < 1 or order & (order - 1):
+        raise ValueError(f"Sylvester order must be a power of two, got {order}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < order:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def paley(order: int) -> torch.Tensor:
+    """A Hadamard matrix of ``order = q + 1`` for a prime ``q ≡ 3 (mod 4)`` (Paley I), float64."""
+    q = order - 1
+    if q < 3 or q % 4 != 3 or any(q % d == 0 for d in range(2, int(math.isqrt(q)) + 1)):
+        raise ValueError(f"Paley order must be q + 1 with q a prime = 3 mod 4, got {order}")
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if i in squares else -1.0 for i in range(1, q)], dtype=torch.float64)
+    jac = chi[(torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q]  # Q[i, j] = χ(j - i)
+    s = torch.zeros(order, order, dtype=torch.float64)
+    s[0, 1:] = 1.0
+    s[1:, 0] = -1.0
+    s[1:, 1:] = jac
+    return s + torch.eye(order, dtype=torch.float64)
+
+
+def hadamard_factors(n: int) -> list[int]:
+    """Factor orders of the smallest Hadamard size ``h · 2^p >= n`` (h in {1, 12, 20}), product first."""
+    if n < 1:
+        raise ValueError(f"Hadamard size must be >= 1, got {n}")
+    best: tuple[int, int, int] | None = None  # (size, h, p)
+    for h in (1, *_PALEY_ORDERS):
+        p = 0
+        while h * 2**p < n:
+            p += 1
+        cand = (h * 2**p, h, p)
+        if best is None or cand[0] < best[0]:
+            best = cand
+    assert best is not None
+    _, h, p = best
+    blocks = max(1, math.ceil(p / math.log2(_MAX_BLOCK))) if p else 0
+    bits = [p // blocks + (1 if i < p % blocks else 0) for i in range(blocks)]
+    return ([h] if h > 1 else []) + [2**b for b in bits if b > 0]
+
+
+def hadamard_matrix(order: int) -> torch.Tensor:
+    return paley(order) if order in _PALEY_ORDERS else sylvester(order)
+
+
+def hadamard_transform(x: torch.Tensor, factors: Sequence[int], mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``x [B, n'] -> x Hᵀ`` for ``H = ⊗ mats`` (unnormalised), one batched matmul per factor."""
+    b = x.shape[0]
+    y = x
+    left = b
+    right = math.prod(factors)
+    for a, h in zip(factors, mats, strict=True):
+        right //= a
+        if right == 1:
+            y = y.reshape(-1, a) @ h.T
+        else:
+            y = torch.matmul(h, y.reshape(left, a, right))
+        left *= a
+    return y.reshape(b, -1)
+
+
+# ---------------------------------------------------------------------------------- the sketch
+
+
+class Sketch:
+    """A seeded linear sketch ``x [B, in_dim] -> x @ S [B, out_dim]`` with ``E[S Sᵀ] = I``.
+
+    ``kind``: ``srht``, ``sparse`` (``nnz`` nonzeros per input coordinate) or ``gaussian``.
+    Everything is determined by ``(in_dim, out_dim, kind, seed, nnz)``; see :meth:`to_dict`.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        kind: SketchKind | str = "sparse",
+        seed: int = 0,
+        nnz: int = 1,
+        device: torch.device | str = "cpu",
+    ):
+        if kind not in SKETCH_KINDS:
+            raise ValueError(f"sketch kind must be one of {', '.join(SKETCH_KINDS)}, got {kind!r}")
+        if in_dim < 1 or out_dim < 1:
+            raise ValueError(f"sketch dims must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
+        if nnz < 1:
+            raise ValueError(f"sketch nnz must be >= 1, got {nnz}")
+        if kind != "sparse" and nnz != 1:
+            raise ValueError(f"nnz applies to sparse sketches only (kind {kind!r}, nnz={nnz})")
+        if kind == "sparse" and nnz > out_dim:
+            raise ValueError(f"sparse sketch: nnz={nnz} exceeds out_dim={out_dim}")
+        self.in_dim, self.out_dim, self.kind, self.seed, self.nnz = int(in_dim), int(out_dim), kind, int(seed), nnz
+        self.device = torch.device("cpu")
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._cache: dict[Any, Any] = {}
+        key = (kind, self.in_dim, self.out_dim, self.nnz)
+        if kind == "srht":
+            self.factors = hadamard_factors(self.in_dim)
+            self.padded_dim = math.prod(self.factors)
+            if self.out_dim > self.padded_dim:
+                raise ValueError(f"srht: out_dim={out_dim} exceeds the padded input size {self.padded_dim}")
+            g = _generator(seed, *key, "signs")
+            self._tensors["signs"] = (torch.randint(0, 2, (self.in_dim,), generator=g) * 2 - 1).to(torch.int8)
+            g = _generator(seed, *key, "rows")
+            self._tensors["rows"] = torch.sort(torch.randperm(self.padded_dim, generator=g)[: self.out_dim]).values
+        elif kind == "sparse":
+            buckets, signs = [], []
+            for r in range(self.nnz):
+                g = _generator(seed, *key, "round", r)
+                buckets.append(torch.randperm(self.in_dim, generator=g) % self.out_dim)
+                signs.append((torch.randint(0, 2, (self.in_dim,), generator=g) * 2 - 1).to(torch.int8))
+            self._tensors["buckets"] = torch.stack(buckets)  # [nnz, in_dim]
+            self._tensors["signs"] = torch.stack(signs)
+        else:
+            self._tensors["matrix"] = _gaussian(self.in_dim, self.out_dim, _sub_seed(seed, *key, "gaussian"))
+        if device is not None and torch.device(device) != self.device:
+            self._move(torch.device(device))
+
+    # ---------------------------------------------------------------- description, identity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "in_dim": self.in_dim,
+            "out_dim": self.out_dim,
+            "seed": self.seed,
+            "nnz": self.nnz,
+            "version": SKETCH_VERSION,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: torch.device | str = "cpu") -> Sketch:
+        version = d.get("version", SKETCH_VERSION)
+        if version != SKETCH_VERSION:
+            raise ValueError(f"sketch version {version}: this proponent builds version {SKETCH_VERSION}")
+        return cls(int(d["in_dim"]), int(d["out_dim"]), d["kind"], int(d["seed"]), int(d.get("nnz", 1)), device)
+
+    def digest(self) -> str:
+        """sha256 of the tensors that define the sketch (the same on every machine for one dict)."""
+        h = hashlib.sha256(repr(sorted(self.to_dict().items())).encode())
+        for name in sorted(self._tensors):
+            t = self._tensors[name].detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        extra = f", nnz={self.nnz}" if self.kind == "sparse" else ""
+        return f"Sketch({self.kind}, {self.in_dim} -> {self.out_dim}, seed={self.seed}{extra})"
+
+    # ------------------------------------------------------------------------- devices
+
+    def _move(self, device: torch.device) -> None:
+        self._tensors = {k: v.to(device) for k, v in self._tensors.items()}
+        self._cache = {}
+        self.device = device
+
+    def to(self, device: torch.device | str) -> Sketch:
+        """This sketch on ``device`` (a copy; ``self`` is unchanged)."""
+        device = torch.device(device)
+        other = object.__new__(Sketch)
+        other.__dict__.update(self.__dict__)
+        other._cache = {}
+        other._tensors = {k: v.to(device) for k, v in self._tensors.items()}
+        other.device = device
+        return other
+
+    # --------------------------------------------------------------------------- apply
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, in_dim]`` (or ``[in_dim]``) ``-> x @ S``, on the sketch's device."""
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"{self!r}: input has {x.shape[-1]} columns, expected {self.in_dim}")
+        squeeze = x.dim() == 1
+        x2 = x.reshape(-1, self.in_dim).to(self.device)
+        out_dtype = x2.dtype
+        if x2.dtype not in (torch.float32, torch.float64):
+            x2 = x2.float()
+        if self.kind == "srht":
+            y = self._apply_srht(x2)
+        elif self.kind == "sparse":
+            y = self._apply_sparse(x2)
+        else:
+            y = x2 @ self._cached("matrix", x2.dtype, lambda dt: self._tensors["matrix"].to(dt))
+        y = y.to(out_dtype)
+        return y[0] if squeeze else y
+
+    def _cached(self, name: str, dtype: torch.dtype, make: Any) -> Any:
+        key = (name, dtype)
+        if key not in self._cache:
+            self._cache[key] = make(dtype)
+        return self._cache[key]
+
+    def _apply_srht(self, x: torch.Tensor) -> torch.Tensor:
+        signs = self._cached("signs", x.dtype, lambda dt: self._tensors["signs"].to(dt))
+        mats = self._cached(
+            "hadamard", x.dtype, lambda dt: [hadamard_matrix(a).to(device=self.device, dtype=dt) for a in self.factors]
+        )
+        xs = x * signs
+        if self.padded_dim > self.in_dim:
+            xs = torch.nn.functional.pad(xs, (0, self.padded_dim - self.in_dim))
+        y = hadamard_transform(xs, self.factors, mats)
+        return y.index_select(1, self._tensors["rows"]) * (1.0 / math.sqrt(self.out_dim))
+
+    def _apply_sparse(self, x: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        method = method or ("index_add" if self.device.type == "cpu" else "gather")
+        scale = 1.0 / math.sqrt(self.nnz)
+        if method == "index_add":
+            buckets = self._tensors["buckets"].reshape(-1)
+            signs = self._cached("signs", x.dtype, lambda dt: self._tensors["signs"].reshape(-1).to(dt) * scale)
+            src = x.repeat(1, self.nnz) if self.nnz > 1 else x
+            return x.new_zeros(x.shape[0], self.out_dim).index_add_(1, buckets, src * signs)
+        idx, w = self._cached("segments", x.dtype, self._segments)
+        xe = torch.nn.functional.pad(x, (0, 1))  # column in_dim is the zero used for padding
+        rows = idx.shape[1]
+        return (xe.index_select(1, idx.reshape(-1)).reshape(x.shape[0], self.out_dim, rows) * w).sum(-1)
+
+    def _segments(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[out_dim, r]`` input columns of every bucket (padding: column ``in_dim``) and their weights."""
+        buckets = self._tensors["buckets"].reshape(-1).cpu()
+        signs = self._tensors["signs"].reshape(-1).cpu().to(torch.float64) / math.sqrt(self.nnz)
+        cols = torch.arange(self.in_dim).repeat(self.nnz)
+        order = torch.argsort(buckets, stable=True)
+        counts = torch.bincount(buckets, minlength=self.out_dim)
+        r = int(counts.max())
+        slot = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        idx = torch.full((self.out_dim, r), self.in_dim, dtype=torch.long)
+        w = torch.zeros(self.out_dim, r, dtype=torch.float64)
+        idx[buckets[order], slot] = cols[order]
+        w[buckets[order], slot] = signs[order]
+        return idx.to(self.device), w.to(device=self.device, dtype=dtype)
+
+    # ------------------------------------------------------------------ explicit matrix
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The explicit ``[in_dim, out_dim]`` matrix, built from the definition (for tests and
+        small dims only: it materialises ``in_dim · out_dim`` entries, and for SRHT ``n'²``)."""
+        t = {k: v.cpu() for k, v in self._tensors.items()}
+        if self.kind == "gaussian":
+            return t["matrix"].to(dtype)
+        if self.kind == "sparse":
+            m = torch.zeros(self.in_dim, self.out_dim, dtype=torch.float64)
+            for r in range(self.nnz):
+                m.index_put_(
+                    (torch.arange(self.in_dim), t["buckets"][r]),
+                    t["signs"][r].double() / math.sqrt(self.nnz),
+                    accumulate=True,
+                )
+            return m.to(dtype)
+        h = torch.ones(1, 1, dtype=torch.float64)
+        for a in self.factors:
+            h = torch.kron(h, hadamard_matrix(a))
+        # apply computes (H (σ ⊙ x))[rows], i.e. x @ (diag(σ) Hᵀ[:, rows]); Paley blocks are not symmetric
+        m = t["signs"].double()[:, None] * h.T[: self.in_dim, t["rows"]] / math.sqrt(self.out_dim)
+        return m.to(dtype)
+
+
+def make_sketch(spec: dict[str, Any] | None, device: torch.device | str = "cpu") -> Sketch | None:
+    """``Sketch.from_dict(spec)``, or None for ``None`` / ``{"kind": "none"}``."""
+    if spec is None or spec.get("kind") in (None, "none"):
+        return None
+    return Sketch.from_dict(spec, device)
+
+
+# ------------------------------------------------------------------------- dimension allocation
+
+
+def allocate_dims(
+    layer_energy: Sequence[float],
+    total_dim: int,
+    max_dims: Sequence[int] | None = None,
+    power: float = 1.0,
+    min_dim: int = 1,
+) -> list[int]:
+    """Split ``total_dim`` over layers in proportion to ``energy ** power``, capped at ``max_dims``.
+
+    ``layer_energy``: the mean squared gradient norm of each layer on a calibration sample. For
+    per-layer JL sketches (error variance of a layer's inner products ``~ E_l² / d_l``), the
+    allocation minimising the total variance under ``Σ d_l = total_dim`` is ``d_l ∝ E_l``
+    (``power=1``). Capped layers keep their cap (exact) and the rest is re-split (water filling);
+    every layer gets at least ``min(min_dim, cap)``; the result sums to ``min(total_dim, Σ caps)``
+    (largest-remainder rounding).
+    """
+    n = len(layer_energy)
+    if n == 0:
+        return []
+    caps = [int(c) for c in max_dims] if max_dims is not None else [total_dim] * n
+    if len(caps) != n:
+        raise ValueError(f"{n} energies but {len(caps)} max_dims")
+    if any(e < 0 or not math.isfinite(e) for e in layer_energy):
+        raise ValueError("layer energies must be finite and >= 0")
+    total = min(int(total_dim), sum(caps))
+    floor = [min(min_dim, c) for c in caps]
+    if sum(floor) > total:
+        raise ValueError(f"total_dim={total_dim} is below the minimum {sum(floor)} ({min_dim} per layer)")
+    weight = [float(e) ** power if e > 0 else 0.0 for e in layer_energy]
+    if not any(weight):
+        weight = [1.0] * n
+    dims = [float(f) for f in floor]
+    free = [i for i in range(n) if caps[i] > floor[i]]
+    remaining = float(total - sum(floor))
+    # water filling: give the free layers their share above the floor; fix the ones that hit a cap
+    while remaining > 1e-9 and free:
+        wf = {i: weight[i] for i in free} if any(weight[i] for i in free) else {i: 1.0 for i in free}
+        w = sum(wf.values())
+        share = {i: remaining * wf[i] / w for i in free}
+        capped = [i for i in free if dims[i] + share[i] >= caps[i]]
+        if not capped:
+            for i in free:
+                dims[i] += share[i]
+            remaining = 0.0
+            break
+        for i in capped:
+            remaining -= caps[i] - dims[i]
+            dims[i] = float(caps[i])
+        free = [i for i in free if i not in capped]
+    out = [int(math.floor(d)) for d in dims]
+    short = total - sum(out)
+    order = sorted(range(n), key=lambda i: (-(dims[i] - out[i]), i))
+    for i in order:
+        if short <= 0:
+            break
+        if out[i] < caps[i]:
+            out[i] += 1
+            short -= 1
+    return out
+
+
+def allocate_kron(
+    layer_energy: Sequence[float],
+    in_dims: Sequence[int],
+    out_dims: Sequence[int],
+    total_dim: int,
+    power: float = 2.0 / 3.0,
+    min_k: int = 1,
+) -> list[tuple[int, int]]:
+    """Per-layer Kronecker sizes ``(k_in, k_out)`` with ``Σ k_in · k_out <= total_dim``.
+
+    A Kronecker block's inner-product error variance is ``~ E_l² (c_in / k_in + c_out / k_out)``
+    (each side is a JL sketch of the layer inputs / output gradients), so under a budget on
+    ``Σ k_l²`` the variance is minimised by ``k_l ∝ E_l^(2/3)`` (``power``). Each side is capped
+    at its dimension (a side at its dimension is exact, identity); the scale is found by
+    bisection so that the total fits ``total_dim``.
+    """
+    n = len(layer_energy)
+    if not (len(in_dims) == len(out_dims) == n):
+        raise ValueError("layer_energy, in_dims and out_dims must have the same length")
+    weight = [float(e) ** power if e > 0 else 0.0 for e in layer_energy]
+    top = max(weight) or 1.0
+    weight = [w / top for w in weight]
+
+    def layout(scale: float) -> list[tuple[int, int]]:
+        out = []
+        for w, i, o in zip(weight, in_dims, out_dims, strict=True):
+            k = max(min_k, int(round(scale * w)))
+            out.append((min(i, k), min(o, k)))
+        return out
+
+    def size(lay: list[tuple[int, int]]) -> int:
+        return sum(a * b for a, b in lay)
+
+    if size(layout(0.0)) > total_dim:
+        raise ValueError(f"total_dim={total_dim} is below the minimum layout {size(layout(0.0))}")
+    lo, hi = 0.0, float(max(max(in_dims), max(out_dims)))
+    if size(layout(hi)) <= total_dim:
+        return layout(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if size(layout(mid)) <= total_dim:
+            lo = mid
+        else:
+            hi = mid
+    return layout(lo)
+
+
+def kron_projector(
+    layers: Sequence[LayerInfo],
+    dims: Sequence[tuple[int, int]],
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Projector:
+    """A :class:`Projector` with per-layer ``(k_in, k_out)`` (Linear/Conv2d; ``k_in`` only for other
+    layers), seeded exactly like ``Projector(layers, ProjectionSpec(kind="kron", k, seed))``: with
+    ``dims = [(k, k)] * len(layers)`` (other layers ``(k*k, 1)``) the matrices are identical.
+
+    ``projector.spec.k`` is the largest ``k``; the per-layer sizes are in ``projector.blocks`` (and
+    its manifest). For trying allocations; the lead wires per-layer sizes into ProjectionSpec.
+    """
+    if len(dims) != len(layers):
+        raise ValueError(f"{len(layers)} layers but {len(dims)} dims")
+    proj = Projector([], ProjectionSpec(kind="kron", k=max(1, max((max(d) for d in dims), default=1)), seed=seed))
+    proj.device = torch.device(device)
+    offset = 0
+    for info, (k_in, k_out) in zip(layers, dims, strict=True):
+        k_in, k_out = min(int(k_in), info.in_dim), min(int(k_out), info.out_dim)
+        if k_in < 1 or k_out < 1:
+            raise ValueError(f"layer {info.name}: k_in and k_out must be >= 1")
+        if info.kind == "other":
+            p_in = None if k_in == info.in_dim else _gaussian(info.in_dim, k_in, _seed_for(seed, info.name, "flat"))
+            p_out = None
+            k_out = 1
+        else:
+            p_in = None if k_in == info.in_dim else _gaussian(info.in_dim, k_in, _seed_for(seed, info.name, "in"))
+            p_out = None if k_out == info.out_dim else _gaussian(info.out_dim, k_out, _seed_for(seed, info.name, "out"))
+        p_in = None if p_in is None else p_in.to(proj.device)
+        p_out = None if p_out is None else p_out.to(proj.device)
+        proj.blocks.append(LayerBlock(info, k_in, k_out, offset, p_in, p_out))
+        offset += k_in * k_out
+    proj.dim = offset
+    return proj
+
+
+# --------------------------------------------------------------------------------- quantization
+
+StorageDtype = Literal["float32", "float16", "int8"]
+
+
+def storage_bytes(dim: int, dtype: StorageDtype | str) -> int:
+    """Bytes per stored row: ``dim`` values plus, for int8, one float32 scale."""
+    if dtype == "float32":
+        return 4 * dim
+    if dtype == "float16":
+        return 2 * dim
+    if dtype == "int8":
+        return dim + 4
+    raise ValueError(f"storage dtype must be float32, float16 or int8, got {dtype!r}")
+
+
+def quantize_rows(x: np.ndarray | torch.Tensor, dtype: StorageDtype | str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows as stored: ``(values, scale)``. int8: ``value = round(x / scale)`` with
+    ``scale = max|x| / 127`` per row (float32; 1 for an all-zero row); others: a cast, scale None."""
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if dtype == "float32":
+        return a.astype(np.float32), None
+    if dtype == "float16":
+        return a.astype(np.float16), None
+    if dtype != "int8":
+        raise ValueError(f"storage dtype must be float32, float16 or int8, got {dtype!r}")
+    a = a.astype(np.float32)
+    peak = np.abs(a).max(axis=-1, keepdims=True)
+    scale = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(a / scale), -127, 127).astype(np.int8)
+    return q, scale[..., 0]
+
+
+def dequantize_rows(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """float32 rows from :func:`quantize_rows` output."""
+    out = values.astype(np.float32)
+    return out if scale is None else out * scale[..., None].astype(np.float32)
