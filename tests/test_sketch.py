@@ -104,10 +104,10 @@ def test_srht_matrix_has_orthogonal_scaled_columns() -> None:
 # sha256 of the defining tensors of Sketch(50, 8, kind, seed=7, nnz): pinned, so that a change of
 # generator (ours or torch's) that would make stored features unreadable is caught here.
 PINNED = {
-    ("srht", 1): "51ea2bb9cbcb87db",
+    ("srht", 1): "2b947add6e55f682",
     ("sparse", 1): "c645bb71bb7d7b8a",
     ("sparse", 3): "657632cc178e95f5",
-    ("gaussian", 1): "27ab9366f505638e",
+    ("gaussian", 1): "6a10f74e2ca36572",
 }
 
 
@@ -305,3 +305,15 @@ def test_quantize_rows() -> None:
     assert storage_bytes(8000, "int8") == 8004
     with pytest.raises(ValueError):
         quantize_rows(x, "int4")
+
+
+@pytest.mark.parametrize("kind", ["srht", "gaussian"])
+def test_nested(kind: str) -> None:
+    big = Sketch(700, 96, kind, seed=2)
+    assert big.nested and not Sketch(700, 96, "sparse").nested
+    x = torch.randn(5, 700, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    full = big.apply(x)
+    tol = 1e-12 if kind == "srht" else 1e-6  # the Gaussian matrix is float32, scaled per out_dim
+    for d in (1, 17, 64, 96):
+        small = Sketch(700, d, kind, seed=2)
+        torch.testing.assert_close(small.apply(x), full[:, :d] * math.sqrt(96 / d), rtol=tol, atol=tol)

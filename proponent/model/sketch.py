@@ -29,6 +29,9 @@ sketch is rebuilt anywhere; :meth:`Sketch.to` moves it to another device):
 ``gaussian``
     dense ``N(0, 1/out_dim)`` matrix: the reference, ``O(in_dim · out_dim)`` per row.
 
+``srht`` and ``gaussian`` sketches of one seed are *nested* (:attr:`Sketch.nested`): the first d
+outputs of the D-dimensional sketch, times ``sqrt(D / d)``, are the d-dimensional sketch.
+
 Inputs may be float32 or float64 (others are computed in float32 and cast back). Rows are
 independent, so results do not depend on the batch size beyond float rounding.
 
@@ -172,30 +175,41 @@ class Sketch:
         self.device = torch.device("cpu")
         self._tensors: dict[str, torch.Tensor] = {}
         self._cache: dict[Any, Any] = {}
-        key = (kind, self.in_dim, self.out_dim, self.nnz)
         if kind == "srht":
+            # keyed without out_dim: the sketches of one seed are nested (see `nested`)
             self.factors = hadamard_factors(self.in_dim)
             self.padded_dim = math.prod(self.factors)
             if self.out_dim > self.padded_dim:
                 raise ValueError(f"srht: out_dim={out_dim} exceeds the padded input size {self.padded_dim}")
-            g = _generator(seed, *key, "signs")
+            g = _generator(seed, kind, self.in_dim, "signs")
             self._tensors["signs"] = (torch.randint(0, 2, (self.in_dim,), generator=g) * 2 - 1).to(torch.int8)
-            g = _generator(seed, *key, "rows")
-            self._tensors["rows"] = torch.sort(torch.randperm(self.padded_dim, generator=g)[: self.out_dim]).values
+            g = _generator(seed, kind, self.in_dim, "rows")
+            self._tensors["rows"] = torch.randperm(self.padded_dim, generator=g)[: self.out_dim]
         elif kind == "sparse":
             buckets, signs = [], []
             for r in range(self.nnz):
-                g = _generator(seed, *key, "round", r)
+                g = _generator(seed, kind, self.in_dim, self.out_dim, self.nnz, "round", r)
                 buckets.append(torch.randperm(self.in_dim, generator=g) % self.out_dim)
                 signs.append((torch.randint(0, 2, (self.in_dim,), generator=g) * 2 - 1).to(torch.int8))
             self._tensors["buckets"] = torch.stack(buckets)  # [nnz, in_dim]
             self._tensors["signs"] = torch.stack(signs)
         else:
-            self._tensors["matrix"] = _gaussian(self.in_dim, self.out_dim, _sub_seed(seed, *key, "gaussian"))
+            # one generator per output column (keyed without out_dim): nested like srht
+            cols = torch.empty(self.out_dim, self.in_dim, dtype=torch.float32)
+            for j in range(self.out_dim):
+                cols[j] = torch.randn(self.in_dim, generator=_generator(seed, kind, self.in_dim, "col", j))
+            self._tensors["matrix"] = cols.T.contiguous() / math.sqrt(self.out_dim)
         if device is not None and torch.device(device) != self.device:
             self._move(torch.device(device))
 
     # ---------------------------------------------------------------- description, identity
+
+    @property
+    def nested(self) -> bool:
+        """True for srht and gaussian: for ``d <= D`` and one seed, ``Sketch(n, d).apply(x)`` equals
+        ``Sketch(n, D).apply(x)[:, :d] * sqrt(D / d)`` (up to float rounding), so features stored at
+        ``D`` can be served at any smaller dimension, and one application gives every ``d``."""
+        return self.kind in ("srht", "gaussian")
 
     def to_dict(self) -> dict[str, Any]:
         return {
