@@ -9,18 +9,28 @@ data in [0, 1]:
 * their ratios, as medians over ``--repeats`` interleaved repeats;
 * peak RSS while streaming N synthetic samples through the Kronecker featurizer
   (features are reduced to a checksum and dropped, so only the featurizer's own
-  memory is measured), sampled at 25%, 50% and 100% of the run to show it is flat.
+  memory is measured), sampled at 25%, 50% and 100% of the run to show it is flat;
+* feature layouts (``--layouts``, MLP only): rows/s of the Kronecker first stage followed by a
+  second-stage sketch (``proponent.model.sketch``) and optional int8 storage quantization,
+  each against the bare hooked forward + backward (the floor), interleaved in the same run.
+  A layout is ``STAGE1[+KIND[NNZ]>D2][:int8]`` with STAGE1 ``kronK`` (k per side) or ``allocD``
+  (per-layer k from the gradient energy per layer, total D; energy measured on the synthetic
+  batch, or taken from ``--energy-from`` a projection_fidelity.py results JSON), KIND ``sparse``,
+  ``srht`` or ``gaussian``; e.g. ``kron64+sparse1>8192:int8``.
 
 Usage::
 
     python benchmarks/index_throughput.py            # full run (MLP N=60,000)
     python benchmarks/index_throughput.py --quick    # smoke run
+    python benchmarks/index_throughput.py --models mlp --layouts-only --layouts kron64,kron64+sparse1>8192:int8
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import statistics
 import threading
 import time
@@ -33,7 +43,8 @@ from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.featurizers.dense import DenseFeaturizer
 from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
 from proponent.model.objectives import ELBO
-from proponent.model.projection import ProjectionSpec, build_projector
+from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers
+from proponent.model.sketch import Sketch, allocate_kron, kron_projector
 
 MODELS = {
     "mlp": ModelConfig(kind="mlp", input_shape=(1, 28, 28), hidden=(512, 256), latent_dim=16),
@@ -42,6 +53,12 @@ MODELS = {
 TARGET_VS_TRAIN = {"mlp": 0.5, "conv": 0.3}
 TARGET_VS_DENSE = 20.0
 TARGET_RSS_GB = 3.0
+
+
+# The clock of the throughput timings: wall time by default; ``--clock cpu`` uses the process's
+# CPU time (all threads), which is far less disturbed by other processes on a shared machine
+# (use it with --threads 1: idle OpenMP workers spinning would count as work).
+CLOCK = time.perf_counter
 
 
 def _sync(device: torch.device) -> None:
@@ -69,23 +86,23 @@ def train_samples_per_s(model, cfg, device, batch: int, steps: int) -> float:
 
     step()
     _sync(device)
-    t = time.perf_counter()
+    t = CLOCK()
     for _ in range(steps):
         step()
     _sync(device)
-    return batch * steps / (time.perf_counter() - t)
+    return batch * steps / (CLOCK() - t)
 
 
 def featurize_rows_per_s(feat, cfg, m: int, device, batch: int, batches: int) -> float:
     data = [_batch(cfg, m, batch, 100 + i, device) for i in range(min(batches, 2))]
     feat.featurize(*data[0])
     _sync(device)
-    t = time.perf_counter()
+    t = CLOCK()
     for i in range(batches):
         fb = feat.featurize(*data[i % len(data)])
     fb.features.sum().item()
     _sync(device)
-    return batch * m * batches / (time.perf_counter() - t)
+    return batch * m * batches / (CLOCK() - t)
 
 
 def floor_rows_per_s(kron: KroneckerFeaturizer, cfg, m: int, device, batch: int, batches: int) -> float:
@@ -93,11 +110,136 @@ def floor_rows_per_s(kron: KroneckerFeaturizer, cfg, m: int, device, batch: int,
     data = [_batch(cfg, m, batch, 100 + i, device) for i in range(min(batches, 2))]
     kron._capture(*data[0])
     _sync(device)
-    t = time.perf_counter()
+    t = CLOCK()
     for i in range(batches):
         kron._capture(*data[i % len(data)])
     _sync(device)
-    return batch * m * batches / (time.perf_counter() - t)
+    return batch * m * batches / (CLOCK() - t)
+
+
+DEFAULT_LAYOUTS = (
+    "kron64,kron64+sparse1>8192:int8,kron64+sparse1>4096,kron64+sparse1>2048,kron64+srht>8192:int8,"
+    "kron64+srht>2048,kron64+gaussian>2048,kron128+sparse1>8192:int8,kron128+srht>8192:int8,"
+    "alloc20000+sparse1>8192:int8,alloc8000:int8,alloc2000"
+)
+_LAYOUT = re.compile(r"^(kron\d+|alloc\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$")
+
+
+@dataclass
+class FeatureLayout:
+    name: str
+    feat: KroneckerFeaturizer
+    sketch: Sketch | None
+    dtype: str
+
+    @property
+    def dim(self) -> int:
+        return self.sketch.out_dim if self.sketch is not None else self.feat.projector.dim
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        f = self.feat.featurize(x, y, eps).features
+        if self.sketch is not None:
+            f = self.sketch.apply(f)
+        if self.dtype == "int8":  # the stored values (and one scale per row), as the store would write them
+            scale = f.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
+            f = torch.round(f / scale).to(torch.int8)
+        elif self.dtype == "float16":
+            f = f.half()
+        return f
+
+
+def layer_energy_share(model, obj, cfg, device, n: int = 64) -> list[float]:
+    exact = build_projector(model, "all", ProjectionSpec(kind="none"), device=device)
+    f = KroneckerFeaturizer(model, obj, exact).featurize(*_batch(cfg, obj.m, n, 7, device)).features
+    e = [float(f[:, b.offset : b.offset + b.dim].double().pow(2).sum(1).mean()) for b in exact.blocks]
+    return [v / sum(e) for v in e]
+
+
+def build_layouts(spec: str, model, obj, cfg, device, batch: int, energy: list[float] | None) -> list[FeatureLayout]:
+    layers = discover_layers(model)
+    out = []
+    for text in [t.strip() for t in spec.split(",") if t.strip()]:
+        m = _LAYOUT.match(text)
+        if not m:
+            raise SystemExit(f"layout {text!r}: expected STAGE1[+KIND[NNZ]>D2][:DTYPE], e.g. kron64+sparse1>8192:int8")
+        stage1, kind, nnz, d2, dtype = m.groups()
+        proj: Projector
+        if stage1.startswith("kron"):
+            proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=int(stage1[4:])), device=device)
+        else:
+            if energy is None:
+                energy = layer_energy_share(model, obj, cfg, device)
+            dims = allocate_kron(energy, [li.in_dim for li in layers], [li.out_dim for li in layers], int(stage1[5:]))
+            proj = kron_projector(layers, dims, device=device)
+        sk = None
+        if kind:
+            sk = Sketch(proj.dim, int(d2), kind, seed=0, nnz=int(nnz or 1) if kind == "sparse" else 1, device=device)
+        out.append(FeatureLayout(text, KroneckerFeaturizer(model, obj, proj, chunk_size=batch), sk, dtype or "float32"))
+    return out
+
+
+def layout_rows_per_s(lay: FeatureLayout, cfg, m: int, device, batch: int, batches: int) -> float:
+    data = [_batch(cfg, m, batch, 100 + i, device) for i in range(min(batches, 2))]
+    lay.run(*data[0])
+    _sync(device)
+    t = CLOCK()
+    for i in range(batches):
+        f = lay.run(*data[i % len(data)])
+    f.float().sum().item()
+    _sync(device)
+    return batch * m * batches / (CLOCK() - t)
+
+
+def run_layouts(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    cfg = MODELS["mlp"]
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    obj = ELBO(m=args.m)
+    batch = args.batch or (1024 if device.type == "cuda" else 256)
+    energy = None
+    if args.energy_from:
+        res = json.loads(open(args.energy_from).read())
+        energy = [li["energy_share"] for li in res["layers"]]
+    layouts = build_layouts(args.layouts, model, obj, cfg, device, batch, energy)
+    floor_feat = layouts[0].feat
+    batches = args.kron_batches or 8
+    if args.quick:
+        batches = max(1, batches // 4)
+    fl: list[float] = []
+    rows: dict[str, list[float]] = {lay.name: [] for lay in layouts}
+    ratios: dict[str, list[float]] = {lay.name: [] for lay in layouts}
+    for _ in range(args.repeats):  # each layout right after its own floor timing: load drift hits both alike
+        for lay in layouts:
+            f0 = floor_rows_per_s(floor_feat, cfg, args.m, device, batch, batches)
+            r = layout_rows_per_s(lay, cfg, args.m, device, batch, batches)
+            fl.append(f0)
+            rows[lay.name].append(r)
+            ratios[lay.name].append(r / f0)
+    return {"layouts": layouts, "floor": fl, "rows": rows, "ratios": ratios, "batch": batch, "energy": energy}
+
+
+def print_layouts(res: dict[str, object]) -> None:
+    layouts: list[FeatureLayout] = res["layouts"]  # type: ignore[assignment]
+    rows: dict[str, list[float]] = res["rows"]  # type: ignore[assignment]
+    ratios: dict[str, list[float]] = res["ratios"]  # type: ignore[assignment]
+    fl: list[float] = res["floor"]  # type: ignore[assignment]
+    print()
+    print(f"feature layouts, MLP 784-512-256-16, batch {res['batch']} (medians; ratio = per-repeat rows/s / floor)")
+    hdr = f"{'layout':<32}{'stage-1 D':>10}{'D':>7}{'bytes':>8}{'rows/s':>11}{'/ floor':>9}{'min':>7}{'target':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    print(f"{'fwd+bwd floor':<32}{'':>10}{'':>7}{'':>8}{statistics.median(fl):>11,.0f}{1.0:>9.2f}")
+    for lay in layouts:
+        nbytes = lay.dim * {"float32": 4, "float16": 2, "int8": 1}[lay.dtype] + (4 if lay.dtype == "int8" else 0)
+        r = ratios[lay.name]
+        print(
+            f"{lay.name:<32}{lay.feat.projector.dim:>10,}{lay.dim:>7,}{nbytes:>8,}{statistics.median(rows[lay.name]):>11,.0f}"
+            f"{statistics.median(r):>9.2f}{min(r):>7.2f}{'>=0.8':>8}"
+        )
+    per = "; ".join(f"{k}: " + ", ".join(f"{v:.2f}" for v in r) for k, r in ratios.items())
+    print(f"ratios per repeat: {per}")
+    if res["energy"] is None:
+        print("alloc layouts: per-layer k from the energy of this (untrained) model on synthetic data")
 
 
 @dataclass
@@ -230,7 +372,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fast smoke run (small N, fewer batches)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="feature layouts to time on the MLP ('' = none)")
+    ap.add_argument("--layouts-only", action="store_true", help="only the layout section")
+    ap.add_argument("--energy-from", default=None, help="projection_fidelity.py results JSON: per-layer energy")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (shared machines)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.quick:
         args.repeats = min(args.repeats, 1)
         args.train_steps = min(args.train_steps, 2)
@@ -239,9 +387,13 @@ def main() -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     print(
         f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} m={args.m} k={args.k} "
-        f"repeats={args.repeats}{' quick' if args.quick else ''} loadavg={os.getloadavg()[0]:.1f}"
+        f"repeats={args.repeats}{' quick' if args.quick else ''} clock={args.clock} loadavg={os.getloadavg()[0]:.1f}"
     )
+    if args.layouts_only:
+        print_layouts(run_layouts(args, device))
+        return
     results = [run_model(name.strip(), args, device) for name in args.models.split(",") if name.strip()]
+    layout_res = run_layouts(args, device) if args.layouts and "mlp" in args.models else None
 
     print()
     print("throughput (medians; row = sample x draw)")
@@ -280,6 +432,8 @@ def main() -> None:
         kr = ", ".join(f"{v:,.0f}" for v in r["kron_per_repeat"])  # type: ignore[attr-defined]
         tr = ", ".join(f"{v:,.0f}" for v in r["train_per_repeat"])  # type: ignore[attr-defined]
         print(f"{r['model']}: kron rows/s per repeat [{kr}]; train samples/s per repeat [{tr}]")
+    if layout_res is not None:
+        print_layouts(layout_res)
 
 
 if __name__ == "__main__":

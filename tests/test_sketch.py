@@ -12,13 +12,17 @@ from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.projection import ProjectionSpec, Projector, discover_layers
 from proponent.model.sketch import (
     SKETCH_KINDS,
+    KronVariance,
     Sketch,
     allocate_dims,
     allocate_kron,
+    allocate_kron_variance,
+    calibrate_kron,
     dequantize_rows,
     hadamard_factors,
     hadamard_matrix,
     kron_projector,
+    kron_variance,
     make_sketch,
     paley,
     quantize_rows,
@@ -260,6 +264,9 @@ def test_allocate_kron() -> None:
     assert sum(a * b for a, b in lay) <= 20_000
     assert lay[2][0] >= lay[1][0] >= lay[0][0]  # more energy, larger k
     assert sum(a * b for a, b in lay) > 15_000  # the budget is used
+    # a low-energy layer still grows once the high-energy one is capped: the whole budget is usable
+    lay = allocate_kron([0.001, 1.0], in_dims=[400, 65], out_dims=[300, 64], total_dim=40_000)
+    assert lay[1] == (65, 64) and 30_000 < sum(a * b for a, b in lay) <= 40_000
     small = allocate_kron([1.0, 1.0], in_dims=[5, 3], out_dims=[4, 2], total_dim=10_000)
     assert small == [(5, 4), (3, 2)]  # fits exactly: every side identity
 
@@ -317,3 +324,63 @@ def test_nested(kind: str) -> None:
     for d in (1, 17, 64, 96):
         small = Sketch(700, d, kind, seed=2)
         torch.testing.assert_close(small.apply(x), full[:, :d] * math.sqrt(96 / d), rtol=tol, atol=tol)
+
+
+def test_kron_variance_matches_monte_carlo() -> None:
+    g = torch.Generator().manual_seed(0)
+    t, n_in, n_out = 3, 30, 20
+    a = torch.rand(2, t, n_in, generator=g, dtype=torch.float64)  # aligned inputs (non-negative)
+    d = torch.randn(2, t, n_out, generator=g, dtype=torch.float64)
+    grads = [d[i].T @ a[i] for i in range(2)]
+    kv = kron_variance(a, d)
+    assert kv.energy == pytest.approx(float(sum((x**2).sum() for x in grads) / 2))
+    for k_in, k_out in ((4, n_out), (n_in, 4)):  # one side projected: the formula is exact
+        est = []
+        for seed in range(3000):
+            gs = torch.Generator().manual_seed(seed)
+            q = torch.randn(n_in, k_in, generator=gs, dtype=torch.float64) / math.sqrt(k_in)
+            p = torch.randn(n_out, k_out, generator=gs, dtype=torch.float64) / math.sqrt(k_out)
+            f = [
+                (p.T @ x if k_out < n_out else x) @ (q if k_in < n_in else torch.eye(n_in, dtype=torch.float64))
+                for x in grads
+            ]
+            est.append(float((f[0] * f[1]).sum()))
+        pred = kv.variance(k_in, k_out, n_in, n_out)
+        assert float(np.var(est)) == pytest.approx(pred, rel=0.12)
+    assert kv.variance(n_in, n_out, n_in, n_out) == 0.0  # both sides exact
+
+
+def test_allocate_kron_variance() -> None:
+    # layer 0: aligned inputs (a ~ c, input side cheap to keep small), layer 1: tiny energy
+    terms = [KronVariance(a=1.0, b=50.0, c=60.0, energy=10.0), KronVariance(a=1e-4, b=1e-4, c=1e-4, energy=0.01)]
+    lay = allocate_kron_variance(terms, in_dims=[257, 513], out_dims=[784, 256], total_dim=8000)
+    assert sum(i * o for i, o in lay) <= 8000
+    (ki, ko), (ki1, ko1) = lay
+    assert ko > ki  # the costly side (b) gets the dimensions
+    assert ki1 * ko1 < 100  # the low-energy layer stays small
+    full = allocate_kron_variance(terms, in_dims=[5, 3], out_dims=[4, 2], total_dim=1000)
+    assert full == [(5, 4), (3, 2)]
+    with pytest.raises(ValueError):
+        allocate_kron_variance(terms, [5, 3], [4, 2], total_dim=1)
+
+
+def test_calibrate_kron() -> None:
+    cfg = ModelConfig(kind="mlp", input_shape=(1, 8, 8), hidden=(20,), latent_dim=3)
+    model = build_model(cfg)
+    layers = discover_layers(model)
+    from proponent.model.objectives import ELBO
+
+    obj = ELBO(m=2)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(1))
+    terms = calibrate_kron(model, obj, layers, x, torch.zeros(6, dtype=torch.long), eps)
+    assert len(terms) == len(layers)
+    exact = Projector(layers, ProjectionSpec(kind="none"))
+    from proponent.model.featurizers.kronecker import KroneckerFeaturizer
+
+    f = KroneckerFeaturizer(model, obj, exact).featurize(x, torch.zeros(6, dtype=torch.long), eps).features.double()
+    for term, blk in zip(terms, exact.blocks, strict=True):
+        assert term.energy == pytest.approx(
+            float(f[:, blk.offset : blk.offset + blk.dim].pow(2).sum(1).mean()), rel=1e-6
+        )
+        assert term.a > 0 and term.b > 0 and term.c > 0

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -457,7 +458,8 @@ def allocate_kron(
 
     if size(layout(0.0)) > total_dim:
         raise ValueError(f"total_dim={total_dim} is below the minimum layout {size(layout(0.0))}")
-    lo, hi = 0.0, float(max(max(in_dims), max(out_dims)))
+    # at `hi` every layer with energy reaches both caps
+    lo, hi = 0.0, float(max(max(in_dims), max(out_dims))) / min([w for w in weight if w > 0] or [1.0])
     if size(layout(hi)) <= total_dim:
         return layout(hi)
     for _ in range(60):
@@ -467,6 +469,161 @@ def allocate_kron(
         else:
             hi = mid
     return layout(lo)
+
+
+@dataclass
+class KronVariance:
+    """Coefficients of a layer's Kronecker inner-product error variance, averaged over sample pairs.
+
+    For Gaussian ``P_out [out, k_out]``, ``P_in [in, k_in]`` (entries ``N(0, 1/k)``) and per-sample
+    gradients ``G, G'``, ``Var <P_outᵀ G P_in, P_outᵀ G' P_in> ≈ a / k_in + b / k_out + c / (k_in k_out)``
+    with ``a = ||G'ᵀG||² + tr((G'ᵀG)²)`` (exact when only the input side is projected),
+    ``b = ||G G'ᵀ||² + tr((G G'ᵀ)²)`` (exact when only the output side is) and
+    ``c ≈ ||G||² ||G'||² + <G, G'>²``; a side at its full dimension is the identity and drops its
+    terms. ``a`` is small when the layer inputs of different samples are orthogonal and close to
+    ``c`` when they are aligned (post-ReLU inputs): then the error falls like ``1/k_out`` only, not
+    like ``1 / (k_in k_out)`` -- which is why a uniform k per side wastes dimensions.
+    """
+
+    a: float
+    b: float
+    c: float
+    energy: float  # mean ||G||²
+
+    def variance(self, k_in: int, k_out: int, in_dim: int, out_dim: int) -> float:
+        p_in, p_out = k_in < in_dim, k_out < out_dim
+        return (
+            (self.a / k_in if p_in else 0.0)
+            + (self.b / k_out if p_out else 0.0)
+            + (self.c / (k_in * k_out) if p_in and p_out else 0.0)
+        )
+
+
+def kron_variance(a: torch.Tensor, d: torch.Tensor) -> KronVariance:
+    """:class:`KronVariance` of one layer from its factors on a calibration sample.
+
+    ``a [n, t, in]`` (layer inputs, bias column included) and ``d [n, t, out]`` (output gradients),
+    ``G_i = d_iᵀ a_i``; everything is computed from ``t x t`` Gram matrices (``G`` is never formed),
+    averaged over the ``n (n - 1)`` ordered pairs of distinct samples (``n >= 2``).
+    """
+    n, t, _ = a.shape
+    if n < 2:
+        raise ValueError("kron_variance needs at least 2 samples")
+    a, d = a.double(), d.double()
+    fa, fd = a.reshape(n * t, -1), d.reshape(n * t, -1)
+    ga = (fa @ fa.T).reshape(n, t, n, t).permute(0, 2, 1, 3)  # ga[i, j] = a_i a_jᵀ  [t, t]
+    gd = (fd @ fd.T).reshape(n, t, n, t).permute(0, 2, 1, 3)
+    ii = torch.arange(n)
+    ga_ii, gd_ii = ga[ii, ii], gd[ii, ii]  # [n, t, t]
+    # <G_i, G_j> = tr(a_i a_jᵀ (d_i d_jᵀ)ᵀ) = Σ ga[i,j] * gd[i,j]
+    inner = (ga * gd).sum(dim=(2, 3))  # [n, n]
+    sq = inner.diagonal()
+    off = ~torch.eye(n, dtype=torch.bool)
+    # ||G_jᵀ G_i||² = tr(gd_ij ga_jj gd_ji ga_ii); tr((G_jᵀ G_i)²) = tr(gd_ji ga_ij gd_ji ga_ij)
+    gd_t = gd.transpose(0, 1)  # gd_t[i, j] = gd[j, i] = d_j d_iᵀ
+    ga_t = ga.transpose(0, 1)
+    a1 = torch.einsum("ijpq,jqr,ijrs,isp->ij", gd, ga_ii, gd_t, ga_ii)
+    a2 = torch.einsum("ijpq,ijqr,ijrs,ijsp->ij", gd_t, ga, gd_t, ga)
+    # ||G_i G_jᵀ||² = tr(ga_ij gd_jj ga_ji gd_ii); tr((G_i G_jᵀ)²) = tr(ga_ij gd_ji ga_ij gd_ji)
+    b1 = torch.einsum("ijpq,jqr,ijrs,isp->ij", ga, gd_ii, ga_t, gd_ii)
+    b2 = torch.einsum("ijpq,ijqr,ijrs,ijsp->ij", ga, gd_t, ga, gd_t)
+    c = sq[:, None] * sq[None, :] + inner**2
+    return KronVariance(
+        a=float((a1 + a2)[off].mean()),
+        b=float((b1 + b2)[off].mean()),
+        c=float(c[off].mean()),
+        energy=float(sq.mean()),
+    )
+
+
+def allocate_kron_variance(
+    terms: Sequence[KronVariance],
+    in_dims: Sequence[int],
+    out_dims: Sequence[int],
+    total_dim: int,
+    growth: float = 1.1,
+) -> list[tuple[int, int]]:
+    """Per-layer ``(k_in, k_out)`` with ``Σ k_in k_out <= total_dim`` minimising the summed variance
+    ``Σ_l terms[l].variance(k_in, k_out)`` (the score is a sum over layers with independent
+    projections): greedy from ``(1, 1)``, each step grows one side of one layer by ``growth``
+    (at least +1; to the full dimension when that is within reach) where the variance falls the
+    most per added dimension."""
+    n = len(terms)
+    if not (len(in_dims) == len(out_dims) == n):
+        raise ValueError("terms, in_dims and out_dims must have the same length")
+    if total_dim < n:
+        raise ValueError(f"total_dim={total_dim} is below the minimum layout {n} (1 x 1 per layer)")
+    ks = [[1, 1] for _ in range(n)]
+    used = n
+    while True:
+        best: tuple[float, int, int, int] | None = None  # (gain per dim, layer, side, new k)
+        for l in range(n):
+            dims = (in_dims[l], out_dims[l])
+            cur = terms[l].variance(ks[l][0], ks[l][1], *dims)
+            for side in (0, 1):
+                k = ks[l][side]
+                if k >= dims[side]:
+                    continue
+                new = min(dims[side], max(k + 1, int(math.ceil(k * growth))))
+                if new * growth >= dims[side]:
+                    new = dims[side]
+                other = ks[l][1 - side]
+                add = (new - k) * other
+                if used + add > total_dim:
+                    new = k + (total_dim - used) // other
+                    if new <= k:
+                        continue
+                    add = (new - k) * other
+                trial = [ks[l][0], ks[l][1]]
+                trial[side] = new
+                gain = (cur - terms[l].variance(trial[0], trial[1], *dims)) / add
+                if best is None or gain > best[0]:
+                    best = (gain, l, side, new)
+        if best is None or best[0] <= 0:
+            break
+        _, l, side, new = best
+        used += (new - ks[l][side]) * ks[l][1 - side]
+        ks[l][side] = new
+    return [(k[0], k[1]) for k in ks]
+
+
+def calibrate_kron(
+    model: torch.nn.Module,
+    objective: Any,
+    layers: Sequence[LayerInfo],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: torch.Tensor,
+) -> list[KronVariance]:
+    """:class:`KronVariance` of every Linear layer of ``layers`` on the calibration batch
+    ``(x, y, eps)`` (one hooked forward + backward of the Kronecker featurizer, exact factors).
+    Conv2d and other layers get a conservative stand-in ``a = b = c = E²`` (aligned both ways)."""
+    from proponent.model.featurizers.kronecker import KroneckerFeaturizer
+
+    proj = Projector(list(layers), ProjectionSpec(kind="none"))
+    feat = KroneckerFeaturizer(model, objective, proj)
+    calls, deltas, _ = feat._capture(x, y, eps)
+    b = x.shape[0]
+    by_name: dict[str, KronVariance] = {}
+    with torch.no_grad():
+        for i, lay in enumerate(feat.layers):
+            ins, ds = calls[i].inputs, deltas[i]
+            if lay.is_conv or len(ins) != 1:
+                g = feat._matrix_route(lay, ins, ds, b)[1].double()
+                e = float(g.mean())
+                by_name[lay.info.name] = KronVariance(e * e, e * e, 2 * e * e, e)
+                continue
+            a, d = feat._factors(lay, ins[0], ds[0], b)
+            if lay.bias:
+                a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+            by_name[lay.info.name] = kron_variance(a, d)
+    out = []
+    for info in layers:
+        if info.name not in by_name:  # a non-Linear/Conv2d layer: no factors
+            out.append(KronVariance(1.0, 1.0, 2.0, 1.0))
+        else:
+            out.append(by_name[info.name])
+    return out
 
 
 def kron_projector(
