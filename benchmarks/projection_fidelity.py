@@ -45,7 +45,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,11 @@ from proponent.model.featurizers.kronecker import KroneckerFeaturizer
 from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise
 from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers
 from proponent.model.sketch import (
+    KronVariance,
     Sketch,
     allocate_kron,
+    allocate_kron_variance,
+    calibrate_kron,
     dequantize_rows,
     kron_projector,
     quantize_rows,
@@ -140,11 +143,21 @@ def shared_features(
 
 
 def stored(f: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Features as the store would give them back (quantized, then dequantized)."""
+    """Features as the store would give them back (quantized, then dequantized); the torch twin of
+    ``sketch.quantize_rows`` + ``dequantize_rows`` (checked against them in ``check_stored``)."""
     if dtype == "float32":
         return f
-    q, scale = quantize_rows(f, dtype)
-    return torch.from_numpy(dequantize_rows(q, scale))
+    if dtype == "float16":
+        return f.half().float()
+    peak = f.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
+    return torch.round(f / scale).clamp_(-127, 127) * scale
+
+
+def check_stored(f: torch.Tensor) -> None:
+    for dt in DTYPES:
+        q, scale = quantize_rows(f, dt)
+        torch.testing.assert_close(stored(f, dt), torch.from_numpy(dequantize_rows(q, scale)), rtol=1e-6, atol=1e-7)
 
 
 def layer_energy(exact: Projector, feats: torch.Tensor) -> np.ndarray:
@@ -177,6 +190,7 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
     two_stage = [v for v in a.stage1.split(",") if v]
     kinds = [k for k in a.sketches.split(",") if k]
     alloc_dims = parse_list(a.alloc)
+    valloc_dims = parse_list(a.valloc)
     gauss_d2 = [d for d in d2s if d <= a.gaussian_max_d2]
     gauss_seeds = seeds[: a.gaussian_seeds]
     gauss_stage1 = [v for v in a.gaussian_stage1.split(",") if v]
@@ -193,12 +207,19 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
     t0 = time.perf_counter()
     cal = np.arange(min(a.calibration, n))
     energy = np.zeros(len(layers))
+    sums = np.zeros((len(layers), 4))
     for c, ck in enumerate(specs):
         model, _, _ = load_checkpoint(ck.path, None)
         ef = KroneckerFeaturizer(model, obj, exact_proj)
         eps = draw_noise(NOISE_INDEX, 0, c, cal, a.m, noise_shape)
-        fb = ef.featurize(x_all[cal], y_all[cal], eps)
-        energy += layer_energy(exact_proj, fb.features) / len(specs)
+        for s0 in range(0, len(cal), 64):  # exact features of 64 samples at a time (P floats each)
+            part = slice(s0, s0 + 64)
+            fb = ef.featurize(x_all[cal[part]], y_all[cal[part]], eps[part])
+            energy += layer_energy(exact_proj, fb.features) * len(cal[part]) / len(cal) / len(specs)
+        vcal = cal[: a.variance_calibration]
+        for lid, term in enumerate(calibrate_kron(model, obj, layers, x_all[vcal], y_all[vcal], eps[: len(vcal)])):
+            sums[lid] += np.array(astuple(term)) / len(specs)  # the checkpoints' mean (equal weights)
+    terms = [KronVariance(*(float(v) for v in row)) for row in sums]
     t_cal = time.perf_counter() - t0
     frac = energy / energy.sum()
     log(
@@ -210,22 +231,25 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
     def first_stage(nm: str, seed: int) -> Projector:
         if nm.startswith("kron"):
             return build_projector(model0, "all", ProjectionSpec(kind="kron", k=int(nm[4:]), seed=seed))
+        dims_in, dims_out = [li.in_dim for li in layers], [li.out_dim for li in layers]
         if nm.startswith("alloc"):
-            lay = allocate_kron(energy, [li.in_dim for li in layers], [li.out_dim for li in layers], int(nm[5:]))
-            return kron_projector(layers, lay, seed=seed)
-        raise ValueError(f"first stage {nm!r}: expected kronK or allocD")
+            return kron_projector(layers, allocate_kron(energy, dims_in, dims_out, int(nm[5:])), seed=seed)
+        if nm.startswith("valloc"):
+            return kron_projector(layers, allocate_kron_variance(terms, dims_in, dims_out, int(nm[6:])), seed=seed)
+        raise ValueError(f"first stage {nm!r}: expected kronK, allocD or vallocD")
 
-    names1 = list(dict.fromkeys([f"kron{k}" for k in ks] + [f"alloc{d}" for d in alloc_dims] + two_stage))
+    alone = [f"kron{k}" for k in ks] + [f"alloc{d}" for d in alloc_dims] + [f"valloc{d}" for d in valloc_dims]
+    names1 = list(dict.fromkeys(alone + two_stage))
     stage1 = {s: {nm: first_stage(nm, s) for nm in names1} for s in seeds}
     for nm, p in stage1[0].items():
-        if nm.startswith("alloc"):
+        if "alloc" in nm:
             log(f"[{name}] {nm}: D={p.dim} (k_in x k_out) = " + " ".join(f"{b.k_in}x{b.k_out}" for b in p.blocks))
 
     def dtypes_for(dim: int) -> tuple[str, ...]:
         return DTYPES if dim <= a.dtype_max_dim else ("float32",)
 
     layouts: list[Layout] = []
-    for nm in [f"kron{k}" for k in ks] + [f"alloc{d}" for d in alloc_dims]:
+    for nm in alone:
         for dt in dtypes_for(stage1[0][nm].dim):
             layouts.append(Layout(f"{nm} {dt}", nm, None, dt, stage1[0][nm].dim))
     for nm in two_stage:
@@ -285,6 +309,7 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
             _, f1 = shared_features(exact, feats, x_all[:4], y_all[:4], eps)
             for key, f in list(feats.items())[:3]:
                 torch.testing.assert_close(f1[key], f.featurize(x_all[:4], y_all[:4], eps).features)
+                check_stored(f1[key])
         eps_q = draw_noise(NOISE_QUERY, 0, c, np.arange(nq), a.m, noise_shape)
         qx, q1 = shared_features(exact, feats, xq, yq, eps_q)
         qx_t = qx.T.contiguous()
@@ -355,9 +380,10 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
         "epochs": a.epochs,
         "likelihood": a.likelihood,
         "layers": [
-            {"name": li.name, "in_dim": li.in_dim, "out_dim": li.out_dim, "energy_share": float(f)}
-            for li, f in zip(layers, frac, strict=True)
+            {"name": li.name, "in_dim": li.in_dim, "out_dim": li.out_dim, "energy_share": float(f), **asdict(t)}
+            for li, f, t in zip(layers, frac, terms, strict=True)
         ],
+        "stage1_layouts": {nm: [[b.k_in, b.k_out] for b in p.blocks] for nm, p in stage1[0].items()},
         "exact_self_top1": exact_m["self_top1"],
         "seconds": {"train": t_train, "calibration": t_cal, "featurize_and_score": t_feat},
         "final_loss": run_json.get("final_loss"),
@@ -570,7 +596,11 @@ def main() -> None:
     ap.add_argument("--sketches", default="srht,sparse,gaussian")
     ap.add_argument("--nnz", type=int, default=1, help="nonzeros per input coordinate of the sparse sketch")
     ap.add_argument("--d2", default="1024,2048,4096,8192", help="second-stage dimensions")
-    ap.add_argument("--alloc", default="2000,4000,8000", help="energy-allocated Kronecker total dimensions")
+    ap.add_argument("--alloc", default="2000,4000,8000", help="energy-allocated Kronecker (k ∝ E^(2/3)), total dims")
+    ap.add_argument(
+        "--valloc", default="2000,4000,8000", help="variance-allocated Kronecker (per side, calibrated), total dims"
+    )
+    ap.add_argument("--variance-calibration", type=int, default=64, help="samples for the variance calibration")
     ap.add_argument("--gaussian-max-d2", type=int, default=1 << 30, help="skip Gaussian sketches above this D2")
     ap.add_argument("--gaussian-seeds", type=int, default=3, help="seeds for the (slow) Gaussian reference")
     ap.add_argument("--gaussian-stage1", default="kron64", help="first stages that get Gaussian sketches")
