@@ -14,8 +14,9 @@ data in [0, 1]:
   second-stage sketch (``proponent.model.sketch``) and optional int8 storage quantization,
   each against the bare hooked forward + backward (the floor), interleaved in the same run.
   A layout is ``STAGE1[+KIND[NNZ]>D2][:int8]`` with STAGE1 ``kronK`` (k per side) or ``allocD``
-  (per-layer k from the gradient energy per layer, total D; energy measured on the synthetic
-  batch, or taken from ``--energy-from`` a projection_fidelity.py results JSON), KIND ``sparse``,
+  (per-layer k ∝ energy^(2/3)) or ``vallocD`` (per-side k from the variance model), total D, with
+  the per-layer k taken from ``--calibration-from`` (a projection_fidelity.py results JSON, e.g. the
+  trained digits28 run) or calibrated on the synthetic batch; KIND ``sparse``,
   ``srht`` or ``gaussian``; e.g. ``kron64+sparse1>8192:int8``.
 
 Usage::
@@ -44,7 +45,14 @@ from proponent.model.featurizers.dense import DenseFeaturizer
 from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
 from proponent.model.objectives import ELBO
 from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers
-from proponent.model.sketch import Sketch, allocate_kron, kron_projector
+from proponent.model.sketch import (
+    KronVariance,
+    Sketch,
+    allocate_kron,
+    allocate_kron_variance,
+    calibrate_kron,
+    kron_projector,
+)
 
 MODELS = {
     "mlp": ModelConfig(kind="mlp", input_shape=(1, 28, 28), hidden=(512, 256), latent_dim=16),
@@ -118,11 +126,10 @@ def floor_rows_per_s(kron: KroneckerFeaturizer, cfg, m: int, device, batch: int,
 
 
 DEFAULT_LAYOUTS = (
-    "kron64,kron64+sparse1>8192:int8,kron64+sparse1>4096,kron64+sparse1>2048,kron64+srht>8192:int8,"
-    "kron64+srht>2048,kron64+gaussian>2048,kron128+sparse1>8192:int8,kron128+srht>8192:int8,"
-    "alloc20000+sparse1>8192:int8,alloc8000:int8,alloc2000"
+    "kron64,kron64+sparse1>8192:int8,kron64+srht>8192:int8,kron64+gaussian>2048,kron128+sparse1>8192:int8,"
+    "valloc20000+sparse1>8192:int8,valloc20000+srht>8192:int8,valloc8000:int8,valloc4000:float16,alloc8000:int8"
 )
-_LAYOUT = re.compile(r"^(kron\d+|alloc\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$")
+_LAYOUT = re.compile(r"^(kron\d+|v?alloc\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$")
 
 
 @dataclass
@@ -155,8 +162,13 @@ def layer_energy_share(model, obj, cfg, device, n: int = 64) -> list[float]:
     return [v / sum(e) for v in e]
 
 
-def build_layouts(spec: str, model, obj, cfg, device, batch: int, energy: list[float] | None) -> list[FeatureLayout]:
+def build_layouts(spec: str, model, obj, cfg, device, batch: int, calib: dict | None) -> list[FeatureLayout]:
+    """``calib``: a projection_fidelity.py results JSON (per-layer energy and variance terms, and the
+    per-layer k of the layouts it measured); without it, alloc/valloc layouts are calibrated on the
+    synthetic batch with this (untrained) model."""
     layers = discover_layers(model)
+    ins, outs = [li.in_dim for li in layers], [li.out_dim for li in layers]
+    recorded = (calib or {}).get("stage1_layouts", {})
     out = []
     for text in [t.strip() for t in spec.split(",") if t.strip()]:
         m = _LAYOUT.match(text)
@@ -166,11 +178,19 @@ def build_layouts(spec: str, model, obj, cfg, device, batch: int, energy: list[f
         proj: Projector
         if stage1.startswith("kron"):
             proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=int(stage1[4:])), device=device)
+        elif stage1 in recorded:
+            proj = kron_projector(layers, [tuple(v) for v in recorded[stage1]], device=device)
+        elif stage1.startswith("alloc"):
+            energy = (
+                [li["energy_share"] for li in calib["layers"]] if calib else layer_energy_share(model, obj, cfg, device)
+            )
+            proj = kron_projector(layers, allocate_kron(energy, ins, outs, int(stage1[5:])), device=device)
         else:
-            if energy is None:
-                energy = layer_energy_share(model, obj, cfg, device)
-            dims = allocate_kron(energy, [li.in_dim for li in layers], [li.out_dim for li in layers], int(stage1[5:]))
-            proj = kron_projector(layers, dims, device=device)
+            if calib:
+                terms = [KronVariance(li["a"], li["b"], li["c"], li["energy"]) for li in calib["layers"]]
+            else:
+                terms = calibrate_kron(model, obj, layers, *_batch(cfg, obj.m, 64, 7, device))
+            proj = kron_projector(layers, allocate_kron_variance(terms, ins, outs, int(stage1[6:])), device=device)
         sk = None
         if kind:
             sk = Sketch(proj.dim, int(d2), kind, seed=0, nnz=int(nnz or 1) if kind == "sparse" else 1, device=device)
@@ -196,11 +216,8 @@ def run_layouts(args: argparse.Namespace, device: torch.device) -> dict[str, obj
     model = build_model(cfg).to(device)
     obj = ELBO(m=args.m)
     batch = args.batch or (1024 if device.type == "cuda" else 256)
-    energy = None
-    if args.energy_from:
-        res = json.loads(open(args.energy_from).read())
-        energy = [li["energy_share"] for li in res["layers"]]
-    layouts = build_layouts(args.layouts, model, obj, cfg, device, batch, energy)
+    calib = json.loads(open(args.calibration_from).read()) if args.calibration_from else None
+    layouts = build_layouts(args.layouts, model, obj, cfg, device, batch, calib)
     floor_feat = layouts[0].feat
     batches = args.kron_batches or 8
     if args.quick:
@@ -215,7 +232,14 @@ def run_layouts(args: argparse.Namespace, device: torch.device) -> dict[str, obj
             fl.append(f0)
             rows[lay.name].append(r)
             ratios[lay.name].append(r / f0)
-    return {"layouts": layouts, "floor": fl, "rows": rows, "ratios": ratios, "batch": batch, "energy": energy}
+    return {
+        "layouts": layouts,
+        "floor": fl,
+        "rows": rows,
+        "ratios": ratios,
+        "batch": batch,
+        "calib": args.calibration_from,
+    }
 
 
 def print_layouts(res: dict[str, object]) -> None:
@@ -238,8 +262,10 @@ def print_layouts(res: dict[str, object]) -> None:
         )
     per = "; ".join(f"{k}: " + ", ".join(f"{v:.2f}" for v in r) for k, r in ratios.items())
     print(f"ratios per repeat: {per}")
-    if res["energy"] is None:
-        print("alloc layouts: per-layer k from the energy of this (untrained) model on synthetic data")
+    if res["calib"] is None:
+        print("alloc / valloc layouts: per-layer k calibrated on this (untrained) model and synthetic data")
+    else:
+        print(f"alloc / valloc layouts: per-layer k from {res['calib']}")
 
 
 @dataclass
@@ -374,7 +400,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="feature layouts to time on the MLP ('' = none)")
     ap.add_argument("--layouts-only", action="store_true", help="only the layout section")
-    ap.add_argument("--energy-from", default=None, help="projection_fidelity.py results JSON: per-layer energy")
+    ap.add_argument(
+        "--calibration-from",
+        default=None,
+        help="projection_fidelity.py results JSON: per-layer k of alloc/valloc layouts",
+    )
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (shared machines)")
     args = ap.parse_args()
     global CLOCK

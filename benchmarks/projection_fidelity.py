@@ -405,13 +405,17 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "pro_min": float(np.min(rp)),
             "opp_med": float(np.median(ro)),
             "opp_min": float(np.min(ro)),
+            "pro_mean": float(np.median([np.mean(m["recall_pro_queries"]) for m in seeds])),
+            "opp_mean": float(np.median([np.mean(m["recall_opp_queries"]) for m in seeds])),
             "spearman": float(np.median([m["spearman"] for m in seeds])),
             "self_top1": float(np.median([m["self_top1"] for m in seeds])),
         }
     return out
 
 
-def print_table(all_res: list[dict[str, Any]], emit: Callable[[str], None]) -> None:
+def print_table(all_res: list[dict[str, Any]], emit: Callable[[str], None], max_bytes: int | None = None) -> None:
+    """One row per layout measured on every data set, cheapest first; ``max_bytes`` hides the wider
+    layouts except the references (Kronecker alone, float32)."""
     sums = [summarize(r) for r in all_res]
     names = [n for n in sums[0] if all(n in s for s in sums)]
     ok = {n: all(s[n]["pro_med"] >= TARGET_PRO and s[n]["opp_med"] >= TARGET_OPP for s in sums) for n in names}
@@ -428,24 +432,29 @@ def print_table(all_res: list[dict[str, Any]], emit: Callable[[str], None]) -> N
     head = f"{'layout':<30}{'bytes':>8}"
     for r in all_res:
         tag = r["dataset"]
-        head += f" | {tag + ' D':>12}{'pro med/min':>13}{'opp med/min':>13}{'spear':>7}{'self1':>6}"
+        head += f" | {tag + ' D':>12}{'pro med/min':>13}{'opp med/min':>13}{'mean p/o':>11}{'spear':>7}{'self1':>6}"
     emit("")
     emit(head)
     emit("-" * len(head))
     for n in sorted(names, key=lambda n: (cost[n], n)):
+        reference = n.startswith("kron") and "+" not in n and n.endswith(" float32")
+        if max_bytes is not None and cost[n] > max_bytes and not reference:
+            continue
         line = f"{n:<30}{cost[n]:>8,}"
         for s in sums:
             v = s[n]
             seeds_tag = "" if v["n_seeds"] > 1 else "*"
             line += (
                 f" | {v['dim']:>12,}{v['pro_med']:>7.2f}/{v['pro_min']:<4.2f}{seeds_tag:1}"
-                f"{v['opp_med']:>6.2f}/{v['opp_min']:<4.2f}{v['spearman']:>8.3f}{v['self_top1']:>6.2f}"
+                f"{v['opp_med']:>6.2f}/{v['opp_min']:<4.2f}{v['pro_mean']:>6.2f}/{v['opp_mean']:<4.2f}"
+                f"{v['spearman']:>7.3f}{v['self_top1']:>6.2f}"
             )
         emit(line + ("   <== cheapest passing" if n == best else ("   ok" if ok[n] else "")))
     emit("")
     emit(
-        f"recall@10 of the exact top-10 (pro: largest scores, opp: most negative): median over queries, then median / "
-        f"min over projection seeds ({'*' if True else ''} = one seed); spear = median Spearman over all N scores; "
+        "recall@10 of the exact top-10 (pro: largest scores, opp: most negative): median over queries, then median / "
+        "min over projection seeds (* = one seed); mean p/o = mean over queries (median over seeds); "
+        "spear = median Spearman over all N scores; "
         f"self1 = fraction of queries that are their own top proponent. Pass = median recall >= {TARGET_PRO} (pro) "
         f"and >= {TARGET_OPP} (opp) on every data set; bytes = per sample per checkpoint (int8: + 4-byte scale)."
     )
@@ -480,7 +489,7 @@ def pareto_main(a: argparse.Namespace) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(res))
                 emit(f"raw results: {out}")
-    print_table(all_res, emit)
+    print_table(all_res, emit, a.max_bytes)
     if a.table:
         Path(a.table).write_text("\n".join(lines) + "\n")
 
@@ -620,6 +629,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="raw results JSON (pareto)")
     ap.add_argument("--table", default=None, help="also write the printed output here (pareto)")
     ap.add_argument("--combine", nargs="+", default=None, help="print one table from saved raw results")
+    ap.add_argument("--max-bytes", type=int, default=None, help="table: hide wider layouts (Kronecker references kept)")
     a = ap.parse_args()
     if a.mode == "index":
         a.ks = a.ks or "8,16,32,64"
