@@ -62,7 +62,9 @@ from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise
 from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers
 from proponent.model.sketch import (
     KronVariance,
+    LayerTensorSketch,
     Sketch,
+    allocate_dims,
     allocate_kron,
     allocate_kron_variance,
     calibrate_kron,
@@ -129,16 +131,28 @@ def features_from_capture(feat: KroneckerFeaturizer, calls: Any, deltas: Any, b:
 def shared_features(
     exact: KroneckerFeaturizer,
     feats: dict[Any, KroneckerFeaturizer],
+    tensor: dict[Any, LayerTensorSketch],
     x: torch.Tensor,
     y: torch.Tensor,
     eps: torch.Tensor,
-) -> tuple[torch.Tensor, dict[Any, torch.Tensor]]:
-    """Exact features and every first stage's features from one hooked forward + backward."""
+    need_exact: bool = True,
+) -> tuple[torch.Tensor | None, dict[Any, torch.Tensor]]:
+    """Exact features and every first stage's features (Kronecker projectors and per-layer tensor
+    sketches, from the layers' factors) from one hooked forward + backward."""
     calls, deltas, _ = exact._capture(x, y, eps)
     b = x.shape[0]
     with torch.no_grad():
-        fx = features_from_capture(exact, calls, deltas, b)
+        fx = features_from_capture(exact, calls, deltas, b) if need_exact else None
         f1 = {key: features_from_capture(f, calls, deltas, b) for key, f in feats.items()}
+        if tensor:
+            factors = []
+            for i, lay in enumerate(exact.layers):
+                a, d = exact._factors(lay, calls[i].inputs[0], deltas[i][0], b)
+                if lay.bias:
+                    a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+                factors.append((a, d))
+            for key, ts in tensor.items():
+                f1[key] = torch.cat([ts.block(i, a, d) for i, (a, d) in enumerate(factors)], dim=1)
     return fx, f1
 
 
@@ -245,13 +259,22 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
         if "alloc" in nm:
             log(f"[{name}] {nm}: D={p.dim} (k_in x k_out) = " + " ".join(f"{b.k_in}x{b.k_out}" for b in p.blocks))
 
+    exact_sizes = [li.in_dim * li.out_dim for li in layers]
+    ts_dims = {d: allocate_dims(energy, d, max_dims=exact_sizes) for d in parse_list(a.ts)}
+    tensor = {(s, f"ts{d}"): LayerTensorSketch(layers, dims, seed=s) for s in seeds for d, dims in ts_dims.items()}
+    for d, dims in ts_dims.items():
+        log(f"[{name}] ts{d}: per-layer tensor-sketch dims " + " ".join(map(str, dims)))
+
+    def stage1_dim(nm: str) -> int:
+        return tensor[(0, nm)].dim if (0, nm) in tensor else stage1[0][nm].dim
+
     def dtypes_for(dim: int) -> tuple[str, ...]:
         return DTYPES if dim <= a.dtype_max_dim else ("float32",)
 
     layouts: list[Layout] = []
-    for nm in alone:
-        for dt in dtypes_for(stage1[0][nm].dim):
-            layouts.append(Layout(f"{nm} {dt}", nm, None, dt, stage1[0][nm].dim))
+    for nm in alone + [f"ts{d}" for d in ts_dims]:
+        for dt in dtypes_for(stage1_dim(nm)):
+            layouts.append(Layout(f"{nm} {dt}", nm, None, dt, stage1_dim(nm)))
     for nm in two_stage:
         for kind in kinds:
             if (kind == "gaussian" and nm not in gauss_stage1) or (nm in sparse_only and kind != "sparse"):
@@ -293,6 +316,11 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
         return out
 
     exact_scores = np.zeros((n, nq), dtype=np.float64)
+    cache = wd / f"exact_{name}_q{nq}_qs{a.query_seed}_m{a.m}_c{len(specs)}.npy"
+    need_exact = not (a.exact_cache and cache.exists())
+    if not need_exact:
+        exact_scores = np.load(cache)
+        log(f"[{name}] exact scores from {cache}")
     log(f"[{name}] {len(layouts)} layouts x up to {len(seeds)} seeds; {len(sketches)} sketches")
 
     # ---- featurize: one capture per batch shared by the exact path and every first stage
@@ -306,22 +334,23 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
 
         if c == 0:  # the shared capture gives exactly what each featurizer gives on its own
             eps = draw_noise(NOISE_INDEX, 0, c, np.arange(4), a.m, noise_shape)
-            _, f1 = shared_features(exact, feats, x_all[:4], y_all[:4], eps)
+            _, f1 = shared_features(exact, feats, tensor, x_all[:4], y_all[:4], eps)
             for key, f in list(feats.items())[:3]:
                 torch.testing.assert_close(f1[key], f.featurize(x_all[:4], y_all[:4], eps).features)
                 check_stored(f1[key])
         eps_q = draw_noise(NOISE_QUERY, 0, c, np.arange(nq), a.m, noise_shape)
-        qx, q1 = shared_features(exact, feats, xq, yq, eps_q)
-        qx_t = qx.T.contiguous()
+        qx, q1 = shared_features(exact, feats, tensor, xq, yq, eps_q, need_exact)
+        qx_t = qx.T.contiguous() if qx is not None else None
         qs = {key: v.T.contiguous() for key, v in q1.items()}
         q_sk = {key: v.T.contiguous() for key, v in sketch_all(q1).items()}
         del qx, q1
         for b0 in range(0, n, a.batch):
             rows = np.arange(b0, min(n, b0 + a.batch))
             eps = draw_noise(NOISE_INDEX, 0, c, rows, a.m, noise_shape)
-            fx, f1 = shared_features(exact, feats, x_all[rows], y_all[rows], eps)
+            fx, f1 = shared_features(exact, feats, tensor, x_all[rows], y_all[rows], eps, need_exact)
             with torch.no_grad():
-                exact_scores[rows] += w * (fx @ qx_t).double().numpy()
+                if fx is not None and qx_t is not None:
+                    exact_scores[rows] += w * (fx @ qx_t).double().numpy()
                 del fx
                 z = sketch_all(f1)
                 for lay in layouts:
@@ -334,6 +363,8 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
                         lay.scores[s][rows] += w * (stored(f, lay.dtype) @ q).numpy()
         log(f"[{name}] checkpoint {c + 1}/{len(specs)} done, {time.perf_counter() - t_feat:.0f} s")
     t_feat = time.perf_counter() - t_feat
+    if need_exact and a.exact_cache:
+        np.save(cache, exact_scores)
 
     # ---- metrics
     top_p = [set(np.argsort(-exact_scores[:, j])[:10].tolist()) for j in range(nq)]
@@ -361,7 +392,7 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
             {
                 "layout": lay.name,
                 "stage1": lay.stage1,
-                "stage1_dim": stage1[0][lay.stage1].dim,
+                "stage1_dim": stage1_dim(lay.stage1),
                 "sketch": lay.sketch,
                 "dtype": lay.dtype,
                 "dim": lay.dim,
@@ -473,7 +504,15 @@ def pareto_main(a: argparse.Namespace) -> None:
         lines.append(s)
 
     if a.combine:
-        all_res = [json.loads(Path(p).read_text()) for p in a.combine]
+        all_res = []
+        for path in a.combine:  # runs of one data set (same queries, same exact reference) are merged
+            res = json.loads(Path(path).read_text())
+            same = [r for r in all_res if r["dataset"] == res["dataset"]]
+            if same and same[0]["queries"] == res["queries"]:
+                known = {x["layout"] for x in same[0]["results"]}
+                same[0]["results"] += [x for x in res["results"] if x["layout"] not in known]
+            else:
+                all_res.append(res)
     else:
         wd = Path(a.workdir or tempfile.mkdtemp(prefix="fidelity_"))
         emit(
@@ -609,6 +648,8 @@ def main() -> None:
     ap.add_argument(
         "--valloc", default="2000,4000,8000", help="variance-allocated Kronecker (per side, calibrated), total dims"
     )
+    ap.add_argument("--ts", default="1024,2048,4096,8192", help="per-layer tensor sketches (d_l ∝ energy), total dims")
+    ap.add_argument("--no-exact-cache", dest="exact_cache", action="store_false", help="recompute exact scores")
     ap.add_argument("--variance-calibration", type=int, default=64, help="samples for the variance calibration")
     ap.add_argument("--gaussian-max-d2", type=int, default=1 << 30, help="skip Gaussian sketches above this D2")
     ap.add_argument("--gaussian-seeds", type=int, default=3, help="seeds for the (slow) Gaussian reference")

@@ -13,7 +13,9 @@ from proponent.model.projection import ProjectionSpec, Projector, discover_layer
 from proponent.model.sketch import (
     SKETCH_KINDS,
     KronVariance,
+    LayerTensorSketch,
     Sketch,
+    TensorSketch,
     allocate_dims,
     allocate_kron,
     allocate_kron_variance,
@@ -384,3 +386,75 @@ def test_calibrate_kron() -> None:
             float(f[:, blk.offset : blk.offset + blk.dim].pow(2).sum(1).mean()), rel=1e-6
         )
         assert term.a > 0 and term.b > 0 and term.c > 0
+
+
+# ------------------------------------------------------------------------------ tensor sketches
+
+
+def test_tensor_sketch_equals_explicit_matrix() -> None:
+    ts = TensorSketch(7, 5, 16, seed=1, name="layer")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 7, dtype=torch.float64, generator=g)
+    d = torch.randn(3, 4, 5, dtype=torch.float64, generator=g)
+    grad = torch.bmm(d.transpose(1, 2), a)  # [B, out, in]
+    m = ts.matrix()
+    assert m.shape == (35, 16) and int((m != 0).sum()) == 35  # one signed bucket per entry
+    want = grad.reshape(3, -1) @ m
+    torch.testing.assert_close(ts.apply_factors(a, d), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ts.apply_matrix(grad), want, rtol=1e-12, atol=1e-12)
+    # float32 and batch-size invariance
+    y32 = ts.apply_factors(a.float(), d.float())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ts.apply_factors(a[1:2], d[1:2]), want[1:2], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError):
+        ts.apply_factors(a[..., :6], d)
+
+
+def test_tensor_sketch_reproducible_and_unbiased() -> None:
+    a1 = TensorSketch(30, 20, 64, seed=3, name="x")
+    assert a1.digest() == TensorSketch(30, 20, 64, seed=3, name="x").digest()
+    assert a1.digest() != TensorSketch(30, 20, 64, seed=3, name="y").digest()  # layers get independent hashes
+    assert a1.digest()[:16] == "e664f628a2df1eb3", a1.digest()[:16]
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 1, 30, generator=g, dtype=torch.float64)  # aligned inputs
+    d = torch.randn(2, 1, 20, generator=g, dtype=torch.float64)
+    grads = torch.bmm(d.transpose(1, 2), a).reshape(2, -1)
+    truth = float(grads[0] @ grads[1])
+    est = []
+    for seed in range(600):
+        f = TensorSketch(30, 20, 64, seed=seed).apply_factors(a, d)
+        est.append(float(f[0] @ f[1]))
+    arr = np.array(est)
+    assert abs(arr.mean() - truth) < 4 * arr.std(ddof=1) / math.sqrt(len(arr))
+    # error of a Gaussian sketch of vec(G) of the same dimension (within a factor), not of a Kronecker block
+    gauss_sd = math.sqrt((float(grads[0] @ grads[0]) * float(grads[1] @ grads[1]) + truth**2) / 64)
+    assert arr.std() < 1.5 * gauss_sd
+
+
+def test_layer_tensor_sketch() -> None:
+    cfg = ModelConfig(kind="mlp", input_shape=(1, 4, 4), hidden=(6,), latent_dim=2)
+    layers = discover_layers(build_model(cfg))
+    dims = allocate_dims([1.0] * len(layers), 60, max_dims=[li.in_dim * li.out_dim for li in layers])
+    lts = LayerTensorSketch(layers, dims, seed=0)
+    assert lts.dim == 60 and lts.offsets[1] == dims[0]
+    exact_sizes = [li.in_dim * li.out_dim for li in layers]
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(3, sum(exact_sizes), dtype=torch.float64, generator=g)
+    y = lts.project_exact(grads)
+    assert y.shape == (3, 60)
+    pos = 0
+    for i, (info, n) in enumerate(zip(layers, exact_sizes, strict=True)):
+        blk = grads[:, pos : pos + n].reshape(3, info.out_dim, info.in_dim)
+        sk = lts.sketches[i]
+        want = blk.reshape(3, -1) if sk is None else blk.reshape(3, -1) @ sk.matrix()
+        torch.testing.assert_close(y[:, lts.offsets[i] : lts.offsets[i] + dims[i]], want, rtol=1e-12, atol=1e-12)
+        pos += n
+    full = LayerTensorSketch(layers, exact_sizes)  # every layer exact: identity blocks
+    assert all(s is None for s in full.sketches)
+    torch.testing.assert_close(full.project_exact(grads), grads)
+    a = torch.randn(3, 2, layers[0].in_dim, dtype=torch.float64, generator=g)
+    d = torch.randn(3, 2, layers[0].out_dim, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(full.block(0, a, d), torch.bmm(d.transpose(1, 2), a).reshape(3, -1))
+    with pytest.raises(ValueError):
+        LayerTensorSketch(layers, [0] * len(layers))

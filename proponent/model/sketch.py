@@ -359,6 +359,148 @@ def make_sketch(spec: dict[str, Any] | None, device: torch.device | str = "cpu")
     return Sketch.from_dict(spec, device)
 
 
+# ------------------------------------------------------------------------------ tensor sketches
+
+
+class TensorSketch:
+    """A seeded CountSketch of a layer's per-sample gradient ``G = Σ_t d_tᵀ a_t`` (``[out, in]``),
+    computed from the factors without forming G (Pham & Pagh 2013; Pagh's compressed products).
+
+    Entry ``G[i, j]`` goes to bucket ``(h_out[i] + h_in[j]) mod D`` with sign ``s_out[i] s_in[j]``,
+    so the sketch of one outer product is the circular convolution of the two CountSketches:
+    ``TS(d aᵀ) = irfft(rfft(CS_out(d)) · rfft(CS_in(a)))``, summed over the rows t. It is a linear
+    map of ``vec(G)`` (``[out, in]`` row-major, the Projector's exact layout), unbiased, and its
+    error is that of a dense Gaussian sketch of ``vec(G)`` of the same dimension (measured on the
+    MNIST-size VAE: relative error 0.018-0.022 at D = 4,096 for every layer, Gaussian 0.017-0.020,
+    where the Kronecker 64 x 64 block of the same size has 0.067-0.10), because the hashes of the
+    two sides combine into ``in · out`` nearly independent bucket choices instead of the ``k``
+    shared columns per side of ``P_outᵀ G P_in``. Cost per sample: ``2 t`` real FFTs of size D
+    plus one inverse (``t`` = rows per sample: 1 for encoder layers, m for decoder layers).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, sketch_dim: int, seed: int = 0, name: str = ""):
+        if min(in_dim, out_dim, sketch_dim) < 1:
+            raise ValueError(f"tensor sketch dims must be >= 1, got {in_dim}, {out_dim}, {sketch_dim}")
+        self.in_dim, self.out_dim, self.sketch_dim, self.seed, self.name = in_dim, out_dim, sketch_dim, seed, name
+        t: dict[str, torch.Tensor] = {}
+        for side, n in (("in", in_dim), ("out", out_dim)):
+            g = _generator(seed, "tensor", name, in_dim, out_dim, sketch_dim, side)
+            t[f"h_{side}"] = torch.randint(0, sketch_dim, (n,), generator=g)
+            t[f"s_{side}"] = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.int8)
+        self._tensors = t
+        self._cache: dict[Any, torch.Tensor] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "tensor",
+            "in_dim": self.in_dim,
+            "out_dim": self.out_dim,
+            "sketch_dim": self.sketch_dim,
+            "seed": self.seed,
+            "name": self.name,
+            "version": SKETCH_VERSION,
+        }
+
+    def digest(self) -> str:
+        h = hashlib.sha256(repr(sorted(self.to_dict().items())).encode())
+        for k in sorted(self._tensors):
+            h.update(k.encode())
+            h.update(self._tensors[k].contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _t(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, device)
+        if key not in self._cache:
+            v = self._tensors[name]
+            self._cache[key] = v.to(device=device, dtype=dtype if name.startswith("s_") else torch.long)
+        return self._cache[key]
+
+    def _count(self, v: torch.Tensor, side: str) -> torch.Tensor:
+        h, s = self._t(f"h_{side}", v.dtype, v.device), self._t(f"s_{side}", v.dtype, v.device)
+        return v.new_zeros(*v.shape[:-1], self.sketch_dim).index_add_(-1, h, v * s)
+
+    def apply_factors(self, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``a [B, t, in]`` (layer inputs, the bias column included), ``d [B, t, out]`` -> ``[B, D]``."""
+        if a.shape[-1] != self.in_dim or d.shape[-1] != self.out_dim:
+            raise ValueError(
+                f"tensor sketch {self.name!r}: factors [.., {a.shape[-1]}], [.., {d.shape[-1]}], "
+                f"expected in {self.in_dim}, out {self.out_dim}"
+            )
+        dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+        a, d = a.to(dtype), d.to(dtype)
+        spec = torch.fft.rfft(self._count(d, "out"), dim=-1) * torch.fft.rfft(self._count(a, "in"), dim=-1)
+        return torch.fft.irfft(spec.sum(dim=1), n=self.sketch_dim, dim=-1)
+
+    def apply_matrix(self, g: torch.Tensor) -> torch.Tensor:
+        """The same sketch of materialised ``G [B, out, in]`` (conv layers, tests)."""
+        b = g.shape[0]
+        dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
+        idx, sign = self.buckets(g.device), self.signs(dtype, g.device)
+        return g.new_zeros(b, self.sketch_dim, dtype=dtype).index_add_(1, idx, g.reshape(b, -1).to(dtype) * sign)
+
+    def buckets(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bucket of every entry of ``vec(G)`` (``[out · in]``)."""
+        h_in, h_out = self._tensors["h_in"], self._tensors["h_out"]
+        return ((h_out[:, None] + h_in[None, :]) % self.sketch_dim).reshape(-1).to(device)
+
+    def signs(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
+        s_in, s_out = self._tensors["s_in"].to(dtype), self._tensors["s_out"].to(dtype)
+        return (s_out[:, None] * s_in[None, :]).reshape(-1).to(device)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The explicit ``[out · in, D]`` matrix (tests, small dims)."""
+        n = self.in_dim * self.out_dim
+        m = torch.zeros(n, self.sketch_dim, dtype=dtype)
+        m[torch.arange(n), self.buckets()] = self.signs(dtype)
+        return m
+
+
+class LayerTensorSketch:
+    """Per-layer :class:`TensorSketch` blocks, concatenated: ``dims[l]`` columns for layer l.
+
+    With ``dims = allocate_dims(energy, total_dim, max_dims=[in·out])`` (``d_l ∝ E_l``, the mean
+    squared gradient norm of the layer: the split that minimises the summed error variance
+    ``Σ_l E_l² / d_l``) the concatenation has the error of one global sketch of the whole
+    gradient and each layer's FFTs are only as long as its share. A layer whose share reaches
+    ``in · out`` is stored exactly (identity block).
+    """
+
+    def __init__(self, layers: Sequence[LayerInfo], dims: Sequence[int], seed: int = 0):
+        if len(dims) != len(layers):
+            raise ValueError(f"{len(layers)} layers but {len(dims)} dims")
+        self.layers = list(layers)
+        self.dims = [int(d) for d in dims]
+        self.offsets = [sum(self.dims[:i]) for i in range(len(self.dims))]
+        self.dim = sum(self.dims)
+        self.seed = seed
+        self.sketches: list[TensorSketch | None] = []
+        for info, d in zip(self.layers, self.dims, strict=True):
+            exact = info.in_dim * info.out_dim
+            if d < 1 or d > exact:
+                raise ValueError(f"layer {info.name}: dim {d} outside 1..{exact}")
+            self.sketches.append(None if d == exact else TensorSketch(info.in_dim, info.out_dim, d, seed, info.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "layer-tensor", "seed": self.seed, "dims": self.dims, "layers": [li.name for li in self.layers]}
+
+    def block(self, i: int, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Layer i's block ``[B, dims[i]]`` from its factors ``a [B, t, in]`` (bias column included), ``d``."""
+        sk = self.sketches[i]
+        if sk is None:
+            return torch.bmm(d.transpose(1, 2), a).reshape(a.shape[0], -1)
+        return sk.apply_factors(a, d)
+
+    def project_exact(self, g: torch.Tensor) -> torch.Tensor:
+        """From exact features ``[B, Σ in·out]`` in the Projector's ``kind="none"`` layout."""
+        out, pos = [], 0
+        for info, sk in zip(self.layers, self.sketches, strict=True):
+            n = info.in_dim * info.out_dim
+            blk = g[:, pos : pos + n]
+            out.append(blk if sk is None else sk.apply_matrix(blk.reshape(-1, info.out_dim, info.in_dim)))
+            pos += n
+        return torch.cat(out, dim=1)
+
+
 # ------------------------------------------------------------------------- dimension allocation
 
 
