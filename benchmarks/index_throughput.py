@@ -13,7 +13,10 @@ data in [0, 1]:
 * feature layouts (``--layouts``, MLP only): rows/s of the Kronecker first stage followed by a
   second-stage sketch (``proponent.model.sketch``) and optional int8 storage quantization,
   each against the bare hooked forward + backward (the floor), interleaved in the same run.
-  A layout is ``STAGE1[+KIND[NNZ]>D2][:int8]`` with STAGE1 ``kronK`` (k per side) or ``allocD``
+  A layout is ``STAGE1[+KIND[NNZ]>D2][:int8]`` with STAGE1 ``tsD`` (per-layer tensor sketches from
+  the Kronecker factors, ``d_l ∝`` the layer's gradient energy, total D), ``hybD`` (tensor sketches
+  for the one-row encoder layers, Kronecker blocks for the m-row decoder layers), ``kronK`` (k per
+  side), ``allocD``
   (per-layer k ∝ energy^(2/3)) or ``vallocD`` (per-side k from the variance model), total D, with
   the per-layer k taken from ``--calibration-from`` (a projection_fidelity.py results JSON, e.g. the
   trained digits28 run) or calibrated on the synthetic batch; KIND ``sparse``,
@@ -47,7 +50,10 @@ from proponent.model.objectives import ELBO
 from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers
 from proponent.model.sketch import (
     KronVariance,
+    LayerTensorSketch,
     Sketch,
+    allocate_dims,
+    allocate_hybrid,
     allocate_kron,
     allocate_kron_variance,
     calibrate_kron,
@@ -126,10 +132,14 @@ def floor_rows_per_s(kron: KroneckerFeaturizer, cfg, m: int, device, batch: int,
 
 
 DEFAULT_LAYOUTS = (
-    "kron64,kron64+sparse1>8192:int8,kron64+srht>8192:int8,kron64+gaussian>2048,kron128+sparse1>8192:int8,"
-    "valloc20000+sparse1>8192:int8,valloc20000+srht>8192:int8,valloc8000:int8,valloc4000:float16,alloc8000:int8"
+    "kron64,hyb8192:int8,hyb4096:float16,hyb2048,ts8192:int8,ts4096:float16,ts2048,kron64+sparse1>8192:int8,"
+    "kron64+srht>8192:int8,"
+    "kron64+gaussian>2048,kron128+sparse1>8192:int8,valloc20000+sparse1>8192:int8,valloc20000+srht>8192:int8,"
+    "valloc8000:int8"
 )
-_LAYOUT = re.compile(r"^(kron\d+|v?alloc\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$")
+_LAYOUT = re.compile(
+    r"^(kron\d+|v?alloc\d+|ts\d+|hyb\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$"
+)
 
 
 @dataclass
@@ -138,13 +148,21 @@ class FeatureLayout:
     feat: KroneckerFeaturizer
     sketch: Sketch | None
     dtype: str
+    tensor: LayerTensorSketch | None = None
+
+    @property
+    def stage1_dim(self) -> int:
+        return self.tensor.dim if self.tensor is not None else self.feat.projector.dim
 
     @property
     def dim(self) -> int:
-        return self.sketch.out_dim if self.sketch is not None else self.feat.projector.dim
+        return self.sketch.out_dim if self.sketch is not None else self.stage1_dim
 
     def run(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        f = self.feat.featurize(x, y, eps).features
+        if self.tensor is not None:
+            f = tensor_features(self.feat, self.tensor, x, y, eps)
+        else:
+            f = self.feat.featurize(x, y, eps).features
         if self.sketch is not None:
             f = self.sketch.apply(f)
         if self.dtype == "int8":  # the stored values (and one scale per row), as the store would write them
@@ -153,6 +171,27 @@ class FeatureLayout:
         elif self.dtype == "float16":
             f = f.half()
         return f
+
+
+def tensor_features(
+    feat: KroneckerFeaturizer, ts: LayerTensorSketch, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """What a tensor-sketch featurizer would do: the hooked pass, then per layer its factors, the exact
+    squared norm (Gram identity, as the Kronecker featurizer computes it) and the tensor-sketch block."""
+    calls, deltas, _ = feat._capture(x, y, eps)
+    b = x.shape[0]
+    blocks = []
+    sq = torch.zeros(b, dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        for i, lay in enumerate(feat.layers):
+            a, d = feat._factors(lay, calls[i].inputs[0], deltas[i][0], b)
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2) if lay.bias else a
+            if a.shape[1] == 1:
+                sq += (a.reshape(b, -1).square().sum(1) * d.reshape(b, -1).square().sum(1)).double()
+            else:
+                sq += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2)).double()
+            blocks.append(ts.block(i, a, d))
+    return torch.cat(blocks, dim=1)
 
 
 def layer_energy_share(model, obj, cfg, device, n: int = 64) -> list[float]:
@@ -176,7 +215,27 @@ def build_layouts(spec: str, model, obj, cfg, device, batch: int, calib: dict | 
             raise SystemExit(f"layout {text!r}: expected STAGE1[+KIND[NNZ]>D2][:DTYPE], e.g. kron64+sparse1>8192:int8")
         stage1, kind, nnz, d2, dtype = m.groups()
         proj: Projector
-        if stage1.startswith("kron"):
+        tensor = None
+        if stage1.startswith(("ts", "hyb")):
+            proj = build_projector(model, "all", ProjectionSpec(kind="none"), device=device)
+            recorded_t = (calib or {}).get("tensor_layouts", {})
+            energy = (
+                [li["energy_share"] for li in calib["layers"]] if calib else layer_energy_share(model, obj, cfg, device)
+            )
+            if stage1 in recorded_t:
+                specs = [v if isinstance(v, int) else tuple(v) for v in recorded_t[stage1]]
+            elif stage1.startswith("ts"):
+                specs = allocate_dims(energy, int(stage1[2:]), max_dims=[li.in_dim * li.out_dim for li in layers])
+            else:
+                terms = (
+                    [KronVariance(li["a"], li["b"], li["c"], li["energy"]) for li in calib["layers"]]
+                    if calib
+                    else calibrate_kron(model, obj, layers, *_batch(cfg, obj.m, 64, 7, device))
+                )
+                rows = [1 if li.name.startswith("encoder") else obj.m for li in layers]  # the VAE: m decoder rows
+                specs = allocate_hybrid(layers, energy, terms, rows, int(stage1[3:]))
+            tensor = LayerTensorSketch(layers, specs)
+        elif stage1.startswith("kron"):
             proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=int(stage1[4:])), device=device)
         elif stage1 in recorded:
             proj = kron_projector(layers, [tuple(v) for v in recorded[stage1]], device=device)
@@ -194,7 +253,8 @@ def build_layouts(spec: str, model, obj, cfg, device, batch: int, calib: dict | 
         sk = None
         if kind:
             sk = Sketch(proj.dim, int(d2), kind, seed=0, nnz=int(nnz or 1) if kind == "sparse" else 1, device=device)
-        out.append(FeatureLayout(text, KroneckerFeaturizer(model, obj, proj, chunk_size=batch), sk, dtype or "float32"))
+        feat = KroneckerFeaturizer(model, obj, proj, chunk_size=batch)
+        out.append(FeatureLayout(text, feat, sk, dtype or "float32", tensor))
     return out
 
 
@@ -257,7 +317,7 @@ def print_layouts(res: dict[str, object]) -> None:
         nbytes = lay.dim * {"float32": 4, "float16": 2, "int8": 1}[lay.dtype] + (4 if lay.dtype == "int8" else 0)
         r = ratios[lay.name]
         print(
-            f"{lay.name:<32}{lay.feat.projector.dim:>10,}{lay.dim:>7,}{nbytes:>8,}{statistics.median(rows[lay.name]):>11,.0f}"
+            f"{lay.name:<32}{lay.stage1_dim:>10,}{lay.dim:>7,}{nbytes:>8,}{statistics.median(rows[lay.name]):>11,.0f}"
             f"{statistics.median(r):>9.2f}{min(r):>7.2f}{'>=0.8':>8}"
         )
     per = "; ".join(f"{k}: " + ", ".join(f"{v:.2f}" for v in r) for k, r in ratios.items())

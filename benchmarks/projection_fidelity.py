@@ -65,6 +65,7 @@ from proponent.model.sketch import (
     LayerTensorSketch,
     Sketch,
     allocate_dims,
+    allocate_hybrid,
     allocate_kron,
     allocate_kron_variance,
     calibrate_kron,
@@ -78,6 +79,12 @@ from proponent.query.index import open_index
 DATASETS = {"digits": "digits", "digits28": "digits,size=28,augment=6"}
 DTYPES = ("float32", "float16", "int8")
 TARGET_PRO, TARGET_OPP = 0.95, 0.90
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray | np.generic):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -260,10 +267,18 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
             log(f"[{name}] {nm}: D={p.dim} (k_in x k_out) = " + " ".join(f"{b.k_in}x{b.k_out}" for b in p.blocks))
 
     exact_sizes = [li.in_dim * li.out_dim for li in layers]
-    ts_dims = {d: allocate_dims(energy, d, max_dims=exact_sizes) for d in parse_list(a.ts)}
-    tensor = {(s, f"ts{d}"): LayerTensorSketch(layers, dims, seed=s) for s in seeds for d, dims in ts_dims.items()}
-    for d, dims in ts_dims.items():
-        log(f"[{name}] ts{d}: per-layer tensor-sketch dims " + " ".join(map(str, dims)))
+    probe = KroneckerFeaturizer(model0, obj, exact_proj)
+    eps2 = draw_noise(NOISE_INDEX, 0, 0, np.arange(2), a.m, noise_shape)
+    calls, deltas, _ = probe._capture(x_all[:2], y_all[:2], eps2)
+    rows = [probe._factors(lay, calls[i].inputs[0], deltas[i][0], 2)[0].shape[1] for i, lay in enumerate(probe.layers)]
+    tensor_specs: dict[str, list[Any]] = {
+        f"ts{d}": allocate_dims(energy, d, max_dims=exact_sizes) for d in parse_list(a.ts)
+    }
+    for d in parse_list(a.hybrid):
+        tensor_specs[f"hyb{d}"] = allocate_hybrid(layers, energy, terms, rows, d)
+    tensor = {(s, nm): LayerTensorSketch(layers, sp, seed=s) for s in seeds for nm, sp in tensor_specs.items()}
+    for nm, sp in tensor_specs.items():
+        log(f"[{name}] {nm}: per-layer blocks (tensor-sketch dim or Kronecker k_in x k_out) {sp}")
 
     def stage1_dim(nm: str) -> int:
         return tensor[(0, nm)].dim if (0, nm) in tensor else stage1[0][nm].dim
@@ -272,7 +287,7 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
         return DTYPES if dim <= a.dtype_max_dim else ("float32",)
 
     layouts: list[Layout] = []
-    for nm in alone + [f"ts{d}" for d in ts_dims]:
+    for nm in alone + list(tensor_specs):
         for dt in dtypes_for(stage1_dim(nm)):
             layouts.append(Layout(f"{nm} {dt}", nm, None, dt, stage1_dim(nm)))
     for nm in two_stage:
@@ -415,6 +430,8 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
             for li, f, t in zip(layers, frac, terms, strict=True)
         ],
         "stage1_layouts": {nm: [[b.k_in, b.k_out] for b in p.blocks] for nm, p in stage1[0].items()},
+        "tensor_layouts": {nm: [v if isinstance(v, int) else list(v) for v in sp] for nm, sp in tensor_specs.items()},
+        "rows_per_sample": rows,
         "exact_self_top1": exact_m["self_top1"],
         "seconds": {"train": t_train, "calibration": t_cal, "featurize_and_score": t_feat},
         "final_loss": run_json.get("final_loss"),
@@ -526,7 +543,7 @@ def pareto_main(a: argparse.Namespace) -> None:
             if a.out:
                 out = Path(a.out if len(a.datasets.split(",")) == 1 else f"{a.out}.{name}.json")
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(res))
+                out.write_text(json.dumps(res, default=_json_default))
                 emit(f"raw results: {out}")
     print_table(all_res, emit, a.max_bytes)
     if a.table:
@@ -649,6 +666,7 @@ def main() -> None:
         "--valloc", default="2000,4000,8000", help="variance-allocated Kronecker (per side, calibrated), total dims"
     )
     ap.add_argument("--ts", default="1024,2048,4096,8192", help="per-layer tensor sketches (d_l ∝ energy), total dims")
+    ap.add_argument("--hybrid", default="2048,4096,8192", help="tensor sketches (one-row layers) + Kronecker, dims")
     ap.add_argument("--no-exact-cache", dest="exact_cache", action="store_false", help="recompute exact scores")
     ap.add_argument("--variance-calibration", type=int, default=64, help="samples for the variance calibration")
     ap.add_argument("--gaussian-max-d2", type=int, default=1 << 30, help="skip Gaussian sketches above this D2")

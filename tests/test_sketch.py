@@ -458,3 +458,47 @@ def test_layer_tensor_sketch() -> None:
     torch.testing.assert_close(full.block(0, a, d), torch.bmm(d.transpose(1, 2), a).reshape(3, -1))
     with pytest.raises(ValueError):
         LayerTensorSketch(layers, [0] * len(layers))
+
+
+def test_layer_sketch_kronecker_blocks_match_projector() -> None:
+    cfg = ModelConfig(kind="mlp", input_shape=(1, 4, 4), hidden=(6,), latent_dim=2)
+    model = build_model(cfg)
+    layers = discover_layers(model)
+    specs = [(4, 3), 5, (layers[2].in_dim, 2), 7]
+    lts = LayerTensorSketch(layers, specs, seed=2)
+    ref = kron_projector(layers, [(4, 3), (1, 1), (layers[2].in_dim, 2), (1, 1)], seed=2)
+    exact_sizes = [li.in_dim * li.out_dim for li in layers]
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(3, sum(exact_sizes), generator=g)
+    y = lts.project_exact(grads)
+    assert lts.dims == [12, 5, layers[2].in_dim * 2, 7] and y.shape == (3, lts.dim)
+    exact = Projector(layers, ProjectionSpec(kind="none"))
+    mats = {p: grads[:, b.offset : b.offset + b.dim] for b in exact.blocks for p in b.info.params[:1]}
+    for i in (0, 2):  # Kronecker blocks: the Projector's matrices and layout
+        blk = ref.blocks[i]
+        g_i = mats[blk.info.params[0]].reshape(3, blk.info.out_dim, blk.info.in_dim)
+        torch.testing.assert_close(y[:, lts.offsets[i] : lts.offsets[i] + lts.dims[i]], ref.project_matrix(blk, g_i))
+    # from factors, the same blocks
+    a = torch.randn(3, 2, layers[0].in_dim, generator=g)
+    d = torch.randn(3, 2, layers[0].out_dim, generator=g)
+    want = lts.project_exact(
+        torch.cat([torch.bmm(d.transpose(1, 2), a).reshape(3, -1), torch.zeros(3, sum(exact_sizes[1:]))], 1)
+    )[:, : lts.dims[0]]
+    torch.testing.assert_close(lts.block(0, a, d), want, rtol=1e-5, atol=1e-5)
+    assert lts.to_dict()["dims"] == [[4, 3], 5, [layers[2].in_dim, 2], 7]
+
+
+def test_allocate_hybrid_and_smooth_sizes() -> None:
+    from proponent.model.sketch import allocate_hybrid, smooth_floor
+
+    assert [smooth_floor(n) for n in (1, 7, 1068, 1351, 3686)] == [1, 6, 1024, 1350, 3645]
+    cfg = ModelConfig(kind="mlp", input_shape=(1, 28, 28), hidden=(512, 256), latent_dim=16)
+    layers = discover_layers(build_model(cfg))
+    energy = [0.15, 0.16, 0.45, 0.03, 0.08, 0.13]
+    terms = [KronVariance(a=0.05, b=0.3, c=1.0, energy=e) for e in energy]
+    rows = [1, 1, 1, 16, 16, 16]
+    specs = allocate_hybrid(layers, energy, terms, rows, 8192)
+    assert all(isinstance(s, int) for s in specs[:3]) and all(isinstance(s, tuple) for s in specs[3:])
+    lts = LayerTensorSketch(layers, specs)
+    assert 8000 < lts.dim <= 8192
+    assert all(smooth_floor(int(s)) == s for s in specs[:3])  # type: ignore[call-overload]

@@ -455,36 +455,68 @@ class TensorSketch:
         return m
 
 
-class LayerTensorSketch:
-    """Per-layer :class:`TensorSketch` blocks, concatenated: ``dims[l]`` columns for layer l.
+LayerBlockSpec = int | tuple[int, int]  # a tensor-sketch dimension, or Kronecker (k_in, k_out)
 
-    With ``dims = allocate_dims(energy, total_dim, max_dims=[in·out])`` (``d_l ∝ E_l``, the mean
-    squared gradient norm of the layer: the split that minimises the summed error variance
-    ``Σ_l E_l² / d_l``) the concatenation has the error of one global sketch of the whole
-    gradient and each layer's FFTs are only as long as its share. A layer whose share reaches
-    ``in · out`` is stored exactly (identity block).
+
+class LayerTensorSketch:
+    """Per-layer blocks computed from each layer's factors, concatenated.
+
+    ``dims[l]`` is either an int (a :class:`TensorSketch` of that dimension; at ``in · out`` the
+    exact block) or ``(k_in, k_out)`` (a Kronecker block ``P_outᵀ G P_in``, seeded exactly like
+    :class:`Projector`'s). With ``allocate_dims(energy, total_dim, max_dims=[in·out])``
+    (``d_l ∝ E_l``, the mean squared gradient norm of the layer: the split that minimises the
+    summed error variance ``Σ_l E_l² / d_l``) the concatenation has the error of one global sketch
+    of the whole gradient and each layer's FFTs are only as long as its share.
+    :func:`allocate_hybrid` mixes the two: tensor sketches where a sample has one row (encoder
+    layers: 2 FFTs per sample) and Kronecker blocks where it has m (decoder layers: a tensor
+    sketch there costs 2m FFTs per sample, more than the forward and backward pass on a CPU).
     """
 
-    def __init__(self, layers: Sequence[LayerInfo], dims: Sequence[int], seed: int = 0):
+    def __init__(self, layers: Sequence[LayerInfo], dims: Sequence[LayerBlockSpec], seed: int = 0):
         if len(dims) != len(layers):
             raise ValueError(f"{len(layers)} layers but {len(dims)} dims")
         self.layers = list(layers)
-        self.dims = [int(d) for d in dims]
+        self.specs: list[LayerBlockSpec] = [d if isinstance(d, int) else (int(d[0]), int(d[1])) for d in dims]
+        self.dims = [d if isinstance(d, int) else d[0] * d[1] for d in self.specs]
         self.offsets = [sum(self.dims[:i]) for i in range(len(self.dims))]
         self.dim = sum(self.dims)
         self.seed = seed
         self.sketches: list[TensorSketch | None] = []
-        for info, d in zip(self.layers, self.dims, strict=True):
+        self.kron: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        for i, (info, d) in enumerate(zip(self.layers, self.specs, strict=True)):
+            if info.kind == "other":
+                raise ValueError(f"layer {info.name}: no factors for a {info.kind!r} layer")
             exact = info.in_dim * info.out_dim
+            if isinstance(d, tuple):
+                k_in, k_out = d
+                if not (1 <= k_in <= info.in_dim and 1 <= k_out <= info.out_dim):
+                    raise ValueError(f"layer {info.name}: Kronecker ({k_in}, {k_out}) outside its dims")
+                p_in = None if k_in == info.in_dim else _gaussian(info.in_dim, k_in, _seed_for(seed, info.name, "in"))
+                p_out = (
+                    None if k_out == info.out_dim else _gaussian(info.out_dim, k_out, _seed_for(seed, info.name, "out"))
+                )
+                self.kron[i] = (p_in, p_out)
+                self.sketches.append(None)
+                continue
             if d < 1 or d > exact:
                 raise ValueError(f"layer {info.name}: dim {d} outside 1..{exact}")
             self.sketches.append(None if d == exact else TensorSketch(info.in_dim, info.out_dim, d, seed, info.name))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "layer-tensor", "seed": self.seed, "dims": self.dims, "layers": [li.name for li in self.layers]}
+        return {
+            "kind": "layer-tensor",
+            "seed": self.seed,
+            "dims": [d if isinstance(d, int) else list(d) for d in self.specs],
+            "layers": [li.name for li in self.layers],
+        }
 
     def block(self, i: int, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Layer i's block ``[B, dims[i]]`` from its factors ``a [B, t, in]`` (bias column included), ``d``."""
+        if i in self.kron:
+            p_in, p_out = self.kron[i]
+            ap = a if p_in is None else a @ p_in.to(device=a.device, dtype=a.dtype)
+            dp = d if p_out is None else d @ p_out.to(device=d.device, dtype=d.dtype)
+            return torch.bmm(dp.transpose(1, 2), ap).reshape(a.shape[0], -1)
         sk = self.sketches[i]
         if sk is None:
             return torch.bmm(d.transpose(1, 2), a).reshape(a.shape[0], -1)
@@ -493,12 +525,74 @@ class LayerTensorSketch:
     def project_exact(self, g: torch.Tensor) -> torch.Tensor:
         """From exact features ``[B, Σ in·out]`` in the Projector's ``kind="none"`` layout."""
         out, pos = [], 0
-        for info, sk in zip(self.layers, self.sketches, strict=True):
+        for i, (info, sk) in enumerate(zip(self.layers, self.sketches, strict=True)):
             n = info.in_dim * info.out_dim
-            blk = g[:, pos : pos + n]
-            out.append(blk if sk is None else sk.apply_matrix(blk.reshape(-1, info.out_dim, info.in_dim)))
+            blk = g[:, pos : pos + n].reshape(-1, info.out_dim, info.in_dim)
+            if i in self.kron:
+                p_in, p_out = self.kron[i]
+                if p_in is not None:
+                    blk = blk @ p_in.to(device=blk.device, dtype=blk.dtype)
+                if p_out is not None:
+                    blk = p_out.to(device=blk.device, dtype=blk.dtype).T @ blk
+                out.append(blk.reshape(blk.shape[0], -1))
+            else:
+                out.append(blk.reshape(blk.shape[0], -1) if sk is None else sk.apply_matrix(blk))
             pos += n
         return torch.cat(out, dim=1)
+
+
+def smooth_floor(n: int) -> int:
+    """The largest 2^a 3^b 5^c <= n (FFT-friendly), for n >= 1."""
+    best = 1
+    p2 = 1
+    while p2 <= n:
+        p3 = p2
+        while p3 <= n:
+            p5 = p3
+            while p5 <= n:
+                best = max(best, p5)
+                p5 *= 5
+            p3 *= 3
+        p2 *= 2
+    return best
+
+
+def allocate_hybrid(
+    layers: Sequence[LayerInfo],
+    layer_energy: Sequence[float],
+    terms: Sequence[KronVariance],
+    rows_per_sample: Sequence[int],
+    total_dim: int,
+) -> list[LayerBlockSpec]:
+    """Tensor sketches for the one-row layers, Kronecker blocks for the others, within ``total_dim``.
+
+    ``total_dim`` is split by energy (:func:`allocate_dims`); each one-row layer gets a tensor
+    sketch of its share rounded down to an FFT-friendly size; the multi-row layers pool their
+    shares (plus what the rounding left) and split the pool by :func:`allocate_kron_variance`.
+    """
+    n = len(layers)
+    if not (len(layer_energy) == len(terms) == len(rows_per_sample) == n):
+        raise ValueError("layers, layer_energy, terms and rows_per_sample must have the same length")
+    exact = [li.in_dim * li.out_dim for li in layers]
+    share = allocate_dims(layer_energy, total_dim, max_dims=exact)
+    out: list[LayerBlockSpec | None] = [None] * n
+    pool = 0
+    multi = []
+    for i in range(n):
+        if rows_per_sample[i] == 1:
+            d = share[i] if share[i] == exact[i] else smooth_floor(max(1, share[i]))
+            out[i] = d
+            pool += share[i] - d
+        else:
+            multi.append(i)
+            pool += share[i]
+    if multi:
+        lay = allocate_kron_variance(
+            [terms[i] for i in multi], [layers[i].in_dim for i in multi], [layers[i].out_dim for i in multi], pool
+        )
+        for i, k in zip(multi, lay, strict=True):
+            out[i] = k
+    return [o for o in out if o is not None]
 
 
 # ------------------------------------------------------------------------- dimension allocation
