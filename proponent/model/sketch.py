@@ -1,18 +1,23 @@
-"""Seeded second-stage sketches of feature vectors, per-layer dimension allocation, row quantization.
+"""Seeded sketches of per-sample gradients: second stages, tensor sketches, allocation, quantization.
 
 A :class:`Sketch` is a seeded random linear map ``S: R^in_dim -> R^out_dim`` applied to rows,
 ``apply(x) = x @ S``, with ``E[S Sᵀ] = I`` so that inner products are unbiased:
-``E[<Sx, Sy>] = <x, y>``. It is meant to run after the per-layer Kronecker stage of
-:class:`~proponent.model.projection.Projector` (``P_outᵀ G P_in`` per layer, concatenated):
-the Kronecker stage is cheap but its error falls only like ``1/sqrt(k)`` for aligned layer
-inputs, so it is kept generous (k = 64 or more) and a second, global sketch brings the
-concatenated vector down to the stored dimension, where a Johnson–Lindenstrauss sketch of
-dimension D has relative error ``~ 1/sqrt(D)``. A global second stage also spends its
-dimensions where the gradient energy is (a layer with most of ``||g||²`` dominates the
-inner products it preserves), with no per-layer tuning.
+``E[<Sx, Sy>] = <x, y>``. It can run after the per-layer Kronecker stage of
+:class:`~proponent.model.projection.Projector` (``P_outᵀ G P_in`` per layer, concatenated) to
+bring the concatenated vector down to the stored dimension. But the Kronecker stage's own error
+bounds what any second stage can reach: for ``G = δ aᵀ`` its estimate is
+``(δᵀ P Pᵀ δ')(aᵀ Q Qᵀ a')``, and with aligned layer inputs (post-ReLU, pixels) the error falls
+like ``1 / sqrt(k_out)``, not ``1 / k`` (:class:`KronVariance` gives the exact coefficients).
 
-Kinds (all generated on the CPU from ``(seed, kind, in_dim, out_dim, nnz)`` only, so the same
-sketch is rebuilt anywhere; :meth:`Sketch.to` moves it to another device):
+:class:`TensorSketch` avoids that: a CountSketch of ``vec(G)`` whose bucket for ``G[i, j]`` is
+``h_out(i) + h_in(j) mod D``, computed from the factors by FFT without forming G, with the error
+of a dense Gaussian sketch of ``vec(G)``. :class:`LayerTensorSketch` concatenates per-layer blocks
+(tensor sketches, exact blocks or Kronecker blocks) from the factors the Kronecker featurizer
+already captures; :func:`allocate_hybrid` puts tensor sketches on layers with one row per sample
+and Kronecker blocks on layers with m rows (where 2m FFTs per sample cost more than the pass).
+
+Second-stage kinds (all generated on the CPU from ``(seed, kind, in_dim, out_dim, nnz)`` only,
+so the same sketch is rebuilt anywhere; :meth:`Sketch.to` moves it to another device):
 
 ``srht``
     subsampled randomized Hadamard transform: ``S = D_σ H R / sqrt(out_dim)`` with random
@@ -35,11 +40,12 @@ outputs of the D-dimensional sketch, times ``sqrt(D / d)``, are the d-dimensiona
 Inputs may be float32 or float64 (others are computed in float32 and cast back). Rows are
 independent, so results do not depend on the batch size beyond float rounding.
 
-Also here: :func:`allocate_dims` / :func:`allocate_kron` (per-layer dimensions from the mean
-squared gradient norm of each layer on a calibration sample), :func:`kron_projector` (a
-:class:`Projector` with per-layer ``k_in`` / ``k_out``, seeded exactly like the uniform one),
-and :func:`quantize_rows` / :func:`dequantize_rows` (float16 or int8 storage with one scale
-per row).
+Also here: :func:`allocate_dims` (``d_l ∝`` the layer's mean squared gradient norm, capped),
+:func:`allocate_kron` (per-layer k ∝ energy^(2/3)), :func:`kron_variance` /
+:func:`calibrate_kron` / :func:`allocate_kron_variance` (per-side k from the measured variance
+coefficients), :func:`kron_projector` (a :class:`Projector` with per-layer ``k_in`` / ``k_out``,
+seeded exactly like the uniform one), and :func:`quantize_rows` / :func:`dequantize_rows`
+(float16 or int8 storage with one float32 scale per row).
 """
 
 from __future__ import annotations
