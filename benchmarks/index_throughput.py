@@ -56,6 +56,7 @@ from proponent.model.sketch import (
     allocate_hybrid,
     allocate_kron,
     allocate_kron_variance,
+    allocate_tensor,
     calibrate_kron,
     kron_projector,
 )
@@ -138,7 +139,7 @@ DEFAULT_LAYOUTS = (
     "valloc8000:int8"
 )
 _LAYOUT = re.compile(
-    r"^(kron\d+|v?alloc\d+|ts\d+|hyb\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$"
+    r"^(kron\d+|v?alloc\d+|tsf?\d+|hyb\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$"
 )
 
 
@@ -224,6 +225,8 @@ def build_layouts(spec: str, model, obj, cfg, device, batch: int, calib: dict | 
             )
             if stage1 in recorded_t:
                 specs = [v if isinstance(v, int) else tuple(v) for v in recorded_t[stage1]]
+            elif stage1.startswith("tsf"):
+                specs = allocate_tensor(energy, int(stage1[3:]), [li.in_dim * li.out_dim for li in layers])
             elif stage1.startswith("ts"):
                 specs = allocate_dims(energy, int(stage1[2:]), max_dims=[li.in_dim * li.out_dim for li in layers])
             else:

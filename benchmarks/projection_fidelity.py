@@ -68,6 +68,7 @@ from proponent.model.sketch import (
     allocate_hybrid,
     allocate_kron,
     allocate_kron_variance,
+    allocate_tensor,
     calibrate_kron,
     dequantize_rows,
     kron_projector,
@@ -274,6 +275,8 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
     tensor_specs: dict[str, list[Any]] = {
         f"ts{d}": allocate_dims(energy, d, max_dims=exact_sizes) for d in parse_list(a.ts)
     }
+    for d in parse_list(a.tsf):
+        tensor_specs[f"tsf{d}"] = allocate_tensor(energy, d, exact_sizes, smooth=True)
     for d in parse_list(a.hybrid):
         tensor_specs[f"hyb{d}"] = allocate_hybrid(layers, energy, terms, rows, d)
     tensor = {(s, nm): LayerTensorSketch(layers, sp, seed=s) for s in seeds for nm, sp in tensor_specs.items()}
@@ -666,6 +669,7 @@ def main() -> None:
         "--valloc", default="2000,4000,8000", help="variance-allocated Kronecker (per side, calibrated), total dims"
     )
     ap.add_argument("--ts", default="1024,2048,4096,8192", help="per-layer tensor sketches (d_l ∝ energy), total dims")
+    ap.add_argument("--tsf", default="", help="tensor sketches with FFT-friendly per-layer sizes, total dims")
     ap.add_argument("--hybrid", default="2048,4096,8192", help="tensor sketches (one-row layers) + Kronecker, dims")
     ap.add_argument("--no-exact-cache", dest="exact_cache", action="store_false", help="recompute exact scores")
     ap.add_argument("--variance-calibration", type=int, default=64, help="samples for the variance calibration")

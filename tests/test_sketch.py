@@ -502,3 +502,16 @@ def test_allocate_hybrid_and_smooth_sizes() -> None:
     lts = LayerTensorSketch(layers, specs)
     assert 8000 < lts.dim <= 8192
     assert all(smooth_floor(int(s)) == s for s in specs[:3])  # type: ignore[call-overload]
+
+
+def test_allocate_tensor_smooth() -> None:
+    from proponent.model.sketch import allocate_tensor, smooth_floor
+
+    energy = [0.149, 0.165, 0.45, 0.026, 0.079, 0.13]
+    exact = [785 * 512, 513 * 256, 257 * 32, 17 * 256, 257 * 512, 513 * 784]
+    for total in (2048, 4096, 7996, 8192):
+        dims = allocate_tensor(energy, total, exact)
+        assert all(smooth_floor(d) == d for d in dims)
+        assert total * 0.98 <= sum(dims) <= total
+    assert allocate_tensor(energy, 7996, exact, smooth=False) == allocate_dims(energy, 7996, max_dims=exact)
+    assert allocate_tensor([1.0, 1.0], 100, [3, 1000])[0] == 3  # an exact (capped) layer is kept whole

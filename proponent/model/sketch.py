@@ -563,6 +563,35 @@ def smooth_floor(n: int) -> int:
     return best
 
 
+def allocate_tensor(
+    layer_energy: Sequence[float], total_dim: int, exact_dims: Sequence[int], smooth: bool = True
+) -> list[int]:
+    """Per-layer tensor-sketch dimensions ``d_l ∝ E_l`` (:func:`allocate_dims`, capped at the exact
+    size ``in · out``), each rounded down to an FFT-friendly ``2^a 3^b 5^c`` when ``smooth`` (a
+    size like 1,068 = 4 · 3 · 89 costs twice the FFT time of 1,080); the total may fall a few
+    percent below ``total_dim``."""
+    dims = allocate_dims(layer_energy, total_dim, max_dims=exact_dims)
+    if not smooth:
+        return dims
+    out = [d if d == e else smooth_floor(max(1, d)) for d, e in zip(dims, exact_dims, strict=True)]
+    # spend what the rounding freed: grow layers (most energy first) to their next smooth size while it fits
+    order = sorted(range(len(out)), key=lambda i: -float(layer_energy[i]))
+    grown = True
+    while grown:
+        grown = False
+        for i in order:
+            if out[i] >= exact_dims[i]:
+                continue
+            nxt = out[i] + 1
+            while smooth_floor(nxt) != nxt:
+                nxt += 1
+            nxt = min(nxt, exact_dims[i])
+            if sum(out) - out[i] + nxt <= total_dim:
+                out[i] = nxt
+                grown = True
+    return out
+
+
 def allocate_hybrid(
     layers: Sequence[LayerInfo],
     layer_energy: Sequence[float],
