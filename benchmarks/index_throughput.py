@@ -133,10 +133,8 @@ def floor_rows_per_s(kron: KroneckerFeaturizer, cfg, m: int, device, batch: int,
 
 
 DEFAULT_LAYOUTS = (
-    "kron64,hyb8192:int8,hyb4096:float16,hyb2048,ts8192:int8,ts4096:float16,ts2048,kron64+sparse1>8192:int8,"
-    "kron64+srht>8192:int8,"
-    "kron64+gaussian>2048,kron128+sparse1>8192:int8,valloc20000+sparse1>8192:int8,valloc20000+srht>8192:int8,"
-    "valloc8000:int8"
+    "kron64,tsf7996:int8,tsf8192:int8,tsf4096:float16,ts7996:int8,hyb8192:int8,kron64+sparse1>8192:int8,"
+    "kron64+srht>8192:int8,kron64+gaussian>2048,valloc20000+sparse1>8192:int8,valloc8000:int8"
 )
 _LAYOUT = re.compile(
     r"^(kron\d+|v?alloc\d+|tsf?\d+|hyb\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$"
