@@ -137,7 +137,7 @@ DEFAULT_LAYOUTS = (
     "kron64+srht>8192:int8,kron64+gaussian>2048,valloc20000+sparse1>8192:int8,valloc8000:int8"
 )
 _LAYOUT = re.compile(
-    r"^(kron\d+|v?alloc\d+|tsf?\d+|hyb\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$"
+    r"^(kron\d+|v?alloc\d+|tsf?\d+|hybt?\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$"
 )
 
 
@@ -234,7 +234,10 @@ def build_layouts(spec: str, model, obj, cfg, device, batch: int, calib: dict | 
                     else calibrate_kron(model, obj, layers, *_batch(cfg, obj.m, 64, 7, device))
                 )
                 rows = [1 if li.name.startswith("encoder") else obj.m for li in layers]  # the VAE: m decoder rows
-                specs = allocate_hybrid(layers, energy, terms, rows, int(stage1[3:]))
+                if stage1.startswith("hybt"):
+                    specs = allocate_hybrid(layers, energy, terms, rows, int(stage1[4:]), max_fft_work=12_000)
+                else:
+                    specs = allocate_hybrid(layers, energy, terms, rows, int(stage1[3:]))
             tensor = LayerTensorSketch(layers, specs)
         elif stage1.startswith("kron"):
             proj = build_projector(model, "all", ProjectionSpec(kind="kron", k=int(stage1[4:])), device=device)

@@ -271,14 +271,18 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
     probe = KroneckerFeaturizer(model0, obj, exact_proj)
     eps2 = draw_noise(NOISE_INDEX, 0, 0, np.arange(2), a.m, noise_shape)
     calls, deltas, _ = probe._capture(x_all[:2], y_all[:2], eps2)
-    rows = [probe._factors(lay, calls[i].inputs[0], deltas[i][0], 2)[0].shape[1] for i, lay in enumerate(probe.layers)]
+    rows_per = [
+        probe._factors(lay, calls[i].inputs[0], deltas[i][0], 2)[0].shape[1] for i, lay in enumerate(probe.layers)
+    ]
     tensor_specs: dict[str, list[Any]] = {
         f"ts{d}": allocate_dims(energy, d, max_dims=exact_sizes) for d in parse_list(a.ts)
     }
     for d in parse_list(a.tsf):
         tensor_specs[f"tsf{d}"] = allocate_tensor(energy, d, exact_sizes, smooth=True)
     for d in parse_list(a.hybrid):
-        tensor_specs[f"hyb{d}"] = allocate_hybrid(layers, energy, terms, rows, d)
+        tensor_specs[f"hyb{d}"] = allocate_hybrid(layers, energy, terms, rows_per, d)
+    for d in parse_list(a.hybrid_fft):
+        tensor_specs[f"hybt{d}"] = allocate_hybrid(layers, energy, terms, rows_per, d, max_fft_work=a.max_fft_work)
     tensor = {(s, nm): LayerTensorSketch(layers, sp, seed=s) for s in seeds for nm, sp in tensor_specs.items()}
     for nm, sp in tensor_specs.items():
         log(f"[{name}] {nm}: per-layer blocks (tensor-sketch dim or Kronecker k_in x k_out) {sp}")
@@ -434,7 +438,7 @@ def pareto_dataset(name: str, a: argparse.Namespace, wd: Path, log: Callable[[st
         ],
         "stage1_layouts": {nm: [[b.k_in, b.k_out] for b in p.blocks] for nm, p in stage1[0].items()},
         "tensor_layouts": {nm: [v if isinstance(v, int) else list(v) for v in sp] for nm, sp in tensor_specs.items()},
-        "rows_per_sample": rows,
+        "rows_per_sample": rows_per,
         "exact_self_top1": exact_m["self_top1"],
         "seconds": {"train": t_train, "calibration": t_cal, "featurize_and_score": t_feat},
         "final_loss": run_json.get("final_loss"),
@@ -671,6 +675,8 @@ def main() -> None:
     ap.add_argument("--ts", default="1024,2048,4096,8192", help="per-layer tensor sketches (d_l ∝ energy), total dims")
     ap.add_argument("--tsf", default="", help="tensor sketches with FFT-friendly per-layer sizes, total dims")
     ap.add_argument("--hybrid", default="2048,4096,8192", help="tensor sketches (one-row layers) + Kronecker, dims")
+    ap.add_argument("--hybrid-fft", default="", help="hybrids that keep tensor sketches up to --max-fft-work, dims")
+    ap.add_argument("--max-fft-work", type=int, default=12_000, help="rows x dim per layer kept as a tensor sketch")
     ap.add_argument("--no-exact-cache", dest="exact_cache", action="store_false", help="recompute exact scores")
     ap.add_argument("--variance-calibration", type=int, default=64, help="samples for the variance calibration")
     ap.add_argument("--gaussian-max-d2", type=int, default=1 << 30, help="skip Gaussian sketches above this D2")

@@ -598,34 +598,34 @@ def allocate_hybrid(
     terms: Sequence[KronVariance],
     rows_per_sample: Sequence[int],
     total_dim: int,
+    max_fft_work: int = 0,
 ) -> list[LayerBlockSpec]:
-    """Tensor sketches for the one-row layers, Kronecker blocks for the others, within ``total_dim``.
+    """Tensor sketches where they are cheap, Kronecker blocks elsewhere, within ``total_dim``.
 
-    ``total_dim`` is split by energy (:func:`allocate_dims`); each one-row layer gets a tensor
-    sketch of its share rounded down to an FFT-friendly size; the multi-row layers pool their
-    shares (plus what the rounding left) and split the pool by :func:`allocate_kron_variance`.
+    ``total_dim`` is split by energy (:func:`allocate_tensor`, FFT-friendly sizes). A layer keeps
+    its tensor sketch when it has one row per sample or when ``rows · d_l <= max_fft_work`` (the
+    FFT work per sample; 0: one-row layers only); the other layers pool their shares and split the
+    pool by :func:`allocate_kron_variance`.
     """
     n = len(layers)
     if not (len(layer_energy) == len(terms) == len(rows_per_sample) == n):
         raise ValueError("layers, layer_energy, terms and rows_per_sample must have the same length")
     exact = [li.in_dim * li.out_dim for li in layers]
-    share = allocate_dims(layer_energy, total_dim, max_dims=exact)
+    share = allocate_tensor(layer_energy, total_dim, exact)
     out: list[LayerBlockSpec | None] = [None] * n
-    pool = 0
-    multi = []
+    pool = total_dim - sum(share)
+    kron = []
     for i in range(n):
-        if rows_per_sample[i] == 1:
-            d = share[i] if share[i] == exact[i] else smooth_floor(max(1, share[i]))
-            out[i] = d
-            pool += share[i] - d
+        if rows_per_sample[i] == 1 or rows_per_sample[i] * share[i] <= max_fft_work:
+            out[i] = share[i]
         else:
-            multi.append(i)
+            kron.append(i)
             pool += share[i]
-    if multi:
+    if kron:
         lay = allocate_kron_variance(
-            [terms[i] for i in multi], [layers[i].in_dim for i in multi], [layers[i].out_dim for i in multi], pool
+            [terms[i] for i in kron], [layers[i].in_dim for i in kron], [layers[i].out_dim for i in kron], pool
         )
-        for i, k in zip(multi, lay, strict=True):
+        for i, k in zip(kron, lay, strict=True):
             out[i] = k
     return [o for o in out if o is not None]
 
