@@ -133,8 +133,8 @@ def floor_rows_per_s(kron: KroneckerFeaturizer, cfg, m: int, device, batch: int,
 
 
 DEFAULT_LAYOUTS = (
-    "kron64,tsf7996:int8,tsf8192:int8,tsf4096:float16,ts7996:int8,hyb8192:int8,kron64+sparse1>8192:int8,"
-    "kron64+srht>8192:int8,kron64+gaussian>2048,valloc20000+sparse1>8192:int8,valloc8000:int8"
+    "kron1,kron64,tsf7996:int8,tsf8192:int8,tsf4096:float16,ts7996:int8,hybt7996:int8,hyb8192:int8,"
+    "kron64+sparse1>8192:int8,kron64+srht>8192:int8,kron64+gaussian>2048,valloc20000+sparse1>8192:int8,valloc8000:int8"
 )
 _LAYOUT = re.compile(
     r"^(kron\d+|v?alloc\d+|tsf?\d+|hybt?\d+)(?:\+(sparse|srht|gaussian)(\d*)>(\d+))?(?::(int8|float16|float32))?$"

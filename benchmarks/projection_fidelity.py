@@ -468,9 +468,14 @@ def summarize(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def print_table(all_res: list[dict[str, Any]], emit: Callable[[str], None], max_bytes: int | None = None) -> None:
-    """One row per layout measured on every data set, cheapest first; ``max_bytes`` hides the wider
-    layouts except the references (Kronecker alone, float32)."""
+def print_table(
+    all_res: list[dict[str, Any]],
+    emit: Callable[[str], None],
+    max_bytes: int | None = None,
+    only_dtype: str | None = None,
+) -> None:
+    """One row per layout measured on every data set, cheapest first; ``max_bytes`` / ``only_dtype``
+    hide wider layouts / other storage dtypes except the references (Kronecker alone, float32)."""
     sums = [summarize(r) for r in all_res]
     names = [n for n in sums[0] if all(n in s for s in sums)]
     ok = {n: all(s[n]["pro_med"] >= TARGET_PRO and s[n]["opp_med"] >= TARGET_OPP for s in sums) for n in names}
@@ -494,6 +499,8 @@ def print_table(all_res: list[dict[str, Any]], emit: Callable[[str], None], max_
     for n in sorted(names, key=lambda n: (cost[n], n)):
         reference = n.startswith("kron") and "+" not in n and n.endswith(" float32")
         if max_bytes is not None and cost[n] > max_bytes and not reference:
+            continue
+        if only_dtype is not None and not n.endswith(" " + only_dtype) and not reference:
             continue
         line = f"{n:<30}{cost[n]:>8,}"
         for s in sums:
@@ -552,7 +559,7 @@ def pareto_main(a: argparse.Namespace) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(res, default=_json_default))
                 emit(f"raw results: {out}")
-    print_table(all_res, emit, a.max_bytes)
+    print_table(all_res, emit, a.max_bytes, a.only_dtype)
     if a.table:
         Path(a.table).write_text("\n".join(lines) + "\n")
 
@@ -698,6 +705,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="raw results JSON (pareto)")
     ap.add_argument("--table", default=None, help="also write the printed output here (pareto)")
     ap.add_argument("--combine", nargs="+", default=None, help="print one table from saved raw results")
+    ap.add_argument("--only-dtype", default=None, help="table: one storage dtype (Kronecker references kept)")
     ap.add_argument("--max-bytes", type=int, default=None, help="table: hide wider layouts (Kronecker references kept)")
     a = ap.parse_args()
     if a.mode == "index":
