@@ -134,6 +134,41 @@ def test_glyphs_errors(spec, message):
         load_dataset(spec)
 
 
+def test_digits_upscaled_and_augmented():
+    plain = load_dataset("digits")
+    up = load_dataset("digits,size=28")
+    assert up.x.shape == (1797, 1, 28, 28) and up.x.dtype == np.float32
+    assert np.array_equal(up.labels, plain.labels)
+    # the digit sits in the central 20x20 box (MNIST layout): the border is empty
+    assert up.x[:, :, :3].max() == 0 and up.x[:, :, :, -3:].max() == 0
+    assert 0.0 <= up.x.min() and up.x.max() <= 1.0
+    # mass is preserved up to the resampling: mean intensity scales with the box area
+    ratio = up.x.sum(axis=(1, 2, 3)) / (plain.x.sum(axis=(1, 2, 3)) * (20 / 8) ** 2)
+    assert np.all(np.abs(ratio - 1) < 0.15)
+
+    aug = load_dataset("digits,size=28,augment=6,seed=3")
+    assert aug.x.shape == (6 * 1797, 1, 28, 28) and len(aug) >= 10_000
+    assert np.array_equal(aug.labels, np.tile(plain.labels, 6))
+    assert np.array_equal(aug.source_row, np.arange(6 * 1797))
+    assert 0.0 <= aug.x.min() and aug.x.max() <= 1.0
+    # deterministic, keyed by (seed, variant, image): not by N, offset or limit
+    again = load_dataset("digits,size=28,augment=2,seed=3")
+    np.testing.assert_array_equal(again.x, aug.x[: 2 * 1797])
+    window = load_dataset("digits,size=28,augment=6,seed=3,offset=1790,limit=20")
+    np.testing.assert_array_equal(window.x, aug.x[1790:1810])
+    assert np.array_equal(window.labels, aug.labels[1790:1810])
+    # variants differ from each other, from the upscaled original, and with the seed
+    assert not np.array_equal(aug.x[:1797], aug.x[1797 : 2 * 1797])
+    assert np.abs(aug.x[:1797] - up.x).mean() > 0.01
+    other = load_dataset("digits,size=28,augment=1,seed=4")
+    assert not np.array_equal(other.x, aug.x[:1797])
+    # fingerprints: the options count, and plain digits keeps its fingerprint
+    fps = {d.fingerprint for d in (plain, up, aug, again, other)}
+    assert len(fps) == 5
+    assert load_dataset("digits,size=8").x.shape == plain.x.shape
+    np.testing.assert_array_equal(load_dataset("digits,size=8").x, plain.x)
+
+
 # ---- mnist-idx -------------------------------------------------------------------------------
 
 
@@ -466,7 +501,13 @@ def test_subset_keeps_ids_and_origin():
     ("spec", "message"),
     [
         ("mnst:/d", r"unknown kind 'mnst' \(known: cifar10, digits, folder, glyphs, mnist-idx, npz\)"),
-        ("digits,colour=red", r"unknown option 'colour' for digits \(allowed: injected, limit, offset\)"),
+        (
+            "digits,colour=red",
+            r"unknown option 'colour' for digits \(allowed: augment, injected, limit, offset, seed, size\)",
+        ),
+        ("digits,size=4", "bad value '4' for size=S: must be at least 8"),
+        ("digits,size=300", "must be at most 256"),
+        ("digits,augment=0", "bad value '0' for augment=N: must be at least 1"),
         ("mnist-idx:/d,split=test", "unknown option 'split' for mnist-idx"),
         ("digits,limit=abc", r"bad value 'abc' for limit=N: not an integer"),
         ("digits,limit=0", "bad value '0' for limit=N: must be at least 1"),

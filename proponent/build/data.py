@@ -10,6 +10,15 @@ Kinds (``ARG`` is a path; ``~`` is expanded):
 
 ``digits``
     scikit-learn's bundled 8x8 digits (1,797 images), shape ``[N, 1, 8, 8]``, labels 0..9.
+    Options (a deterministic, larger stand-in for MNIST-size experiments):
+    ``size=S`` renders every digit in an S x S frame (S in 8..256; default 8, the original
+    images). For S > 8 the 8x8 digit is resampled (bilinear, zero outside) into a centred box of
+    5/7 of the frame, MNIST's 20-in-28 layout. ``augment=N`` gives N random affine variants of
+    every image instead of the image itself: rotation uniform in +-15 degrees, scale in
+    [0.9, 1.1], shift in +-S/14 pixels on each axis (+-2 px at 28); one bilinear resampling from
+    the 8x8 source. Rows are variant-major (row ``v * 1797 + i`` is variant v of image i) and
+    keep image i's label. ``seed=K`` (default 0) keys the transforms: variant v of image i
+    depends only on (K, v, i), not on N. Example: ``digits,size=28,augment=6`` (10,782 images).
 ``glyphs``
     generated outliers (no files): dense, high-contrast, heavily filled images to inject among
     digits, ``[N, 1, S, S]`` without labels. Options: ``n=N`` images (default 180), ``size=S``
@@ -227,6 +236,18 @@ def _integer(minimum: int) -> Callable[[str], int]:
     return convert
 
 
+def _integer_range(minimum: int, maximum: int) -> Callable[[str], int]:
+    at_least = _integer(minimum)
+
+    def convert(value: str) -> int:
+        number = at_least(value)
+        if number > maximum:
+            raise ValueError(f"must be at most {maximum}")
+        return number
+
+    return convert
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def convert(value: str) -> str:
         for choice in choices:
@@ -390,6 +411,10 @@ def load_dataset(spec: str) -> Dataset:
     )
 
 
+# (kind, option) pairs added after fingerprint v1: recorded in the fingerprint only when given.
+_LATE_OPTIONS = frozenset({("digits", "size"), ("digits", "augment"), ("digits", "seed")})
+
+
 def _combined_fingerprint(sources: Sequence[SourceInfo]) -> str:
     digest = hashlib.sha256(b"proponent-dataset-v1\n")
     for s in sources:
@@ -399,7 +424,8 @@ def _combined_fingerprint(sources: Sequence[SourceInfo]) -> str:
             "offset": s.offset,
             "limit": s.limit,
             "injected": s.injected,
-            "options": dict(s.options),
+            # options added after v1 that were not given are left out, so existing fingerprints hold
+            "options": {k: v for k, v in s.options.items() if v is not None or (s.kind, k) not in _LATE_OPTIONS},
         }
         digest.update(json.dumps(record, sort_keys=True).encode() + b"\n")
     return digest.hexdigest()
@@ -529,10 +555,71 @@ def _load_digits(part: PartSpec) -> _Loaded:
     bunch = load_digits()
     images = np.asarray(bunch.images).astype(np.uint8)  # values 0..16
     labels = np.asarray(bunch.target).astype(np.int64)
-    rows = _window(len(images), part)
-    x = np.empty((rows.stop - rows.start, 1, 8, 8), dtype=np.float32)
-    np.divide(images[rows, None], np.float32(16), out=x, dtype=np.float32)
-    return _Loaded(x, labels[rows], _hash_arrays(images, labels), len(images), rows.start)
+    size, augment, seed = part.options["size"], part.options["augment"], part.options["seed"]
+    fingerprint = _hash_arrays(images, labels)
+    if size in (None, 8) and augment is None:  # the original images
+        rows = _window(len(images), part)
+        x = np.empty((rows.stop - rows.start, 1, 8, 8), dtype=np.float32)
+        np.divide(images[rows, None], np.float32(16), out=x, dtype=np.float32)
+        return _Loaded(x, labels[rows], fingerprint, len(images), rows.start)
+    size = 8 if size is None else size
+    n_img = len(images)
+    n_total = n_img * (augment or 1)
+    rows = _window(n_total, part)
+    src = images.astype(np.float64) / 16.0
+    out = np.empty((rows.stop - rows.start, 1, size, size), dtype=np.float32)
+    for v in range(rows.start // n_img, (rows.stop - 1) // n_img + 1):
+        lo, hi = max(rows.start, v * n_img), min(rows.stop, (v + 1) * n_img)
+        idx = np.arange(lo - v * n_img, hi - v * n_img)
+        if augment:
+            params = _digit_affine_params(0 if seed is None else seed, v, n_img)[idx]
+        else:
+            params = np.tile([0.0, 1.0, 0.0, 0.0], (len(idx), 1))
+        out[lo - rows.start : hi - rows.start, 0] = _render_digits(src[idx], size, params)
+    labels_out = np.tile(labels, augment or 1)[rows]
+    return _Loaded(out, labels_out, fingerprint, n_total, rows.start)
+
+
+def _digit_affine_params(seed: int, variant: int, n: int) -> np.ndarray:
+    """``[n, 4]``: (angle in radians, scale, shift x, shift y as fractions of the frame) of one variant."""
+    gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence([0x6469676974, seed, variant])))
+    u = gen.random((n, 4))
+    angle = np.deg2rad(15.0) * (2 * u[:, 0] - 1)
+    scale = 0.9 + 0.2 * u[:, 1]
+    shift = (2 * u[:, 2:] - 1) / 14.0
+    return np.column_stack([angle, scale, shift])
+
+
+def _render_digits(src: np.ndarray, size: int, params: np.ndarray) -> np.ndarray:
+    """Resample 8x8 images ``src [n, 8, 8]`` into ``[n, size, size]`` frames (bilinear, zero outside).
+
+    Output pixel centres are mapped back to the source through the inverse of (scale into the
+    digit box, rotate, shift); ``params`` rows are (angle, scale, shift_x, shift_y) as drawn by
+    :func:`_digit_affine_params` (identity: 0, 1, 0, 0).
+    """
+    n = len(src)
+    box = 8.0 if size == 8 else size * 5.0 / 7.0  # side of the digit box in output pixels
+    c_out, c_src = (size - 1) / 2.0, 3.5
+    grid = np.arange(size, dtype=np.float64) - c_out
+    gy, gx = np.meshgrid(grid, grid, indexing="ij")
+    angle, scale = params[:, 0, None, None], params[:, 1, None, None]
+    px = gx[None] - params[:, 2, None, None] * size
+    py = gy[None] - params[:, 3, None, None] * size
+    cos, sin = np.cos(angle), np.sin(angle)
+    factor = 8.0 / (box * scale)  # output pixels -> source pixels
+    sx = (cos * px + sin * py) * factor + c_src
+    sy = (-sin * px + cos * py) * factor + c_src
+    x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
+    fx, fy = sx - x0, sy - y0
+    padded = np.zeros((n, 10, 10), dtype=np.float64)  # one ring of zeros around the source
+    padded[:, 1:9, 1:9] = src
+    out = np.zeros((n, size, size), dtype=np.float64)
+    img = np.arange(n)[:, None, None]
+    for ox, oy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xi, yi = x0 + ox + 1, y0 + oy + 1
+        inside = (xi >= 0) & (xi < 10) & (yi >= 0) & (yi < 10)
+        out += w * np.where(inside, padded[img, np.clip(yi, 0, 9), np.clip(xi, 0, 9)], 0.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 # ---- glyphs (generated outliers) -------------------------------------------------------------
@@ -971,7 +1058,15 @@ class _Kind:
 
 
 _KINDS: dict[str, _Kind] = {
-    "digits": _Kind(None, {}, _load_digits),
+    "digits": _Kind(
+        None,
+        {
+            "size": _Option("size=S", _integer_range(8, 256), None),
+            "augment": _Option("augment=N", _integer(1), None),
+            "seed": _Option("seed=K", _integer(0), None),
+        },
+        _load_digits,
+    ),
     "glyphs": _Kind(
         None,
         {
