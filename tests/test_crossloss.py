@@ -34,7 +34,9 @@ def _build(tmp: object, spec: str) -> object:
         data, cfg, tmp / "run", TrainConfig(epochs=3, batch_size=32, checkpoints=2, seed=0), show_progress=False
     )
     specs, _ = checkpoints_from_run(run)
-    opts = IndexOptions(m=M, seed=SEED, projection=ProjectionSpec(kind="none"), featurizer="dense", device="cpu")
+    opts = IndexOptions(
+        m=M, seed=SEED, projection=ProjectionSpec(kind="none"), dtype="float32", featurizer="dense", device="cpu"
+    )
     return build_index(data, specs, tmp / "idx", opts, show_progress=False)
 
 

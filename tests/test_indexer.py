@@ -49,7 +49,7 @@ def _autograd_grad(
 
 
 def test_unprojected_features_equal_autograd_and_scores_match_definition(tiny_run: Path, tmp_path: Path) -> None:
-    out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="none"))
+    out = _build(tiny_run, tmp_path / "idx", projection=ProjectionSpec(kind="none"), dtype="float32")
     idx = open_index(out, device="cpu")
     obj = idx.runtime.objective
     assert isinstance(obj, ELBO) and obj.m == 3

@@ -29,6 +29,15 @@ def _double_projector(proj: Projector) -> Projector:
     return proj
 
 
+def _spec(model: nn.Module, selection: str, proj_kind: str, k: int = 3, seed: int = 4) -> ProjectionSpec:
+    """``kron`` / ``none``, or ``tensor`` with small per-layer sketches (7 dims, or exact when smaller)."""
+    if proj_kind != "tensor":
+        return ProjectionSpec(kind=proj_kind, k=k, seed=seed)
+    layers = select_layers(discover_layers(model), selection)
+    dims = tuple(min(7, li.in_dim * li.out_dim) for li in layers)
+    return ProjectionSpec(kind="tensor", seed=seed, dim=sum(dims), layer_dims=dims)
+
+
 def _model(kind: str, **kw) -> nn.Module:
     torch.manual_seed(0)
     if kind == "mlp":
@@ -81,14 +90,16 @@ def _check(model, objective, proj, x, y, eps, routes=("auto",), tol=1e-6, **kw) 
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-@pytest.mark.parametrize("proj_kind", ["kron", "none"])
+@pytest.mark.parametrize("proj_kind", ["tensor", "kron", "none"])
 @pytest.mark.parametrize("selection", ["all", "encoder", "decoder", "last:2"])
 def test_matches_dense_vae(kind: str, proj_kind: str, selection: str) -> None:
     model = _model(kind)
     obj = ELBO(m=M, beta=0.7)
-    proj = _double_projector(build_projector(model, selection, ProjectionSpec(kind=proj_kind, k=3, seed=4)))
+    proj = _double_projector(build_projector(model, selection, _spec(model, selection, proj_kind)))
     if proj_kind == "kron":
         assert any(bl.p_in is not None for bl in proj.blocks) and any(bl.p_out is not None for bl in proj.blocks)
+    if proj_kind == "tensor":
+        assert all(bl.tensor is not None for bl in proj.blocks) and proj.dim == 7 * len(proj.blocks)
     routes = ("auto", "factor", "matrix") if selection == "all" else ("auto",)
     _check(model, obj, proj, *_data(model), routes=routes)
 
@@ -231,8 +242,9 @@ def test_auto_batch_size() -> None:
         assert per > 0
         assert auto_batch_size(model, obj, proj, "cpu", budget_bytes=per * 10) in range(8, 13)
     big = _model("conv").float()
-    small_budget = auto_batch_size(big, ELBO(m=64), build_projector(big, "all", ProjectionSpec()), "cpu", 2**24)
-    assert small_budget < auto_batch_size(big, ELBO(m=1), build_projector(big, "all", ProjectionSpec()), "cpu", 2**24)
+    big_proj = build_projector(big, "all", ProjectionSpec(kind="kron"))
+    small_budget = auto_batch_size(big, ELBO(m=64), big_proj, "cpu", 2**24)
+    assert small_budget < auto_batch_size(big, ELBO(m=1), big_proj, "cpu", 2**24)
 
 
 def test_selection_subset_of_layers_matches_full_blocks() -> None:
@@ -384,8 +396,8 @@ def test_convtranspose_matches_dense(spec: str, bias: bool) -> None:
     model = _convt_model(spec, bias)
     obj = ELBO(m=M, beta=0.7)
     x, y, eps = _data(model)
-    for proj_kind in ("kron", "none"):
-        proj = _double_projector(build_projector(model, "all", ProjectionSpec(kind=proj_kind, k=3, seed=2)))
+    for proj_kind in ("tensor", "kron", "none"):
+        proj = _double_projector(build_projector(model, "all", _spec(model, "all", proj_kind, seed=2)))
         assert [b.info.kind for b in proj.blocks].count("convt2d") == 2
         _check(model, obj, proj, x, y, eps, routes=("auto", "factor", "matrix"))
     proj = build_projector(model, "decoder", ProjectionSpec(kind="kron", k=3))
@@ -429,10 +441,19 @@ def test_layer_routes() -> None:
     # a layer called twice always takes the matrix route
     shared = _Shared().double()
     feat = KroneckerFeaturizer(
-        shared, CrossEntropy(), build_projector(shared, "all", ProjectionSpec(k=3)), route="factor"
+        shared, CrossEntropy(), build_projector(shared, "all", ProjectionSpec(kind="kron", k=3)), route="factor"
     )
     feat.featurize(*_data(shared, m=1))
     assert feat.layer_routes() == [("a", "kronecker (matrix route)"), ("b", "kronecker (factor route)")]
+    # the tensor layout without calibrated dimensions: a parameter-count prior, labelled as such
+    proj = build_projector(model, "all", ProjectionSpec(dim=40))
+    dims = proj.spec.layer_dims
+    assert dims is not None and len(dims) == 5 and sum(dims) <= 40 and all(d >= 1 for d in dims)
+    feat = KroneckerFeaturizer(model, CrossEntropy(), proj)
+    feat.featurize(*_data(model, m=1))
+    labels = dict(feat.layer_routes())
+    assert labels["dw"] == "dense fallback"
+    assert all(labels[n].startswith("tensor sketch (") for n in ("conv", "fc1", "fc2"))
 
 
 def test_conv_matrix_route_grouped_and_per_sample_loop_agree(monkeypatch: pytest.MonkeyPatch) -> None:

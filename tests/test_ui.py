@@ -378,7 +378,7 @@ def test_index_view(page, svc_server):
     assert page.locator("#index-n").inner_text() == f"{info['n']:,}"
     assert page.locator("#checkpoint-table tbody tr").count() == len(info["checkpoints"])
     text = page.locator("#index-info").inner_text()
-    for want in (str(info["shape"]), f"{info['dim']:,}", info["dataset_spec"], "kron", "bernoulli"):
+    for want in (str(info["shape"]), f"{info['dim']:,}", info["dataset_spec"], info["projection"]["kind"], "bernoulli"):
         assert want in text
     assert_fits_laptop(page)
     shot(page, "ui-index.png")

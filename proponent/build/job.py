@@ -21,6 +21,7 @@ bytes as an uninterrupted run; shards (``--shard I/N``) and Ray workers write di
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -61,7 +62,7 @@ from proponent.model.projection import ProjectionSpec, Projector, build_projecto
 from proponent.model.runtime import encode, model_from_checkpoint, resolve_device
 from proponent.progress import progress
 
-DEFAULT_DTYPE = "float32"
+DEFAULT_DTYPE = "int8"  # measured: int8 with a per-row scale costs no recall (benchmarks/projection_fidelity.py)
 
 
 class IndexJobError(RuntimeError):
@@ -121,6 +122,7 @@ class CheckpointSet:
     specs: list[CheckpointSpec]  # paths relative to the index: checkpoints/<sha256[:16]>.pt
     sources: list[str]  # where each was read from
     model0: nn.Module
+    model_last: nn.Module  # the last checkpoint's (the same object as model0 for one checkpoint)
 
 
 def builtin_record(config: ModelConfig, checkpoint_key: str | None = None) -> ModelRecord:
@@ -173,7 +175,52 @@ def read_checkpoints(
             spec.model_copy(update={"path": f"checkpoints/{sha[:16]}.pt", "sha256": sha, "name": Path(spec.path).name})
         )
     assert record is not None and model0 is not None
-    return CheckpointSet(record, out, [s.path for s in specs], model0)
+    model_last = model0
+    if len(specs) > 1:
+        model_last = model_from_checkpoint(record, Path(specs[-1].path).read_bytes(), specs[-1].path)
+    return CheckpointSet(record, out, [s.path for s in specs], model0, model_last)
+
+
+CALIBRATION_ROWS = 256
+
+
+def calibrate_layer_dims(
+    models: list[nn.Module],
+    objective: Objective,
+    data: Dataset,
+    spec: ProjectionSpec,
+    selection: str,
+    device: torch.device,
+    seed: int = 0,
+    rows: int = CALIBRATION_ROWS,
+) -> tuple[int, ...]:
+    """Per-layer tensor-sketch dimensions for ``spec.dim``: in proportion to each layer's share of the
+    squared gradient norm (exact, from the featurizer's Gram identities), averaged over ``models``
+    (the first and last checkpoints) on the first ``rows`` training samples; FFT-friendly sizes."""
+    from proponent.model.featurizers.kronecker import KroneckerFeaturizer
+    from proponent.model.projection import Projector, discover_layers, select_layers
+    from proponent.model.sketch import allocate_tensor
+
+    layers = select_layers(discover_layers(models[0]), selection)
+    n = min(rows, len(data.x))
+    x = torch.from_numpy(data.x[:n])
+    y = torch.from_numpy(np.clip(data.labels[:n], 0, None) if data.labels is not None else np.zeros(n, np.int64))
+    share = np.zeros(len(layers))
+    for c, model in enumerate(models):
+        model = model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        feat = KroneckerFeaturizer(model, objective, Projector(layers, ProjectionSpec(kind="kron", k=1), device))
+        energy = np.zeros(len(layers))
+        for b0 in range(0, n, 64):
+            b1 = min(n, b0 + 64)
+            eps = draw_noise(NOISE_INDEX, seed, c, data.ids[b0:b1], objective.m, objective.noise_shape(model))
+            feat.featurize(x[b0:b1], y[b0:b1], eps)
+            energy += [float(feat.layer_sq[li.name].sum()) for li in layers]
+        model.cpu()
+        share += energy / max(energy.sum(), 1e-300)
+    exact = [li.in_dim * li.out_dim for li in layers]
+    return tuple(int(d) for d in allocate_tensor(list(share / len(models)), spec.dim, exact))
 
 
 # ---------------------------------------------------------------------------------- 2. plan
@@ -513,6 +560,40 @@ def build_index(
     objective = training_objective(cks.record, opts.m)
     check_model_on(model0, objective, data, cks.record)
     device = resolve_device(opts.device)
+    proj_spec = opts.projection
+    if proj_spec.kind == "tensor" and proj_spec.layer_dims is None:
+        previous = None
+        if where.is_file(MANIFEST_FILE) and not overwrite:
+            try:
+                previous = read_manifest(where).projection  # a resume reuses the calibrated dimensions
+            except ManifestError:
+                previous = None
+        from proponent.model.projection import spec_from_record
+
+        old = spec_from_record(previous) if previous is not None and previous.kind == "tensor" else None
+        if (
+            old is not None
+            and previous is not None
+            and (old.dim, old.seed, previous.selection)
+            == (
+                proj_spec.dim,
+                proj_spec.seed,
+                opts.layers,
+            )
+        ):
+            proj_spec = dataclasses.replace(proj_spec, layer_dims=old.layer_dims)
+        else:
+            dims = calibrate_layer_dims(
+                [model0, cks.model_last] if cks.model_last is not model0 else [model0],
+                objective,
+                data,
+                proj_spec,
+                opts.layers,
+                device,
+                opts.seed,
+            )
+            proj_spec = dataclasses.replace(proj_spec, layer_dims=dims)
+        opts = dataclasses.replace(opts, projection=proj_spec)
     projector = build_projector(model0, opts.layers, opts.projection)
     batch = opts.batch_size
     if batch is None and where.is_file(MANIFEST_FILE) and not overwrite:

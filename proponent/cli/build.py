@@ -175,8 +175,9 @@ def _cmd_index(a: argparse.Namespace) -> int:
         m=a.m,
         seed=a.seed,
         projection=ProjectionSpec(
-            kind="none" if a.projection == "none" else "kron",
+            kind=a.projection,
             k=a.proj_k,
+            dim=a.proj_dim,
             seed=a.proj_seed,
             sketch=None if a.sketch == "none" else a.sketch,
             sketch_dim=a.sketch_dim if a.sketch != "none" else None,
@@ -297,9 +298,20 @@ def register(sub: Any) -> None:
     i.add_argument("--m", type=int, default=16, help="reparameterised draws per sample (default 16)")
     i.add_argument("--seed", type=int, default=0, help="noise seed")
     f = i.add_argument_group("feature layout (README: 'Feature layout')")
-    f.add_argument("--projection", choices=["kron", "none"], default=defaults.kind, help="per-layer stage")
     f.add_argument(
-        "--proj-k", type=int, default=defaults.k, help=f"per-layer projection size per side (default {defaults.k})"
+        "--projection",
+        choices=["tensor", "kron", "none"],
+        default=defaults.kind,
+        help=f"per-layer stage: tensor sketches (default), Kronecker, or exact gradients (default {defaults.kind})",
+    )
+    f.add_argument(
+        "--proj-dim",
+        type=int,
+        default=defaults.dim,
+        help=f"tensor: the feature dimension the layers share, by gradient energy (default {defaults.dim})",
+    )
+    f.add_argument(
+        "--proj-k", type=int, default=defaults.k, help=f"kron: projection size per side (default {defaults.k})"
     )
     f.add_argument("--proj-seed", type=int, default=0)
     f.add_argument(

@@ -121,6 +121,7 @@ class LayerRecord(_Record):
     bias_dim: int = 0
     k_bias: int = 0
     projected_bias: bool = False
+    tensor: bool = False  # the block is a tensor sketch of the layer's gradient (k_in = its dimension, k_out = 1)
 
 
 class SketchRecord(_Record):
@@ -132,7 +133,7 @@ class SketchRecord(_Record):
 
 
 class ProjectionRecord(_Record):
-    kind: Literal["kron", "none"]
+    kind: Literal["tensor", "kron", "none"]
     k: int
     seed: int
     selection: str = "all"  # which layers (all | encoder | decoder | last:K | prefixes)

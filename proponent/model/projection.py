@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -104,19 +104,48 @@ def select_layers(layers: list[LayerInfo], selection: str = "all") -> list[Layer
     return chosen
 
 
+_MAX_EXACT_BIAS = 256  # a separate bias block (ConvTranspose2d) is kept exact up to this many channels
+DEFAULT_KIND: Literal["tensor", "kron", "none"] = "tensor"
+DEFAULT_DIM = 7996  # with int8 storage: 7,996 + a 4-byte scale = 8,000 bytes per sample and checkpoint
+
+
 @dataclass
 class ProjectionSpec:
-    """The feature layout: a per-layer stage (``kron`` with ``k`` per side, or ``none`` = exact),
-    then optionally a second-stage ``sketch`` of the concatenated vector down to ``sketch_dim``."""
+    """The feature layout (README "Feature layout"; chosen in benchmarks/projection_fidelity.py).
 
-    kind: Literal["kron", "none"] = "kron"
-    k: int = 64  # per side for Linear/Conv2d; k*k for other layers
+    * ``tensor`` (the default): every layer's gradient ``G = Σ_t δ_t a_tᵀ`` gets its own tensor sketch
+      (a CountSketch of vec(G) computed from the factors by FFT, :class:`~proponent.model.sketch.TensorSketch`)
+      of ``layer_dims[l]`` dimensions, allocated in proportion to the layer's gradient energy
+      (measured by the index job on a calibration sample) so that the ``dim`` dimensions in all
+      have the error of one Gaussian sketch of the whole gradient;
+    * ``kron``: ``P_outᵀ G P_in`` with ``k`` per side (the first version's default, k = 64);
+    * ``none``: the exact gradients;
+
+    then optionally a second-stage ``sketch`` (srht | sparse | gaussian) of the concatenated vector
+    down to ``sketch_dim``.
+    """
+
+    kind: Literal["tensor", "kron", "none"] = DEFAULT_KIND
+    k: int = 64  # kron: per side for Linear/Conv2d; k*k for other layers
     seed: int = 0
     sketch: str | None = None  # second stage (proponent.model.sketch kinds), None = none
     sketch_dim: int | None = None
+    dim: int = DEFAULT_DIM  # tensor: the total dimension the layers share
+    layer_dims: tuple[int, ...] | None = None  # tensor: per layer (None: the index job calibrates them)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def uncalibrated_layer_dims(layers: list[LayerInfo], dim: int) -> tuple[int, ...]:
+    """Per-layer tensor-sketch dimensions without gradients to measure: in proportion to each
+    layer's parameter count (capped at its exact size). The index job measures the layers' gradient
+    energy instead (:func:`proponent.build.job.calibrate_layer_dims`), which is what the fidelity
+    figures are for; this prior serves library callers that build a projector directly."""
+    from proponent.model.sketch import allocate_tensor
+
+    exact = [info.in_dim * info.out_dim for info in layers]
+    return tuple(int(d) for d in allocate_tensor([float(e) for e in exact], dim, exact))
 
 
 def _seed_for(seed: int, layer: str, side: str) -> int:
@@ -139,6 +168,7 @@ class LayerBlock:
     p_out: torch.Tensor | None
     k_bias: int = 0  # width of the separate bias block (convt2d), after the weight's k_out·k_in
     p_bias: torch.Tensor | None = None  # [bias_dim, k_bias]; None = identity
+    tensor: Any = None  # a TensorSketch of vec(G) (layout "tensor": then k_in = its dim, k_out = 1)
 
     @property
     def dim(self) -> int:
@@ -149,16 +179,39 @@ class Projector:
     """Seeded per-layer projections and the feature layout they define."""
 
     def __init__(self, layers: list[LayerInfo], spec: ProjectionSpec, device: torch.device | str = "cpu"):
-        if spec.kind not in ("kron", "none"):
-            raise ValueError(f"projection kind must be kron or none, got {spec.kind!r}")
+        if spec.kind not in ("tensor", "kron", "none"):
+            raise ValueError(f"projection kind must be tensor, kron or none, got {spec.kind!r}")
         if spec.k < 1:
             raise ValueError(f"projection k must be >= 1, got {spec.k}")
+        if spec.kind == "tensor" and spec.layer_dims is None:
+            spec = replace(spec, layer_dims=uncalibrated_layer_dims(layers, spec.dim))
+        if spec.kind == "tensor" and len(spec.layer_dims or ()) != len(layers):
+            raise ValueError(
+                f"projection 'tensor' needs one dimension per layer ({len(layers)}), got {spec.layer_dims}"
+            )
         self.spec = spec
         self.device = torch.device(device)
         self.blocks: list[LayerBlock] = []
         offset = 0
-        for info in layers:
-            if spec.kind == "none":
+        for li, info in enumerate(layers):
+            tensor = None
+            if spec.kind == "tensor":
+                assert spec.layer_dims is not None
+                d = int(spec.layer_dims[li])
+                exact = info.in_dim * info.out_dim
+                if d < 1:
+                    raise ValueError(f"layer {info.name}: tensor sketch dimension must be >= 1, got {d}")
+                if d >= exact:  # as small as the sketch: exact
+                    k_in, k_out, p_in, p_out = info.in_dim, info.out_dim, None, None
+                elif info.kind == "other":
+                    k_in, k_out = d, 1
+                    p_in, p_out = _gaussian(info.in_dim, d, _seed_for(spec.seed, info.name, "flat")), None
+                else:
+                    from proponent.model.sketch import TensorSketch
+
+                    k_in, k_out, p_in, p_out = d, 1, None, None
+                    tensor = TensorSketch(info.in_dim, info.out_dim, d, spec.seed, info.name)
+            elif spec.kind == "none":
                 k_in, k_out, p_in, p_out = info.in_dim, info.out_dim, None, None
             elif info.kind == "other":
                 k_in, k_out = min(info.in_dim, spec.k * spec.k), 1
@@ -179,13 +232,14 @@ class Projector:
                     else _gaussian(info.out_dim, k_out, _seed_for(spec.seed, info.name, "out"))
                 )
             k_bias, p_bias = info.bias_dim, None
-            if info.bias_dim and spec.kind != "none" and info.bias_dim > spec.k:
-                k_bias = spec.k
+            bias_k = spec.k if spec.kind == "kron" else _MAX_EXACT_BIAS
+            if info.bias_dim and spec.kind != "none" and info.bias_dim > bias_k:
+                k_bias = bias_k
                 p_bias = _gaussian(info.bias_dim, k_bias, _seed_for(spec.seed, info.name, "bias"))
             p_in = None if p_in is None else p_in.to(self.device)
             p_out = None if p_out is None else p_out.to(self.device)
             p_bias = None if p_bias is None else p_bias.to(self.device)
-            block = LayerBlock(info, k_in, k_out, offset, p_in, p_out, k_bias, p_bias)
+            block = LayerBlock(info, k_in, k_out, offset, p_in, p_out, k_bias, p_bias, tensor)
             self.blocks.append(block)
             offset += block.dim
         self.stage1_dim = offset
@@ -193,10 +247,10 @@ class Projector:
         if spec.sketch:
             if not spec.sketch_dim or spec.sketch_dim < 1:
                 raise ValueError(f"sketch {spec.sketch!r} needs sketch_dim >= 1, got {spec.sketch_dim}")
-            from proponent.model.sketch import make_sketch
+            from proponent.model.sketch import Sketch
 
-            self.sketch = make_sketch(
-                spec.sketch, offset, spec.sketch_dim, _seed_for(spec.seed, "", "sketch"), self.device
+            self.sketch = Sketch(
+                offset, spec.sketch_dim, spec.sketch, _seed_for(spec.seed, "", "sketch"), device=self.device
             )
         self.dim = int(spec.sketch_dim or 0) if self.sketch is not None else offset
 
@@ -211,7 +265,9 @@ class Projector:
         return [p for b in self.blocks for p in b.info.params]
 
     def project_matrix(self, block: LayerBlock, g: torch.Tensor) -> torch.Tensor:
-        """``[B, out, in] -> [B, k_out * k_in]`` (``P_outᵀ G P_in``)."""
+        """``[B, out, in] -> [B, k_out * k_in]`` (``P_outᵀ G P_in``, or the layer's tensor sketch of ``G``)."""
+        if block.tensor is not None:
+            return block.tensor.apply_matrix(g).to(g.dtype)
         if block.p_in is not None:
             g = g @ block.p_in
         if block.p_out is not None:
@@ -263,7 +319,7 @@ class Projector:
             "selection": selection,
             "stage1_dim": self.stage1_dim,
             "dim": self.dim,
-            "sketch": None if self.sketch is None else self.sketch.to_dict(),
+            "sketch": None if self.sketch is None else _sketch_record(self.sketch.to_dict()),
             "layers": [
                 {
                     "name": b.info.name,
@@ -274,8 +330,9 @@ class Projector:
                     "k_in": b.k_in,
                     "k_out": b.k_out,
                     "offset": b.offset,
-                    "projected_in": b.p_in is not None,
-                    "projected_out": b.p_out is not None,
+                    "projected_in": b.p_in is not None or b.tensor is not None,
+                    "projected_out": b.p_out is not None or b.tensor is not None,
+                    "tensor": b.tensor is not None,
                     "bias_dim": b.info.bias_dim,  # a separate bias block (ConvTranspose2d), 0 when none
                     "k_bias": b.k_bias,
                     "projected_bias": b.p_bias is not None,
@@ -291,13 +348,21 @@ def build_projector(
     return Projector(select_layers(discover_layers(model), selection), spec, device)
 
 
+def _sketch_record(d: dict[str, Any]) -> dict[str, Any]:
+    keys = ("kind", "in_dim", "out_dim", "seed")
+    return {**{k: d[k] for k in keys}, "params": {k: v for k, v in d.items() if k not in keys}}
+
+
 def spec_from_record(record: Any) -> ProjectionSpec:
     """The :class:`ProjectionSpec` that rebuilds a manifest's projection record."""
     sk = record.sketch
+    dims = tuple(int(l.k_in * l.k_out) for l in record.layers) if record.kind == "tensor" else None
     return ProjectionSpec(
         kind=record.kind,
         k=record.k,
         seed=record.seed,
         sketch=None if sk is None else sk.kind,
         sketch_dim=None if sk is None else sk.out_dim,
+        dim=int(record.stage1_dim) if record.kind == "tensor" else DEFAULT_DIM,
+        layer_dims=dims,
     )

@@ -114,7 +114,9 @@ class IndexMeta:
         man = self.manifest
         proj = man.projection
         out = []
-        if any(l.projected_in or l.projected_out for l in proj.layers):
+        if proj.kind == "tensor" and any(l.tensor or l.projected_in for l in proj.layers):
+            out.append(f"random projection: a tensor sketch per layer (D={proj.stage1_dim})")
+        elif any(l.projected_in or l.projected_out for l in proj.layers):
             out.append(f"random projection: kron k={proj.k} per side (D={proj.stage1_dim})")
         if proj.sketch is not None:
             out.append(f"random sketch: {proj.sketch.kind} {proj.sketch.in_dim} -> {proj.sketch.out_dim}")

@@ -201,13 +201,15 @@ class KroneckerFeaturizer(Featurizer):
         # (layer, 0 = input / 1 = output) recorded tensors the model was seen to modify in place: copied
         self._safe: set[tuple[int, int]] = set()
         self._routes: dict[str, str] = {}  # layer name -> route taken in the last pass
+        self.layer_sq: dict[str, torch.Tensor] = {}  # layer name -> exact squared norms of the last chunk [B]
 
     # ------------------------------------------------------------------ public
 
     def layer_routes(self) -> list[tuple[str, str]]:
         """``(layer name, path)`` for every layer of the projector, in feature order.
 
-        ``path`` is ``"kronecker (factor route)"`` / ``"kronecker (matrix route)"`` for a layer on
+        ``path`` is ``"kronecker (factor route)"`` / ``"kronecker (matrix route)"`` (or
+        ``"tensor sketch (… route)"`` for a layer the tensor layout sketches) for a layer on
         the fast path (the route taken in the most recent pass; the auto route is chosen from
         the layer's shapes, so it is the same for every batch of one dataset),
         ``"kronecker (route not chosen yet)"`` before the first pass or for a layer the last
@@ -220,10 +222,10 @@ class KroneckerFeaturizer(Featurizer):
             name = blk.info.name
             if name not in fast:
                 out.append((name, "dense fallback"))
-            elif name in self._routes:
-                out.append((name, f"kronecker ({self._routes[name]} route)"))
             else:
-                out.append((name, "kronecker (route not chosen yet)"))
+                what = "tensor sketch" if blk.tensor is not None else "kronecker"
+                route = f"{self._routes[name]} route" if name in self._routes else "route not chosen yet"
+                out.append((name, f"{what} ({route})"))
         return out
 
     def featurize(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
@@ -338,11 +340,13 @@ class KroneckerFeaturizer(Featurizer):
                 f, s = self._layer_features(lay, ins, ds, b)
                 w = blk.k_in * blk.k_out
                 feats[:, blk.offset : blk.offset + w] = f.reshape(b, -1)
-                sq += s.double()
+                s = s.double()
                 if lay.bias_sep:
                     fb, sb = self._separate_bias(lay, ds, b)
                     feats[:, blk.offset + w : blk.offset + blk.dim] = fb
-                    sq += sb.double()
+                    s = s + sb.double()
+                self.layer_sq[lay.info.name] = s
+                sq += s
                 ins.clear()
                 ds.clear()
         if self._dense is not None:
@@ -371,7 +375,9 @@ class KroneckerFeaturizer(Featurizer):
         with torch.no_grad():
             for blk in self.other_blocks:
                 g = torch.cat([grads[p].reshape(b, -1) for p in blk.info.params], dim=1)
-                sq += g.double().pow(2).sum(dim=1)
+                s = g.double().pow(2).sum(dim=1)
+                self.layer_sq[blk.info.name] = s
+                sq += s
                 if blk.p_in is not None:
                     g = g @ blk.p_in.to(device=g.device, dtype=g.dtype)
                 feats[:, blk.offset : blk.offset + blk.dim] = g
@@ -414,6 +420,15 @@ class KroneckerFeaturizer(Featurizer):
         if self.route != "auto":
             return self.route
         blk = lay.block
+        i, o = lay.info.in_dim, lay.out
+        if blk.tensor is not None:  # sketch from the factors (2t FFTs) or from the materialised G
+            if n_calls > 1 or t > _MAX_GRAM_ROWS:
+                return "matrix"
+            d = blk.k_in
+            fft = 2 * (2 * t + 1) * d * max(1.0, math.log2(d))
+            factor = t * (i + o) + fft + (0 if t == 1 else t * t * (i + o + 1)) + (2 * t * i if lay.is_conv else 0)
+            matrix = t * i * o + 2 * i * o
+            return "factor" if factor <= matrix else "matrix"
         if n_calls > 1 or (blk.p_in is None and blk.p_out is None) or t > _MAX_GRAM_ROWS:
             return "matrix"
         i, o = lay.info.in_dim, lay.out
@@ -442,7 +457,11 @@ class KroneckerFeaturizer(Featurizer):
     def _factor_route(self, lay: _Layer, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p_w, p_b, p_out = lay.mats(a.dtype, a.device)
         b, t, _ = a.shape
-        if p_w is not None:
+        ts = lay.block.tensor
+        if ts is not None:  # the tensor sketch of Σ_t δ_t a_tᵀ from the factors (the bias column included)
+            ab = torch.cat([a, a.new_ones(b, t, 1)], dim=2) if lay.bias else a
+            feat = ts.apply_factors(ab, d).to(a.dtype).reshape(b, 1, -1)
+        elif p_w is not None:
             ap = torch.matmul(a, p_w)
             if p_b is not None:
                 ap += p_b
@@ -450,8 +469,9 @@ class KroneckerFeaturizer(Featurizer):
             ap = torch.cat([a, a.new_ones(b, t, 1)], dim=2)
         else:
             ap = a
-        dp = torch.matmul(d, p_out) if p_out is not None else d
-        feat = torch.bmm(dp.transpose(1, 2), ap)  # [b, k_out, k_in]
+        if ts is None:
+            dp = torch.matmul(d, p_out) if p_out is not None else d
+            feat = torch.bmm(dp.transpose(1, 2), ap)  # [b, k_out, k_in]
         if t == 1:
             na = a.reshape(b, -1).square().sum(1)
             if lay.bias:
@@ -537,6 +557,9 @@ class KroneckerFeaturizer(Featurizer):
                 g = gi if g is None else g + gi
             assert g is not None
             sq[s:e] = g.reshape(e - s, -1).square().sum(1)
+            if blk.tensor is not None:
+                feat[s:e] = blk.tensor.apply_matrix(g).to(feat.dtype).reshape(e - s, 1, -1)
+                continue
             if p_w is not None:
                 pw = g[:, :, : lay.in_nb] @ p_w
                 if p_b is not None:

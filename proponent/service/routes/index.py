@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter
 
 from proponent.client.schemas import DEFAULT_SCORING, IndexInfo
+from proponent.model.sketch import storage_bytes
 from proponent.query.crossloss import QUERY_OBJECTIVES
 from proponent.query.index import InfluenceIndex
 from proponent.query.scoring import SCORINGS
@@ -35,7 +35,6 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
             }
         )
     ds = man.dataset
-    item = np.dtype(man.storage.dtype).itemsize
     sizes = index.where.file_sizes("store.zarr")  # one listing (object storage: one request per 1000 files)
     features_bytes = sum(size for f, size in sizes.items() if "/features/" in f)
     return {
@@ -50,7 +49,7 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
         "exact": not index.has_ann,
         "storage": {
             "dtype": man.storage.dtype,
-            "bytes_per_sample_per_checkpoint": index.dim * item,
+            "bytes_per_sample_per_checkpoint": storage_bytes(index.dim, man.storage.dtype),
             "features_bytes": int(features_bytes),
             "input_encoding": man.storage.input_encoding,
         },

@@ -1113,7 +1113,8 @@ function renderIndex() {
   const objective = kvTable(Object.entries(obj).map(([k, v]) => [k, String(v)]));
   const projection = kvTable([
     ["kind", String(proj.kind)],
-    proj.k != null ? ["k per side", String(proj.k)] : null,
+    proj.kind === "kron" && proj.k != null ? ["k per side", String(proj.k)] : null,
+    proj.kind === "tensor" ? ["per layer", "a tensor sketch of each layer's gradient (dimensions by gradient energy)"] : null,
     proj.seed != null ? ["seed", String(proj.seed)] : null,
     ["dimension", String(proj.dim ?? info.dim)],
     typeof proj.layers === "number" ? ["layers", String(proj.layers)] : null,
@@ -1162,8 +1163,10 @@ function renderIndex() {
                 {},
                 h("td", {}, l.name),
                 h("td", { class: "left" }, l.kind),
-                h("td", {}, `${l.in_dim} → ${l.projected_in ? l.k_in : "exact"}`),
-                h("td", {}, `${l.out_dim} → ${l.projected_out ? l.k_out : "exact"}`),
+                l.tensor
+                  ? h("td", { colspan: 2 }, `${l.in_dim} × ${l.out_dim} → ${l.k_in} (tensor sketch)`)
+                  : h("td", {}, `${l.in_dim} → ${l.projected_in ? l.k_in : "exact"}`),
+                l.tensor ? null : h("td", {}, `${l.out_dim} → ${l.projected_out ? l.k_out : "exact"}`),
                 h("td", {}, l.offset),
               ),
             ),
