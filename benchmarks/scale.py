@@ -56,7 +56,7 @@ def real_index(work: Path, n: int, epochs: int) -> tuple[Path, float]:
             return idx, float(man.seconds or 0.0)
     shutil.rmtree(root, ignore_errors=True)
     cli = [sys.executable, "-m", "proponent"]
-    data = f"digits,size=28,augment={n}"
+    data = f"digits,size=28,augment={-(-n // 1797)},limit={n}"  # 1,797 images per affine variant
     subprocess.run(
         [*cli, "train", "--data", data, "--out", str(root / "run"), "--hidden", "512,256", "--epochs", str(epochs)]
         + ["--batch-size", "128", "--quiet"],
@@ -72,7 +72,7 @@ def synthetic(work: Path, n: int) -> tuple[Path, float]:
     from proponent.build.synthetic import synthetic_index
 
     d = IndexOptions()
-    dim = d.projection.sketch_dim or 4096
+    dim = d.projection.sketch_dim or d.projection.dim  # the default layout's width (tensor: 7,996)
     out = work / f"synthetic-{n}-d{dim}-{d.dtype}"
     t = time.perf_counter()
     synthetic_index(out, n=n, checkpoints=5, dim=dim, dtype=d.dtype)

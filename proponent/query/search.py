@@ -132,13 +132,20 @@ class _Int8Query:
         resid = r1 - s2 * z2
         self.s = (s1, s2)
         self.z = torch.from_numpy(np.stack([z1, z2]).astype(np.int8))
+        # [D, 8] (the two codes, zero-padded): codes @ zt is oneDNN's fast int8 GEMM orientation on
+        # CPU, 1.5x faster than z @ codes.T on the same data (measured at 20,000 x 7,994)
+        zt = np.zeros((len(q), 8), dtype=np.int8)
+        zt[:, :2] = np.stack([z1, z2]).T
+        self.zt = torch.from_numpy(zt)
         self.resid_norm = float(np.linalg.norm(resid)) * (1 + 1e-9)
         self.norm = float(np.linalg.norm(q)) * (1 + 1e-9)
 
     def products(self, codes: torch.Tensor) -> np.ndarray:
         """Σ_j q̃_j·codes_ij for int8 ``codes [n, D]`` (exact integer sums, combined in float64)."""
         d = codes.shape[1]
-        if d <= _INT32_SAFE_DIM:
+        if d <= _INT32_SAFE_DIM and codes.device.type == "cpu" and codes.is_contiguous():
+            acc = torch._int_mm(codes, self.zt)[:, :2].T.to(torch.float64)
+        elif d <= _INT32_SAFE_DIM:
             acc = torch._int_mm(self.z, codes.T).to(torch.float64)
         else:
             acc = torch.zeros((2, codes.shape[0]), dtype=torch.float64)
