@@ -50,7 +50,8 @@ from proponent.query.index import open_index
 
 # The index layouts measured by default; add a new projection layout with one more line.
 DEFAULT_INDEXES = [
-    "kron64 projection=kron k=64",  # the current default layout
+    "default",  # the default layout (per-layer tensor sketches, D = 7,996, int8)
+    "kron64 projection=kron k=64",  # the first version's layout
     "exact projection=none",  # exact gradients, no projection
     "last2 projection=kron k=64 layers=last:2",  # the last two layers only (decoder.2, decoder.4)
 ]

@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="outlier generator seed")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--m", type=int, default=16)
-    ap.add_argument("--projection", default="kron", choices=["kron", "none"])
+    ap.add_argument("--projection", default="tensor", choices=["tensor", "kron", "none"], help="tensor: the default")
     ap.add_argument("--proj-k", type=int, default=64)
     ap.add_argument("--k", type=int, default=10, help="top-k")
     ap.add_argument("--convention", default="lr", choices=["lr", "visits"])
@@ -69,8 +69,9 @@ def main() -> None:
     t_train = time.perf_counter() - t0
     specs, _ = checkpoints_from_run(run)
     t0 = time.perf_counter()
-    opts = IndexOptions(m=a.m, projection=ProjectionSpec(kind=a.projection, k=a.proj_k))
-    proj_tag = "none" if a.projection == "none" else f"kron{a.proj_k}"
+    proj = ProjectionSpec() if a.projection == "tensor" else ProjectionSpec(kind=a.projection, k=a.proj_k)
+    opts = IndexOptions(m=a.m, projection=proj)  # tensor: the default layout (per-layer tensor sketches, int8)
+    proj_tag = {"none": "none", "kron": f"kron{a.proj_k}", "tensor": f"tensor{proj.dim}"}[a.projection]
     idx = open_index(build_index(data, specs, wd / tag / f"index_{proj_tag}_m{a.m}", opts, show_progress=False))
     t_index = time.perf_counter() - t0
     t0 = time.perf_counter()
