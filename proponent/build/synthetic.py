@@ -33,9 +33,17 @@ from proponent.progress import progress
 
 
 def _projection_for(model: torch.nn.Module, dim: int) -> ProjectionSpec:
-    """A layout of exactly ``dim`` dimensions (a Kronecker stage, then an SRHT down to ``dim``): the
-    rows are random, so only the width matters, and the scale figures are quoted at a given width."""
-    return ProjectionSpec(kind="kron", k=16, seed=0, sketch="srht", sketch_dim=dim)
+    """The default layout's kind (a tensor sketch per layer) at about ``dim`` dimensions, split over the
+    layers by parameter count (capped at each layer's exact size; FFT-friendly sizes, so the total may be
+    a little below ``dim``). The rows are random, so only the width matters, and the scale figures are
+    quoted at a given width; uploaded queries are featurized through the same layout for real."""
+    from proponent.model.projection import discover_layers, uncalibrated_layer_dims
+
+    layers = discover_layers(model)
+    exact = sum(info.in_dim * info.out_dim for info in layers)
+    if dim > exact:
+        raise ValueError(f"synthetic index: dim={dim} exceeds the synthetic model's {exact} gradient dimensions")
+    return ProjectionSpec(kind="tensor", dim=dim, layer_dims=uncalibrated_layer_dims(layers, dim))
 
 
 def synthetic_index(
