@@ -124,6 +124,9 @@ class FeatureStore:
         self.rel = rel
         self.group = group
         self.cache: ChunkCache | None = None  # a local copy of chunks read from remote storage (serving)
+        # (shape, chunks, dtype) per array for raw chunk reads: a group lookup reads the array's zarr.json
+        # again every time (0.5 ms, a third of a 1.5 MiB chunk read); arrays never change shape once staged
+        self._raw_meta: dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]] = {}
         attrs: dict[str, Any] = dict(group.attrs)
         try:
             self.n = int(attrs["n"])
@@ -289,8 +292,12 @@ class FeatureStore:
         With a :attr:`cache`, the chunk's bytes come from the local cache when it holds them (and
         their checksum holds), else from the index's storage, and are kept for the next read.
         """
-        a = self._a(name)
-        key = self.chunk_key(name, (k, *([0] * (a.ndim - 1))))
+        meta = self._raw_meta.get(name)
+        if meta is None:
+            a = self._a(name)
+            meta = self._raw_meta[name] = (tuple(a.shape), tuple(a.chunks), np.dtype(str(a.dtype)))
+        shape, chunks, dtype = meta
+        key = self.chunk_key(name, (k, *([0] * (len(shape) - 1))))
         data = self.cache.get(key) if self.cache is not None else None
         if data is not None and not _crc_ok(data):
             data = None  # a damaged cache file: read the chunk again
@@ -303,10 +310,10 @@ class FeatureStore:
                 raise StoreError(f"{self.where.describe(key)}: damaged (checksum mismatch); the index cannot be served")
             if self.cache is not None:
                 self.cache.put(key, data)
-        out = np.frombuffer(data, dtype=np.dtype(str(a.dtype)), count=math.prod(a.chunks))
-        lo = k * a.chunks[0]
-        rows = min(a.chunks[0], a.shape[0] - lo)
-        return out.reshape(a.chunks)[:rows]
+        out = np.frombuffer(data, dtype=dtype, count=math.prod(chunks))
+        lo = k * chunks[0]
+        rows = min(chunks[0], shape[0] - lo)
+        return out.reshape(chunks)[:rows]
 
     # ------------------------------------------------------------------ units of work
     @property
@@ -426,7 +433,10 @@ class FeatureStore:
 
 def _crc_ok(data: bytes) -> bool:
     """Whether a chunk's bytes end with the crc32c of the rest (zarr's ``crc32c`` codec)."""
-    return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
+    if len(data) < 4:
+        return False
+    body = np.frombuffer(data, np.uint8, count=len(data) - 4)  # a read-only view: no copy of the chunk
+    return bool(google_crc32c.value(body) == int.from_bytes(data[-4:], "little"))
 
 
 class ChunkCache:
