@@ -129,3 +129,15 @@ def test_verify_deep_names_every_damaged_chunk(index_dir, tmp_path, capsys):
         assert f"{rel}: damaged (checksum mismatch)" in out, out
     (copy / "store.zarr/ckpt_001/loss/c/0").unlink()
     assert any("ckpt_001/loss/c/0: chunk missing" in p for p in verify_index(copy))
+
+
+def test_a_chunk_of_another_array_in_its_place_is_refused(index_dir, tmp_path):
+    """Its own checksum holds, so only its size gives it away: named, never read as features."""
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    shutil.copyfile(copy / "store.zarr/ckpt_000/scale/c/0", copy / "store.zarr/ckpt_000/features/c/0/0")
+    with pytest.raises(IndexError_, match=r"ckpt_000/features/c/0/0: wrong size"):
+        open_index(copy, device="cpu", feature_mode="memory")
+    idx = open_index(copy, device="cpu", feature_mode="stream")
+    with pytest.raises(StoreError, match=r"ckpt_000/features/c/0/0: wrong size"):
+        idx.influence(sample_id=int(idx.meta.ids[0]), k=3)

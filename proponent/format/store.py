@@ -310,6 +310,12 @@ class FeatureStore:
                 raise StoreError(f"{self.where.describe(key)}: damaged (checksum mismatch); the index cannot be served")
             if self.cache is not None:
                 self.cache.put(key, data)
+        want = math.prod(chunks) * dtype.itemsize + 4
+        if len(data) != want:  # e.g. another array's chunk file put in its place: its own checksum holds
+            raise StoreError(
+                f"{self.where.describe(key)}: wrong size ({len(data)} bytes, expected {want}); "
+                "the index cannot be served"
+            )
         out = np.frombuffer(data, dtype=dtype, count=math.prod(chunks))
         lo = k * chunks[0]
         rows = min(chunks[0], shape[0] - lo)
