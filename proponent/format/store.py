@@ -298,24 +298,20 @@ class FeatureStore:
             meta = self._raw_meta[name] = (tuple(a.shape), tuple(a.chunks), np.dtype(str(a.dtype)))
         shape, chunks, dtype = meta
         key = self.chunk_key(name, (k, *([0] * (len(shape) - 1))))
+        want = math.prod(chunks) * dtype.itemsize + 4  # the chunk, uncompressed, and its crc32c
         data = self.cache.get(key) if self.cache is not None else None
-        if data is not None and not _crc_ok(data):
+        if data is not None and _raw_problem(data, want):
             data = None  # a damaged cache file: read the chunk again
         if data is None:
             try:
                 data = self.where.read_bytes(key)
             except FileNotFoundError:
                 raise StoreError(f"{self.where.describe(key)}: chunk missing; the index cannot be served") from None
-            if not _crc_ok(data):
-                raise StoreError(f"{self.where.describe(key)}: damaged (checksum mismatch); the index cannot be served")
+            bad = _raw_problem(data, want)
+            if bad:
+                raise StoreError(f"{self.where.describe(key)}: {bad}; the index cannot be served")
             if self.cache is not None:
                 self.cache.put(key, data)
-        want = math.prod(chunks) * dtype.itemsize + 4
-        if len(data) != want:  # e.g. another array's chunk file put in its place: its own checksum holds
-            raise StoreError(
-                f"{self.where.describe(key)}: wrong size ({len(data)} bytes, expected {want}); "
-                "the index cannot be served"
-            )
         out = np.frombuffer(data, dtype=dtype, count=math.prod(chunks))
         lo = k * chunks[0]
         rows = min(chunks[0], shape[0] - lo)
@@ -435,6 +431,15 @@ class FeatureStore:
         files += [f"{self.rel}/{g}/zarr.json" for g in sorted(groups)]
         files += [f"{self.rel}/{name}/zarr.json" for name in self.array_names()]
         return sorted(files)
+
+
+def _raw_problem(data: bytes, want: int) -> str | None:
+    """What is wrong with an uncompressed chunk file of ``want`` bytes (None: nothing)."""
+    if not _crc_ok(data):
+        return "damaged (checksum mismatch)"
+    if len(data) != want:  # e.g. another array's chunk file put in its place: its own checksum holds
+        return f"wrong size ({len(data)} bytes, expected {want})"
+    return None
 
 
 def _crc_ok(data: bytes) -> bool:
