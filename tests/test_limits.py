@@ -86,9 +86,12 @@ def test_request_timeout_504(svc_index_dir, tmp_path):
             s.state.index.runtime.featurize_lock
         ):  # the worker blocks inside the first query; the second waits in the queue
             ts = [threading.Thread(target=query) for _ in range(2)]
-            for t in ts:
-                t.start()
-                time.sleep(0.1)
+            deadline = time.monotonic() + 30
+            ts[0].start()
+            while s.state.engine.active < 1:  # the worker has taken the first query
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            ts[1].start()
             for t in ts:
                 t.join()
             depth = next(
@@ -309,12 +312,15 @@ def test_sigterm_drains_and_job_resumes(
     t.start()
     assert sent_first.wait(30)
     deadline = time.monotonic() + 120
-    while not (0 < job.refresh().info.progress.done < job.info.progress.total):
+    while job.refresh().info.progress.done == 0:
         assert job.state in ("queued", "running") and time.monotonic() < deadline, job.info
         time.sleep(0.01)
+    # The signal stops the job before its next chunk, whatever the drain of the upload takes: one chunk
+    # may be in flight, so at least two must be left for the job to be caught between chunks.
+    assert job.info.progress.done <= job.info.progress.total - 2, job.info
     assert srv.proc is not None
     srv.proc.send_signal(signal.SIGTERM)  # the upload's headers and first bytes have long arrived
-    time.sleep(0.05)
+    time.sleep(3.0)  # a long drain: the job must not run on through it
     release.set()
     t.join(60)
     assert "error" not in answer, answer.get("error")

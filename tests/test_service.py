@@ -398,7 +398,9 @@ def test_queue_overflow_503(svc_index_dir, tmp_path):
             first = threading.Thread(target=query)
             first.start()
             deadline = time.monotonic() + 30
-            time.sleep(0.5)  # the worker has taken the first query and blocks on the lock
+            while s.state.engine.active < 1:  # the worker has taken the first query and blocks on the lock
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             second = threading.Thread(target=query)
             second.start()
             while waiting() < 1:

@@ -3,7 +3,9 @@
 The lifespan opens and verifies the index once (a broken index stops start-up with a message
 naming the problem), pins torch/FAISS threads, starts the query engine and the job manager
 (resuming unfinished jobs), and on shutdown drains queued queries and stops the running job
-between chunks so it resumes at the next start.
+between chunks so it resumes at the next start. uvicorn lets open requests finish before the
+lifespan's shutdown runs; the running job is told to stop as soon as SIGTERM/SIGINT arrives
+(not after that drain), so a long drain does not let it run on.
 
 ``create_app(settings, searcher_factory=...)`` is the router of a sharded server: the index is
 opened without its features (stream mode, no ANN files: the router featurizes queries and reads
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -226,6 +230,36 @@ def _install_ui(app: FastAPI) -> None:
     app.mount("/static", _RevalidatedStaticFiles(directory=STATIC_DIR), name="static")
 
 
+def _stop_jobs_on_signal(jobs: JobManager) -> Callable[[], None]:
+    """Chain a handler in front of the server's SIGTERM/SIGINT handlers that tells the job manager to stop
+    at its next chunk boundary, then calls the handler it replaced; returns the function that restores
+    them. Signal handlers belong to the main thread: elsewhere (an in-process test client) nothing is
+    installed and the job stops at the lifespan's shutdown as before."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Any] = {}
+
+    def handler(sig: int, frame: Any) -> None:
+        jobs.request_stop()
+        prev = previous.get(sig)
+        if callable(prev):
+            prev(sig, frame)
+        elif prev == signal.SIG_DFL:  # no server handler: behave as the default would
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, prev in previous.items():
+            if signal.getsignal(sig) is handler and prev is not None:
+                signal.signal(sig, prev)
+
+    return restore
+
+
 def create_app(settings: Settings | None = None, searcher_factory: SearcherFactory | None = None) -> FastAPI:
     settings = settings or Settings()
     _install_logging()
@@ -240,6 +274,7 @@ def create_app(settings: Settings | None = None, searcher_factory: SearcherFacto
         state.engine.start()
         state.jobs = JobManager(state.index, settings.state_dir, metrics)
         state.jobs.start()
+        restore_signals = _stop_jobs_on_signal(state.jobs)
         state.ready = True
         served = state.index.features.describe()
         log.info(
@@ -261,6 +296,7 @@ def create_app(settings: Settings | None = None, searcher_factory: SearcherFacto
             state.ready = False
             await run_in_threadpool(state.engine.stop)
             await run_in_threadpool(state.jobs.stop)
+            restore_signals()
             log.info("stopped")
 
     app = FastAPI(

@@ -40,6 +40,8 @@ class QueryEngine:
         self.metrics = metrics
         self._q: queue.Queue[_Task | None] = queue.Queue(maxsize=queue_size)
         self._threads: list[threading.Thread] = []
+        self._active = 0
+        self._active_lock = threading.Lock()
 
     def start(self) -> None:
         for i in range(self.workers):
@@ -58,6 +60,16 @@ class QueryEngine:
     @property
     def depth(self) -> int:
         return self._q.qsize()
+
+    @property
+    def active(self) -> int:
+        """Queries a worker has taken and not yet finished."""
+        return self._active
+
+    def _set_active(self, delta: int) -> None:
+        with self._active_lock:
+            self._active += delta
+            self.metrics.in_flight.set(self._active)
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -87,10 +99,13 @@ class QueryEngine:
                 return
             if task.abandoned.is_set():
                 continue
+            self._set_active(1)
             try:
                 result, error = task.fn(), None
             except BaseException as e:  # handed to the waiting request, which maps it to a status
                 result, error = None, e
+            finally:
+                self._set_active(-1)
             try:
                 task.loop.call_soon_threadsafe(_settle, task.future, result, error)
             except RuntimeError:  # event loop already closed (shutdown)

@@ -83,6 +83,10 @@ class JobManager:
             log.info("resuming %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
         return resumed
 
+    def request_stop(self) -> None:
+        """Tell the running job to stop before its next chunk (returns at once; safe in a signal handler)."""
+        self._stop.set()
+
     def stop(self, timeout: float = 60.0) -> None:
         """Stop between chunks; progress is on disk and the job resumes at the next start."""
         self._stop.set()

@@ -22,6 +22,7 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge("proponent_query_queue_depth", "queries waiting for a worker", registry=self.registry)
+        self.in_flight = Gauge("proponent_query_in_flight", "queries a worker is running now", registry=self.registry)
         self.candidates = Histogram(
             "proponent_search_candidates",
             "rows rescored exactly per direction (k plus the rows within the scan's error bound)",
