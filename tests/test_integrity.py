@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from proponent.cli import main as cli_main
+from proponent.format.fsio import index_dir as index_dir_of
 from proponent.format.integrity import verify_index
-from proponent.format.store import StoreError
+from proponent.format.manifest import read_manifest, write_manifest
+from proponent.format.store import POSITIONS_FILE, StoreError
 from proponent.query.index import IndexError_, open_index
 
 pytestmark = pytest.mark.timeout(900)
@@ -39,6 +41,7 @@ KINDS = {
     "manifest": lambda f: f == "manifest.json",
     "checkpoint": lambda f: f.startswith("checkpoints/"),
     "faiss": lambda f: f.startswith("faiss/"),
+    "positions": lambda f: f == POSITIONS_FILE,
 }
 
 
@@ -141,3 +144,77 @@ def test_a_chunk_of_another_array_in_its_place_is_refused(index_dir, tmp_path):
     idx = open_index(copy, device="cpu", feature_mode="stream")
     with pytest.raises(StoreError, match=r"ckpt_000/features/c/0/0: wrong size"):
         idx.influence(sample_id=int(idx.meta.ids[0]), k=3)
+
+
+def _swap(a: Path, b: Path) -> None:
+    da, db = a.read_bytes(), b.read_bytes()
+    assert da != db and len(da) == len(db)
+    a.write_bytes(db)
+    b.write_bytes(da)
+
+
+MOVED = "holds other data than the index recorded at this position"
+
+
+def test_swapped_feature_chunks_are_refused(index_dir, tmp_path):
+    """Two chunk files of one array trade places: both checksums hold, the positions do not."""
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    _swap(copy / "store.zarr/ckpt_001/features/c/0/0", copy / "store.zarr/ckpt_001/features/c/1/0")
+    problems = verify_index(copy, deep=True)
+    assert any("ckpt_001/features/c/0/0: " + MOVED in p for p in problems), problems
+    assert any("ckpt_001/features/c/1/0: " + MOVED in p for p in problems), problems
+    assert verify_index(copy) == []  # the quick check reads no chunk
+    with pytest.raises(IndexError_, match=r"ckpt_001/features/c/0/0: " + MOVED):
+        open_index(copy, device="cpu", feature_mode="memory")
+    idx = open_index(copy, device="cpu", feature_mode="stream")
+    with pytest.raises(StoreError, match=r"ckpt_001/features/c/0/0: " + MOVED):
+        idx.influence(idx.input(5), k=3)
+    with pytest.raises(StoreError, match=MOVED):  # a stored sample's own features are read by position too
+        idx.influence(sample_id=int(idx.meta.ids[1]), k=3)
+
+
+@pytest.mark.parametrize("array", ["sq_norm", "scale", "loss"])
+def test_an_array_copied_from_another_checkpoint_is_refused(index_dir, tmp_path, array):
+    """Per-row arrays of the same shape copied across checkpoints (or indexes): each chunk's own checksum
+    holds, so the reads through zarr re-encode what they decoded and compare it with the recorded crc32c."""
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    src, dst = copy / f"store.zarr/ckpt_000/{array}/c", copy / f"store.zarr/ckpt_001/{array}/c"
+    shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    assert any(f"ckpt_001/{array}/c/0: " + MOVED in p for p in verify_index(copy, deep=True))
+    for mode in ("memory", "stream"):  # both read every per-row array at open
+        with pytest.raises(IndexError_, match=rf"ckpt_001/{array}/c/0: " + MOVED):
+            open_index(copy, device="cpu", feature_mode=mode)
+
+
+def test_swapped_input_chunks_are_refused(index_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    _swap(copy / "store.zarr/inputs/c/0/0/0/0", copy / "store.zarr/inputs/c/1/0/0/0")
+    with pytest.raises(IndexError_, match=r"inputs/c/0/0/0/0: " + MOVED):
+        open_index(copy, device="cpu", feature_mode="memory")
+    idx = open_index(copy, device="cpu", feature_mode="stream")  # inputs are read one sample at a time
+    with pytest.raises(StoreError, match=r"inputs/c/0/0/0/0: " + MOVED):
+        idx.input(0)
+
+
+def test_position_map_record_and_older_indexes(index_dir, tmp_path):
+    """The map is hashed in the manifest (a missing map is named); an index finished before maps existed
+    (no record) is served, checked by its chunks' own checksums only; its answers are the same."""
+    man = read_manifest(index_dir_of(index_dir))
+    assert man.storage.positions is not None and man.storage.positions.path == POSITIONS_FILE
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    (copy / POSITIONS_FILE).unlink()
+    assert any(POSITIONS_FILE in p and "missing" in p for p in verify_index(copy)), verify_index(copy)
+    with pytest.raises(IndexError_, match=POSITIONS_FILE):
+        open_index(copy, device="cpu")
+    storage = man.storage.model_copy(update={"positions": None})
+    write_manifest(index_dir_of(copy), man.model_copy(update={"storage": storage}))
+    assert verify_index(copy, deep=True) == []
+    old, new = open_index(copy, device="cpu"), open_index(index_dir, device="cpu")
+    a, b = old.influence(sample_id=int(old.meta.ids[3]), k=5), new.influence(sample_id=int(new.meta.ids[3]), k=5)
+    assert [h.id for h in a.proponents] == [h.id for h in b.proponents]
+    assert [h.score for h in a.proponents] == [h.score for h in b.proponents]

@@ -15,6 +15,7 @@ import pytest
 
 from proponent.format.fsio import IndexDir
 from proponent.format.integrity import verify_index
+from proponent.format.manifest import read_manifest, write_manifest
 from proponent.format.store import FeatureStore
 
 DATA = "digits,limit=400"
@@ -137,6 +138,13 @@ def test_verify_cli_names_the_problem(run_dir: Path, tmp_path: Path) -> None:
     assert ok.returncode == 0 and "OK" in ok.stdout
     st = FeatureStore.open(IndexDir(out), mode="r+")
     st.group["ckpt_001/done"][0] = 0  # pretend a unit never finished
+    bad = subprocess.run(_cli("verify", "--index", str(out)), capture_output=True, text=True)
+    # a finished index's done flags are recorded by position too: the changed flag is named as such
+    assert bad.returncode == 1 and "ckpt_001/done/c/0: holds other data than the index recorded" in bad.stdout
+    man = read_manifest(IndexDir(out))  # an index finished before position maps: the flag itself is reported
+    write_manifest(
+        IndexDir(out), man.model_copy(update={"storage": man.storage.model_copy(update={"positions": None})})
+    )
     bad = subprocess.run(_cli("verify", "--index", str(out)), capture_output=True, text=True)
     assert bad.returncode == 1 and "checkpoint 1 has 1 unfinished units" in bad.stdout
     missing = subprocess.run(_cli("verify", "--index", str(tmp_path / "nope")), capture_output=True, text=True)

@@ -53,7 +53,7 @@ from proponent.format.manifest import (
     read_manifest,
     write_manifest,
 )
-from proponent.format.store import STORE_DIR, FeatureStore, chunk_rows_for, ckpt_group, unit_rows_for
+from proponent.format.store import POSITIONS_FILE, STORE_DIR, FeatureStore, chunk_rows_for, ckpt_group, unit_rows_for
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import CheckpointError, read_checkpoint, state_dict_at
 from proponent.model.featurizers import make_featurizer
@@ -505,10 +505,14 @@ def finish(where: IndexDir, t0: float | None = None) -> Manifest:
                 ann.write(index, where, rel)
             files.append(FileRecord(path=rel, sha256=where.sha256(rel)))
     meta = [FileRecord(path=rel, sha256=where.sha256(rel)) for rel in store.metadata_files()]
+    positions = store.position_map()
+    where.write_bytes(POSITIONS_FILE, positions)
     man = man.model_copy(
         update={
             "ann": AnnRecord(kind=man.ann.kind, files=files),
-            "storage": man.storage.model_copy(update={"metadata": meta}),
+            "storage": man.storage.model_copy(
+                update={"metadata": meta, "positions": FileRecord(path=POSITIONS_FILE, sha256=sha256_bytes(positions))}
+            ),
             "complete": True,
             "seconds": None if t0 is None else time.perf_counter() - t0,
         }

@@ -152,6 +152,22 @@ class IndexDir:
         except OSError as e:
             raise _storage_error(p, "read", e) from None
 
+    def read_tails(self, rels: list[str], n: int) -> list[bytes]:
+        """The last ``n`` bytes of each file (all of a shorter one)."""
+        out = []
+        for rel in rels:
+            p = self.path / rel
+            try:
+                with open(p, "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(0, size - n))
+                    out.append(f.read())
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{p}: file not found") from None
+            except OSError as e:
+                raise _storage_error(p, "read", e) from None
+        return out
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         atomic_write_bytes(self.path / rel, data)
 
@@ -394,6 +410,19 @@ class ObjectStoreDir(IndexDir):
 
     def read_bytes(self, rel: str) -> bytes:
         return self._call(rel, "read", lambda: bytes(self.fs.cat_file(self.key(rel))))
+
+    def read_tails(self, rels: list[str], n: int) -> list[bytes]:
+        """The last ``n`` bytes of each object: suffix-range GETs, issued concurrently."""
+        if not rels:
+            return []
+        keys = [self.key(r) for r in rels]
+        got = self._call(
+            rels[0], "read", lambda: self.fs.cat_ranges(keys, [-n] * len(keys), [None] * len(keys), on_error="return")
+        )
+        for rel, g in zip(rels, got, strict=True):
+            if isinstance(g, BaseException):
+                raise translate_storage_error(g, self.describe(rel), "read") from None
+        return [bytes(g) for g in got]
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """One PUT: readers see the old object or the new one, never a part."""

@@ -2,9 +2,12 @@
 
 Every file of an index is covered by a checksum: the manifest by its own ``checksum`` field,
 checkpoints, FAISS files and every ``zarr.json`` by sha256 values recorded in the manifest,
-and every chunk of every Zarr array by its crc32c codec. :func:`verify_index` checks all but the
-chunks' contents (it does check that every chunk exists); ``deep=True`` reads every chunk too
-and names each damaged one. The server additionally verifies every chunk it reads.
+every chunk of every Zarr array by its crc32c codec, and every chunk's place by the crc32c
+recorded for its position (the store's position map, hashed in the manifest: a chunk file moved,
+swapped or copied in from another index keeps its own checksum but not its place's).
+:func:`verify_index` checks all but the chunks' contents (it does check that every chunk exists);
+``deep=True`` reads every chunk too and names each damaged or misplaced one. The server
+additionally verifies every chunk it reads, position included (:func:`open_store`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,13 @@ from __future__ import annotations
 from .fsio import IndexDir, index_dir
 from .manifest import Manifest, ManifestError, read_manifest
 from .store import STORE_DIR, FeatureStore, StoreError, ckpt_group
+
+
+def open_store(where: IndexDir, man: Manifest) -> FeatureStore:
+    """The index's store, checking every chunk it reads against the position map the manifest records
+    (indexes finished before position maps existed are checked by their chunks' own checksums only)."""
+    pos = man.storage.positions
+    return FeatureStore.open(where, positions=None if pos is None else (pos.path, pos.sha256))
 
 
 def verify_index(location: str | IndexDir, *, deep: bool = False, check_hashes: bool = True) -> list[str]:
@@ -49,7 +59,7 @@ def verify_contents(where: IndexDir, man: Manifest, *, deep: bool = False, check
     if problems and any("zarr.json" in p for p in problems):
         return problems  # the store's metadata cannot be trusted: do not open it
     try:
-        store = FeatureStore.open(where)
+        store = open_store(where, man) if check_hashes else FeatureStore.open(where)
     except StoreError as e:
         return [*problems, str(e)]
     if man.complete and recorded and set(store.metadata_files()) != set(recorded):

@@ -155,6 +155,8 @@ class StorageRecord(_Record):
     unit_rows: int  # rows per unit of work (a multiple of chunk_rows); one done flag each
     input_encoding: Literal["uint8/255", "float32"]  # how the exact training inputs are stored
     metadata: list[FileRecord] = Field(default_factory=list)  # zarr.json of the group and every array
+    # the crc32c of every chunk by position (store.POSITIONS_FILE); None in indexes finished before it existed
+    positions: FileRecord | None = None
 
 
 class AnnRecord(_Record):

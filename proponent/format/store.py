@@ -13,6 +13,14 @@ codec, so a damaged chunk is refused when it is read)::
     ckpt_{c:03d}/loss       [N] float32  per-sample objective
     ckpt_{c:03d}/done       [n_units] uint8  one flag per unit of work, its own chunk
 
+A chunk's crc32c proves its bytes are the ones written, not that they are in the right place:
+a chunk file moved to another position of its array, or an array copied in from another index
+of the same shape, keeps its own checksum. So the index job records, when it finishes, the crc32c
+of every chunk file by position (:data:`POSITIONS_FILE`, an ``.npz`` of one uint32 per chunk per
+array, itself hashed in the manifest), and a store opened with it (:meth:`FeatureStore.open`,
+``positions=``) checks every chunk it reads against it: raw chunk reads compare the file's crc32c
+with the recorded one, reads through zarr re-encode the chunks they decoded and compare.
+
 The unit of work is ``unit_rows`` rows of one checkpoint (a whole number of feature chunks);
 every per-row array is chunked so that a unit owns every storage chunk it writes, and a unit's
 ``done`` flag is written after its data: a killed job redoes at most the units in flight, and a
@@ -21,6 +29,7 @@ resumed, sharded or distributed run writes the same bytes as one uninterrupted r
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -38,6 +47,8 @@ from .fsio import IndexDir, atomic_write_bytes
 
 MIB = 1 << 20
 STORE_DIR = "store.zarr"
+#: crc32c of every chunk file of the store, by position (written by the index job's finish)
+POSITIONS_FILE = "store.positions.npz"
 FEATURE_DTYPES = ("int8", "float16", "float32")
 
 
@@ -127,6 +138,8 @@ class FeatureStore:
         # (shape, chunks, dtype) per array for raw chunk reads: a group lookup reads the array's zarr.json
         # again every time (0.5 ms, a third of a 1.5 MiB chunk read); arrays never change shape once staged
         self._raw_meta: dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]] = {}
+        # array name -> the recorded crc32c of each of its chunks (grid order); None: not checked
+        self.positions: dict[str, np.ndarray] | None = None
         attrs: dict[str, Any] = dict(group.attrs)
         try:
             self.n = int(attrs["n"])
@@ -223,7 +236,11 @@ class FeatureStore:
         return cls(where, g, rel)
 
     @classmethod
-    def open(cls, where: IndexDir, rel: str = STORE_DIR, mode: str = "r") -> FeatureStore:
+    def open(
+        cls, where: IndexDir, rel: str = STORE_DIR, mode: str = "r", positions: tuple[str, str] | None = None
+    ) -> FeatureStore:
+        """Open the store; with ``positions=(file, sha256)`` (the manifest's record) every chunk read is
+        checked against the crc32c recorded for its position."""
         if not where.is_committed(rel):
             what = "zarr.json missing" if where.is_local else f"zarr.json or the commit marker {rel}.committed missing"
             raise StoreError(f"{where.describe(rel)}: no Zarr v3 store here ({what})")
@@ -231,7 +248,80 @@ class FeatureStore:
             g = zarr.open_group(where.zarr_store(rel, read_only=mode == "r"), mode=mode, zarr_format=3)  # type: ignore[arg-type]
         except Exception as e:  # zarr raises several types for damaged metadata
             raise StoreError(f"{where.describe(rel)}: cannot open the Zarr store: {e}") from e
-        return cls(where, g, rel)
+        store = cls(where, g, rel)
+        if positions is not None:
+            store.load_positions(*positions)
+        return store
+
+    # ------------------------------------------------------------------ chunk positions
+    def position_map(self) -> bytes:
+        """The crc32c of every chunk file of every array, by position, as ``.npz`` bytes (see the module
+        docstring). Reads the last 4 bytes of each chunk file (suffix-range GETs on object storage)."""
+        out: dict[str, np.ndarray] = {}
+        for name in self.array_names():
+            keys = [self.chunk_key(name, idx) for idx in self.chunk_indices(name)]
+            try:
+                tails = self.where.read_tails(keys, 4)
+            except FileNotFoundError as e:
+                raise StoreError(f"{e}: chunk missing") from None
+            if any(len(t) != 4 for t in tails):
+                bad = next(k for k, t in zip(keys, tails, strict=True) if len(t) != 4)
+                raise StoreError(f"{self.where.describe(bad)}: damaged (shorter than its checksum)")
+            out[name] = np.array([int.from_bytes(t, "little") for t in tails], np.uint32)
+        buf = io.BytesIO()
+        np.savez(buf, **cast(dict[str, Any], out))
+        return buf.getvalue()
+
+    def load_positions(self, rel: str, sha256: str) -> None:
+        """Check every chunk read from now on against the position map ``rel`` (its sha256 as recorded)."""
+        from .fsio import sha256_bytes
+
+        name = self.where.describe(rel)
+        try:
+            data = self.where.read_bytes(rel)
+        except FileNotFoundError:
+            raise StoreError(f"{name}: missing (the chunk checksums by position)") from None
+        if sha256_bytes(data) != sha256:
+            raise StoreError(f"{name}: damaged (sha256 differs from the manifest)")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                positions = {k: np.asarray(z[k], np.uint32) for k in z.files}
+        except Exception as e:  # its sha256 held: written wrongly, not damaged on disk
+            raise StoreError(f"{name}: unreadable ({type(e).__name__}: {e})") from None
+        names = self.array_names()
+        if sorted(positions) != names:
+            raise StoreError(f"{name}: lists other arrays than the store holds")
+        for a in names:
+            have = len(self.chunk_indices(a))
+            if len(positions[a]) != have:
+                raise StoreError(f"{name}: {len(positions[a])} chunks of {a}, the store has {have}")
+        self.positions = positions
+
+    def _position_problem(self, name: str, flat: int, crc: int) -> str | None:
+        pos = self.positions.get(name) if self.positions is not None else None
+        if pos is None or int(pos[flat]) == crc:
+            return None
+        return (
+            "holds other data than the index recorded at this position (its crc32c differs from the recorded "
+            "one: a chunk file moved, swapped or copied in from elsewhere)"
+        )
+
+    def _check_decoded(self, name: str, a: zarr.Array, k0: int, block: np.ndarray) -> None:
+        """Compare the chunks ``k0, k0+1, ...`` decoded into ``block`` (whole chunks, rows along axis 0)
+        with the crc32c recorded for their positions, re-encoding each as zarr wrote it."""
+        cr = int(a.chunks[0])
+        full = (cr, *(int(v) for v in a.shape[1:]))
+        for j in range(math.ceil(len(block) / cr)):
+            part = block[j * cr : (j + 1) * cr]
+            if len(part) < cr:  # the last chunk: written padded with the fill value (0)
+                pad = np.zeros(full, dtype=part.dtype)
+                pad[: len(part)] = part
+                part = pad
+            raw = np.ascontiguousarray(part, dtype=part.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+            problem = self._position_problem(name, k0 + j, int(google_crc32c.value(raw)))
+            if problem:
+                key = self.chunk_key(name, (k0 + j, *([0] * (a.ndim - 1))))
+                raise StoreError(f"{self.where.describe(key)}: {problem}; the index cannot be served")
 
     def _a(self, name: str) -> zarr.Array:
         try:
@@ -251,14 +341,53 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ checked reads
     def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
-        """``array[selection]``; a damaged chunk raises :class:`StoreError` naming array and chunk."""
+        """``array[selection]``; a damaged chunk raises :class:`StoreError` naming array and chunk.
+
+        With a position map, ``selection`` (a slice or an integer array along the rows) is read as the whole
+        chunks that hold it, and each is checked against its position's crc32c."""
         a = self._a(name)
         try:
-            return np.asarray(a[selection])
+            if self.positions is None or name not in self.positions or a.ndim == 0 or not self._whole_rows(a):
+                return np.asarray(a[selection])
+            return self._read_checked(name, a, selection)
         except ValueError as e:
             if "checksum" not in str(e):
                 raise
             raise StoreError(self._damage(name, selection)) from None
+
+    @staticmethod
+    def _whole_rows(a: zarr.Array) -> bool:
+        """Whether the array is chunked along its rows only (every array of a proponent store is)."""
+        return tuple(a.chunks[1:]) == tuple(a.shape[1:])
+
+    def _read_checked(self, name: str, a: zarr.Array, selection: Any) -> np.ndarray:
+        n, cr = int(a.shape[0]), int(a.chunks[0])
+        if isinstance(selection, slice):
+            lo, hi, step = selection.indices(n)
+            if step != 1 or hi <= lo:
+                rows = np.arange(lo, hi, step, dtype=np.int64)
+            else:
+                k0, k1 = lo // cr, (hi - 1) // cr + 1
+                block = np.asarray(a[k0 * cr : min(n, k1 * cr)])
+                self._check_decoded(name, a, k0, block)
+                return block[lo - k0 * cr : hi - k0 * cr]
+        else:
+            rows = np.asarray(selection)
+            if rows.dtype == bool or rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+                return np.asarray(a[selection])  # not a row selection this store makes: read as asked
+        rows = rows.astype(np.int64)
+        if len(rows) and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"{name}: rows out of range for {n} rows")
+        rows = np.where(rows < 0, rows + n, rows)
+        out = np.empty((len(rows), *a.shape[1:]), dtype=np.dtype(str(a.dtype)))
+        which = rows // cr
+        for k in np.unique(which):
+            k = int(k)
+            block = np.asarray(a[k * cr : min(n, (k + 1) * cr)])
+            self._check_decoded(name, a, k, block)
+            sel = np.flatnonzero(which == k)
+            out[sel] = block[rows[sel] - k * cr]
+        return out
 
     def _damage(self, name: str, selection: Any) -> str:
         """Name the damaged chunk(s) of ``name`` within ``selection`` by reading its chunks one by one."""
@@ -284,7 +413,14 @@ class FeatureStore:
         data = self.where.read_bytes(key)
         if not _crc_ok(data):
             return f"{self.where.describe(key)}: damaged (checksum mismatch)"
-        return None
+        grid = [math.ceil(s / c) if s else 0 for s, c in zip(*self._grid(name), strict=True)]
+        flat = int(np.ravel_multi_index(idx, grid)) if grid else 0
+        moved = self._position_problem(name, flat, int.from_bytes(data[-4:], "little"))
+        return f"{self.where.describe(key)}: {moved}" if moved else None
+
+    def _grid(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        a = self._a(name)
+        return tuple(int(v) for v in a.shape), tuple(int(v) for v in a.chunks)
 
     def raw_chunk(self, name: str, k: int) -> np.ndarray:
         """Row chunk ``k`` of a 2-D array read straight from its file (checksum verified, no copy).
@@ -300,14 +436,14 @@ class FeatureStore:
         key = self.chunk_key(name, (k, *([0] * (len(shape) - 1))))
         want = math.prod(chunks) * dtype.itemsize + 4  # the chunk, uncompressed, and its crc32c
         data = self.cache.get(key) if self.cache is not None else None
-        if data is not None and _raw_problem(data, want):
+        if data is not None and (_raw_problem(data, want) or self._moved(name, k, data)):
             data = None  # a damaged cache file: read the chunk again
         if data is None:
             try:
                 data = self.where.read_bytes(key)
             except FileNotFoundError:
                 raise StoreError(f"{self.where.describe(key)}: chunk missing; the index cannot be served") from None
-            bad = _raw_problem(data, want)
+            bad = _raw_problem(data, want) or self._moved(name, k, data)
             if bad:
                 raise StoreError(f"{self.where.describe(key)}: {bad}; the index cannot be served")
             if self.cache is not None:
@@ -316,6 +452,10 @@ class FeatureStore:
         lo = k * chunks[0]
         rows = min(chunks[0], shape[0] - lo)
         return out.reshape(chunks)[:rows]
+
+    def _moved(self, name: str, k: int, data: bytes) -> str | None:
+        """Row chunk ``k``'s file checked against its position's recorded crc32c (None: it matches)."""
+        return self._position_problem(name, k, int.from_bytes(data[-4:], "little"))
 
     # ------------------------------------------------------------------ units of work
     @property
@@ -388,18 +528,25 @@ class FeatureStore:
 
     def feature_rows(self, c: int, rows: np.ndarray) -> np.ndarray:
         """Stored features of ``rows`` at stored precision, as float64 ``[len(rows), D]``."""
+        vals = self.stored_values(c, rows)
+        if self.dtype == np.int8 and len(vals):
+            vals *= np.asarray(self._read(f"{ckpt_group(c)}/scale", rows), np.float64)[:, None]
+        return vals
+
+    def stored_values(self, c: int, rows: np.ndarray) -> np.ndarray:
+        """The stored values (int8 codes, unscaled, or floats) of ``rows`` as float64, read as whole raw
+        chunks: checksum, size and position checked."""
         rows = np.asarray(rows, np.int64)
         if not len(rows):
             return np.zeros((0, self.dim))
-        a = self._a(f"{ckpt_group(c)}/features")
-        try:
-            vals = np.asarray(a.get_orthogonal_selection((rows, slice(None))), np.float64)
-        except ValueError as e:
-            if "checksum" not in str(e):
-                raise
-            raise StoreError(self._damage(f"{ckpt_group(c)}/features", rows)) from None
-        if self.dtype == np.int8:
-            vals *= np.asarray(self._read(f"{ckpt_group(c)}/scale", rows), np.float64)[:, None]
+        if rows.min() < 0 or rows.max() >= self.n:
+            raise IndexError(f"feature rows out of range for {self.n} rows")
+        vals = np.empty((len(rows), self.dim))
+        cr = self.layout.chunk_rows
+        which = rows // cr
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            vals[sel] = self.feature_chunk(c, int(k))[rows[sel] - int(k) * cr]
         return vals
 
     def feature_chunk(self, c: int, k: int) -> np.ndarray:

@@ -260,17 +260,8 @@ class ServedFeatures:
         return self._rows_from_chunks(c, rows)
 
     def _rows_from_chunks(self, c: int, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.dim))
-        if not len(rows):
-            return out
-        cr = self.store.layout.chunk_rows
-        glob = rows + self.lo
-        which = glob // cr
-        for k in np.unique(which):
-            sel = np.flatnonzero(which == k)
-            raw = self.store.feature_chunk(c, int(k))
-            out[sel] = raw[glob[sel] - int(k) * cr].astype(np.float64)
+        out = self.store.stored_values(c, rows + self.lo)
         sc = self.scale[c]
-        if sc is not None:
+        if sc is not None and len(rows):
             out *= sc[rows].astype(np.float64)[:, None]
         return out

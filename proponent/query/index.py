@@ -31,7 +31,7 @@ import torch
 from proponent.client.schemas import InfluenceParams, InfluenceResponse
 from proponent.format import ann
 from proponent.format.fsio import IndexDir, index_dir
-from proponent.format.integrity import verify_contents, verify_index
+from proponent.format.integrity import open_store, verify_contents, verify_index
 from proponent.format.manifest import CheckpointSpec, Manifest, ManifestError, read_manifest
 from proponent.format.store import ChunkCache, FeatureStore, StoreError
 from proponent.model.runtime import ModelRuntime
@@ -162,7 +162,7 @@ class InfluenceIndex:
             if problems:
                 raise IndexError_(f"{self.where}: index cannot be served: " + "; ".join(problems))
         try:
-            store = FeatureStore.open(self.where)
+            store = open_store(self.where, manifest)
             self.meta = IndexMeta(self.where, manifest, store)
         except StoreError as e:
             raise IndexError_(str(e)) from None

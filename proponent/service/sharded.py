@@ -34,8 +34,8 @@ from ray import serve
 from proponent.build.job import set_threads
 from proponent.build.ray_engine import connect, forwarded_env
 from proponent.format.fsio import index_dir
+from proponent.format.integrity import open_store
 from proponent.format.manifest import read_manifest
-from proponent.format.store import FeatureStore
 from proponent.model.runtime import resolve_device
 from proponent.query.features import ServedFeatures, parse_size
 from proponent.query.index import chunk_cache_for
@@ -62,7 +62,7 @@ class ShardReplica:
         man = read_manifest(where)
         if not man.complete:
             raise RuntimeError(f"{where}: index is incomplete; run the index job to the end")
-        store = FeatureStore.open(where)
+        store = open_store(where, man)
         self.served = ServedFeatures(
             store,
             len(man.checkpoints),
