@@ -483,3 +483,70 @@ def test_convtranspose_manifest_record() -> None:
     assert not rec.is_exact
     exact = ProjectionRecord.model_validate(build_projector(model, "all", ProjectionSpec(kind="none")).manifest())
     assert exact.is_exact
+
+
+# ------------------------------------------------------------------ the query's draws in one pass
+
+
+def _layernorm_vae() -> nn.Module:
+    model = _model("mlp")
+    model.decoder = nn.Sequential(model.decoder[0], nn.LayerNorm(12).double(), *model.decoder[1:])
+    return model
+
+
+DRAW_MODELS = {
+    "mlp": lambda: _model("mlp"),
+    "conv": lambda: _model("conv"),
+    "convt": lambda: _convt_model("k3s2p1op1"),
+    "layernorm": _layernorm_vae,
+}
+
+
+@pytest.mark.parametrize("name", list(DRAW_MODELS))
+@pytest.mark.parametrize("proj_kind", ["tensor", "kron", "none"])
+def test_draw_features_one_pass_equals_two(name: str, proj_kind: str) -> None:
+    """``draw_features``: the draws as rows of one pass, their mean and the mean gradient's exact
+    norm from the draws' cross terms, against the two-pass reference (the mean pass and the
+    per-draw pass), the dense featurizer and autograd of the mean loss."""
+    from proponent.model.featurizers.base import Featurizer
+
+    model = DRAW_MODELS[name]()
+    m = 4
+    obj = ELBO(m=m, beta=0.7)
+    proj = _double_projector(build_projector(model, "all", _spec(model, "all", proj_kind)))
+    x, y, eps = _data(model, m=m)
+    want_sq = _autograd_sq_norms(model, obj, proj, x, y, eps)
+    dense_mean, dense_draws = DenseFeaturizer(model, obj, proj).draw_features(x, y, eps)
+    for route in ("auto", "factor", "matrix"):
+        for chunk in (None, 6):  # 6 rows -> groups of 4 kept whole (4 rows per chunk)
+            feat = KroneckerFeaturizer(model, obj, proj, route=route, chunk_size=chunk)
+            mean, draws = feat.draw_features(x, y, eps)
+            ref_mean, ref_draws = Featurizer.draw_features(feat, x, y, eps)  # the two passes
+            assert draws.shape == (B, m, proj.dim) and mean.features.shape == (B, proj.dim)
+            assert _rel(draws, ref_draws) < 1e-6 and _rel(draws, dense_draws) < 1e-6, (route, chunk)
+            assert _rel(mean.features, ref_mean.features) < 1e-6 and _rel(mean.features, dense_mean.features) < 1e-6
+            assert torch.allclose(mean.sq_norm, want_sq, rtol=1e-6, atol=0), (route, chunk)
+            assert torch.allclose(mean.sq_norm, ref_mean.sq_norm, rtol=1e-6, atol=0)
+            assert torch.allclose(mean.loss, ref_mean.loss, rtol=1e-6)
+
+
+def test_grouped_norms_gram_and_matrix_agree() -> None:
+    """The two forms of a group's summed-gradient norm (Gram identity; the matrix itself)."""
+    import proponent.model.featurizers.kronecker as kron
+
+    g = torch.Generator().manual_seed(3)
+    a, d = (
+        torch.randn(3, 40, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 40, 7, generator=g, dtype=torch.float64),
+    )
+    for bias in (False, True):
+        full = torch.cat([a, torch.ones(3, 40, 1, dtype=torch.float64)], dim=2) if bias else a
+        want = torch.bmm(d.transpose(1, 2), full).square().sum(dim=(1, 2))
+        matrix = kron._gram_sq(a, d, bias)  # 40 rows of 5 + 7: the matrix form is cheaper
+        gram = kron._gram_sq(a[:, :2], d[:, :2], bias)  # 2 rows: the Gram form
+        want2 = torch.bmm(d[:, :2].transpose(1, 2), full[:, :2]).square().sum(dim=(1, 2))
+        assert torch.allclose(matrix, want, rtol=1e-12) and torch.allclose(gram, want2, rtol=1e-12)
+    with pytest.raises(ValueError, match="groups of 4"):
+        KroneckerFeaturizer(
+            _model("mlp"), ELBO(m=1), build_projector(_model("mlp"), "all", ProjectionSpec())
+        ).featurize(*_data(_model("mlp"), m=1, n=6), group=4)

@@ -158,16 +158,13 @@ class ModelRuntime:
                 obj = feat.objective
                 m = int(obj.m)
                 eps = draw_noise(NOISE_QUERY, seed, c, np.arange(b), m, obj.noise_shape(self.model(c)))
-                fb = feat.features(xt, yt, eps)
+                if per_draw and m > 1:
+                    fb, fr = feat.draw_features(xt, yt, eps)
+                    draws[c] = fr.cpu().numpy()
+                else:
+                    fb = feat.features(xt, yt, eps)
                 mean[c] = fb.features.cpu().numpy()
                 sq[c] = fb.sq_norm.cpu().numpy().astype(np.float64)
-                if per_draw and m > 1:
-                    # each draw as its own row (the same draws): the draws' gradients average to the mean's
-                    xr = xt.repeat_interleave(m, dim=0)
-                    yr = yt.repeat_interleave(m, dim=0)
-                    er = eps.reshape(b * m, 1, *eps.shape[2:])
-                    fr = feat.features(xr, yr, er).features.cpu().numpy()
-                    draws[c] = fr.reshape(b, m, -1)
         return QueryFeatures(mean, sq, draws if per_draw and draws else None)
 
     def latent_means(self, x: np.ndarray) -> np.ndarray:

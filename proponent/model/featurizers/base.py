@@ -40,6 +40,24 @@ class Featurizer(ABC):
         fb = self.featurize(x, y, eps)
         return FeatureBatch(self.projector.finish(fb.features), fb.sq_norm, fb.loss)
 
+    def draw_features(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> tuple[FeatureBatch, torch.Tensor]:
+        """The stored features of the mean over each sample's m draws (as :meth:`features`: exact
+        norms of the mean gradients) and each draw's features ``[B, m, D]`` (the query's
+        uncertainty, paper Theorem 1). The objective averages its draws, so the draws' gradients
+        average to the mean's. Here: two passes, the mean and the draws as rows of their own;
+        :class:`~proponent.model.featurizers.kronecker.KroneckerFeaturizer` does it in one."""
+        b, m = eps.shape[:2]
+        mean = self.features(x, y, eps)
+        xr, yr, er = per_draw_rows(x, y, eps)
+        return mean, self.features(xr, yr, er).features.reshape(b, m, -1)
+
+
+def per_draw_rows(x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of a sample's m draws as a row of its own (sample-major): ``x``, ``y`` repeated m
+    times, ``eps [B, m, ...] -> [B·m, 1, ...]`` (the same draws)."""
+    m = eps.shape[1]
+    return x.repeat_interleave(m, dim=0), y.repeat_interleave(m, dim=0), eps.reshape(-1, 1, *eps.shape[2:])
+
 
 def make_featurizer(
     method: str, model: nn.Module, objective: Objective, projector: Projector, **kwargs: object

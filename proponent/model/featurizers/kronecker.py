@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proponent.model.featurizers.base import FeatureBatch, Featurizer
+from proponent.model.featurizers.base import FeatureBatch, Featurizer, per_draw_rows
 from proponent.model.featurizers.dense import DenseFeaturizer
 from proponent.model.objectives import Objective
 from proponent.model.projection import LayerBlock, Projector
@@ -228,10 +228,16 @@ class KroneckerFeaturizer(Featurizer):
                 out.append((name, f"{what} ({route})"))
         return out
 
-    def featurize(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
+    def featurize(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, group: int = 1) -> FeatureBatch:
+        """As :meth:`Featurizer.featurize`; with ``group = g > 1`` the rows come in consecutive groups
+        of g and ``sq_norm [B / g]`` is the exact squared norm of each group's *summed* gradient
+        (``features`` and ``loss`` stay per row): how :meth:`draw_features` gets the mean gradient's
+        norm from the per-draw rows."""
         x, y, eps = x.to(self.device), y.to(self.device), eps.to(self.device)
         n = x.shape[0]
-        step = n if self.chunk_size is None else self.chunk_size
+        if group < 1 or n % group:
+            raise ValueError(f"{n} rows do not split into groups of {group}")
+        step = n if self.chunk_size is None else max(group, self.chunk_size - self.chunk_size % group)
         if n == 0:
             return FeatureBatch(
                 torch.empty(0, self.projector.stage1_dim, dtype=torch.float32, device=self.device),
@@ -239,16 +245,30 @@ class KroneckerFeaturizer(Featurizer):
                 torch.empty(0, dtype=torch.float32, device=self.device),
             )
         if n <= step:
-            return self._featurize_chunk(x, y, eps)
+            return self._featurize_chunk(x, y, eps, group)
         feats = torch.empty(n, self.projector.stage1_dim, dtype=torch.float32, device=self.device)
-        sq = torch.empty(n, dtype=torch.float64, device=self.device)
+        sq = torch.empty(n // group, dtype=torch.float64, device=self.device)
         losses = torch.empty(n, dtype=torch.float32, device=self.device)
         for s in range(0, n, step):
-            fb = self._featurize_chunk(x[s : s + step], y[s : s + step], eps[s : s + step])
+            fb = self._featurize_chunk(x[s : s + step], y[s : s + step], eps[s : s + step], group)
             feats[s : s + step] = fb.features
-            sq[s : s + step] = fb.sq_norm
+            sq[s // group : (s + step) // group] = fb.sq_norm
             losses[s : s + step] = fb.loss
         return FeatureBatch(feats, sq, losses)
+
+    def draw_features(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> tuple[FeatureBatch, torch.Tensor]:
+        """One pass over each draw as a row of its own: the draws' features ``[B, m, D]``, their mean
+        (the projection is linear, so that is the mean gradient's projection) and the exact norm of
+        the mean gradient from the draws' cross terms (``featurize(..., group=m)``). The same answer
+        as the base class's two passes up to float32 rounding, for about half the work."""
+        b, m = eps.shape[:2]
+        if m == 1:
+            fb = self.features(x, y, eps)
+            return fb, fb.features.reshape(b, 1, -1)
+        xr, yr, er = per_draw_rows(x, y, eps)
+        fb = self.featurize(xr, yr, er, group=m)
+        per = self.projector.finish(fb.features).reshape(b, m, -1)
+        return FeatureBatch(per.mean(dim=1), fb.sq_norm / (m * m), fb.loss.reshape(b, m).mean(dim=1)), per
 
     # ----------------------------------------------------------------- private
 
@@ -319,7 +339,7 @@ class KroneckerFeaturizer(Featurizer):
                 h.remove()
         return calls, grads, loss, set()
 
-    def _featurize_chunk(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> FeatureBatch:
+    def _featurize_chunk(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, group: int = 1) -> FeatureBatch:
         b = x.shape[0]
         if self.layers:
             calls, deltas, loss = self._capture(x, y, eps)
@@ -328,7 +348,7 @@ class KroneckerFeaturizer(Featurizer):
             with torch.no_grad():
                 loss = self.objective.loss(self.model, x, y, eps)
         feats = torch.empty(b, self.projector.stage1_dim, dtype=torch.float32, device=self.device)
-        sq = torch.zeros(b, dtype=torch.float64, device=self.device)
+        sq = torch.zeros(b // group, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for i, lay in enumerate(self.layers):
                 ins, ds = calls[i].inputs, deltas[i]
@@ -337,12 +357,12 @@ class KroneckerFeaturizer(Featurizer):
                     feats[:, blk.offset : blk.offset + blk.dim] = 0
                     self._routes.pop(lay.info.name, None)
                     continue
-                f, s = self._layer_features(lay, ins, ds, b)
+                f, s = self._layer_features(lay, ins, ds, b, group)
                 w = blk.k_in * blk.k_out
                 feats[:, blk.offset : blk.offset + w] = f.reshape(b, -1)
                 s = s.double()
                 if lay.bias_sep:
-                    fb, sb = self._separate_bias(lay, ds, b)
+                    fb, sb = self._separate_bias(lay, ds, b, group)
                     feats[:, blk.offset + w : blk.offset + blk.dim] = fb
                     s = s + sb.double()
                 self.layer_sq[lay.info.name] = s
@@ -350,11 +370,14 @@ class KroneckerFeaturizer(Featurizer):
                 ins.clear()
                 ds.clear()
         if self._dense is not None:
-            self._other_features(x, y, eps, feats, sq)
+            self._other_features(x, y, eps, feats, sq, group)
         return FeatureBatch(feats, sq, loss.float())
 
-    def _separate_bias(self, lay: _Layer, ds: list[torch.Tensor], b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A ConvTranspose2d bias: per-sample ``Σ_{rows, positions} δ`` ``[b, C_out]``, projected; its norm."""
+    def _separate_bias(
+        self, lay: _Layer, ds: list[torch.Tensor], b: int, group: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ConvTranspose2d bias: per-sample ``Σ_{rows, positions} δ`` ``[b, C_out]``, projected; its
+        norm (per group of ``group`` samples, summed)."""
         gb = None
         for d in ds:
             if d.dtype in (torch.float16, torch.bfloat16):
@@ -363,10 +386,10 @@ class KroneckerFeaturizer(Featurizer):
             gb = g if gb is None else gb + g
         assert gb is not None
         p = lay.bias_mat(gb.dtype, gb.device)
-        return (gb if p is None else gb @ p), gb.square().sum(1)
+        return (gb if p is None else gb @ p), _group_sum(gb, group).square().sum(1)
 
     def _other_features(
-        self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, feats: torch.Tensor, sq: torch.Tensor
+        self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, feats: torch.Tensor, sq: torch.Tensor, group: int = 1
     ) -> None:
         """Dense torch.func fallback for the other layers, written at their offsets."""
         assert self._dense is not None
@@ -375,7 +398,7 @@ class KroneckerFeaturizer(Featurizer):
         with torch.no_grad():
             for blk in self.other_blocks:
                 g = torch.cat([grads[p].reshape(b, -1) for p in blk.info.params], dim=1)
-                s = g.double().pow(2).sum(dim=1)
+                s = _group_sum(g.double(), group).pow(2).sum(dim=1)
                 self.layer_sq[blk.info.name] = s
                 sq += s
                 if blk.p_in is not None:
@@ -440,7 +463,7 @@ class KroneckerFeaturizer(Featurizer):
         return "factor" if factor <= matrix else "matrix"
 
     def _layer_features(
-        self, lay: _Layer, ins: list[torch.Tensor], ds: list[torch.Tensor], b: int
+        self, lay: _Layer, ins: list[torch.Tensor], ds: list[torch.Tensor], b: int, group: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if ds[0].dtype in (torch.float16, torch.bfloat16):  # Gram sums and norms need more precision
             ins = [a.float() for a in ins]
@@ -450,11 +473,13 @@ class KroneckerFeaturizer(Featurizer):
         if route == "factor" and len(ins) == 1:
             self._routes[lay.info.name] = "factor"
             a, d = self._factors(lay, ins[0], ds[0], b)
-            return self._factor_route(lay, a, d)
+            return self._factor_route(lay, a, d, group)
         self._routes[lay.info.name] = "matrix"
-        return self._matrix_route(lay, ins, ds, b)
+        return self._matrix_route(lay, ins, ds, b, group)
 
-    def _factor_route(self, lay: _Layer, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factor_route(
+        self, lay: _Layer, a: torch.Tensor, d: torch.Tensor, group: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         p_w, p_b, p_out = lay.mats(a.dtype, a.device)
         b, t, _ = a.shape
         ts = lay.block.tensor
@@ -472,6 +497,8 @@ class KroneckerFeaturizer(Featurizer):
         if ts is None:
             dp = torch.matmul(d, p_out) if p_out is not None else d
             feat = torch.bmm(dp.transpose(1, 2), ap)  # [b, k_out, k_in]
+        if group > 1:  # a group's summed gradient: its rows' positions together
+            return feat, _gram_sq(a.reshape(b // group, group * t, -1), d.reshape(b // group, group * t, -1), lay.bias)
         if t == 1:
             na = a.reshape(b, -1).square().sum(1)
             if lay.bias:
@@ -530,7 +557,7 @@ class KroneckerFeaturizer(Featurizer):
         return g
 
     def _matrix_route(
-        self, lay: _Layer, ins: list[torch.Tensor], ds: list[torch.Tensor], b: int
+        self, lay: _Layer, ins: list[torch.Tensor], ds: list[torch.Tensor], b: int, group: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         item = ds[0].element_size()
         per_row = max(a.shape[0] // b for a in ins) if lay.is_conv else 1
@@ -539,10 +566,11 @@ class KroneckerFeaturizer(Featurizer):
         else:
             per_row_g = 1
         step = max(1, min(b, _MAT_CHUNK_BYTES // max(1, per_row_g * lay.out * lay.info.in_dim * item)))
+        step = max(group, step - step % group)  # whole groups
         p_w, p_b, p_out = lay.mats(ds[0].dtype, ds[0].device)
         blk = lay.block
         feat = ds[0].new_empty(b, blk.k_out, blk.k_in)
-        sq = ds[0].new_empty(b)
+        sq = ds[0].new_empty(b // group)
         for s in range(0, b, step):
             e = min(b, s + step)
             g = None
@@ -556,7 +584,7 @@ class KroneckerFeaturizer(Featurizer):
                 gi = self._per_sample_matrix(lay, a_s, d_s, e - s)
                 g = gi if g is None else g + gi
             assert g is not None
-            sq[s:e] = g.reshape(e - s, -1).square().sum(1)
+            sq[s // group : e // group] = _group_sum(g.reshape(e - s, -1), group).square().sum(1)
             if blk.tensor is not None:
                 feat[s:e] = blk.tensor.apply_matrix(g).to(feat.dtype).reshape(e - s, 1, -1)
                 continue
@@ -612,6 +640,28 @@ class KroneckerFeaturizer(Featurizer):
     def _param_tensors(self, blk: LayerBlock) -> list[torch.Tensor]:
         params = dict(self.model.named_parameters())
         return [params[p] for p in blk.info.params]
+
+
+def _group_sum(v: torch.Tensor, group: int) -> torch.Tensor:
+    """``[b, ...] -> [b / group, ...]``: the sum over each group of consecutive rows."""
+    return v if group == 1 else v.reshape(v.shape[0] // group, group, *v.shape[1:]).sum(dim=1)
+
+
+def _gram_sq(a: torch.Tensor, d: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``||Σ_t δ_t a_tᵀ||²`` per sample for ``a [n, T, in]``, ``δ [n, T, out]`` (a constant-1 bias column
+    appended to ``a`` if ``bias``): the Gram identity ``Σ_{t,s} (δ_t·δ_s)(a_t·a_s)`` or the matrix
+    itself, whichever costs less."""
+    n, t, i = a.shape
+    o = d.shape[2]
+    if t <= _MAX_GRAM_ROWS and t * t * (i + o + 1) <= t * i * o:
+        ga = torch.bmm(a, a.transpose(1, 2))
+        if bias:
+            ga += 1
+        return (ga * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
+    s = torch.bmm(d.transpose(1, 2), a).square().sum(dim=(1, 2))
+    if bias:
+        s += d.sum(dim=1).square().sum(dim=1)
+    return s
 
 
 def _probe_inputs(
