@@ -42,11 +42,12 @@ from proponent.analysis.lds import (
 )
 from proponent.analysis.scorings import SCORINGS
 from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, set_threads
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.build.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig, default_config_for
 from proponent.model.projection import ProjectionSpec
 from proponent.query.index import open_index
+from proponent.threads import set_threads
 
 # The index layouts measured by default; add a new projection layout with one more line.
 DEFAULT_INDEXES = [

@@ -26,11 +26,12 @@ import numpy as np
 
 from proponent.analysis.scorings import SCORINGS, compare_scorings, upscaled_digits_npz
 from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, set_threads
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.build.training import TrainConfig, train
 from proponent.model.architectures import default_config_for
 from proponent.model.projection import ProjectionSpec
 from proponent.query.index import open_index
+from proponent.threads import set_threads
 
 TARGET = 0.10  # the target share of outliers among the top-10 proponents of clean queries
 

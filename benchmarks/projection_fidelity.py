@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, set_threads
+from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.build.training import TrainConfig, train, training_objective
 from proponent.model.architectures import default_config_for
 from proponent.model.checkpoints import load_checkpoint
@@ -76,6 +76,7 @@ from proponent.model.sketch import (
     storage_bytes,
 )
 from proponent.query.index import open_index
+from proponent.threads import set_threads
 
 DATASETS = {"digits": "digits", "digits28": "digits,size=28,augment=6"}
 DTYPES = ("float32", "float16", "int8")

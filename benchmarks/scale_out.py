@@ -64,8 +64,9 @@ def _store_digest(path: Path) -> str:
 def featurization(a: argparse.Namespace, work: Path) -> None:
     import ray
 
-    from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, featurize_pending, set_threads
+    from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, featurize_pending
     from proponent.build.ray_engine import connect, run_units
+    from proponent.threads import set_threads
 
     run = work / "run"
     if not (run / "run.json").is_file():
@@ -249,13 +250,13 @@ def queries(a: argparse.Namespace, work: Path) -> None:
 def per_shard(a: argparse.Namespace, work: Path) -> None:
     import psutil
 
-    from proponent.build.job import set_threads
     from proponent.build.synthetic import synthetic_index
     from proponent.format.fsio import index_dir
     from proponent.format.manifest import read_manifest
     from proponent.format.store import FeatureStore
     from proponent.query.features import ServedFeatures
     from proponent.query.searcher import LocalSearcher, SearchRequest
+    from proponent.threads import set_threads
 
     set_threads(a.threads)
     out = work / f"shard-n{a.shard_rows}-c{a.checkpoints}-d{a.dim}-{a.dtype}"

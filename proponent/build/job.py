@@ -103,18 +103,6 @@ def library_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "numpy": np.__version__, "zarr": zarr.__version__, "faiss": faiss.__version__}
 
 
-def set_threads(n: int | None = None) -> None:
-    """Pin torch and FAISS (OpenMP) thread counts explicitly; they share the process."""
-    n = n or int(os.environ.get("PROPONENT_THREADS", 0)) or (os.cpu_count() or 1)
-    torch.set_num_threads(n)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except Exception:
-        pass
-
-
 # ---------------------------------------------------------------------------------- 1. checkpoints
 @dataclass
 class CheckpointSet:

@@ -32,9 +32,10 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from proponent.build.job import IndexJobError, UnitWorker, set_threads
+from proponent.build.job import IndexJobError, UnitWorker
 from proponent.format.fsio import IndexDir, index_dir
 from proponent.progress import progress
+from proponent.threads import set_threads
 
 DIE_MARKER_ENV = "PROPONENT_TEST_DIE_MARKER"
 FORWARDED_ENV_PREFIXES = ("PROPONENT_", "AWS_")  # the workers' settings and object-store credentials

@@ -137,11 +137,12 @@ def external_checkpoints(a: argparse.Namespace) -> list[Any]:
 
 
 def _cmd_index(a: argparse.Namespace) -> int:
-    from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, set_threads
+    from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
     from proponent.format.fsio import index_dir
     from proponent.format.manifest import read_manifest
     from proponent.model.architectures import ModelConfig
     from proponent.model.projection import ProjectionSpec
+    from proponent.threads import set_threads
 
     set_threads(a.threads)
     model_config = None

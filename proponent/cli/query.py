@@ -15,8 +15,8 @@ from proponent.cli.build import int_list
 
 
 def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
-    from proponent.build.job import set_threads
     from proponent.query.index import open_index
+    from proponent.threads import set_threads
 
     set_threads(a.threads)
     return open_index(

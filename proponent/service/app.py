@@ -34,7 +34,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proponent.build.job import set_threads
 from proponent.query.index import InfluenceIndex, open_index
 from proponent.query.searcher import Searcher
 from proponent.service.deps import require_api_key
@@ -45,6 +44,7 @@ from proponent.service.metrics import Metrics
 from proponent.service.routes import factors, health, index, influence, jobs, samples
 from proponent.service.settings import Settings
 from proponent.service.state import ServiceState
+from proponent.threads import set_threads
 
 log = logging.getLogger("proponent.service")
 
@@ -268,10 +268,15 @@ def create_app(settings: Settings | None = None, searcher_factory: SearcherFacto
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(_startup, state, searcher_factory)
-        assert state.index is not None
+        set_threads(settings.threads)  # before the workers exist: each new thread takes the count on first use
         state.engine = QueryEngine(settings.query_workers, settings.queue_size, settings.request_timeout_s, metrics)
         state.engine.start()
+        try:  # on the engine's worker: the torch thread of the server (proponent.threads)
+            await state.engine.call(lambda: _startup(state, searcher_factory))
+        except BaseException:
+            await run_in_threadpool(state.engine.stop)
+            raise
+        assert state.index is not None
         state.jobs = JobManager(state.index, settings.state_dir, metrics)
         state.jobs.start()
         restore_signals = _stop_jobs_on_signal(state.jobs)

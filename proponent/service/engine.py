@@ -6,6 +6,10 @@ hands the result back to the waiting coroutine through an asyncio future. A full
 answered at once with 503 + Retry-After (back-pressure instead of unbounded latency); a query
 that does not finish within ``request_timeout_s`` is answered with 504 and skipped by the
 workers if it has not started yet.
+
+The workers are the server's torch threads: start-up and the factors route run here too, so
+that one thread's OpenMP pool does the multithreaded work (see :mod:`proponent.threads`; more
+than one worker splits the process's thread count between them).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from proponent.service.errors import ApiError
 from proponent.service.metrics import Metrics
+from proponent.threads import limit_this_thread
 
 log = logging.getLogger("proponent.engine")
 
@@ -71,7 +76,9 @@ class QueryEngine:
             self._active += delta
             self.metrics.in_flight.set(self._active)
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
+    async def run(self, fn: Callable[[], Any], *, timeout: bool = True) -> Any:
+        """Run ``fn`` on a worker; 503 when the queue is full, 504 after ``timeout_s`` (unless
+        ``timeout=False``: work that may take long, such as the factors' first computation)."""
         loop = asyncio.get_running_loop()
         task = _Task(fn, loop.create_future(), loop)
         try:
@@ -85,13 +92,26 @@ class QueryEngine:
                 headers={"Retry-After": "1"},
             ) from None
         self.metrics.queue_depth.set(self._q.qsize())
+        if not timeout:
+            return await task.future
         try:
             return await asyncio.wait_for(asyncio.shield(task.future), self.timeout_s)
         except asyncio.TimeoutError:
             task.abandoned.set()
             raise ApiError(504, f"query did not finish within {self.timeout_s:g}s", code="timeout") from None
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on a worker, waiting for room in the queue and for as long as it takes (start-up)."""
+        loop = asyncio.get_running_loop()
+        task = _Task(fn, loop.create_future(), loop)
+        await asyncio.to_thread(self._q.put, task)
+        return await task.future
+
     def _work(self) -> None:
+        if self.workers > 1:  # one OpenMP pool per worker: share the cores instead of oversubscribing them
+            import torch
+
+            limit_this_thread(max(1, torch.get_num_threads() // self.workers))
         while True:
             task = self._q.get()
             self.metrics.queue_depth.set(self._q.qsize())

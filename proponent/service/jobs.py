@@ -29,6 +29,7 @@ from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_js
 from proponent.query.index import InfluenceIndex
 from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams, ranking_rows, rows_to_csv
 from proponent.service.metrics import Metrics
+from proponent.threads import limit_this_thread
 
 log = logging.getLogger("proponent.jobs")
 
@@ -189,6 +190,8 @@ class JobManager:
         self._persist(info)
 
     def _work(self) -> None:
+        # one thread of its own: an OpenMP pool here would slow every query's small kernels (proponent.threads)
+        limit_this_thread(1)
         while not self._stop.is_set():
             try:
                 job_id = self._queue.get(timeout=0.2)

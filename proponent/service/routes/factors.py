@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
 from proponent.analysis.factors import index_factors
 from proponent.client.schemas import FactorsInfo
@@ -31,4 +30,5 @@ def compute_factors(state: ServiceState) -> dict[str, Any]:
 async def factors(index: IndexDep, state: StateDep) -> Any:
     if index.meta.latent_mu is None:
         raise ApiError(404, "this index stores no latent posteriors (not a VAE index)")
-    return await run_in_threadpool(compute_factors, state)
+    assert state.engine is not None
+    return await state.engine.run(lambda: compute_factors(state), timeout=False)  # torch: on the engine's thread
