@@ -96,22 +96,28 @@ def test_typed_errors(svc_client, svc_server):
 
 def test_jobs_paging_csv_cancel_and_conflict(svc_server):
     with InfluenceClient(svc_server.url, retries=0, page_size=7) as c:
-        job = c.start_self_influence(convention="lr", checkpoints=[1, 3])  # stored norms: quick
-        slow = c.start_self_influence(convention="lr", m=2, seed=1)  # queued behind it, then running
-        queued_or_running = c.job(slow.id)
-        with pytest.raises(Conflict, match="succeeded"):
-            queued_or_running.result()
-        job.wait(timeout=120, progress=True)
-        rows = job.result()  # 300 rows in pages of 7
-        assert [r.rank for r in rows] == list(range(1, 301))
-        idx = svc_server.index
-        expected = idx.self_influence("lr", [1, 3])
-        got = {r.id: r.self_influence for r in rows}
-        np.testing.assert_allclose([got[int(i)] for i in idx.meta.ids], expected, rtol=1e-12)
-        assert all(rows[i].self_influence >= rows[i + 1].self_influence for i in range(len(rows) - 1))
-        text = job.result(format="csv")
-        assert text.splitlines()[0].startswith("rank,id,self_influence") and len(text.splitlines()) == 301
-        slow.cancel()  # a running job stops at its next chunk boundary
+        # The recompute job's chunks need the model lock: held here, it cannot finish before it is cancelled.
+        lock = svc_server.index.runtime.featurize_lock
+        lock.acquire()
+        try:
+            job = c.start_self_influence(convention="lr", checkpoints=[1, 3])  # stored norms: quick
+            slow = c.start_self_influence(convention="lr", m=2, seed=1)  # queued behind it, then running
+            queued_or_running = c.job(slow.id)
+            with pytest.raises(Conflict, match="succeeded"):
+                queued_or_running.result()
+            job.wait(timeout=120, progress=True)
+            rows = job.result()  # 300 rows in pages of 7
+            assert [r.rank for r in rows] == list(range(1, 301))
+            idx = svc_server.index
+            expected = idx.self_influence("lr", [1, 3])
+            got = {r.id: r.self_influence for r in rows}
+            np.testing.assert_allclose([got[int(i)] for i in idx.meta.ids], expected, rtol=1e-12)
+            assert all(rows[i].self_influence >= rows[i + 1].self_influence for i in range(len(rows) - 1))
+            text = job.result(format="csv")
+            assert text.splitlines()[0].startswith("rank,id,self_influence") and len(text.splitlines()) == 301
+            slow.cancel()  # a running job stops at its next chunk boundary
+        finally:
+            lock.release()
         assert slow.state in ("running", "cancelled")
         with pytest.raises(JobFailed, match="cancelled"):
             slow.wait(timeout=60)

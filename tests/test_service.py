@@ -616,3 +616,31 @@ def test_raw_body_upload_with_query_string(svc_server, svc_client):
     ref = svc_client.influence(x, k=4, checkpoints=[1, 3], seed=2)
     assert [h["id"] for h in r.json()["proponents"]] == [h.id for h in ref.proponents]
     assert r.json()["query"]["checkpoints"] == [1, 3]
+
+
+def test_job_gradient_work_runs_on_the_engine_worker(svc_client, svc_server, tmp_path):
+    """A recompute job's chunks run on the query engine's worker (the server's one torch thread,
+    proponent.threads), between queries, and give the same scores as the job run directly."""
+    import threading
+
+    from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams
+
+    jobs, engine = svc_server.state.jobs, svc_server.state.engine
+    assert jobs.compute == engine.compute  # the app's wiring
+    threads: list[str] = []
+
+    def spy(fn):
+        return engine.compute(lambda: (threads.append(threading.current_thread().name), fn())[1])
+
+    jobs.compute = spy
+    try:
+        job = svc_client.start_self_influence(m=2, seed=5, checkpoints=[3])
+        r = svc_client.proponents(sample_id=7, k=3)  # a query meanwhile: served between chunks
+        assert r.proponents[0].id == 7
+        job.wait(timeout=240)
+    finally:
+        jobs.compute = engine.compute
+    assert threads == ["query-worker-0"] * svc_server.index.store.layout.n_chunks
+    want = SelfInfluenceJob(svc_server.index, SelfInfluenceParams(checkpoints=[3], m=2, seed=5), tmp_path / "s").run()
+    got = {r.id: r.self_influence for r in job.result()}
+    np.testing.assert_allclose([got[int(i)] for i in svc_server.index.meta.ids], want, rtol=1e-9)

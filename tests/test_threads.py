@@ -36,3 +36,22 @@ def test_limit_applies_to_the_calling_thread_only() -> None:
         assert other == [2]  # new threads still take the process-wide count
     finally:
         torch.set_num_threads(before)
+
+
+def test_engine_compute_runs_on_the_worker_and_raises_its_errors() -> None:
+    import pytest
+
+    from proponent.service.engine import QueryEngine
+    from proponent.service.metrics import Metrics
+
+    engine = QueryEngine(1, 4, 5.0, Metrics())
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.compute(lambda: 1)
+    engine.start()
+    try:
+        assert engine.compute(lambda: threading.current_thread().name) == "query-worker-0"
+        with pytest.raises(ZeroDivisionError):
+            engine.compute(lambda: 1 / 0)
+        assert engine.active == 0
+    finally:
+        engine.stop()

@@ -80,9 +80,14 @@ class SelfInfluenceJob:
         return sum(len(v) for v in self.load_progress()["done"].values())
 
     def run(
-        self, on_progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None
+        self,
+        on_progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        compute: Callable[[Callable[[], np.ndarray]], np.ndarray] | None = None,
     ) -> np.ndarray | None:
-        """Run (or resume) to completion; returns ``[N]`` scores, or None if stopped early."""
+        """Run (or resume) to completion; returns ``[N]`` scores, or None if stopped early. ``compute``
+        runs each chunk's gradient work (the server hands it to its query engine's worker, the one
+        thread of the process that runs torch with every core; the default runs it here)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         idx, p = self.index, self.params
         w = idx.weights(p.convention)  # type: ignore[arg-type]
@@ -112,13 +117,18 @@ class SelfInfluenceJob:
                     x = torch.from_numpy(idx.store.inputs(slice(lo, hi)))
                     y = torch.from_numpy(np.clip(idx.meta.labels[lo:hi], 0, None))
                     eps = draw_noise(NOISE_SELF, p.seed, c, idx.meta.ids[lo:hi], p.m, noise_shape)
-                    with idx.runtime.featurize_lock:
-                        if p.estimator == "unbiased":
-                            eps2 = draw_noise(NOISE_SELF_PAIR, p.seed, c, idx.meta.ids[lo:hi], p.m, noise_shape)
-                            assert isinstance(dense, DenseFeaturizer)
-                            part[lo:hi] = _paired_inner_products(dense, x, y, eps, eps2)
-                        else:
-                            part[lo:hi] = feat.featurize(x, y, eps).sq_norm.cpu().numpy()
+                    eps2 = None
+                    if p.estimator == "unbiased":
+                        eps2 = draw_noise(NOISE_SELF_PAIR, p.seed, c, idx.meta.ids[lo:hi], p.m, noise_shape)
+
+                    def chunk(feat=feat, dense=dense, x=x, y=y, eps=eps, eps2=eps2) -> np.ndarray:
+                        with idx.runtime.featurize_lock:
+                            if eps2 is not None:
+                                assert isinstance(dense, DenseFeaturizer)
+                                return _paired_inner_products(dense, x, y, eps, eps2)
+                            return feat.featurize(x, y, eps).sq_norm.cpu().numpy()
+
+                    part[lo:hi] = chunk() if compute is None else compute(chunk)
                 buf = io.BytesIO()
                 np.save(buf, part)
                 atomic_write_bytes(part_path, buf.getvalue())

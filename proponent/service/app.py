@@ -277,7 +277,7 @@ def create_app(settings: Settings | None = None, searcher_factory: SearcherFacto
             await run_in_threadpool(state.engine.stop)
             raise
         assert state.index is not None
-        state.jobs = JobManager(state.index, settings.state_dir, metrics)
+        state.jobs = JobManager(state.index, settings.state_dir, metrics, compute=state.engine.compute)
         state.jobs.start()
         restore_signals = _stop_jobs_on_signal(state.jobs)
         state.ready = True
@@ -299,8 +299,8 @@ def create_app(settings: Settings | None = None, searcher_factory: SearcherFacto
             yield
         finally:
             state.ready = False
+            await run_in_threadpool(state.jobs.stop)  # first: a job's chunk in progress runs on the engine
             await run_in_threadpool(state.engine.stop)
-            await run_in_threadpool(state.jobs.stop)
             restore_signals()
             log.info("stopped")
 

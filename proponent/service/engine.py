@@ -7,34 +7,48 @@ answered at once with 503 + Retry-After (back-pressure instead of unbounded late
 that does not finish within ``request_timeout_s`` is answered with 504 and skipped by the
 workers if it has not started yet.
 
-The workers are the server's torch threads: start-up and the factors route run here too, so
-that one thread's OpenMP pool does the multithreaded work (see :mod:`proponent.threads`; more
+The workers are the server's torch threads: start-up, the factors route and the gradient work
+of self-influence jobs (chunk by chunk, between queries) run here too, so that one thread's
+OpenMP pool does the multithreaded work (see :mod:`proponent.threads`; more
 than one worker splits the process's thread count between them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from proponent.service.errors import ApiError
 from proponent.service.metrics import Metrics
 from proponent.threads import limit_this_thread
 
 log = logging.getLogger("proponent.engine")
+T = TypeVar("T")
 
 
 @dataclass
 class _Task:
     fn: Callable[[], Any]
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
+    settle: Callable[[Any, BaseException | None], None]  # hands the result (or error) to the waiter
     abandoned: threading.Event = field(default_factory=threading.Event)
+
+
+def _async_settle(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any]
+) -> Callable[[Any, BaseException | None], None]:
+    def settle(result: Any, error: BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+        except RuntimeError:  # event loop already closed (shutdown)
+            log.debug("query finished after its event loop closed")
+
+    return settle
 
 
 class QueryEngine:
@@ -80,7 +94,8 @@ class QueryEngine:
         """Run ``fn`` on a worker; 503 when the queue is full, 504 after ``timeout_s`` (unless
         ``timeout=False``: work that may take long, such as the factors' first computation)."""
         loop = asyncio.get_running_loop()
-        task = _Task(fn, loop.create_future(), loop)
+        fut = loop.create_future()
+        task = _Task(fn, _async_settle(loop, fut))
         try:
             self._q.put_nowait(task)
         except queue.Full:
@@ -93,9 +108,9 @@ class QueryEngine:
             ) from None
         self.metrics.queue_depth.set(self._q.qsize())
         if not timeout:
-            return await task.future
+            return await fut
         try:
-            return await asyncio.wait_for(asyncio.shield(task.future), self.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except asyncio.TimeoutError:
             task.abandoned.set()
             raise ApiError(504, f"query did not finish within {self.timeout_s:g}s", code="timeout") from None
@@ -103,9 +118,25 @@ class QueryEngine:
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on a worker, waiting for room in the queue and for as long as it takes (start-up)."""
         loop = asyncio.get_running_loop()
-        task = _Task(fn, loop.create_future(), loop)
-        await asyncio.to_thread(self._q.put, task)
-        return await task.future
+        fut = loop.create_future()
+        await asyncio.to_thread(self._q.put, _Task(fn, _async_settle(loop, fut)))
+        return await fut
+
+    def compute(self, fn: Callable[[], T]) -> T:
+        """From another thread (the job worker): run ``fn`` on a worker between queries and return its
+        result (or raise its error). Blocks while the queue is full; queries wait at most one such call."""
+        if not self._threads:
+            raise RuntimeError("the query engine is not running")
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        self._q.put(_Task(fn, settle))
+        return done.result()
 
     def _work(self) -> None:
         if self.workers > 1:  # one OpenMP pool per worker: share the cores instead of oversubscribing them
@@ -126,10 +157,7 @@ class QueryEngine:
                 result, error = None, e
             finally:
                 self._set_active(-1)
-            try:
-                task.loop.call_soon_threadsafe(_settle, task.future, result, error)
-            except RuntimeError:  # event loop already closed (shutdown)
-                log.debug("query finished after its event loop closed")
+            task.settle(result, error)
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,15 @@ class JobError(Exception):
 
 
 class JobManager:
-    def __init__(self, index: InfluenceIndex, state_dir: Path, metrics: Metrics):
+    def __init__(
+        self,
+        index: InfluenceIndex,
+        state_dir: Path,
+        metrics: Metrics,
+        compute: Callable[[Callable[[], Any]], Any] | None = None,
+    ):
         self.index = index
+        self.compute = compute  # runs a chunk's gradient work (the query engine's worker), or None: here
         self.root = Path(state_dir) / "jobs"
         self.metrics = metrics
         self._jobs: dict[str, dict[str, Any]] = {}
@@ -190,7 +198,8 @@ class JobManager:
         self._persist(info)
 
     def _work(self) -> None:
-        # one thread of its own: an OpenMP pool here would slow every query's small kernels (proponent.threads)
+        # one thread of its own for what runs here: an OpenMP pool would slow every query's small kernels
+        # (proponent.threads); the gradient work goes to the engine (self.compute)
         limit_this_thread(1)
         while not self._stop.is_set():
             try:
@@ -234,8 +243,9 @@ class JobManager:
         def should_stop() -> bool:  # called before each chunk
             return self._stop.is_set() or job_id in self._cancel
 
-        # Chunks that recompute gradients take the index's featurize lock (shared models), as queries do.
-        scores = sij.run(on_progress, should_stop)
+        # Chunks that recompute gradients take the index's featurize lock (shared models), as queries do,
+        # and run on the query engine's worker, between queries (one OpenMP pool: proponent.threads).
+        scores = sij.run(on_progress, should_stop, self.compute)
         if scores is None:
             with self._lock:
                 if job_id in self._cancel:
