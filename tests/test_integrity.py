@@ -218,3 +218,24 @@ def test_position_map_record_and_older_indexes(index_dir, tmp_path):
     a, b = old.influence(sample_id=int(old.meta.ids[3]), k=5), new.influence(sample_id=int(new.meta.ids[3]), k=5)
     assert [h.id for h in a.proponents] == [h.id for h in b.proponents]
     assert [h.score for h in a.proponents] == [h.score for h in b.proponents]
+
+
+def test_streamed_blocks_read_into_one_array_with_every_check(index_dir, tmp_path):
+    """``row_chunks`` (stream mode's block reads, straight into one array) equals the chunks read one by
+    one, the last partial chunk included, and refuses a missing chunk by name."""
+    idx = open_index(index_dir, device="cpu", feature_mode="stream")
+    st = idx.store
+    n = st.layout.n_chunks
+    for ks in (range(0, 1), range(0, n), range(max(0, n - 2), n)):
+        got = st.feature_chunks(1, ks)
+        want = np.concatenate([st.feature_chunk(1, k) for k in ks])
+        assert got.flags.writeable and got.dtype == want.dtype and np.array_equal(got, want), ks
+    assert sum(len(st.feature_chunks(0, range(k, k + 1))) for k in range(n)) == idx.n
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    idx = open_index(copy, device="cpu", feature_mode="stream")
+    (copy / "store.zarr/ckpt_001/features/c/0/0").unlink()  # after the open, which would refuse it
+    with pytest.raises(StoreError, match=r"ckpt_001/features/c/0/0: chunk missing"):
+        idx.influence(idx.input(0), k=3)
+    with pytest.raises(IndexError_, match=r"ckpt_001/features/c/0/0: chunk missing"):
+        open_index(copy, device="cpu", feature_mode="stream")

@@ -428,11 +428,7 @@ class FeatureStore:
         With a :attr:`cache`, the chunk's bytes come from the local cache when it holds them (and
         their checksum holds), else from the index's storage, and are kept for the next read.
         """
-        meta = self._raw_meta.get(name)
-        if meta is None:
-            a = self._a(name)
-            meta = self._raw_meta[name] = (tuple(a.shape), tuple(a.chunks), np.dtype(str(a.dtype)))
-        shape, chunks, dtype = meta
+        shape, chunks, dtype = self._raw_meta_of(name)
         key = self.chunk_key(name, (k, *([0] * (len(shape) - 1))))
         want = math.prod(chunks) * dtype.itemsize + 4  # the chunk, uncompressed, and its crc32c
         data = self.cache.get(key) if self.cache is not None else None
@@ -452,6 +448,56 @@ class FeatureStore:
         lo = k * chunks[0]
         rows = min(chunks[0], shape[0] - lo)
         return out.reshape(chunks)[:rows]
+
+    def row_chunks(self, name: str, ks: range) -> np.ndarray:
+        """Consecutive row chunks ``ks`` of a 2-D array as one array, each chunk's checksum, size and
+        position checked as by :meth:`raw_chunk`. From a local directory the chunk files are read
+        straight into the result (one allocation, one copy: stream mode's block reads were 4.7x the
+        chunk reads' time when they concatenated freshly read chunks); otherwise chunk by chunk."""
+        shape, chunks, dtype = self._raw_meta_of(name)
+        lo, hi = ks[0] * chunks[0], min(shape[0], ks[-1] * chunks[0] + chunks[0])
+        out = np.empty((hi - lo, *shape[1:]), dtype)
+        if self.cache is not None or not self.where.is_local:
+            for k in ks:
+                out[k * chunks[0] - lo : min(hi, (k + 1) * chunks[0]) - lo] = self.raw_chunk(name, k)
+            return out
+        row_bytes = math.prod(chunks[1:]) * dtype.itemsize
+        want = chunks[0] * row_bytes + 4
+        flat = out.reshape(-1).view(np.uint8)
+        for k in ks:
+            key = self.chunk_key(name, (k, *([0] * (len(shape) - 1))))
+            a = (k * chunks[0] - lo) * row_bytes
+            b = (min(hi, (k + 1) * chunks[0]) - lo) * row_bytes
+            try:
+                with open(self.where.local_path(key), "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size == want:
+                        got = f.readinto(flat[a:b].data)
+                        rest = f.read()  # the last chunk's padding rows, and the crc32c
+            except FileNotFoundError:
+                raise StoreError(f"{self.where.describe(key)}: chunk missing; the index cannot be served") from None
+            bad = None
+            if size != want:
+                bad = _raw_problem(self.where.read_bytes(key), want)
+            elif got != b - a or len(rest) < 4:
+                bad = "chunk file changed while read"
+            else:
+                crc = google_crc32c.extend(google_crc32c.value(flat[a:b]), rest[:-4])
+                trailer = int.from_bytes(rest[-4:], "little")
+                if crc != trailer:
+                    bad = "damaged (checksum mismatch)"
+                else:
+                    bad = self._position_problem(name, k, trailer)
+            if bad:
+                raise StoreError(f"{self.where.describe(key)}: {bad}; the index cannot be served")
+        return out
+
+    def _raw_meta_of(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+        meta = self._raw_meta.get(name)
+        if meta is None:
+            a = self._a(name)
+            meta = self._raw_meta[name] = (tuple(a.shape), tuple(a.chunks), np.dtype(str(a.dtype)))
+        return meta
 
     def _moved(self, name: str, k: int, data: bytes) -> str | None:
         """Row chunk ``k``'s file checked against its position's recorded crc32c (None: it matches)."""
@@ -552,6 +598,10 @@ class FeatureStore:
     def feature_chunk(self, c: int, k: int) -> np.ndarray:
         """Chunk ``k`` of checkpoint ``c``'s features in the stored dtype (int8 codes or floats)."""
         return self.raw_chunk(f"{ckpt_group(c)}/features", k)
+
+    def feature_chunks(self, c: int, ks: range) -> np.ndarray:
+        """Consecutive chunks ``ks`` of checkpoint ``c``'s features as one (writable) array."""
+        return self.row_chunks(f"{ckpt_group(c)}/features", ks)
 
     def iter_feature_chunks(self, c: int, chunks: range | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, float32 rows)`` of every chunk, or of the contiguous ``chunks`` (dequantized for int8)."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -215,11 +214,8 @@ class ServedFeatures:
         lo, hi = layout.chunk_range(ks[0])[0], layout.chunk_range(ks[-1])[1]
         data = {}
         for c in checkpoints:
-            parts = [self.store.feature_chunk(c, k) for k in ks]
-            raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            with warnings.catch_warnings():  # a read-only view of the chunk's bytes; the scan never writes to it
-                warnings.simplefilter("ignore", UserWarning)
-                data[c] = torch.from_numpy(raw if raw.dtype == np.int8 else raw.astype(np.float32))
+            raw = self.store.feature_chunks(c, range(ks[0], ks[-1] + 1))
+            data[c] = torch.from_numpy(raw if raw.dtype == np.int8 else raw.astype(np.float32))
         return Block(lo - self.lo, hi - self.lo, data, True)
 
     def _stream(self, checkpoints: list[int]) -> Iterator[Block]:
