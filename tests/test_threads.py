@@ -55,3 +55,29 @@ def test_engine_compute_runs_on_the_worker_and_raises_its_errors() -> None:
         assert engine.active == 0
     finally:
         engine.stop()
+
+
+def test_two_query_workers_share_the_threads() -> None:
+    """More than one query worker: each takes its share of the thread count (no oversubscribed pools)."""
+    from proponent.service.engine import QueryEngine
+    from proponent.service.metrics import Metrics
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(2)
+        engine = QueryEngine(2, 4, 5.0, Metrics())
+        engine.start()
+        try:
+            seen = {engine.compute(torch.get_num_threads) for _ in range(8)}
+        finally:
+            engine.stop()
+        assert seen == {1}
+        assert torch.get_num_threads() == 2
+        one = QueryEngine(1, 4, 5.0, Metrics())
+        one.start()
+        try:
+            assert one.compute(torch.get_num_threads) == 2  # one worker keeps the process's count
+        finally:
+            one.stop()
+    finally:
+        torch.set_num_threads(before)
