@@ -191,7 +191,6 @@ def _startup(state: ServiceState, searcher_factory: SearcherFactory | None = Non
     s = state.settings
     if s.index is None:
         raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
-    set_threads(s.threads)
     # verifies the manifest and every file's hash; in memory modes reads (and checksums) every feature chunk
     idx = open_index(
         s.index,
