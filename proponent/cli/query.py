@@ -103,6 +103,25 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_servable(location: str | None) -> None:
+    """What the server's start-up would refuse, refused here in one line (not a traceback from inside the
+    server): a damaged index, changed model code, model code that fails to import or to build."""
+    if not location:
+        return  # the server says that no index is configured
+    from proponent.format.fsio import index_dir
+    from proponent.format.integrity import verify_index
+    from proponent.format.manifest import read_manifest
+
+    problems = verify_index(location)
+    if problems:
+        raise ValueError(f"{location}: index cannot be served: {problems[0]}")
+    plugin = read_manifest(index_dir(location)).model.plugin
+    if plugin is not None:
+        from proponent.model.plugin import load_plugin
+
+        load_plugin(plugin).build_module()
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     import os
 
@@ -116,6 +135,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     ):
         if getattr(a, flag, None):
             os.environ[env] = str(getattr(a, flag))
+    _check_servable(os.environ.get("PROPONENT_INDEX"))
     if a.shards:
         from proponent.service.sharded import serve_sharded
 
