@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from proponent.model.architectures import ModelConfig, build_model
+from proponent.model.featurizers.kronecker import KroneckerFeaturizer
+from proponent.model.objectives import ELBO
 from proponent.model.projection import ProjectionSpec, Projector, discover_layers
 from proponent.model.sketch import (
     SKETCH_KINDS,
@@ -289,6 +291,24 @@ def test_kron_projector_matches_uniform_projector() -> None:
     assert [(b.k_in, b.k_out) for b in uneven.blocks] == [(8, 4), (41, 20), (21, 6), (4, 20), (21, 40), (41, 64)]
     assert uneven.dim == sum(b.dim for b in uneven.blocks)
     assert uneven.blocks[1].p_in is None and uneven.blocks[1].p_out is None  # both sides exact
+
+
+def test_kron_projector_features_match_uniform_projector() -> None:
+    """The featurizer sizes its output by ``stage1_dim``: a per-layer projector must set it (it was 0,
+    and ``index_throughput.py --quick`` crashed writing the first block into a zero-width slice)."""
+    cfg = ModelConfig(kind="mlp", input_shape=(1, 8, 8), hidden=(40, 20), latent_dim=3)
+    model = build_model(cfg)
+    layers = discover_layers(model)
+    ref = Projector(layers, ProjectionSpec(kind="kron", k=16, seed=3))
+    mine = kron_projector(layers, [(16, 16)] * len(layers), seed=3)
+    assert mine.stage1_dim == mine.dim == ref.stage1_dim
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.rand(5, 1, 8, 8, generator=g), torch.randn(5, 2, 3, generator=g)
+    y = torch.zeros(5, dtype=torch.long)
+    obj = ELBO(m=2)
+    want = KroneckerFeaturizer(model, obj, ref).featurize(x, y, eps).features
+    got = KroneckerFeaturizer(model, obj, mine).featurize(x, y, eps).features
+    torch.testing.assert_close(got, want)
 
 
 # -------------------------------------------------------------------------------- quantization

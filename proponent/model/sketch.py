@@ -930,7 +930,7 @@ def kron_projector(
         p_out = None if p_out is None else p_out.to(proj.device)
         proj.blocks.append(LayerBlock(info, k_in, k_out, offset, p_in, p_out))
         offset += k_in * k_out
-    proj.dim = offset
+    proj.dim = proj.stage1_dim = offset
     return proj
 
 
