@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train, training_objective
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train, training_objective
 from proponent.model.architectures import default_config_for
 from proponent.model.checkpoints import load_checkpoint
 from proponent.model.featurizers.kronecker import KroneckerFeaturizer

@@ -5,7 +5,7 @@ For each N (``--sizes``), at the default feature layout:
 * N ≤ ``--real-max``: a real index through the real indexer on synthetic 28×28 data
   (``digits,size=28,augment=N``: affine variants of scikit-learn's digits, upscaled) with an
   MNIST-size MLP VAE (784→512→256→16, trained ``--epochs``), m = 16, 5 checkpoints;
-* larger N: the real index format with random features (``proponent.build.synthetic``), same
+* larger N: the real index format with random features (``proponent.indexer.synthetic``), same
   layout, C = 5, through the index job's own phases;
 
 then ``proponent serve`` in memory mode (when the features fit the budget) and in stream mode,
@@ -70,8 +70,8 @@ def real_index(work: Path, n: int, epochs: int) -> tuple[Path, float]:
 
 
 def synthetic(work: Path, n: int) -> tuple[Path, float]:
-    from proponent.build.job import IndexOptions
-    from proponent.build.synthetic import synthetic_index
+    from proponent.indexer.job import IndexOptions
+    from proponent.indexer.synthetic import synthetic_index
 
     d = IndexOptions()
     dim = d.projection.sketch_dim or d.projection.dim  # the default layout's width (tensor: 7,996)

@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from proponent.build.data import Dataset
-from proponent.build.training import TrainConfig, train, training_objective
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
+from proponent.indexer.data import Dataset
+from proponent.indexer.training import TrainConfig, train, training_objective
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import load_checkpoint
 from proponent.model.objectives import draw_noise

@@ -387,7 +387,7 @@ def _query_grid(ctx: ReportContext, r: int, shown: dict[str, list[tuple[int, flo
 
 def section_proponents(ctx: ReportContext) -> str:
     """Proponents and opponents of the queries (Fig. 4), answered by the query use case; Table 2/3 statistics."""
-    from proponent.client.schemas import InfluenceParams
+    from proponent.api.schemas import InfluenceParams
     from proponent.query.usecase import all_scores, answer
 
     idx, n, labels, mu = ctx.idx, ctx.n, ctx.labels, ctx.mu
@@ -636,7 +636,7 @@ def write_report(
 
     Returns the HTML path; the numbers are also written to ``<out_html stem>.json``.
     """
-    from proponent.client.schemas import DEFAULT_SCORING
+    from proponent.api.schemas import DEFAULT_SCORING
     from proponent.query.index import open_index
 
     if convention not in ("lr", "visits"):

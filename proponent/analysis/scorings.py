@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from proponent.client.schemas import InfluenceParams
+from proponent.api.schemas import InfluenceParams
 from proponent.query.scoring import SCORINGS
 from proponent.query.usecase import QueryVectors, combine, query_vectors, raw_dots
 

@@ -42,8 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from proponent.build.data import load_dataset
-    from proponent.build.training import TrainConfig, train
+    from proponent.indexer.data import load_dataset
+    from proponent.indexer.training import TrainConfig, train
     from proponent.model.architectures import default_config_for
 
     data = load_dataset(a.data)
@@ -219,9 +219,9 @@ def external_checkpoints(a: argparse.Namespace) -> tuple[list[Any], list[str]]:
 
 
 def _cmd_index(a: argparse.Namespace) -> int:
-    from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
     from proponent.format.fsio import index_dir
     from proponent.format.manifest import read_manifest
+    from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
     from proponent.model.architectures import ModelConfig
     from proponent.model.projection import ProjectionSpec
     from proponent.threads import set_threads
@@ -250,7 +250,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
             model_config = ModelConfig.from_dict(read_json(a.model_config))
         specs, assumed = external_checkpoints(a)
         if record is None and a.checkpoint_key:
-            from proponent.build.job import builtin_record
+            from proponent.indexer.job import builtin_record
 
             if model_config is None:
                 raise ValueError("--checkpoint-key needs --model-config or --model-code")
@@ -279,7 +279,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
     where = index_dir(a.out)
     engine = None
     if a.engine == "ray":
-        from proponent.build.ray_engine import ray_engine
+        from proponent.indexer.ray_engine import ray_engine
 
         engine = ray_engine(
             address=a.ray_address,
@@ -354,7 +354,7 @@ def register(sub: Any) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
-    from proponent.build.job import DEFAULT_DTYPE
+    from proponent.indexer.job import DEFAULT_DTYPE
     from proponent.model.projection import ProjectionSpec
 
     defaults = ProjectionSpec()

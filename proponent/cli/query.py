@@ -31,8 +31,8 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
 def _cmd_influence(a: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from proponent.build.data import load_image_bytes
-    from proponent.client.schemas import InfluenceParams
+    from proponent.api.schemas import InfluenceParams
+    from proponent.format.images import load_image_bytes
     from proponent.query.usecase import answer
 
     if (a.sample_id is None) == (a.image is None):
@@ -147,7 +147,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from proponent.client.schemas import DEFAULT_SCORING
+    from proponent.api.schemas import DEFAULT_SCORING
 
     i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
     i.add_argument("--index", required=True)

@@ -23,8 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
-from proponent.client.errors import ConnectionFailed, ProponentError, error_from_response
-from proponent.client.schemas import (
+from proponent.api.schemas import (
     FactorsInfo,
     Health,
     IndexInfo,
@@ -34,6 +33,7 @@ from proponent.client.schemas import (
     SampleInfo,
     SelfInfluenceRow,
 )
+from proponent.client.errors import ConnectionFailed, ProponentError, error_from_response
 
 T = TypeVar("T")
 Op = Generator["_Request", httpx.Response, T]

@@ -140,7 +140,7 @@ class ProjectionSpec:
 def uncalibrated_layer_dims(layers: list[LayerInfo], dim: int) -> tuple[int, ...]:
     """Per-layer tensor-sketch dimensions without gradients to measure: in proportion to each
     layer's parameter count (capped at its exact size). The index job measures the layers' gradient
-    energy instead (:func:`proponent.build.job.calibrate_layer_dims`), which is what the fidelity
+    energy instead (:func:`proponent.indexer.job.calibrate_layer_dims`), which is what the fidelity
     figures are for; this prior serves library callers that build a projector directly."""
     from proponent.model.sketch import allocate_tensor
 

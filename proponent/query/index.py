@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from proponent.client.schemas import InfluenceParams, InfluenceResponse
+from proponent.api.schemas import InfluenceParams, InfluenceResponse
 from proponent.format import ann
 from proponent.format.fsio import IndexDir, index_dir
 from proponent.format.integrity import open_store, verify_contents, verify_index

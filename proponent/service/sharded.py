@@ -31,7 +31,6 @@ from typing import Any
 import ray
 from ray import serve
 
-from proponent.build.ray_engine import connect, forwarded_env
 from proponent.format.fsio import index_dir
 from proponent.format.integrity import open_store
 from proponent.format.manifest import read_manifest
@@ -40,6 +39,7 @@ from proponent.query.features import ServedFeatures, parse_size
 from proponent.query.index import chunk_cache_for
 from proponent.query.search import TopK
 from proponent.query.searcher import LocalSearcher, SearchRequest, ShardedSearcher, shard_ranges
+from proponent.raycluster import connect, forwarded_env
 from proponent.service.settings import Settings
 from proponent.threads import set_threads
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from proponent.api.schemas import DEFAULT_SCORING
 from proponent.client import InfluenceClient, Overloaded, Unauthorized
-from proponent.client.schemas import DEFAULT_SCORING
 from tests.conftest import SVC_DATA, svc_run_server  # noqa: F401
 from tests.helpers import query_vectors, reference_scores, top
 

@@ -19,12 +19,12 @@ import httpx
 import numpy as np
 import pytest
 
-from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train
+from proponent.api.schemas import InfluenceParams
 from proponent.client import InfluenceClient
 from proponent.client.errors import APIError
-from proponent.client.schemas import InfluenceParams
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.projection import ProjectionSpec
 from proponent.query.features import ServedFeatures

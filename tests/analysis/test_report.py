@@ -17,9 +17,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from proponent import cli
 from proponent.analysis.report import SECTION_IDS, detection_curve, linear_fit, write_report
-from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.projection import ProjectionSpec
 

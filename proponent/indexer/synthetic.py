@@ -1,9 +1,9 @@
 """Synthetic indexes for benchmarks: the real index format, features drawn at random.
 
 :func:`synthetic_index` writes a complete index (manifest, checkpoint copies, Zarr store, optional
-ANN files) through the index job's own phases -- :func:`~proponent.build.job.plan`,
-:func:`~proponent.build.job.stage`, :meth:`FeatureStore.write_unit` and
-:func:`~proponent.build.job.finish` -- so ``verify`` and ``serve`` accept it, but the features of the N
+ANN files) through the index job's own phases -- :func:`~proponent.indexer.job.plan`,
+:func:`~proponent.indexer.job.stage`, :meth:`FeatureStore.write_unit` and
+:func:`~proponent.indexer.job.finish` -- so ``verify`` and ``serve`` accept it, but the features of the N
 training rows are random (correlated across checkpoints, like real TracIn features, where
 independent random features would be the certificate's worst case). The model is a randomly
 initialised MLP VAE whose feature layout has the requested dimension, so uploaded queries are
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from proponent.build.data import Dataset, SourceInfo
-from proponent.build.job import IndexOptions, finish, plan, read_checkpoints, reconcile, stage, training_objective
 from proponent.format.fsio import IndexDir, index_dir
 from proponent.format.manifest import CheckpointSpec, read_manifest
 from proponent.format.store import FeatureStore
+from proponent.indexer.data import Dataset, SourceInfo
+from proponent.indexer.job import IndexOptions, finish, plan, read_checkpoints, reconcile, stage, training_objective
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import save_checkpoint
 from proponent.model.projection import ProjectionSpec, build_projector

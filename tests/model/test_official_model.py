@@ -20,7 +20,7 @@ from proponent.model.featurizers.kronecker import KroneckerFeaturizer
 from proponent.model.objectives import Objective
 from proponent.model.projection import ProjectionSpec, build_projector, discover_layers
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OFFICIAL = REPO.parent / "shared" / "vae-tracin-official"
 CHECKPOINTS = ("50000", "500000", "1000000", "1500000")
 

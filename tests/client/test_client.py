@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from proponent.api.schemas import ErrorBody, InfluenceResponse
 from proponent.client import (
     AsyncInfluenceClient,
     Conflict,
@@ -26,7 +27,6 @@ from proponent.client import (
     ValidationError,
     query_bytes,
 )
-from proponent.client.schemas import ErrorBody, InfluenceResponse
 from tests.conftest import svc_free_port
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,4 +1,4 @@
-"""Tests for proponent.build.data: every source reads small files written here in its real format."""
+"""Tests for proponent.indexer.data: every source reads small files written here in its real format."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proponent.build.data import DataError, Dataset, load_dataset, load_image_bytes, parse_spec
+from proponent.indexer.data import DataError, Dataset, load_dataset, load_image_bytes, parse_spec
 
 # ---- writers ---------------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ Playwright for Python drives Debian's Chromium (``/usr/bin/chromium``, or ``PROP
 installs it; nothing is downloaded) against a real uvicorn server over the small real index of ``conftest.py``.
 Every assertion about what the page shows is checked against what the API answers for the same request.
 
-``PROPONENT_UI_SCREENSHOTS=docs pytest tests/test_ui.py`` also writes docs/ui-query.png, docs/ui-self-influence.png
-and docs/ui-index.png (the README's screenshots).
+``PROPONENT_UI_SCREENSHOTS=docs pytest tests/service/test_ui.py`` also writes docs/ui-query.png,
+docs/ui-self-influence.png and docs/ui-index.png (the README's screenshots).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def test_static_files_are_package_data():
     from proponent.service.app import STATIC_DIR
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    patterns = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())["tool"]["setuptools"][
+    patterns = tomllib.loads(Path(__file__).parents[2].joinpath("pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
     ]["proponent.service"]
     files = sorted(p.name for p in STATIC_DIR.iterdir())

@@ -1,4 +1,4 @@
-"""The index job's units of work on Ray: a pool of actors, each a :class:`~proponent.build.job.UnitWorker`.
+"""The index job's units of work on Ray: a pool of actors, each a :class:`~proponent.indexer.job.UnitWorker`.
 
 ``build_index(..., engine=ray_engine(...))`` (``proponent index --engine ray``) runs the same
 phases as a local run -- plan, stage and finish on the driver -- and hands the pending units
@@ -32,13 +32,13 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from proponent.build.job import IndexJobError, UnitWorker
 from proponent.format.fsio import IndexDir, index_dir
+from proponent.indexer.job import IndexJobError, UnitWorker
 from proponent.progress import progress
+from proponent.raycluster import RayClusterError, connect, forwarded_env
 from proponent.threads import set_threads
 
 DIE_MARKER_ENV = "PROPONENT_TEST_DIE_MARKER"
-FORWARDED_ENV_PREFIXES = ("PROPONENT_", "AWS_")  # the workers' settings and object-store credentials
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued: no idle gap between units
 
 
@@ -69,31 +69,6 @@ class UnitActor:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os._exit(1)  # mid-unit: its first batch featurized, nothing of it written yet
-
-
-def forwarded_env() -> dict[str, str]:
-    """The environment Ray workers need from the driver's: proponent settings, object-store credentials."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-
-
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join the Ray cluster at ``address`` or start a local one; True when this call started Ray."""
-    if ray.is_initialized():
-        return False
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                object_store_memory=int(os.environ.get("PROPONENT_RAY_OBJECT_STORE", 256 << 20)),
-                log_to_driver=False,
-            )
-    except Exception as e:
-        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise IndexJobError(f"cannot start or join {where}: {type(e).__name__}: {e}") from None
-    return True
 
 
 def _worker_count(workers: int | None, gpus_per_worker: float, n_units: int) -> int:
@@ -190,10 +165,13 @@ def ray_engine(
     max_restarts: int = 3,
     log: Callable[[str], None] | None = None,
 ) -> Callable[[IndexDir, list[tuple[int, int]]], None]:
-    """An engine for :func:`~proponent.build.job.build_index`: the units run on Ray (joined or started here)."""
+    """An engine for :func:`~proponent.indexer.job.build_index`: the units run on Ray (joined or started here)."""
 
     def engine(where: IndexDir, units: list[tuple[int, int]]) -> None:
-        started = connect(address, num_cpus=None if workers is None or gpus_per_worker > 0 else workers)
+        try:
+            started = connect(address, num_cpus=None if workers is None or gpus_per_worker > 0 else workers)
+        except RayClusterError as e:
+            raise IndexJobError(str(e)) from None
         try:
             run_units(
                 where,

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proponent.client import InfluenceClient
 from tests.conftest import svc_run_server
-from tests.test_service import (
+from tests.service.test_service import (
     JOB,
     _same_ranking,
     err,

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from proponent.model.architectures import ModelConfig, build_model
+from proponent.model.featurizers.kronecker import KroneckerFeaturizer
+from proponent.model.objectives import ELBO
 from proponent.model.projection import ProjectionSpec, Projector, discover_layers
 from proponent.model.sketch import (
     SKETCH_KINDS,
@@ -291,6 +293,24 @@ def test_kron_projector_matches_uniform_projector() -> None:
     assert uneven.blocks[1].p_in is None and uneven.blocks[1].p_out is None  # both sides exact
 
 
+def test_kron_projector_features_match_uniform_projector() -> None:
+    """The featurizer sizes its output by ``stage1_dim``: a per-layer projector must set it (it was 0,
+    and ``index_throughput.py --quick`` crashed writing the first block into a zero-width slice)."""
+    cfg = ModelConfig(kind="mlp", input_shape=(1, 8, 8), hidden=(40, 20), latent_dim=3)
+    model = build_model(cfg)
+    layers = discover_layers(model)
+    ref = Projector(layers, ProjectionSpec(kind="kron", k=16, seed=3))
+    mine = kron_projector(layers, [(16, 16)] * len(layers), seed=3)
+    assert mine.stage1_dim == mine.dim == ref.stage1_dim
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.rand(5, 1, 8, 8, generator=g), torch.randn(5, 2, 3, generator=g)
+    y = torch.zeros(5, dtype=torch.long)
+    obj = ELBO(m=2)
+    want = KroneckerFeaturizer(model, obj, ref).featurize(x, y, eps).features
+    got = KroneckerFeaturizer(model, obj, mine).featurize(x, y, eps).features
+    torch.testing.assert_close(got, want)
+
+
 # -------------------------------------------------------------------------------- quantization
 
 
@@ -409,6 +429,33 @@ def test_tensor_sketch_equals_explicit_matrix() -> None:
     torch.testing.assert_close(ts.apply_factors(a[1:2], d[1:2]), want[1:2], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError):
         ts.apply_factors(a[..., :6], d)
+
+
+def test_tensor_sketch_bias_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked kernel with the bias as a bucket (no concatenated ones column) and an ``out`` slice
+    gives the explicit matrix's sketch of ``G`` with the bias column, whatever the chunking."""
+    import proponent.model.sketch as sketch_mod
+
+    ts = TensorSketch(9, 6, 40, seed=4, name="layer")
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(7, 3, 8, dtype=torch.float64, generator=g)  # 8 inputs + the bias column
+    d = torch.randn(7, 3, 6, dtype=torch.float64, generator=g)
+    ab = torch.cat([a, torch.ones(7, 3, 1, dtype=torch.float64)], dim=2)
+    want = torch.bmm(d.transpose(1, 2), ab).reshape(7, -1) @ ts.matrix()
+    whole = ts.apply_factors(a, d, bias=True)
+    torch.testing.assert_close(whole, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ts.apply_factors(ab, d), want, rtol=1e-12, atol=1e-12)
+    for elems in (1, 3 * 40 * 2, 3 * 40 * 3 + 1):  # one sample per chunk, two, three: a ragged last chunk
+        monkeypatch.setattr(sketch_mod, "_TS_CHUNK_ELEMS", elems)
+        feats = torch.full((7, 50), 7.0, dtype=torch.float64)
+        got = ts.apply_factors(a, d, bias=True, out=feats[:, 5:45])
+        assert got.data_ptr() == feats[:, 5:45].data_ptr()
+        torch.testing.assert_close(feats[:, 5:45], want, rtol=1e-12, atol=1e-12)
+        assert bool((feats[:, :5] == 7).all() and (feats[:, 45:] == 7).all())
+        y32 = ts.apply_factors(a.float(), d.float(), bias=True)
+        torch.testing.assert_close(y32.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bias excluded"):
+        ts.apply_factors(ab, d, bias=True)
 
 
 def test_tensor_sketch_reproducible_and_unbiased() -> None:

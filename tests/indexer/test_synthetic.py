@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from proponent.build.synthetic import synthetic_index
 from proponent.format.integrity import verify_index
+from proponent.indexer.synthetic import synthetic_index
 from proponent.query.index import open_index
 
 

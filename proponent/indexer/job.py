@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from proponent.build.data import Dataset, load_dataset
 from proponent.format import ann
 from proponent.format.fsio import IndexDir, StorageError, index_dir, read_json, sha256_bytes
 from proponent.format.integrity import verify_index
@@ -55,6 +54,7 @@ from proponent.format.manifest import (
     write_manifest,
 )
 from proponent.format.store import POSITIONS_FILE, STORE_DIR, FeatureStore, chunk_rows_for, ckpt_group, unit_rows_for
+from proponent.indexer.data import Dataset, load_dataset
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import CheckpointError, read_checkpoint, state_dict_at
 from proponent.model.featurizers import make_featurizer
@@ -222,7 +222,7 @@ def training_objective(record: ModelRecord, m: int) -> Objective:
 
         assert record.plugin is not None
         return load_plugin(record.plugin).objective(m)
-    from proponent.build.training import training_objective as builtin_objective
+    from proponent.indexer.training import training_objective as builtin_objective
 
     assert record.config is not None
     return builtin_objective(ModelConfig.from_dict(record.config), m)
@@ -553,7 +553,7 @@ def build_index(
 
     ``out`` is a local directory or an object-store URL (``s3://bucket/prefix``); the index's
     location is returned (a Path, or the URL). ``engine(where, units)`` runs the pending units
-    elsewhere (e.g. on Ray: :func:`proponent.build.ray_engine.ray_engine`); by default here.
+    elsewhere (e.g. on Ray: :func:`proponent.indexer.ray_engine.ray_engine`); by default here.
     """
     opts = options or IndexOptions()
     where = index_dir(out)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from proponent.build.data import Dataset
 from proponent.format.fsio import atomic_write_json, sha256_file
+from proponent.indexer.data import Dataset
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import CheckpointSpec, save_checkpoint
 from proponent.model.objectives import ELBO, CrossEntropy, Objective

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from proponent.build.data import load_dataset
-from proponent.build.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train
 from proponent.format.fsio import IndexDir
 from proponent.format.integrity import verify_index
 from proponent.format.store import FeatureStore
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import CheckpointSpec
 from proponent.model.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_noise

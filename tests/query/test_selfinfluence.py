@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, training_objective
-from proponent.build.training import TrainConfig, train
 from proponent.cli import main as cli_main
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run, training_objective
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.objectives import draw_noise
 from proponent.model.projection import ProjectionSpec

@@ -1,67 +1,9 @@
-"""Loading image datasets from local files, and decoding uploaded images.
+"""Loading image datasets from local files: one loader per kind of the spec grammar (:mod:`proponent.indexer.spec`).
 
-A dataset is described by a *spec string*::
-
-    spec    := part ("+" part)*
-    part    := KIND [":" ARG] ("," option)*
-    option  := key "=" value | flag
-
-Kinds (``ARG`` is a path; ``~`` is expanded):
-
-``digits``
-    scikit-learn's bundled 8x8 digits (1,797 images), shape ``[N, 1, 8, 8]``, labels 0..9.
-    Options (a deterministic, larger stand-in for MNIST-size experiments):
-    ``size=S`` renders every digit in an S x S frame (S in 8..256; default 8, the original
-    images). For S > 8 the 8x8 digit is resampled (bilinear, zero outside) into a centred box of
-    5/7 of the frame, MNIST's 20-in-28 layout. ``augment=N`` gives N random affine variants of
-    every image instead of the image itself: rotation uniform in +-15 degrees, scale in
-    [0.9, 1.1], shift in +-S/14 pixels on each axis (+-2 px at 28); one bilinear resampling from
-    the 8x8 source. Rows are variant-major (row ``v * 1797 + i`` is variant v of image i) and
-    keep image i's label. ``seed=K`` (default 0) keys the transforms: variant v of image i
-    depends only on (K, v, i), not on N. Example: ``digits,size=28,augment=6`` (10,782 images).
-``glyphs``
-    generated outliers (no files): dense, high-contrast, heavily filled images to inject among
-    digits, ``[N, 1, S, S]`` without labels. Options: ``n=N`` images (default 180), ``size=S``
-    (default 8, the digits' size; 28 for MNIST-sized data), ``seed=N`` (default 0) and
-    ``style=letters|negative|shapes|texture|noise|mix`` (default letters: bold capitals of
-    Pillow's bundled font, edge to edge; negative: the same inverted; shapes: overlapping filled
-    ellipses, rectangles and polygons; texture: stripes and checkerboards; noise: binary blobs;
-    mix: each image one of these). Deterministic: image r depends only on (seed, r), see
-    :func:`generate_glyphs`. Options may also follow a colon: ``digits+glyphs:n=180,injected``.
-    Among digits upscaled to 28x28, 10% ``letters`` at ``size=28`` have a median self-influence
-    7.7x the digits' and raw TracIn puts them among the top proponents of clean digits
-    (``benchmarks/outliers.py``); at 8x8 the VAE fits them and their gradients stay ordinary.
-``mnist-idx:DIR``
-    idx files (optionally gzipped) of MNIST, Fashion-MNIST, KMNIST, EMNIST, notMNIST...:
-    ``DIR/{prefix}-images-idx3-ubyte[.gz]`` (or ``{prefix}-images.idx3-ubyte``) and, optionally,
-    ``DIR/{prefix}-labels-idx1-ubyte[.gz]``. Options: ``prefix=train`` (default; e.g. ``t10k``,
-    ``emnist-letters-train``) and the flag ``transpose`` (EMNIST stores its images transposed).
-``cifar10:DIR``
-    the CIFAR-10 python batches ``data_batch_1`` .. ``data_batch_5`` (those present, in order) or
-    ``test_batch``; option ``split=train|test`` (default train); shape ``[N, 3, 32, 32]``.
-    **Pickle files can run code when loaded**: only name files you trust. They are read with a
-    restricted unpickler that only rebuilds numpy arrays and plain containers, which blocks the
-    usual attacks, but it is no licence to load pickles from untrusted sources.
-``npz:FILE``
-    a numpy ``.npz`` archive with an array ``x`` and an optional integer array ``y`` (labels).
-    ``x`` may be ``N x D`` (flat vectors, kept flat), ``N x H x W`` (grey) or ``N x H x W x C``
-    with C in {1, 3, 4} (moved to channels first; ``N x C x H x W`` is accepted as is).
-    Integer ``x`` must hold 0..255 and is divided by 255; float ``x`` must already lie in [0, 1].
-``folder:DIR``
-    image files read with Pillow. When DIR has sub-folders, each is a class (sorted names give the
-    labels 0..K-1; images are searched recursively inside them); otherwise the images directly in
-    DIR are read without labels. Files are sorted by their path for stable ids. Options:
-    ``mode=L|RGB`` (default: L when every image is grey, else RGB) and ``size=HxW`` (resize with
-    bilinear filtering; by default all images must share one size).
-
-Options every part accepts: ``limit=N`` (keep the first N rows after the offset), ``offset=N``
-(skip N rows) and the flag ``injected`` (marks the part's rows as injected outliers, for the
-outlier-detection report). Spaces around tokens are ignored; paths cannot contain ``+`` or ``,``.
-
-Example: ``mnist-idx:/d/mnist+mnist-idx:/d/emnist,prefix=emnist-letters-train,limit=1000,injected,transpose``.
-
-Every malformed input raises :class:`DataError` (a ``ValueError``) with one line naming the
-file and the problem.
+:func:`load_dataset` parses a spec string, runs each part's loader and combines the parts into a
+:class:`Dataset` with provenance for every row. Every malformed input raises :class:`DataError`
+(a ``ValueError``) with one line naming the file and the problem. Image decoding is shared with
+the server's uploads (:mod:`proponent.format.images`).
 """
 
 from __future__ import annotations
@@ -72,7 +14,6 @@ import io
 import json
 import math
 import pickle
-import re
 import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -83,6 +24,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from proponent.format.images import (
+    CHANNEL_COUNTS,
+    DEFAULT_MAX_PIXELS,
+    DataError,
+    decoded_image,
+    image_to_chw,
+    load_image_bytes,
+    one_line,
+    open_image,
+    resize_chw,
+    unit_float,
+)
+from proponent.indexer.spec import GLYPH_STYLES, PartSpec, parse_spec
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DataError",
@@ -90,25 +45,14 @@ __all__ = [
     "PartSpec",
     "SourceInfo",
     "load_dataset",
-    "load_image_bytes",
-    "parse_spec",
+    "load_image_bytes",  # re-exported: decoding lives in proponent.format.images
+    "parse_spec",  # re-exported: the grammar lives in proponent.indexer.spec
 ]
 
-DEFAULT_MAX_PIXELS = 50_000_000
-"""Largest image (width x height) decoded by :func:`load_image_bytes` and ``folder:`` datasets."""
-
-_CHANNEL_COUNTS = (1, 3, 4)
-_NPY_MAGIC = b"\x93NUMPY"
 _GZIP_MAGIC = b"\x1f\x8b"
 _IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm"}
 )
-# ITU-R 601-2 luma weights, the ones Pillow's convert("L") uses.
-_LUMA = np.array([299 / 1000, 587 / 1000, 114 / 1000], dtype=np.float32)
-
-
-class DataError(ValueError):
-    """A dataset spec, data file or uploaded image is malformed; the message is one line."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,157 +137,6 @@ class Dataset:
         )
 
 
-@dataclass(frozen=True)
-class PartSpec:
-    """One parsed part of a spec string."""
-
-    text: str
-    kind: str
-    arg: str | None
-    offset: int
-    limit: int | None
-    injected: bool
-    options: Mapping[str, Any]  # kind-specific options, defaults filled in
-
-    @property
-    def where(self) -> str:
-        """Message prefix naming the part: ``"kind: path: "``."""
-        return f"{self.kind}: {self.arg}: " if self.arg is not None else f"{self.kind}: "
-
-
-# --------------------------------------------------------------------------------------------
-# Spec parsing
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Option:
-    usage: str  # e.g. "limit=N", shown in messages
-    convert: Callable[[str], Any] | None  # None for flags
-    default: Any = None
-
-
-def _integer(minimum: int) -> Callable[[str], int]:
-    def convert(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError("not an integer") from None
-        if number < minimum:
-            raise ValueError(f"must be at least {minimum}")
-        return number
-
-    return convert
-
-
-def _integer_range(minimum: int, maximum: int) -> Callable[[str], int]:
-    at_least = _integer(minimum)
-
-    def convert(value: str) -> int:
-        number = at_least(value)
-        if number > maximum:
-            raise ValueError(f"must be at most {maximum}")
-        return number
-
-    return convert
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def convert(value: str) -> str:
-        for choice in choices:
-            if value.lower() == choice.lower():
-                return choice
-        raise ValueError(f"expected one of {', '.join(choices)}")
-
-    return convert
-
-
-def _size(value: str) -> tuple[int, int]:
-    found = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
-    if not found or int(found.group(1)) < 1 or int(found.group(2)) < 1:
-        raise ValueError("expected HxW with positive integers, e.g. 28x28")
-    return int(found.group(1)), int(found.group(2))
-
-
-def _file_prefix(value: str) -> str:
-    if "/" in value or "\\" in value:
-        raise ValueError("a file name prefix, not a path")
-    return value
-
-
-_COMMON_OPTIONS: dict[str, _Option] = {
-    "limit": _Option("limit=N", _integer(1)),
-    "offset": _Option("offset=N", _integer(0), 0),
-    "injected": _Option("injected", None, False),
-}
-
-
-def parse_spec(spec: str) -> list[PartSpec]:
-    """Parse a dataset spec string (see the module docstring) without reading any file."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError("empty dataset spec")
-    parts = []
-    for text in spec.split("+"):
-        text = text.strip()
-        if not text:
-            raise DataError(f"empty part in dataset spec {spec!r}")
-        parts.append(_parse_part(text))
-    return parts
-
-
-def _parse_part(text: str) -> PartSpec:
-    head, *raw_options = (token.strip() for token in text.split(","))
-    name, has_arg, raw_arg = head.partition(":")
-    kind_name = name.strip().lower()
-    kind = _KINDS.get(kind_name)
-    if kind is None:
-        raise DataError(f"{text}: unknown kind {name.strip()!r} (known: {', '.join(sorted(_KINDS))})")
-    arg = raw_arg.strip() if has_arg else None
-    if kind.arg is None and arg is not None and "=" in arg:  # ``glyphs:n=180``: options may follow the colon
-        raw_options = [arg, *raw_options]
-        arg = None
-    if kind.arg is None and arg is not None:
-        raise DataError(f"{text}: {kind_name} takes no argument")
-    if kind.arg is not None and not arg:
-        raise DataError(f"{text}: {kind_name} needs a {kind.arg}: {kind_name}:{kind.arg}")
-
-    allowed = {**_COMMON_OPTIONS, **kind.options}
-    values: dict[str, Any] = {}
-    for raw in raw_options:
-        if not raw:
-            raise DataError(f"{text}: empty option")
-        key, has_value, value = (s.strip() for s in raw.partition("="))
-        option = allowed.get(key)
-        if option is None:
-            raise DataError(f"{text}: unknown option {key!r} for {kind_name} (allowed: {', '.join(sorted(allowed))})")
-        if key in values:
-            raise DataError(f"{text}: option {key!r} given twice")
-        if option.convert is None:
-            if has_value:
-                raise DataError(f"{text}: option {key!r} is a flag and takes no value")
-            values[key] = True
-            continue
-        if not value:
-            raise DataError(f"{text}: option {key!r} needs a value ({option.usage})")
-        try:
-            values[key] = option.convert(value)
-        except ValueError as exc:
-            raise DataError(f"{text}: bad value {value!r} for {option.usage}: {exc}") from None
-
-    def get(key: str) -> Any:
-        return values.get(key, allowed[key].default)
-
-    return PartSpec(
-        text=text,
-        kind=kind_name,
-        arg=arg,
-        offset=get("offset"),
-        limit=get("limit"),
-        injected=get("injected"),
-        options={key: get(key) for key in kind.options},
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -371,7 +164,7 @@ def load_dataset(spec: str) -> Dataset:
     parts = parse_spec(spec)
     loaded: list[_Loaded] = []
     for part in parts:
-        result = _KINDS[part.kind].load(part)
+        result = _LOADERS[part.kind](part)
         if loaded and result.x.shape[1:] != loaded[0].x.shape[1:]:
             raise DataError(
                 f"cannot combine {parts[0].text} (sample shape {_shape_text(loaded[0].x.shape[1:])}) with "
@@ -444,11 +237,6 @@ def _window(n_total: int, part: PartSpec) -> slice:
 # ---- shared helpers --------------------------------------------------------------------------
 
 
-def _one_line(exc: BaseException | str) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
 def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(int(d)) for d in shape)
 
@@ -470,7 +258,7 @@ def _read_file(path: Path, where: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{where}cannot read: {_one_line(exc.strerror or exc)}") from None
+        raise DataError(f"{where}cannot read: {one_line(exc.strerror or exc)}") from None
 
 
 def _read_maybe_gzip(path: Path, where: str) -> bytes:
@@ -481,7 +269,7 @@ def _read_maybe_gzip(path: Path, where: str) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{where}corrupt gzip data: {_one_line(exc)}") from None
+        raise DataError(f"{where}corrupt gzip data: {one_line(exc)}") from None
 
 
 def _existing_dir(part: PartSpec) -> Path:
@@ -500,34 +288,6 @@ def _existing_file(part: PartSpec) -> Path:
     if not path.is_file():
         raise DataError(f"{part.where}not a file")
     return path
-
-
-def _unit_float(array: np.ndarray, where: str) -> np.ndarray:
-    """``array`` as C-contiguous float32 in [0, 1].
-
-    Integers must lie in 0..255 and are divided by 255; booleans become 0/1; floats must
-    already lie in [0, 1] (the error names the min/max found). Shared by npz, npy and images.
-    """
-    kind = array.dtype.kind
-    if kind == "b":
-        return np.ascontiguousarray(array, dtype=np.float32)
-    if kind in "ui":
-        if array.dtype != np.uint8 and array.size:
-            int_lo, int_hi = int(array.min()), int(array.max())
-            if int_lo < 0 or int_hi > 255:
-                raise DataError(f"{where}integer values must lie in 0..255, found min {int_lo}, max {int_hi}")
-        out = np.empty(array.shape, dtype=np.float32)
-        np.divide(array, np.float32(255), out=out, dtype=np.float32)
-        return out
-    if kind == "f":
-        if array.size:
-            lo, hi = float(np.min(array)), float(np.max(array))
-            if math.isnan(lo) or math.isnan(hi):
-                raise DataError(f"{where}float values contain NaN")
-            if lo < 0 or hi > 1:
-                raise DataError(f"{where}float values must lie in [0, 1], found min {lo:g}, max {hi:g}")
-        return np.ascontiguousarray(array, dtype=np.float32)
-    raise DataError(f"{where}unsupported dtype {array.dtype} (expected uint8, or floats in [0, 1])")
 
 
 def _labels_array(labels: Any, n: int, where: str) -> np.ndarray:
@@ -624,7 +384,6 @@ def _render_digits(src: np.ndarray, size: int, params: np.ndarray) -> np.ndarray
 
 # ---- glyphs (generated outliers) -------------------------------------------------------------
 
-GLYPH_STYLES = ("letters", "negative", "shapes", "texture", "noise", "mix")
 _GLYPH_SUPERSAMPLE = 8  # drawn at 8x the target size, then box-filtered down (smooth grey edges)
 _GLYPH_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -828,7 +587,7 @@ def _load_mnist_idx(part: PartSpec) -> _Loaded:
     window = images[rows]
     if part.options["transpose"]:
         window = window.transpose(0, 2, 1)
-    x = _unit_float(window, where)[:, None]
+    x = unit_float(window, where)[:, None]
     return _Loaded(x, None if labels is None else labels[rows], digest.hexdigest(), len(images), rows.start)
 
 
@@ -866,7 +625,7 @@ def _unpickle(raw: bytes, where: str) -> Any:
     try:
         return _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # unpickling raises many exception types for malformed input
-        raise DataError(f"{where}could not unpickle: {_one_line(exc)}") from None
+        raise DataError(f"{where}could not unpickle: {one_line(exc)}") from None
 
 
 def _cifar_batch(batch: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -888,7 +647,7 @@ def _cifar_batch(batch: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         label_array = np.asarray(labels)
     except Exception as exc:  # arbitrary objects from the pickle
-        raise DataError(f"{where}b'labels' is not an array: {_one_line(exc)}") from None
+        raise DataError(f"{where}b'labels' is not an array: {one_line(exc)}") from None
     return data, _labels_array(label_array, len(data), where)
 
 
@@ -919,7 +678,7 @@ def _load_cifar10(part: PartSpec) -> _Loaded:
     data = np.concatenate(data_parts) if len(data_parts) > 1 else data_parts[0]
     labels = np.concatenate(label_parts)
     rows = _window(len(data), part)
-    x = _unit_float(data[rows].reshape(-1, 3, 32, 32), part.where)
+    x = unit_float(data[rows].reshape(-1, 3, 32, 32), part.where)
     return _Loaded(x, labels[rows], digest.hexdigest(), len(data), rows.start)
 
 
@@ -932,9 +691,9 @@ def _samples_first(x: np.ndarray, where: str) -> np.ndarray:
         layout = x
     elif x.ndim == 3:
         layout = x[:, None]
-    elif x.ndim == 4 and x.shape[3] in _CHANNEL_COUNTS:
+    elif x.ndim == 4 and x.shape[3] in CHANNEL_COUNTS:
         layout = x.transpose(0, 3, 1, 2)
-    elif x.ndim == 4 and x.shape[1] in _CHANNEL_COUNTS:
+    elif x.ndim == 4 and x.shape[1] in CHANNEL_COUNTS:
         layout = x
     else:
         raise DataError(f"{where}x has shape {x.shape}; expected N x D, N x H x W or N x H x W x C with C in 1, 3, 4")
@@ -949,7 +708,7 @@ def _load_npz(part: PartSpec) -> _Loaded:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # zipfile / numpy format errors come in many types
-        raise DataError(f"{where}could not read npz: {_one_line(exc)}") from None
+        raise DataError(f"{where}could not read npz: {one_line(exc)}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):  # a plain .npy gives the array itself
         raise DataError(f"{where}not an .npz archive (a single .npy array?)")
     with archive:
@@ -959,11 +718,11 @@ def _load_npz(part: PartSpec) -> _Loaded:
             x = archive["x"]
             y = archive["y"] if "y" in archive.files else None
         except Exception as exc:  # corrupt members, pickled object arrays...
-            raise DataError(f"{where}could not read npz: {_one_line(exc)}") from None
+            raise DataError(f"{where}could not read npz: {one_line(exc)}") from None
     samples = _samples_first(x, where + "x: ")
     labels = None if y is None else _labels_array(y, len(samples), where + "y: ")
     rows = _window(len(samples), part)
-    x_window = _unit_float(samples[rows], where + "x: ")
+    x_window = unit_float(samples[rows], where + "x: ")
     return _Loaded(x_window, None if labels is None else labels[rows], _hash_arrays(x, y), len(samples), rows.start)
 
 
@@ -985,7 +744,7 @@ def _image_files(directory: Path, recursive: bool) -> list[Path]:
 def _is_grey(image: Image.Image, where: str) -> bool:
     bands = [b for b in image.getbands() if b not in ("A", "a")]
     if image.mode in ("P", "PA"):
-        rgb = np.asarray(_decoded(image, where).convert("RGB"))
+        rgb = np.asarray(decoded_image(image, where).convert("RGB"))
         return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
     return all(b in ("L", "1", "I", "F") for b in bands)
 
@@ -1019,7 +778,7 @@ def _load_folder(part: PartSpec) -> _Loaded:
         raw = _read_file(path, where)
         digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(raw).digest())
-        image = _open_image(raw, where, DEFAULT_MAX_PIXELS)
+        image = open_image(raw, where, DEFAULT_MAX_PIXELS)
         sizes.append((image.height, image.width))
         if part.options["mode"] is None and all_grey:
             all_grey = _is_grey(image, where)
@@ -1041,236 +800,19 @@ def _load_folder(part: PartSpec) -> _Loaded:
     x = np.empty((rows.stop - rows.start, channels, *target), dtype=np.float32)
     for i, path in enumerate(files[rows]):
         where = f"folder: {path}: "
-        chw = _image_to_chw(_open_image(_read_file(path, where), where, DEFAULT_MAX_PIXELS), channels, where)
-        x[i] = chw if chw.shape[1:] == tuple(target) else _resize_chw(chw, target)
+        chw = image_to_chw(open_image(_read_file(path, where), where, DEFAULT_MAX_PIXELS), channels, where)
+        x[i] = chw if chw.shape[1:] == tuple(target) else resize_chw(chw, target)
     labels = np.asarray(labels_list, dtype=np.int64)[rows] if class_names is not None else None
     return _Loaded(x, labels, digest.hexdigest(), len(files), rows.start, class_names)
 
 
-# ---- kind registry ---------------------------------------------------------------------------
+# ---- the loader of each kind -----------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class _Kind:
-    arg: str | None  # what ARG names (for messages); None when the kind takes no ARG
-    options: dict[str, _Option]
-    load: Callable[[PartSpec], _Loaded]
-
-
-_KINDS: dict[str, _Kind] = {
-    "digits": _Kind(
-        None,
-        {
-            "size": _Option("size=S", _integer_range(8, 256), None),
-            "augment": _Option("augment=N", _integer(1), None),
-            "seed": _Option("seed=K", _integer(0), None),
-        },
-        _load_digits,
-    ),
-    "glyphs": _Kind(
-        None,
-        {
-            "n": _Option("n=N", _integer(1), 180),
-            "size": _Option("size=S", _integer(4), 8),
-            "seed": _Option("seed=N", _integer(0), 0),
-            "style": _Option(f"style={'|'.join(GLYPH_STYLES)}", _choice(*GLYPH_STYLES), "letters"),
-        },
-        _load_glyphs,
-    ),
-    "mnist-idx": _Kind(
-        "DIR",
-        {
-            "prefix": _Option("prefix=NAME", _file_prefix, "train"),
-            "transpose": _Option("transpose", None, False),
-        },
-        _load_mnist_idx,
-    ),
-    "cifar10": _Kind("DIR", {"split": _Option("split=train|test", _choice("train", "test"), "train")}, _load_cifar10),
-    "npz": _Kind("FILE", {}, _load_npz),
-    "folder": _Kind(
-        "DIR",
-        {
-            "mode": _Option("mode=L|RGB", _choice("L", "RGB"), None),
-            "size": _Option("size=HxW", _size, None),
-        },
-        _load_folder,
-    ),
+_LOADERS: dict[str, Callable[[PartSpec], _Loaded]] = {
+    "digits": _load_digits,
+    "glyphs": _load_glyphs,
+    "mnist-idx": _load_mnist_idx,
+    "cifar10": _load_cifar10,
+    "npz": _load_npz,
+    "folder": _load_folder,
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Images: decoding, channel conversion, resizing
-# --------------------------------------------------------------------------------------------
-
-
-def _open_image(data: bytes, where: str, max_pixels: int) -> Image.Image:
-    """Open (header only) an image Pillow can read, refusing more than ``max_pixels`` pixels."""
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked before ours
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        pixels = int(found.group(1)) if found else max_pixels + 1
-        limit = max_pixels if pixels > max_pixels else 2 * (Image.MAX_IMAGE_PIXELS or 0)  # Pillow's refusal
-        raise DataError(f"{where}image has {pixels} pixels, more than the limit {limit}") from None
-    except Exception as exc:  # Pillow raises many exception types for malformed input
-        raise DataError(f"{where}could not decode image: {_one_line(exc)}") from None
-    pixels = image.width * image.height
-    if pixels > max_pixels:
-        raise DataError(f"{where}image has {pixels} pixels, more than the limit {max_pixels}")
-    return image
-
-
-def _decoded(image: Image.Image, where: str) -> Image.Image:
-    """Decode the pixel data of an opened image (first frame)."""
-    try:
-        image.load()
-    except Exception as exc:  # truncated / corrupt data: OSError, SyntaxError, ValueError, zlib.error...
-        raise DataError(f"{where}could not decode image: {_one_line(exc)}") from None
-    return image
-
-
-def _image_to_chw(image: Image.Image, channels: int, where: str) -> np.ndarray:
-    """Decode an opened image to float32 [channels, H, W] in [0, 1].
-
-    Transparent images are composited on black (unless 4 channels are wanted); RGB to grey uses
-    Pillow's convert("L"); 16-bit grey is divided by 65535; float images must lie in [0, 1].
-    """
-    image = _decoded(image, where)
-    try:
-        if image.mode in ("I", "F") or image.mode.startswith("I;"):
-            plane = np.asarray(image)
-            if image.mode != "F":
-                plane = plane.astype(np.int64)
-                if plane.size and (plane.min() < 0 or plane.max() > 65535):
-                    raise DataError(f"{where}{image.mode} image values outside 0..65535")
-                plane = plane.astype(np.float32) / np.float32(65535)
-            return _convert_channels(_unit_float(plane, where)[None], channels)
-        if channels == 4:
-            image = image.convert("RGBA")
-        else:
-            transparent = any(b in ("A", "a") for b in image.getbands()) or "transparency" in image.info
-            if transparent:
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
-            image = image.convert("L" if channels == 1 else "RGB")
-        pixels = np.asarray(image)
-    except DataError:
-        raise
-    except Exception as exc:  # unusual modes Pillow cannot convert
-        raise DataError(f"{where}could not convert image of mode {image.mode}: {_one_line(exc)}") from None
-    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return _unit_float(chw, where)
-
-
-def _convert_channels(chw: np.ndarray, channels: int) -> np.ndarray:
-    """Convert float [C, H, W] between 1 (grey), 3 (RGB) and 4 (RGBA) channels.
-
-    RGBA loses its alpha by compositing on black; RGB becomes grey with Pillow's luma weights;
-    grey is repeated to RGB; an added alpha channel is opaque.
-    """
-    have = chw.shape[0]
-    if have == channels:
-        return chw
-    if have == 4:
-        chw = chw[:3] * chw[3:]
-        have = 3
-    if channels == 1:
-        return np.tensordot(_LUMA, chw, axes=1)[None].astype(np.float32)
-    rgb = np.repeat(chw, 3, axis=0) if have == 1 else chw
-    if channels == 3:
-        return np.ascontiguousarray(rgb, dtype=np.float32)
-    return np.concatenate([rgb, np.ones_like(rgb[:1])]).astype(np.float32)
-
-
-def _resize_chw(chw: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize float [C, H, W] to ``size`` = (H, W) with Pillow's bilinear filter, per channel."""
-    height, width = int(size[0]), int(size[1])
-    out = np.empty((chw.shape[0], height, width), dtype=np.float32)
-    for c, plane in enumerate(chw):
-        image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # mode "F"
-        out[c] = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def _array_to_chw(array: np.ndarray, target: tuple[int, int, int], where: str) -> np.ndarray:
-    """Lay out one array sample (H, W), (C, H, W), (H, W, C) or flat (C*H*W,) as float [C, H, W]."""
-    a = array
-    while a.ndim > 3 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim == 1 and a.size == math.prod(target):
-        chw = a.reshape(target)
-    elif a.ndim == 2:
-        chw = a[None]
-    elif a.ndim == 3 and (a.shape[0] in _CHANNEL_COUNTS or a.shape[2] in _CHANNEL_COUNTS):
-        first, last = a.shape[0] in _CHANNEL_COUNTS, a.shape[2] in _CHANNEL_COUNTS
-        if first and last:  # ambiguous, e.g. (3, 8, 4): prefer the reading whose H x W matches
-            first = a.shape[1:] == target[1:] or a.shape[:2] != target[1:]
-        chw = a if first else a.transpose(2, 0, 1)
-    else:
-        raise DataError(f"{where}array of shape {array.shape} is not an image; expected (H, W), (C, H, W) or (H, W, C)")
-    if 0 in chw.shape:
-        raise DataError(f"{where}array of shape {array.shape} is empty")
-    return _convert_channels(_unit_float(chw, where), target[0])
-
-
-def _flat_as_image(size: int) -> tuple[int, int, int] | None:
-    """Image shape that a flat vector of ``size`` stands for: (1, s, s) or (3, s, s), else None."""
-    side = math.isqrt(size)
-    if side * side == size:
-        return (1, side, side)
-    side = math.isqrt(size // 3)
-    if size % 3 == 0 and 3 * side * side == size:
-        return (3, side, side)
-    return None
-
-
-def load_image_bytes(
-    data: bytes,
-    shape: Sequence[int],
-    *,
-    allow_resize: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> np.ndarray:
-    """Decode an uploaded image to a float32 array of the dataset's per-sample ``shape``.
-
-    ``data`` is anything Pillow reads (PNG, JPEG, ...) or a ``.npy`` array (recognised by its
-    magic bytes; loaded without pickle) of shape (H, W), (C, H, W), (H, W, C) or flat (D,).
-    ``shape`` is (C, H, W) with C in 1, 3, 4, or (D,) for flat datasets; a flat D is read as a
-    grey s x s image when D = s*s, or a channels-first RGB s x s image when D = 3*s*s.
-
-    Channels are converted (RGBA composited on black, RGB to grey with Pillow's ``convert("L")``,
-    grey repeated to RGB); uint8 is divided by 255; floats must lie in [0, 1]. A different
-    H x W is an error unless ``allow_resize`` (bilinear). Images larger than ``max_pixels``
-    (width x height) are refused from their header, before any pixel is decoded.
-    """
-    target = tuple(int(d) for d in shape)
-    if len(target) == 3 and target[0] in _CHANNEL_COUNTS and min(target) > 0:
-        image_shape: tuple[int, int, int] | None = (target[0], target[1], target[2])
-    elif len(target) == 1 and target[0] > 0:
-        image_shape = _flat_as_image(target[0])
-    else:
-        raise DataError(f"unsupported dataset shape {target}; expected (C, H, W) with C in 1, 3, 4, or (D,)")
-
-    if bytes(data[:6]) == _NPY_MAGIC:
-        where = "npy: "
-        try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as exc:  # numpy format errors come in several types
-            raise DataError(f"{where}could not decode array: {_one_line(exc)}") from None
-        if len(target) == 1 and array.shape[-1:] == target and all(d == 1 for d in array.shape[:-1]):
-            return _unit_float(array.reshape(target), where)
-        if image_shape is None:
-            raise DataError(f"{where}expected shape {target}, got {array.shape}")
-        chw = _array_to_chw(array, image_shape, where)
-        if chw.shape[1] * chw.shape[2] > max_pixels:
-            raise DataError(f"{where}image has {chw.shape[1] * chw.shape[2]} pixels, more than the limit {max_pixels}")
-    else:
-        if image_shape is None:
-            raise DataError(f"an image cannot be converted to the flat dataset shape {target}")
-        chw = _image_to_chw(_open_image(bytes(data), "", max_pixels), image_shape[0], "")
-
-    if chw.shape != image_shape:
-        if not allow_resize:
-            raise DataError(f"expected shape {image_shape}, got {tuple(chw.shape)}; resizing is not allowed")
-        chw = _resize_chw(chw, image_shape[1:])
-    return chw.reshape(target)

@@ -12,11 +12,11 @@ import httpx
 import numpy as np
 import pytest
 
-from proponent.build.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train
 from proponent.format.fsio import IndexDir, StorageError
 from proponent.format.integrity import verify_index
 from proponent.format.store import FeatureStore
+from proponent.indexer.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.projection import ProjectionSpec
 from proponent.query.index import IndexError_, open_index
@@ -27,7 +27,7 @@ DATA = "digits,limit=150"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    from proponent.build.data import load_dataset
+    from proponent.indexer.data import load_dataset
 
     data = load_dataset(DATA)
     cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(16,), latent_dim=4)
