@@ -28,43 +28,68 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
     )
 
 
-def _cmd_influence(a: argparse.Namespace) -> int:
+def _query_params(a: argparse.Namespace, **extra: Any) -> Any:
+    """The API's InfluenceParams of the query arguments (``extra``: command-specific fields)."""
     from pydantic import ValidationError
 
     from proponent.api.schemas import InfluenceParams
-    from proponent.format.images import load_image_bytes
-    from proponent.query.usecase import answer
 
     if (a.sample_id is None) == (a.image is None):
         raise ValueError("give exactly one of --sample-id N or --image FILE")
+    fields = {
+        "objective": a.objective,
+        "beta": a.beta,
+        "label": a.label,
+        "checkpoints": a.checkpoints,
+        "convention": a.convention,
+        "scoring": a.scoring,
+        "seed": a.seed,
+        "features": a.features,
+        "allow_resize": a.resize,
+        **extra,
+    }
     try:
-        params = InfluenceParams(
-            k=a.k,
-            direction=a.direction,
-            objective=a.objective,
-            beta=a.beta,
-            label=a.label,
-            checkpoints=a.checkpoints,
-            convention=a.convention,
-            scoring=a.scoring,
-            seed=a.seed,
-            prefilter=a.prefilter,
-            features=a.features,
-            search=a.search,
-            allow_resize=a.resize,
-        )
+        return InfluenceParams(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
         raise ValueError(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
+def _query_input(a: argparse.Namespace, idx: Any) -> Any:
+    """The ``--image`` file decoded to the index's input shape (None for ``--sample-id``)."""
+    from proponent.format.images import load_image_bytes
+
+    if a.image is None:
+        return None
+    path = Path(a.image)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
+    return load_image_bytes(raw, idx.shape, allow_resize=a.resize)
+
+
+def _cmd_scores(a: argparse.Namespace) -> int:
+    from proponent.format.fsio import atomic_write_bytes
+    from proponent.query.usecase import npy_bytes, score_vector
+
+    params = _query_params(a)
     idx = _open(a)
-    x = None
-    if a.image is not None:
-        path = Path(a.image)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
-        x = load_image_bytes(raw, idx.shape, allow_resize=a.resize)
+    table = score_vector(idx, params, x=_query_input(a, idx), sample_id=a.sample_id)
+    atomic_write_bytes(a.out, npy_bytes(table))
+    approx = idx.meta.approximations(idx.meta.resolve_checkpoints(params.checkpoints))
+    print(f"scored {len(table)} training samples ({params.scoring}, {params.convention}) -> {a.out}")
+    if approx:
+        print("approximations: " + "; ".join(approx))
+    return 0
+
+
+def _cmd_influence(a: argparse.Namespace) -> int:
+    from proponent.query.usecase import answer
+
+    params = _query_params(a, k=a.k, direction=a.direction, prefilter=a.prefilter, search=a.search)
+    idx = _open(a)
+    x = _query_input(a, idx)
     res = answer(idx, params, x=x, sample_id=a.sample_id)
     if a.json:
         print(res.model_dump_json())
@@ -146,36 +171,48 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any) -> None:
-    from proponent.api.schemas import DEFAULT_SCORING
-
-    i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
+def _add_query_args(i: argparse.ArgumentParser, default_scoring: str) -> None:
+    """The arguments of one query (``influence`` and ``scores``)."""
     i.add_argument("--index", required=True)
     i.add_argument("--sample-id", type=int)
     i.add_argument("--image", help="image file (PNG, JPEG, .npy)")
     i.add_argument("--resize", action="store_true", help="resize the image to the index's shape")
-    i.add_argument("--k", type=int, default=10)
-    i.add_argument("--direction", choices=["proponents", "opponents", "both"], default="both")
-    i.add_argument("--scoring", choices=["raw", "cosine", "relatif"], default=DEFAULT_SCORING)
+    i.add_argument("--scoring", choices=["raw", "cosine", "relatif"], default=default_scoring)
     i.add_argument("--objective", default="elbo", help="elbo | reconstruction | kl | elbo_beta | probe")
     i.add_argument("--label", type=int, help="query label (classifiers, objective probe; default: the stored sample's)")
     i.add_argument("--beta", type=float, help="β of objective elbo_beta")
     i.add_argument("--checkpoints", type=int_list, help="checkpoint subset, e.g. 0,2,4")
     i.add_argument("--convention", choices=["lr", "visits"], default="lr")
-    i.add_argument("--prefilter", type=int, help="score only the L training samples nearest in latent space")
     i.add_argument(
         "--features",
         choices=["recompute", "stored"],
         default="recompute",
         help="stored samples: recompute with fresh query draws (default) or use the index's stored features",
     )
-    i.add_argument("--search", choices=["auto", "scan", "ann"], default="auto")
     i.add_argument("--seed", type=int, default=0, help="query noise seed")
     i.add_argument("--device", default="cpu")
     i.add_argument("--threads", type=int)
     i.add_argument("--memory-budget", help="features held in memory, e.g. 8G (default: half the available RAM)")
+
+
+def register(sub: Any) -> None:
+    from proponent.api.schemas import DEFAULT_SCORING
+
+    i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
+    _add_query_args(i, DEFAULT_SCORING)
+    i.add_argument("--k", type=int, default=10)
+    i.add_argument("--direction", choices=["proponents", "opponents", "both"], default="both")
+    i.add_argument("--prefilter", type=int, help="score only the L training samples nearest in latent space")
+    i.add_argument("--search", choices=["auto", "scan", "ann"], default="auto")
     i.add_argument("--json", action="store_true", help="print the API's JSON response")
     i.set_defaults(func=_cmd_influence)
+
+    sc = sub.add_parser(
+        "scores", help="every training sample's score for one query, as a .npy of (id, score) records (offline)"
+    )
+    _add_query_args(sc, DEFAULT_SCORING)
+    sc.add_argument("--out", required=True, help=".npy file: N records (id int64, score float64) in row order")
+    sc.set_defaults(func=_cmd_scores)
 
     s = sub.add_parser("self-influence", help="rank the training set by self-influence (CSV)")
     s.add_argument("--index", required=True)

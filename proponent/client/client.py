@@ -153,6 +153,39 @@ def op_influence(query: Any, sample_id: int | None, params: dict[str, Any]) -> O
     return InfluenceResponse.model_validate(_json(r))
 
 
+def op_scores(query: Any, sample_id: int | None, params: dict[str, Any]) -> Op[Any]:
+    """Every training sample's score: a numpy record array ``(id, score)`` from the server's ``.npy``."""
+    import numpy as np
+
+    if (query is None) == (sample_id is None):
+        raise ValueError("give exactly one of query or sample_id")
+    if sample_id is not None:
+        r = yield _Request("POST", f"/v1/scores/samples/{int(sample_id)}", json=params)
+    else:
+        name, data = query_bytes(query)
+        form = {k: (json.dumps(v) if isinstance(v, (list, bool)) else str(v)) for k, v in params.items()}
+        r = yield _Request("POST", "/v1/scores", files={"file": (name, data, "application/octet-stream")}, data=form)
+    return np.load(io.BytesIO(r.content), allow_pickle=False)
+
+
+def _score_params(
+    objective: str,
+    beta: float | None,
+    label: int | None,
+    checkpoints: list[int] | None,
+    convention: str,
+    seed: int,
+    allow_resize: bool,
+    scoring: str | None,
+    features: str,
+) -> dict[str, Any]:
+    p = _params(1, "proponents", objective, beta, label, checkpoints, convention, seed, allow_resize)
+    p.update({"features": features, **({"scoring": scoring} if scoring is not None else {})})
+    for name in ("k", "direction", "search", "uncertainty"):  # not parameters of a score vector
+        del p[name]
+    return p
+
+
 def op_sample(sample_id: int) -> Op[SampleInfo]:
     r = yield _Request("GET", f"/v1/samples/{int(sample_id)}")
     return SampleInfo.model_validate(_json(r))
@@ -385,6 +418,26 @@ class InfluenceClient(_Base):
         )
         return self._run(op_influence(query, sample_id, p))
 
+    def scores(
+        self,
+        query: Any = None,
+        *,
+        sample_id: int | None = None,
+        objective: str = "elbo",
+        beta: float | None = None,
+        label: int | None = None,
+        checkpoints: list[int] | None = None,
+        convention: Literal["lr", "visits"] = "lr",
+        seed: int = 0,
+        allow_resize: bool = False,
+        scoring: Literal["raw", "cosine", "relatif"] | None = None,
+        features: Literal["recompute", "stored"] = "recompute",
+    ) -> Any:
+        """Every training sample's score for ``query`` or ``sample_id``: a numpy record array of N rows
+        ``(id int64, score float64)`` in row order (``r["score"]``, ``r["id"]``); same query path as ``influence``."""
+        p = _score_params(objective, beta, label, checkpoints, convention, seed, allow_resize, scoring, features)
+        return self._run(op_scores(query, sample_id, p))
+
     def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
         """``influence(..., direction="proponents")``: hits in ``.proponents``."""
         return self.influence(query, direction="proponents", **kw)
@@ -559,6 +612,25 @@ class AsyncInfluenceClient(_Base):
             allow_partial,
         )
         return await self._run(op_influence(query, sample_id, p))
+
+    async def scores(
+        self,
+        query: Any = None,
+        *,
+        sample_id: int | None = None,
+        objective: str = "elbo",
+        beta: float | None = None,
+        label: int | None = None,
+        checkpoints: list[int] | None = None,
+        convention: Literal["lr", "visits"] = "lr",
+        seed: int = 0,
+        allow_resize: bool = False,
+        scoring: Literal["raw", "cosine", "relatif"] | None = None,
+        features: Literal["recompute", "stored"] = "recompute",
+    ) -> Any:
+        """See :meth:`InfluenceClient.scores`."""
+        p = _score_params(objective, beta, label, checkpoints, convention, seed, allow_resize, scoring, features)
+        return await self._run(op_scores(query, sample_id, p))
 
     async def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
         return await self.influence(query, direction="proponents", **kw)
