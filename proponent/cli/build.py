@@ -43,7 +43,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from proponent.indexer.data import load_dataset
+    from proponent.indexer.data import load_dataset  # lazy: CLI start-up (`proponent --help` loads no torch)
     from proponent.indexer.training import TrainConfig, train
     from proponent.model.architectures import default_config_for
 
@@ -91,12 +91,12 @@ def _per_ckpt(vals: list[Any] | None, default: Any, name: str, n: int) -> list[A
 
 def external_checkpoints(a: argparse.Namespace) -> list[Any]:
     """CheckpointSpecs of ``--checkpoints`` with their training metadata (flags or ``--checkpoint-meta``)."""
-    from proponent.model.checkpoints import CheckpointSpec
+    from proponent.model.checkpoints import CheckpointSpec  # lazy: CLI start-up (`proponent --help` loads no torch)
 
     paths = list(a.checkpoints)
     n = len(paths)
     if a.checkpoint_meta:
-        from proponent.format.fsio import read_json
+        from proponent.format.fsio import read_json  # lazy: CLI start-up (`proponent --help` loads no torch)
 
         meta = read_json(a.checkpoint_meta)
         rows = meta["checkpoints"] if isinstance(meta, dict) else meta
@@ -137,7 +137,7 @@ def external_checkpoints(a: argparse.Namespace) -> list[Any]:
 
 
 def _cmd_index(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import index_dir
+    from proponent.format.fsio import index_dir  # lazy: CLI start-up (`proponent --help` loads no torch)
     from proponent.format.manifest import read_manifest
     from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
     from proponent.model.architectures import ModelConfig
@@ -157,17 +157,17 @@ def _cmd_index(a: argparse.Namespace) -> int:
             raise ValueError("--data is required with --checkpoints")
         data_spec = a.data
         if a.model_code:
-            from proponent.model.plugin import plugin_record
+            from proponent.model.plugin import plugin_record  # lazy: CLI start-up (`proponent --help` loads no torch)
 
             print(f"importing model code {a.model_code} (this runs it)")
             record = plugin_record(a.model_code, checkpoint_key=a.checkpoint_key)
         elif a.model_config:
-            from proponent.format.fsio import read_json
+            from proponent.format.fsio import read_json  # lazy: CLI start-up (`proponent --help` loads no torch)
 
             model_config = ModelConfig.from_dict(read_json(a.model_config))
         specs = external_checkpoints(a)
         if record is None and a.checkpoint_key:
-            from proponent.indexer.job import builtin_record
+            from proponent.indexer.job import builtin_record  # lazy: CLI start-up (`proponent --help` loads no torch)
 
             if model_config is None:
                 raise ValueError("--checkpoint-key needs --model-config or --model-code")
@@ -195,7 +195,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
     where = index_dir(a.out)
     engine = None
     if a.engine == "ray":
-        from proponent.indexer.ray_engine import ray_engine
+        from proponent.indexer.ray_engine import ray_engine  # lazy: CLI start-up (`proponent --help` loads no torch)
 
         engine = ray_engine(
             address=a.ray_address,
@@ -233,7 +233,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
-    from proponent.format.integrity import verify_index
+    from proponent.format.integrity import verify_index  # lazy: CLI start-up (`proponent --help` loads no torch)
 
     t0 = time.perf_counter()
     problems = verify_index(a.index, deep=a.deep)
@@ -250,7 +250,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from proponent.format.ann import KINDS
+    from proponent.format.ann import KINDS  # lazy: CLI start-up (`proponent --help` loads no torch)
 
     t = sub.add_parser("train", help="train a β-VAE and save TracIn checkpoints")
     t.add_argument("--data", default=DEFAULT_DATA, help="data spec (default: digits); see README")
@@ -269,7 +269,7 @@ def register(sub: Any) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
-    from proponent.indexer.job import DEFAULT_DTYPE
+    from proponent.indexer.job import DEFAULT_DTYPE  # lazy: CLI start-up (`proponent --help` loads no torch)
     from proponent.model.projection import ProjectionSpec
 
     defaults = ProjectionSpec()

@@ -7,15 +7,19 @@ server runs for ``POST /v1/influence[/samples/{id}]``; ``--json`` prints the API
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from proponent.api.schemas import DEFAULT_SCORING, InfluenceParams
 from proponent.cli.build import int_list
 
 
 def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
-    from proponent.query.index import open_index
+    from proponent.query.index import open_index  # lazy: CLI start-up (`proponent --help` loads no torch)
     from proponent.threads import set_threads
 
     set_threads(a.threads)
@@ -29,10 +33,7 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
 
 
 def _cmd_influence(a: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from proponent.api.schemas import InfluenceParams
-    from proponent.format.images import load_image_bytes
+    from proponent.format.images import load_image_bytes  # lazy: CLI start-up (`proponent --help` loads no torch)
     from proponent.query.usecase import answer
 
     if (a.sample_id is None) == (a.image is None):
@@ -86,7 +87,7 @@ def _cmd_influence(a: argparse.Namespace) -> int:
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import atomic_write_bytes
+    from proponent.format.fsio import atomic_write_bytes  # lazy: CLI start-up (`proponent --help` loads no torch)
     from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams, ranking_rows, rows_to_csv
 
     idx = _open(a, feature_mode="stream")  # norms only: no features are loaded
@@ -104,9 +105,8 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    import os
 
-    import uvicorn
+    import uvicorn  # lazy: CLI start-up (`proponent --help` loads no torch)
 
     for flag, env in (
         ("index", "PROPONENT_INDEX"),
@@ -117,17 +117,16 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         if getattr(a, flag, None):
             os.environ[env] = str(getattr(a, flag))
     if a.shards:
-        from proponent.service.sharded import serve_sharded
+        from proponent.service.sharded import serve_sharded  # lazy: CLI start-up (`proponent --help` loads no torch)
 
         return serve_sharded(a)
-    from proponent.service.app import create_app
+    from proponent.service.app import create_app  # lazy: CLI start-up (`proponent --help` loads no torch)
 
     uvicorn.run(create_app(), host=a.host, port=a.port, log_level=a.log_level)
     return 0
 
 
 def register(sub: Any) -> None:
-    from proponent.api.schemas import DEFAULT_SCORING
 
     i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
     i.add_argument("--index", required=True)
