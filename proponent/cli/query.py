@@ -19,7 +19,7 @@ from proponent.cli.build import int_list
 
 
 def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
-    from proponent.query.index import open_index  # lazy: CLI start-up (`proponent --help` loads no torch)
+    from proponent.query.index import open_index  # lazy: CLI start-up
     from proponent.threads import set_threads
 
     set_threads(a.threads)
@@ -33,7 +33,7 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
 
 
 def _cmd_influence(a: argparse.Namespace) -> int:
-    from proponent.format.images import load_image_bytes  # lazy: CLI start-up (`proponent --help` loads no torch)
+    from proponent.format.images import load_image_bytes  # lazy: CLI start-up
     from proponent.query.usecase import answer
 
     if (a.sample_id is None) == (a.image is None):
@@ -87,7 +87,7 @@ def _cmd_influence(a: argparse.Namespace) -> int:
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import atomic_write_bytes  # lazy: CLI start-up (`proponent --help` loads no torch)
+    from proponent.format.fsio import atomic_write_bytes  # lazy: CLI start-up
     from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams, ranking_rows, rows_to_csv
 
     idx = _open(a, feature_mode="stream")  # norms only: no features are loaded
@@ -104,9 +104,28 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_servable(location: str | None) -> None:
+    """What the server's start-up would refuse, refused here in one line (not a traceback from inside the
+    server): a damaged index, changed model code, model code that fails to import or to build."""
+    if not location:
+        return  # the server says that no index is configured
+    from proponent.format.fsio import index_dir  # lazy: CLI start-up
+    from proponent.format.integrity import verify_index
+    from proponent.format.manifest import read_manifest
+
+    problems = verify_index(location)
+    if problems:
+        raise ValueError(f"{location}: index cannot be served: {problems[0]}")
+    plugin = read_manifest(index_dir(location)).model.plugin
+    if plugin is not None:
+        from proponent.model.plugin import load_plugin  # lazy: CLI start-up
+
+        load_plugin(plugin).build_module()
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
 
-    import uvicorn  # lazy: CLI start-up (`proponent --help` loads no torch)
+    import uvicorn  # lazy: CLI start-up
 
     for flag, env in (
         ("index", "PROPONENT_INDEX"),
@@ -116,11 +135,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     ):
         if getattr(a, flag, None):
             os.environ[env] = str(getattr(a, flag))
+    _check_servable(os.environ.get("PROPONENT_INDEX"))
     if a.shards:
-        from proponent.service.sharded import serve_sharded  # lazy: CLI start-up (`proponent --help` loads no torch)
+        from proponent.service.sharded import serve_sharded  # lazy: CLI start-up
 
         return serve_sharded(a)
-    from proponent.service.app import create_app  # lazy: CLI start-up (`proponent --help` loads no torch)
+    from proponent.service.app import create_app  # lazy: CLI start-up
 
     uvicorn.run(create_app(), host=a.host, port=a.port, log_level=a.log_level)
     return 0

@@ -84,6 +84,7 @@ from proponent.model.runtime import encode, model_from_checkpoint, objective_fro
 from proponent.model.sketch import allocate_tensor
 from proponent.progress import progress
 
+TIMINGS_FILE = "timings.json"  # how long the job took (informational; not covered by the manifest)
 DEFAULT_DTYPE = "int8"  # measured: int8 with a per-row scale costs no recall (benchmarks/projection_fidelity.py)
 
 
@@ -105,6 +106,8 @@ class IndexOptions:
     chunk_rows: int | None = None
     unit_rows: int | None = None
     shard: tuple[int, int] | None = None  # (i, n): featurize only units u with u % n == i
+    # weight-relevant metadata (lr / batch_size / steps) that was not known and is taken as 1 (--uniform-weights)
+    assumed_metadata: tuple[str, ...] = ()
 
 
 def checkpoints_from_run(run_dir: str | Path) -> tuple[list[CheckpointSpec], dict[str, Any]]:
@@ -290,6 +293,7 @@ def plan(
         checkpoints=cks.specs,
         ann=AnnRecord(kind=ann.normalize_kind(opts.index_kind)),
         library_versions=library_versions(),
+        assumed_metadata=sorted(opts.assumed_metadata),
     )
 
 
@@ -323,6 +327,28 @@ def preflight(where: IndexDir, need: dict[str, int], already: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------------------- 3. stage
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_differences(old: Manifest, new: Manifest) -> str:
+    """``key: old -> new`` for every setting of :meth:`Manifest.job_key` that differs (values shortened)."""
+    a, b = old.job_key(), new.job_key()
+    out: list[str] = []
+    for k, v in b.items():
+        if a.get(k) == v:
+            continue
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            sub = [s for s in sorted(set(v) | set(a[k])) if a[k].get(s) != v.get(s)]
+            out.extend(f"{k}.{s}: {_short(a[k].get(s))} -> {_short(v.get(s))}" for s in sub)
+        elif isinstance(v, list) and isinstance(a.get(k), list) and len(v) == len(a[k]):
+            out.extend(f"{k}[{i}]: {_short(x)} -> {_short(y)}" for i, (x, y) in enumerate(zip(a[k], v)) if x != y)
+        else:
+            out.append(f"{k}: {_short(a.get(k))} -> {_short(v)}")
+    return "; ".join(out[:6]) + (f"; and {len(out) - 6} more" if len(out) > 6 else "")
+
+
 def reconcile(where: IndexDir, man: Manifest, overwrite: bool, shard: tuple[int, int] | None) -> str:
     """``new``, ``resume`` or ``complete``, after checking what ``where`` holds."""
     if where.is_file(MANIFEST_FILE):
@@ -337,10 +363,9 @@ def reconcile(where: IndexDir, man: Manifest, overwrite: bool, shard: tuple[int,
             where.remove("")
             return "new"
         if old.job_key() != man.job_key():
-            diff = [k for k, v in man.job_key().items() if old.job_key().get(k) != v]
             raise IndexJobError(
-                f"{where} holds an index built with other settings ({', '.join(diff)} differ); "
-                "use another --out or --overwrite"
+                f"{where} holds an index built with other settings ({describe_differences(old, man)}); "
+                "use another --out, or --overwrite to rebuild it"
             )
         if old.complete:
             return "complete"
@@ -506,10 +531,12 @@ def finish(where: IndexDir, t0: float | None = None) -> Manifest:
                 update={"metadata": meta, "positions": FileRecord(path=POSITIONS_FILE, sha256=sha256_bytes(positions))}
             ),
             "complete": True,
-            "seconds": None if t0 is None else time.perf_counter() - t0,
         }
     )
-    return write_manifest(where, man)
+    man = write_manifest(where, man)
+    if t0 is not None:  # run-time figures stay out of the checksummed manifest: identical runs, identical bytes
+        where.write_bytes(TIMINGS_FILE, (json.dumps({"seconds": round(time.perf_counter() - t0, 3)}) + "\n").encode())
+    return man
 
 
 # ---------------------------------------------------------------------------------- the job

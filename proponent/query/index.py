@@ -128,6 +128,10 @@ class IndexMeta:
         if man.storage.dtype != "float32":
             extra = " with a per-row scale" if man.storage.dtype == "int8" else ""
             out.append(f"features stored as {man.storage.dtype}{extra}")
+        if man.assumed_metadata:
+            out.append(
+                f"checkpoint weights: {', '.join(man.assumed_metadata)} not recorded, taken as 1 (--uniform-weights)"
+            )
         if len(checkpoints) < len(self.checkpoints):
             out.append(f"checkpoint subset: {checkpoints} of {len(self.checkpoints)}")
         if ann_used:
