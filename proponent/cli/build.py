@@ -42,7 +42,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from proponent.indexer.data import load_dataset
+    from proponent.indexer.data import load_dataset  # lazy: CLI start-up
     from proponent.indexer.training import TrainConfig, train
     from proponent.model.architectures import default_config_for
 
@@ -93,7 +93,7 @@ WEIGHT_FIELDS = {"lr": "--lr", "batch_size": "--batch-size-trained", "steps": "-
 
 
 def _meta_rows(path: str, n: int) -> list[dict[str, Any]]:
-    from proponent.format.fsio import read_json
+    from proponent.format.fsio import read_json  # lazy: CLI start-up
 
     meta = read_json(path)
     rows = meta.get("checkpoints") if isinstance(meta, dict) else meta
@@ -116,7 +116,7 @@ def external_checkpoints(a: argparse.Namespace) -> tuple[list[Any], list[str]]:
     names), then from the flags, then from ``--checkpoint-meta``; two sources that disagree are an
     error, and a weight-relevant value (lr, batch size, steps) found nowhere is an error naming the
     flag that gives it, unless ``--uniform-weights`` takes every missing one as 1 (recorded)."""
-    from proponent.model.checkpoints import CheckpointSpec, checkpoint_metadata, read_checkpoint
+    from proponent.model.checkpoints import CheckpointSpec, checkpoint_metadata, read_checkpoint  # lazy: CLI start-up
 
     paths = list(a.checkpoints)
     n = len(paths)
@@ -219,7 +219,7 @@ def external_checkpoints(a: argparse.Namespace) -> tuple[list[Any], list[str]]:
 
 
 def _cmd_index(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import index_dir
+    from proponent.format.fsio import index_dir  # lazy: CLI start-up
     from proponent.format.manifest import read_manifest
     from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
     from proponent.model.architectures import ModelConfig
@@ -240,17 +240,17 @@ def _cmd_index(a: argparse.Namespace) -> int:
             raise ValueError("--data is required with --checkpoints")
         data_spec = a.data
         if a.model_code:
-            from proponent.model.plugin import plugin_record
+            from proponent.model.plugin import plugin_record  # lazy: CLI start-up
 
             print(f"importing model code {a.model_code} (this runs it)")
             record = plugin_record(a.model_code, checkpoint_key=a.checkpoint_key, code_dir=a.model_code_dir)
         elif a.model_config:
-            from proponent.format.fsio import read_json
+            from proponent.format.fsio import read_json  # lazy: CLI start-up
 
             model_config = ModelConfig.from_dict(read_json(a.model_config))
         specs, assumed = external_checkpoints(a)
         if record is None and a.checkpoint_key:
-            from proponent.indexer.job import builtin_record
+            from proponent.indexer.job import builtin_record  # lazy: CLI start-up
 
             if model_config is None:
                 raise ValueError("--checkpoint-key needs --model-config or --model-code")
@@ -279,7 +279,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
     where = index_dir(a.out)
     engine = None
     if a.engine == "ray":
-        from proponent.indexer.ray_engine import ray_engine
+        from proponent.indexer.ray_engine import ray_engine  # lazy: CLI start-up
 
         engine = ray_engine(
             address=a.ray_address,
@@ -318,7 +318,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
-    from proponent.format.integrity import verify_index
+    from proponent.format.integrity import verify_index  # lazy: CLI start-up
 
     t0 = time.perf_counter()
     problems = verify_index(a.index, deep=a.deep)
@@ -335,7 +335,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from proponent.format.ann import KINDS
+    from proponent.format.ann import KINDS  # lazy: CLI start-up
 
     t = sub.add_parser("train", help="train a β-VAE and save TracIn checkpoints")
     t.add_argument("--data", default=DEFAULT_DATA, help='data spec (default: digits); README "Data sources"')
@@ -354,7 +354,7 @@ def register(sub: Any) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
-    from proponent.indexer.job import DEFAULT_DTYPE
+    from proponent.indexer.job import DEFAULT_DTYPE  # lazy: CLI start-up
     from proponent.model.projection import ProjectionSpec
 
     defaults = ProjectionSpec()

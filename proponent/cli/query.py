@@ -7,15 +7,19 @@ server runs for ``POST /v1/influence[/samples/{id}]``; ``--json`` prints the API
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from proponent.api.schemas import DEFAULT_SCORING, InfluenceParams
 from proponent.cli.build import int_list
 
 
 def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
-    from proponent.query.index import open_index
+    from proponent.query.index import open_index  # lazy: CLI start-up
     from proponent.threads import set_threads
 
     set_threads(a.threads)
@@ -28,11 +32,8 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
     )
 
 
-def _query_params(a: argparse.Namespace, **extra: Any) -> Any:
+def _query_params(a: argparse.Namespace, **extra: Any) -> InfluenceParams:
     """The API's InfluenceParams of the query arguments (``extra``: command-specific fields)."""
-    from pydantic import ValidationError
-
-    from proponent.api.schemas import InfluenceParams
 
     if (a.sample_id is None) == (a.image is None):
         raise ValueError("give exactly one of --sample-id N or --image FILE")
@@ -57,7 +58,7 @@ def _query_params(a: argparse.Namespace, **extra: Any) -> Any:
 
 def _query_input(a: argparse.Namespace, idx: Any) -> Any:
     """The ``--image`` file decoded to the index's input shape (None for ``--sample-id``)."""
-    from proponent.format.images import load_image_bytes
+    from proponent.format.images import load_image_bytes  # lazy: CLI start-up
 
     if a.image is None:
         return None
@@ -70,7 +71,7 @@ def _query_input(a: argparse.Namespace, idx: Any) -> Any:
 
 
 def _cmd_scores(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import atomic_write_bytes
+    from proponent.format.fsio import atomic_write_bytes  # lazy: CLI start-up
     from proponent.query.usecase import npy_bytes, score_vector
 
     params = _query_params(a)
@@ -85,7 +86,7 @@ def _cmd_scores(a: argparse.Namespace) -> int:
 
 
 def _cmd_influence(a: argparse.Namespace) -> int:
-    from proponent.query.usecase import answer
+    from proponent.query.usecase import answer  # lazy: CLI start-up
 
     params = _query_params(a, k=a.k, direction=a.direction, prefilter=a.prefilter, search=a.search)
     idx = _open(a)
@@ -111,7 +112,7 @@ def _cmd_influence(a: argparse.Namespace) -> int:
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import atomic_write_bytes
+    from proponent.format.fsio import atomic_write_bytes  # lazy: CLI start-up
     from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams, ranking_rows, rows_to_csv
 
     idx = _open(a, feature_mode="stream")  # norms only: no features are loaded
@@ -133,7 +134,7 @@ def _check_servable(location: str | None) -> None:
     server): a damaged index, changed model code, model code that fails to import or to build."""
     if not location:
         return  # the server says that no index is configured
-    from proponent.format.fsio import index_dir
+    from proponent.format.fsio import index_dir  # lazy: CLI start-up
     from proponent.format.integrity import verify_index
     from proponent.format.manifest import read_manifest
 
@@ -142,15 +143,14 @@ def _check_servable(location: str | None) -> None:
         raise ValueError(f"{location}: index cannot be served: {problems[0]}")
     plugin = read_manifest(index_dir(location)).model.plugin
     if plugin is not None:
-        from proponent.model.plugin import load_plugin
+        from proponent.model.plugin import load_plugin  # lazy: CLI start-up
 
         load_plugin(plugin).build_module()
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    import os
 
-    import uvicorn
+    import uvicorn  # lazy: CLI start-up
 
     for flag, env in (
         ("index", "PROPONENT_INDEX"),
@@ -162,10 +162,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             os.environ[env] = str(getattr(a, flag))
     _check_servable(os.environ.get("PROPONENT_INDEX"))
     if a.shards:
-        from proponent.service.sharded import serve_sharded
+        from proponent.service.sharded import serve_sharded  # lazy: CLI start-up
 
         return serve_sharded(a)
-    from proponent.service.app import create_app
+    from proponent.service.app import create_app  # lazy: CLI start-up
 
     uvicorn.run(create_app(), host=a.host, port=a.port, log_level=a.log_level)
     return 0
@@ -196,8 +196,6 @@ def _add_query_args(i: argparse.ArgumentParser, default_scoring: str) -> None:
 
 
 def register(sub: Any) -> None:
-    from proponent.api.schemas import DEFAULT_SCORING
-
     i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
     _add_query_args(i, DEFAULT_SCORING)
     i.add_argument("--k", type=int, default=10)

@@ -71,7 +71,7 @@ def query_bytes(query: Any) -> tuple[str, bytes]:
     if isinstance(query, (bytes, bytearray, memoryview)):
         return "query", bytes(query)
     if hasattr(query, "__array_interface__") and hasattr(query, "dtype"):
-        import numpy as np
+        import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
 
         buf = io.BytesIO()
         np.save(buf, np.asarray(query), allow_pickle=False)
@@ -155,7 +155,7 @@ def op_influence(query: Any, sample_id: int | None, params: dict[str, Any]) -> O
 
 def op_scores(query: Any, sample_id: int | None, params: dict[str, Any]) -> Op[Any]:
     """Every training sample's score: a numpy record array ``(id, score)`` from the server's ``.npy``."""
-    import numpy as np
+    import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
 
     if (query is None) == (sample_id is None):
         raise ValueError("give exactly one of query or sample_id")
@@ -250,7 +250,7 @@ class _ProgressLine:
         self.desc = desc
         if enabled:
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # lazy: import proponent.client needs only httpx and pydantic
 
                 self.bar = tqdm(total=0, desc=desc, unit="chunk")
             except ImportError:

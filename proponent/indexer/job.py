@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
+import zarr
 from torch import nn
 
 from proponent.format import ann
@@ -53,14 +55,33 @@ from proponent.format.manifest import (
     read_manifest,
     write_manifest,
 )
-from proponent.format.store import POSITIONS_FILE, STORE_DIR, FeatureStore, chunk_rows_for, ckpt_group, unit_rows_for
+from proponent.format.store import (
+    POSITIONS_FILE,
+    STORE_DIR,
+    FeatureStore,
+    chunk_rows_for,
+    ckpt_group,
+    input_encoding,
+    unit_rows_for,
+)
 from proponent.indexer.data import Dataset, load_dataset
+from proponent.indexer.training import training_objective as builtin_objective
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import CheckpointError, read_checkpoint, state_dict_at
 from proponent.model.featurizers import make_featurizer
-from proponent.model.objectives import NOISE_INDEX, Objective, draw_noise, objective_from_record
-from proponent.model.projection import ProjectionSpec, Projector, build_projector
-from proponent.model.runtime import encode, model_from_checkpoint, resolve_device
+from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
+from proponent.model.objectives import NOISE_INDEX, Objective, draw_noise
+from proponent.model.plugin import load_plugin
+from proponent.model.projection import (
+    ProjectionSpec,
+    Projector,
+    build_projector,
+    discover_layers,
+    select_layers,
+    spec_from_record,
+)
+from proponent.model.runtime import encode, model_from_checkpoint, objective_from_record, resolve_device
+from proponent.model.sketch import allocate_tensor
 from proponent.progress import progress
 
 TIMINGS_FILE = "timings.json"  # how long the job took (informational; not covered by the manifest)
@@ -101,9 +122,6 @@ def checkpoints_from_run(run_dir: str | Path) -> tuple[list[CheckpointSpec], dic
 
 
 def library_versions() -> dict[str, str]:
-    import faiss
-    import zarr
-
     return {"torch": torch.__version__, "numpy": np.__version__, "zarr": zarr.__version__, "faiss": faiss.__version__}
 
 
@@ -189,10 +207,6 @@ def calibrate_layer_dims(
     """Per-layer tensor-sketch dimensions for ``spec.dim``: in proportion to each layer's share of the
     squared gradient norm (exact, from the featurizer's Gram identities), averaged over ``models``
     (the first and last checkpoints) on the first ``rows`` training samples; FFT-friendly sizes."""
-    from proponent.model.featurizers.kronecker import KroneckerFeaturizer
-    from proponent.model.projection import Projector, discover_layers, select_layers
-    from proponent.model.sketch import allocate_tensor
-
     layers = select_layers(discover_layers(models[0]), selection)
     n = min(rows, len(data.x))
     x = torch.from_numpy(data.x[:n])
@@ -218,20 +232,14 @@ def calibrate_layer_dims(
 # ---------------------------------------------------------------------------------- 2. plan
 def training_objective(record: ModelRecord, m: int) -> Objective:
     if record.kind == "plugin":
-        from proponent.model.plugin import load_plugin
-
         assert record.plugin is not None
         return load_plugin(record.plugin).objective(m)
-    from proponent.indexer.training import training_objective as builtin_objective
 
     assert record.config is not None
     return builtin_objective(ModelConfig.from_dict(record.config), m)
 
 
 def _source_dict(s: Any) -> dict[str, Any]:
-    import dataclasses
-    import json
-
     d = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
     d["options"] = dict(d.get("options") or {})
     return json.loads(json.dumps(d, default=list))
@@ -239,8 +247,6 @@ def _source_dict(s: Any) -> dict[str, Any]:
 
 def _default_batch(feat: Any, device: torch.device, shape: tuple[int, ...]) -> int:
     if feat.method == "kron":
-        from proponent.model.featurizers.kronecker import auto_batch_size
-
         try:
             return int(auto_batch_size(feat.model, feat.objective, feat.projector, device, sample_shape=shape))
         except (RuntimeError, ValueError):
@@ -262,7 +268,6 @@ def plan(
     chunk_rows = opts.chunk_rows or (int(env_rows) if env_rows else None) or chunk_rows_for(projector.dim, itemsize)
     unit_rows = opts.unit_rows or (int(env_rows) if env_rows else None) or unit_rows_for(chunk_rows)
     unit_rows = chunk_rows * max(1, math.ceil(unit_rows / chunk_rows))
-    from proponent.format.store import input_encoding
 
     return Manifest(
         n=n,
@@ -431,8 +436,6 @@ class UnitWorker:
 
     def projector(self, model: nn.Module) -> Projector:
         if self._projector is None:
-            from proponent.model.projection import spec_from_record
-
             proj = self.man.projection
             self._projector = build_projector(model, proj.selection, spec_from_record(proj), self.device)
         return self._projector
@@ -588,7 +591,6 @@ def build_index(
                 previous = read_manifest(where).projection  # a resume reuses the calibrated dimensions
             except ManifestError:
                 previous = None
-        from proponent.model.projection import spec_from_record
 
         old = spec_from_record(previous) if previous is not None and previous.kind == "tensor" else None
         if (

@@ -24,9 +24,12 @@ the file, when any of them changed. **Loading user code runs it**: only name cod
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
+import site
 import sys
+import sysconfig
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,9 +225,6 @@ class Plugin:
 
 def _excluded_roots() -> list[Path]:
     """Where code that is not the user's lives: the standard library, site-packages, proponent itself."""
-    import site
-    import sysconfig
-
     paths = sysconfig.get_paths()
     roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
     roots.update(site.getsitepackages())
@@ -244,7 +244,6 @@ def _is_user_file(path: Path, excluded: list[Path]) -> bool:
 
 def _imported_names(path: Path, package: str) -> set[str]:
     """Module names ``path`` imports (statically: every import statement, also inside functions)."""
-    import ast
 
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))

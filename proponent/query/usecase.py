@@ -15,6 +15,7 @@ is an error that says so.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -280,8 +281,6 @@ def score_vector(
 
 def npy_bytes(array: np.ndarray) -> bytes:
     """``array`` as the bytes of a ``.npy`` file (no pickles)."""
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
