@@ -242,24 +242,24 @@ class ServedFeatures:
         or the store's chunks (checksum-verified, through the chunk cache of a remote index)."""
         rows = np.asarray(rows, np.int64)
         if block is not None and block.exact:
-            data = block.data[c]
-            t = data[torch.from_numpy(rows - block.lo).to(data.device), : self.dim]
-            vals = t.cpu().numpy().astype(np.float64)
-            if t.dtype == torch.int8:
-                sc = self.scale[c]
-                assert sc is not None
-                vals *= sc[rows].astype(np.float64)[:, None]
-            return vals
+            return self._scaled(c, rows, block.data[c], rows - block.lo)
         r = self.resident[c]
         if self.mode == "memory" and r is not None:
-            t = r[torch.from_numpy(rows).to(r.device), : self.dim]
-            vals = t.cpu().numpy().astype(np.float64)
-            if t.dtype == torch.int8:
-                sc = self.scale[c]
-                assert sc is not None
-                vals *= sc[rows].astype(np.float64)[:, None]
-            return vals
+            return self._scaled(c, rows, r, rows)
         return self._rows_from_chunks(c, rows)
+
+    def _scaled(self, c: int, rows: np.ndarray, data: torch.Tensor, at: np.ndarray) -> np.ndarray:
+        """Rows ``at`` of ``data`` (held rows, possibly padded) as float64 stored values (int8 codes x scale).
+        CPU rows are gathered by numpy: torch's indexing wakes its thread pool, milliseconds on a busy machine."""
+        if data.device.type == "cpu":
+            vals = data.numpy()[at, : self.dim].astype(np.float64)
+        else:
+            vals = data[torch.from_numpy(at).to(data.device), : self.dim].cpu().numpy().astype(np.float64)
+        if data.dtype == torch.int8:
+            sc = self.scale[c]
+            assert sc is not None
+            vals *= sc[rows].astype(np.float64)[:, None]
+        return vals
 
     def _rows_from_chunks(self, c: int, rows: np.ndarray) -> np.ndarray:
         out = self.store.stored_values(c, rows + self.lo)
