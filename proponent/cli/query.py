@@ -2,12 +2,15 @@
 
 ``proponent influence`` answers through :func:`proponent.query.usecase.answer`, the code the
 server runs for ``POST /v1/influence[/samples/{id}]``; ``--json`` prints the API's response body.
+Many queries at once (``--sample-ids 1,2,3`` or ``--images a.png b.png``) go through
+:func:`~proponent.query.usecase.answer_batch`, as ``POST /v1/influence/batch`` does (one pass over the rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +35,12 @@ def _cmd_influence(a: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from proponent.build.data import load_image_bytes
-    from proponent.client.schemas import InfluenceParams
-    from proponent.query.usecase import answer
+    from proponent.client.schemas import BatchInfluenceResponse, BatchTimings, InfluenceParams
+    from proponent.query.usecase import answer, answer_batch
 
-    if (a.sample_id is None) == (a.image is None):
-        raise ValueError("give exactly one of --sample-id N or --image FILE")
+    given = [a.sample_id is not None, a.image is not None, a.sample_ids is not None, bool(a.images)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --sample-id N, --image FILE, --sample-ids 1,2,3 or --images FILE...")
     try:
         params = InfluenceParams(
             k=a.k,
@@ -57,18 +61,45 @@ def _cmd_influence(a: argparse.Namespace) -> int:
         err = e.errors()[0]
         raise ValueError(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
     idx = _open(a)
-    x = None
-    if a.image is not None:
-        path = Path(a.image)
+
+    def read(name: str) -> Any:
+        path = Path(name)
         try:
             raw = path.read_bytes()
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
-        x = load_image_bytes(raw, idx.shape, allow_resize=a.resize)
+        return load_image_bytes(raw, idx.shape, allow_resize=a.resize)
+
+    if a.sample_ids is not None or a.images:
+        t0 = time.perf_counter()
+        xs = [read(f) for f in a.images] if a.images else None
+        results = answer_batch(idx, params, xs=xs, sample_ids=a.sample_ids)
+        total = time.perf_counter() - t0
+        batch = BatchInfluenceResponse(
+            results=results,
+            timings=BatchTimings(
+                total_ms=total * 1e3, search_ms=results[0].timings.search_ms, queries_per_s=len(results) / total
+            ),
+        )
+        if a.json:
+            print(batch.model_dump_json())
+            return 0
+        names = [f"sample {i}" for i in a.sample_ids] if a.sample_ids is not None else list(a.images)
+        for name, res in zip(names, results, strict=True):
+            print(f"== {name}")
+            _print_answer(res)
+        print(f"{len(results)} queries in {total:.2f}s ({batch.timings.queries_per_s:.1f} queries/s)")
+        return 0
+    x = read(a.image) if a.image is not None else None
     res = answer(idx, params, x=x, sample_id=a.sample_id)
     if a.json:
         print(res.model_dump_json())
         return 0
+    _print_answer(res)
+    return 0
+
+
+def _print_answer(res: Any) -> None:
     for d in ("proponents", "opponents"):
         hits = getattr(res, d)
         if hits is None:
@@ -82,7 +113,6 @@ def _cmd_influence(a: argparse.Namespace) -> int:
             print(f"  {h.rank:3d}  id {h.id:<8d} score {h.score:+.6g}{se}{lab}{inj}{tie}")
     if res.approximations:
         print("approximations: " + "; ".join(res.approximations))
-    return 0
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
@@ -133,6 +163,8 @@ def register(sub: Any) -> None:
     i.add_argument("--index", required=True)
     i.add_argument("--sample-id", type=int)
     i.add_argument("--image", help="image file (PNG, JPEG, .npy)")
+    i.add_argument("--sample-ids", type=int_list, help="many stored samples at once, e.g. 3,17,40 (one pass)")
+    i.add_argument("--images", nargs="+", help="many image files at once (one pass over the rows)")
     i.add_argument("--resize", action="store_true", help="resize the image to the index's shape")
     i.add_argument("--k", type=int, default=10)
     i.add_argument("--direction", choices=["proponents", "opponents", "both"], default="both")

@@ -16,6 +16,7 @@ from proponent.client.errors import (
     ValidationError,
 )
 from proponent.client.schemas import (
+    BatchInfluenceResponse,
     ErrorBody,
     FactorsInfo,
     Health,
@@ -34,6 +35,7 @@ __all__ = [
     "AsyncInfluenceClient",
     "AsyncJob",
     "BadRequest",
+    "BatchInfluenceResponse",
     "Conflict",
     "ConnectionFailed",
     "ErrorBody",

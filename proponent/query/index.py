@@ -258,6 +258,15 @@ class InfluenceIndex:
         """Proponents / opponents of an input ``x [*shape]`` or a stored sample (keywords as the API)."""
         return self.query(x=x, sample_id=sample_id, **kw)
 
+    def influence_batch(
+        self, xs: Any = None, *, sample_ids: list[int] | None = None, **kw: Any
+    ) -> list[InfluenceResponse]:
+        """Many queries with the same parameters (inputs ``xs [B, *shape]`` or ``sample_ids``): one pass over rows."""
+        from proponent.query.usecase import answer_batch
+
+        arrays = None if xs is None else [np.asarray(x, np.float32) for x in xs]
+        return answer_batch(self, InfluenceParams(**kw), xs=arrays, sample_ids=sample_ids)
+
     def proponents(self, x: Any = None, **kw: Any) -> InfluenceResponse:
         return self.influence(x, direction="proponents", **kw)
 
