@@ -107,17 +107,19 @@ def _native_products(codes: torch.Tensor, z: np.ndarray) -> np.ndarray:
 
 def _torch_products(codes: torch.Tensor, z: np.ndarray) -> np.ndarray:
     """``torch._int_mm`` in the orientation oneDNN runs fastest on the CPU (codes @ zt, zt ``[W, ≥8]``),
-    padded to the shapes cuBLASLt requires on CUDA (more than 16 rows, widths a multiple of 8)."""
+    padded to the shapes cuBLASLt requires on CUDA (more than 16 rows, widths a multiple of 8; resident
+    codes already are, streamed blocks of an odd width are copied)."""
     n, width = codes.shape
     m, d = z.shape
     cols = max(8, -(-m // 8) * 8)
     zt = np.zeros((width, cols), np.int8)
     zt[:d, :m] = z.T
     ztt = torch.from_numpy(zt).to(codes.device)
-    pad_rows = 17 - n if (codes.device.type == "cuda" and n <= 16) else 0
+    # the same shapes on every device, so that the CPU runs (and the tests cover) what cuBLASLt gets
+    pad_rows = 17 - n if n <= 16 else 0
     if pad_rows:
         codes = torch.cat([codes, torch.zeros((pad_rows, width), dtype=torch.int8, device=codes.device)])
-    if codes.device.type == "cuda" and width % 8:
+    if width % 8:
         codes = torch.nn.functional.pad(codes, (0, 8 - width % 8))
         ztt = torch.nn.functional.pad(ztt, (0, 0, 0, 8 - width % 8))
     total = None
