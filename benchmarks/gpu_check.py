@@ -88,10 +88,10 @@ def _sum_time(nbytes: int, device) -> float:
 def check_answers(device, work: Path) -> None:
     import torch
 
-    from proponent.build.data import load_dataset
-    from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
-    from proponent.build.training import TrainConfig, train
     from proponent.format import ann
+    from proponent.indexer.data import load_dataset
+    from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+    from proponent.indexer.training import TrainConfig, train
     from proponent.model.architectures import ModelConfig
     from proponent.model.projection import ProjectionSpec
     from proponent.query.index import open_index
@@ -235,7 +235,7 @@ def main() -> int:
             return 0
         a.device = "cuda"
     device = torch.device(a.device)
-    from proponent.build.job import IndexOptions
+    from proponent.indexer.job import IndexOptions
     from proponent.query import kernels
 
     dim = a.dim or IndexOptions().projection.sketch_dim or IndexOptions().projection.dim

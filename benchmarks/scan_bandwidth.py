@@ -9,7 +9,7 @@ For each N (``--sizes``), D = the default layout's width, int8 rows:
   ``torch``: ``torch._int_mm``), bytes of rows read per second and the fraction of the bandwidth;
 * **served scan**: the whole exact scan (``proponent.query.search.scan``: products, per-row bounds,
   the certificate's threshold and the float64 rescoring) over a synthetic index in the real format
-  (``proponent.build.synthetic``, C = ``--checkpoints``) held in memory, then **streamed**: the same
+  (``proponent.indexer.synthetic``, C = ``--checkpoints``) held in memory, then **streamed**: the same
   scan reading the store chunk by chunk with the page cache of the store's files dropped before
   every query (``posix_fadvise(DONTNEED)``), against the disk's sequential read bandwidth measured
   on the same files with ``O_DIRECT`` (no page cache).
@@ -116,9 +116,9 @@ def kernel_rows(n: int, d: int, reps: int, bw: float) -> list[str]:
 def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, stream: bool) -> list[str]:
     import torch
 
-    from proponent.build.synthetic import synthetic_index
     from proponent.format.fsio import IndexDir
     from proponent.format.store import FeatureStore
+    from proponent.indexer.synthetic import synthetic_index
     from proponent.query.features import ServedFeatures
     from proponent.query.scoring import scored_query
     from proponent.query.search import scan
@@ -184,7 +184,7 @@ def main() -> None:
 
     import torch
 
-    from proponent.build.job import IndexOptions
+    from proponent.indexer.job import IndexOptions
     from proponent.threads import set_threads
 
     threads = set_threads(a.threads)

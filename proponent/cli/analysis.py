@@ -46,7 +46,7 @@ def _ids(text: str) -> list[int]:
 
 
 def _cmd_classical(a: argparse.Namespace) -> int:
-    from proponent.analysis.classical import plot_classical
+    from proponent.analysis.classical import plot_classical  # lazy: CLI start-up
 
     paths = plot_classical(a.method, a.out, seed=a.seed)
     for p in paths:
@@ -58,7 +58,7 @@ def _cmd_classical(a: argparse.Namespace) -> int:
 
 
 def _cmd_factors(a: argparse.Namespace) -> int:
-    from proponent.analysis.factors import index_factors
+    from proponent.analysis.factors import index_factors  # lazy: CLI start-up
     from proponent.query.index import open_index
 
     idx = open_index(a.index, device="cpu", use_gpu_faiss=False, feature_mode="stream")
@@ -79,7 +79,7 @@ def _cmd_factors(a: argparse.Namespace) -> int:
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
-    from proponent.analysis.report import write_report
+    from proponent.analysis.report import write_report  # lazy: CLI start-up
 
     path = write_report(
         a.index,

@@ -9,16 +9,20 @@ Many queries at once (``--sample-ids 1,2,3`` or ``--images a.png b.png``) go thr
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from proponent.api.schemas import DEFAULT_SCORING, BatchInfluenceResponse, BatchTimings, InfluenceParams
 from proponent.cli.build import int_list
 
 
 def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
-    from proponent.query.index import open_index
+    from proponent.query.index import open_index  # lazy: CLI start-up
     from proponent.threads import set_threads
 
     set_threads(a.threads)
@@ -32,10 +36,7 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
 
 
 def _cmd_influence(a: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from proponent.build.data import load_image_bytes
-    from proponent.client.schemas import BatchInfluenceResponse, BatchTimings, InfluenceParams
+    from proponent.format.images import load_image_bytes  # lazy: CLI start-up
     from proponent.query.usecase import answer, answer_batch
 
     given = [a.sample_id is not None, a.image is not None, a.sample_ids is not None, bool(a.images)]
@@ -116,7 +117,7 @@ def _print_answer(res: Any) -> None:
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import atomic_write_bytes
+    from proponent.format.fsio import atomic_write_bytes  # lazy: CLI start-up
     from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams, ranking_rows, rows_to_csv
 
     idx = _open(a, feature_mode="stream")  # norms only: no features are loaded
@@ -133,10 +134,28 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(a: argparse.Namespace) -> int:
-    import os
+def _check_servable(location: str | None) -> None:
+    """What the server's start-up would refuse, refused here in one line (not a traceback from inside the
+    server): a damaged index, changed model code, model code that fails to import or to build."""
+    if not location:
+        return  # the server says that no index is configured
+    from proponent.format.fsio import index_dir  # lazy: CLI start-up
+    from proponent.format.integrity import verify_index
+    from proponent.format.manifest import read_manifest
 
-    import uvicorn
+    problems = verify_index(location)
+    if problems:
+        raise ValueError(f"{location}: index cannot be served: {problems[0]}")
+    plugin = read_manifest(index_dir(location)).model.plugin
+    if plugin is not None:
+        from proponent.model.plugin import load_plugin  # lazy: CLI start-up
+
+        load_plugin(plugin).build_module()
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+
+    import uvicorn  # lazy: CLI start-up
 
     for flag, env in (
         ("index", "PROPONENT_INDEX"),
@@ -146,18 +165,18 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     ):
         if getattr(a, flag, None):
             os.environ[env] = str(getattr(a, flag))
+    _check_servable(os.environ.get("PROPONENT_INDEX"))
     if a.shards:
-        from proponent.service.sharded import serve_sharded
+        from proponent.service.sharded import serve_sharded  # lazy: CLI start-up
 
         return serve_sharded(a)
-    from proponent.service.app import create_app
+    from proponent.service.app import create_app  # lazy: CLI start-up
 
     uvicorn.run(create_app(), host=a.host, port=a.port, log_level=a.log_level)
     return 0
 
 
 def register(sub: Any) -> None:
-    from proponent.client.schemas import DEFAULT_SCORING
 
     i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
     i.add_argument("--index", required=True)

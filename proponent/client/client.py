@@ -23,8 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
-from proponent.client.errors import ConnectionFailed, ProponentError, error_from_response
-from proponent.client.schemas import (
+from proponent.api.schemas import (
     BatchInfluenceResponse,
     FactorsInfo,
     Health,
@@ -35,6 +34,7 @@ from proponent.client.schemas import (
     SampleInfo,
     SelfInfluenceRow,
 )
+from proponent.client.errors import ConnectionFailed, ProponentError, error_from_response
 
 T = TypeVar("T")
 Op = Generator["_Request", httpx.Response, T]
@@ -74,7 +74,7 @@ def query_bytes(query: Any) -> tuple[str, bytes]:
     if isinstance(query, (bytes, bytearray, memoryview)):
         return "query", bytes(query)
     if hasattr(query, "__array_interface__") and hasattr(query, "dtype"):
-        import numpy as np
+        import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
 
         buf = io.BytesIO()
         np.save(buf, np.asarray(query), allow_pickle=False)
@@ -201,7 +201,7 @@ def op_influence_batch(queries: Any, sample_ids: Any, params: dict[str, Any]) ->
     if sample_ids is not None:
         r = yield _Request("POST", "/v1/influence/batch", json={**params, "sample_ids": [int(i) for i in sample_ids]})
     else:
-        import numpy as np
+        import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
 
         arr = np.stack([np.asarray(q, np.float32) for q in queries]) if isinstance(queries, list) else queries
         buf = io.BytesIO()
@@ -286,7 +286,7 @@ class _ProgressLine:
         self.desc = desc
         if enabled:
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # lazy: import proponent.client needs only httpx and pydantic
 
                 self.bar = tqdm(total=0, desc=desc, unit="chunk")
             except ImportError:

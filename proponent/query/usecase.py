@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from proponent.client.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
+from proponent.api.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
 from proponent.query.crossloss import make_query_objective
 from proponent.query.scoring import multipliers
 from proponent.query.searcher import SearchRequest, search_all

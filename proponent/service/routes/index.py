@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from proponent.client.schemas import DEFAULT_SCORING, IndexInfo
+from proponent.api.schemas import DEFAULT_SCORING, IndexInfo
 from proponent.model.sketch import storage_bytes
 from proponent.query.crossloss import QUERY_OBJECTIVES
 from proponent.query.index import InfluenceIndex

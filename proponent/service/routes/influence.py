@@ -15,9 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proponent.build.data import DataError, load_image_bytes
-from proponent.client.schemas import BatchInfluenceResponse, BatchTimings, InfluenceParams, InfluenceResponse
+from proponent.api.schemas import BatchInfluenceResponse, BatchTimings, InfluenceParams, InfluenceResponse
 from proponent.format.fsio import StorageError
+from proponent.format.images import DataError, load_image_bytes
 from proponent.format.store import StoreError
 from proponent.query.crossloss import ObjectiveError
 from proponent.query.index import InfluenceIndex
