@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from proponent.analysis.scorings import query_dots
+from proponent.api.registry import SCORINGS
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
 from proponent.indexer.data import Dataset
 from proponent.indexer.training import TrainConfig, train, training_objective
@@ -255,7 +256,7 @@ def lds_rows(
     masks: np.ndarray,
     losses: np.ndarray,
     *,
-    scorings: Sequence[str] = ("raw", "cosine", "relatif"),
+    scorings: Sequence[str] = SCORINGS,
     checkpoint_sets: Sequence[str] = ("all",),
     prefilters: Sequence[int] = (),
     convention: str = "lr",
@@ -321,7 +322,7 @@ def injected_effect(
     masks: np.ndarray,
     losses: np.ndarray,
     *,
-    scorings: Sequence[str] = ("raw", "cosine", "relatif"),
+    scorings: Sequence[str] = SCORINGS,
     convention: str = "lr",
     seed: int = 0,
 ) -> dict[str, Any]:

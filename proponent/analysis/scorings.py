@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from proponent.api.registry import SCORINGS
 from proponent.api.schemas import InfluenceParams
-from proponent.query.scoring import SCORINGS
 from proponent.query.usecase import QueryVectors, combine, query_vectors, raw_dots
 
 if TYPE_CHECKING:

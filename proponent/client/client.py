@@ -25,13 +25,19 @@ import httpx
 
 from proponent.api.schemas import (
     BatchInfluenceResponse,
+    Convention,
+    Direction,
     FactorsInfo,
+    FeaturesMode,
     Health,
     IndexInfo,
+    InfluenceParams,
     InfluenceResponse,
     JobInfo,
     JobResultPage,
     SampleInfo,
+    Scoring,
+    SearchMode,
     SelfInfluenceRow,
 )
 from proponent.client.errors import ConnectionFailed, ProponentError, error_from_response
@@ -86,47 +92,11 @@ def query_bytes(query: Any) -> tuple[str, bytes]:
     raise TypeError(f"query must be a path, bytes, a numpy array or a PIL image, not {type(query).__name__}")
 
 
-def _params(
-    k: int,
-    direction: str,
-    objective: str,
-    beta: float | None,
-    label: int | None,
-    checkpoints: list[int] | None,
-    convention: str,
-    seed: int,
-    allow_resize: bool,
-    search: str = "auto",
-    prefilter: int | None = None,
-    scoring: str | None = None,
-    features: str = "recompute",
-    uncertainty: bool = True,
-    allow_partial: bool = False,
-) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "k": k,
-        "direction": direction,
-        "objective": objective,
-        "convention": convention,
-        "seed": seed,
-        "allow_resize": allow_resize,
-        "search": search,
-        "features": features,
-        "uncertainty": uncertainty,
-    }
-    if scoring is not None:  # None: the server's default scoring
-        p["scoring"] = scoring
-    if allow_partial:
-        p["allow_partial"] = True
-    if beta is not None:
-        p["beta"] = beta
-    if label is not None:
-        p["label"] = label
-    if checkpoints is not None:
-        p["checkpoints"] = list(checkpoints)
-    if prefilter is not None:
-        p["prefilter"] = prefilter
-    return p
+def _params(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The query parameters among an ``influence`` method's arguments (``locals()``): every keyword but the
+    query itself, None left out (the server's default; ``scoring=None`` is the server's default scoring)."""
+    skip = {"self", "query", "sample_id"}
+    return {k: (list(v) if k == "checkpoints" else v) for k, v in arguments.items() if k not in skip and v is not None}
 
 
 def _json(resp: httpx.Response) -> Any:
@@ -156,41 +126,12 @@ def op_influence(query: Any, sample_id: int | None, params: dict[str, Any]) -> O
     return InfluenceResponse.model_validate(_json(r))
 
 
-def _batch_params(
-    k: int = 10,
-    direction: str = "proponents",
-    objective: str = "elbo",
-    beta: float | None = None,
-    label: int | None = None,
-    checkpoints: list[int] | None = None,
-    convention: str = "lr",
-    seed: int = 0,
-    allow_resize: bool = False,
-    search: str = "auto",
-    prefilter: int | None = None,
-    scoring: str | None = None,
-    features: str = "recompute",
-    uncertainty: bool = True,
-    allow_partial: bool = False,
-) -> dict[str, Any]:
-    """:meth:`InfluenceClient.influence`'s keywords (same defaults) as the API's parameters."""
-    return _params(
-        k,
-        direction,
-        objective,
-        beta,
-        label,
-        checkpoints,
-        convention,
-        seed,
-        allow_resize,
-        search,
-        prefilter,
-        scoring,
-        features,
-        uncertainty,
-        allow_partial,
-    )
+def _batch_params(**kw: Any) -> dict[str, Any]:
+    """:meth:`InfluenceClient.influence`'s keywords (the API's query parameters) for a batch; None left out."""
+    unknown = sorted(set(kw) - set(InfluenceParams.model_fields))
+    if unknown:
+        raise TypeError(f"influence_batch: unknown parameter(s) {', '.join(unknown)} (see InfluenceParams)")
+    return _params(kw)
 
 
 def op_influence_batch(queries: Any, sample_ids: Any, params: dict[str, Any]) -> Op[BatchInfluenceResponse]:
@@ -419,42 +360,27 @@ class InfluenceClient(_Base):
         *,
         sample_id: int | None = None,
         k: int = 10,
-        direction: Literal["proponents", "opponents", "both"] = "proponents",
+        direction: Direction = "proponents",
         objective: str = "elbo",
         beta: float | None = None,
         label: int | None = None,
         checkpoints: list[int] | None = None,
-        convention: Literal["lr", "visits"] = "lr",
+        convention: Convention = "lr",
         seed: int = 0,
         allow_resize: bool = False,
-        search: Literal["auto", "scan", "ann"] = "auto",
+        search: SearchMode = "auto",
         prefilter: int | None = None,
-        scoring: Literal["raw", "cosine", "relatif"] | None = None,
-        features: Literal["recompute", "stored"] = "recompute",
+        scoring: Scoring | None = None,
+        features: FeaturesMode = "recompute",
         uncertainty: bool = True,
         allow_partial: bool = False,
     ) -> InfluenceResponse:
         """Proponents / opponents of ``query`` (path, bytes, array, PIL image) or of ``sample_id``.
 
-        The keywords are the API's query parameters (docs/API.md); ``scoring=None`` uses the server's default.
+        The keywords are the API's query parameters, :class:`~proponent.api.schemas.InfluenceParams` (same
+        names and defaults, checked by a test; docs/API.md); ``scoring=None`` uses the server's default.
         """
-        p = _params(
-            k,
-            direction,
-            objective,
-            beta,
-            label,
-            checkpoints,
-            convention,
-            seed,
-            allow_resize,
-            search,
-            prefilter,
-            scoring,
-            features,
-            uncertainty,
-            allow_partial,
-        )
+        p = _params(locals())
         return self._run(op_influence(query, sample_id, p))
 
     def influence_batch(
@@ -601,42 +527,27 @@ class AsyncInfluenceClient(_Base):
         *,
         sample_id: int | None = None,
         k: int = 10,
-        direction: Literal["proponents", "opponents", "both"] = "proponents",
+        direction: Direction = "proponents",
         objective: str = "elbo",
         beta: float | None = None,
         label: int | None = None,
         checkpoints: list[int] | None = None,
-        convention: Literal["lr", "visits"] = "lr",
+        convention: Convention = "lr",
         seed: int = 0,
         allow_resize: bool = False,
-        search: Literal["auto", "scan", "ann"] = "auto",
+        search: SearchMode = "auto",
         prefilter: int | None = None,
-        scoring: Literal["raw", "cosine", "relatif"] | None = None,
-        features: Literal["recompute", "stored"] = "recompute",
+        scoring: Scoring | None = None,
+        features: FeaturesMode = "recompute",
         uncertainty: bool = True,
         allow_partial: bool = False,
     ) -> InfluenceResponse:
         """Proponents / opponents of ``query`` (path, bytes, array, PIL image) or of ``sample_id``.
 
-        The keywords are the API's query parameters (docs/API.md); ``scoring=None`` uses the server's default.
+        The keywords are the API's query parameters, :class:`~proponent.api.schemas.InfluenceParams` (same
+        names and defaults, checked by a test; docs/API.md); ``scoring=None`` uses the server's default.
         """
-        p = _params(
-            k,
-            direction,
-            objective,
-            beta,
-            label,
-            checkpoints,
-            convention,
-            seed,
-            allow_resize,
-            search,
-            prefilter,
-            scoring,
-            features,
-            uncertainty,
-            allow_partial,
-        )
+        p = _params(locals())
         return await self._run(op_influence(query, sample_id, p))
 
     async def influence_batch(
