@@ -163,6 +163,21 @@ def op_influence_batch(queries: Any, sample_ids: Any, params: dict[str, Any]) ->
     return BatchInfluenceResponse.model_validate(_json(r))
 
 
+def op_scores(query: Any, sample_id: int | None, params: dict[str, Any]) -> Op[Any]:
+    """Every training sample's score: a numpy record array ``(id, score)`` from the server's ``.npy``."""
+    import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
+
+    if (query is None) == (sample_id is None):
+        raise ValueError("give exactly one of query or sample_id")
+    if sample_id is not None:
+        r = yield _Request("POST", f"/v1/scores/samples/{int(sample_id)}", json=params)
+    else:
+        name, data = query_bytes(query)
+        form = {k: (json.dumps(v) if isinstance(v, (list, bool)) else str(v)) for k, v in params.items()}
+        r = yield _Request("POST", "/v1/scores", files={"file": (name, data, "application/octet-stream")}, data=form)
+    return np.load(io.BytesIO(r.content), allow_pickle=False)
+
+
 def op_sample(sample_id: int) -> Op[SampleInfo]:
     r = yield _Request("GET", f"/v1/samples/{int(sample_id)}")
     return SampleInfo.model_validate(_json(r))
@@ -390,6 +405,26 @@ class InfluenceClient(_Base):
         arrays) or stored ``sample_ids``; the keywords are :meth:`influence`'s. ``.results[i]`` answers query i."""
         return self._run(op_influence_batch(queries, sample_ids, _batch_params(**params)))
 
+    def scores(
+        self,
+        query: Any = None,
+        *,
+        sample_id: int | None = None,
+        objective: str = "elbo",
+        beta: float | None = None,
+        label: int | None = None,
+        checkpoints: list[int] | None = None,
+        convention: Convention = "lr",
+        seed: int = 0,
+        allow_resize: bool = False,
+        scoring: Scoring | None = None,
+        features: FeaturesMode = "recompute",
+    ) -> Any:
+        """Every training sample's score for ``query`` or ``sample_id``: a numpy record array of N rows
+        ``(id int64, score float64)`` in row order (``r["score"]``, ``r["id"]``); same query path as ``influence``."""
+        p = _params(locals())
+        return self._run(op_scores(query, sample_id, p))
+
     def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
         """``influence(..., direction="proponents")``: hits in ``.proponents``."""
         return self.influence(query, direction="proponents", **kw)
@@ -555,6 +590,25 @@ class AsyncInfluenceClient(_Base):
     ) -> BatchInfluenceResponse:
         """Many queries with the same parameters in one request (see :meth:`InfluenceClient.influence_batch`)."""
         return await self._run(op_influence_batch(queries, sample_ids, _batch_params(**params)))
+
+    async def scores(
+        self,
+        query: Any = None,
+        *,
+        sample_id: int | None = None,
+        objective: str = "elbo",
+        beta: float | None = None,
+        label: int | None = None,
+        checkpoints: list[int] | None = None,
+        convention: Convention = "lr",
+        seed: int = 0,
+        allow_resize: bool = False,
+        scoring: Scoring | None = None,
+        features: FeaturesMode = "recompute",
+    ) -> Any:
+        """See :meth:`InfluenceClient.scores`."""
+        p = _params(locals())
+        return await self._run(op_scores(query, sample_id, p))
 
     async def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
         return await self.influence(query, direction="proponents", **kw)
