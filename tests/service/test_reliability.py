@@ -58,3 +58,34 @@ def test_damage_found_by_the_image_route_is_named_and_stops_serving(svc_index_di
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "index_damaged"
         q = httpx.post(s.url + "/v1/influence/samples/5", json={"k": 3}, timeout=60)
         assert q.status_code == 500 and q.json()["error"]["code"] == "index_damaged"
+
+
+def test_strict_types_and_messages_that_name_field_and_value(svc_server) -> None:
+    with httpx.Client(base_url=svc_server.url, timeout=120) as h:
+
+        def err(r: httpx.Response) -> str:
+            assert r.status_code == 422, r.text
+            msg = r.json()["error"]["message"]
+            assert " object at 0x" not in msg and "<" not in msg, msg
+            return msg
+
+        assert "k: must be a number, not a boolean, got true" in err(
+            h.post("/v1/influence/samples/3", json={"k": True})
+        )
+        assert "checkpoints" in err(h.post("/v1/influence/samples/3", json={"checkpoints": [0, True]}))
+        assert "beta: Input should be a finite number, got NaN" in err(
+            h.post("/v1/influence/samples/3", content=b'{"beta": NaN}', headers={"content-type": "application/json"})
+        )
+        for bad in ("+1", "%201", "00003", "3.0", "-0"):
+            msg = err(h.post(f"/v1/influence/samples/{bad}", json={}))
+            assert msg.startswith("sample_id: must be a non-negative integer without sign") and "got" in msg
+            assert err(h.get(f"/v1/samples/{bad}")).startswith("sample_id:")
+        assert h.get("/v1/samples/0").status_code == 200 and h.get("/v1/samples/3").status_code == 200
+        x = [[[0.5] * 8 for _ in range(8)]]
+        x[0][1][2] = "0.5"  # type: ignore[call-overload]
+        assert "x must be a nested list of numbers" in err(h.post("/v1/influence", json={"x": x}))
+        x[0][1][2] = True  # type: ignore[call-overload]
+        assert "x must be a nested list of numbers" in err(h.post("/v1/influence", json={"x": x}))
+        for junk in (b"\xff\xd8\xffnot a jpeg at all", b"\x93NUMPY\x01\x00v\x00{'descr': __import__('os').getpid()}"):
+            r = h.post("/v1/influence", files={"file": ("q", junk, "application/octet-stream")})
+            assert r.status_code in (415, 422) and " object at 0x" not in r.json()["error"]["message"], r.text
