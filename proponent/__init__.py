@@ -36,6 +36,7 @@ _EXPORTS = {
     "IndexOptions": "proponent.build.job",
     "build_index": "proponent.build.job",
     "checkpoints_from_run": "proponent.build.job",
+    "checkpoints_from_runs": "proponent.build.job",
     "CheckpointSpec": "proponent.model.checkpoints",
     "ProjectionSpec": "proponent.model.projection",
     "open_index": "proponent.query.index",
