@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; override e.g. TORCH_SPEC="torch>=2.3" on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-# Headless Chromium for the browser tests (tests/test_ui.py): Debian's package, never a browser download.
+# Headless Chromium for the browser tests (tests/service/test_ui.py): Debian's package, never a browser download.
 CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: setup browsers demo test lint typecheck unit bench clean
@@ -25,13 +25,15 @@ browsers:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
 		sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
-	else echo "browsers: no $(CHROMIUM) and no apt-get: tests/test_ui.py will be skipped (set PROPONENT_CHROMIUM)"; fi
+	else echo "browsers: no $(CHROMIUM) and no apt-get: tests/service/test_ui.py will be skipped (set PROPONENT_CHROMIUM)"; fi
 
 demo: setup
 	$(PY) examples/demo.py --workdir demo_out
 
+# ruff, then the layers between packages (import-linter contracts in pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check proponent tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
 	$(VENV)/bin/mypy proponent

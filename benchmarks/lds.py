@@ -41,9 +41,9 @@ from proponent.analysis.lds import (
     summarize,
 )
 from proponent.analysis.scorings import SCORINGS
-from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig, default_config_for
 from proponent.model.projection import ProjectionSpec
 from proponent.query.index import open_index

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from proponent.analysis.scorings import SCORINGS, compare_scorings, upscaled_digits_npz
-from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import default_config_for
 from proponent.model.projection import ProjectionSpec
 from proponent.query.index import open_index

@@ -11,7 +11,7 @@ linearly to N rows and C checkpoints (a scan is memory-bound and linear). Median
 
 Index:
 * default: a small real digits index (trained and built on first use under ``--workdir``);
-* ``--synthetic``: the real index format with random features (``proponent.build.synthetic``),
+* ``--synthetic``: the real index format with random features (``proponent.indexer.synthetic``),
   N rows, C checkpoints, dimension D, stored dtype, through the index job's own phases;
 * ``--index DIR``: any index.
 
@@ -173,10 +173,10 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "proponent-bench"))
     a = ap.parse_args()
 
-    from proponent.build.job import IndexOptions
-    from proponent.build.synthetic import synthetic_index
     from proponent.format.fsio import IndexDir
     from proponent.format.manifest import read_manifest
+    from proponent.indexer.job import IndexOptions
+    from proponent.indexer.synthetic import synthetic_index
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)

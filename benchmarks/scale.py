@@ -5,7 +5,7 @@ For each N (``--sizes``), at the default feature layout:
 * N ≤ ``--real-max``: a real index through the real indexer on synthetic 28×28 data
   (``digits,size=28,augment=N``: affine variants of scikit-learn's digits, upscaled) with an
   MNIST-size MLP VAE (784→512→256→16, trained ``--epochs``), m = 16, 5 checkpoints;
-* larger N: the real index format with random features (``proponent.build.synthetic``), same
+* larger N: the real index format with random features (``proponent.indexer.synthetic``), same
   layout, C = 5, through the index job's own phases;
 
 then ``proponent serve`` in memory mode (when the features fit the budget) and in stream mode,
@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -52,8 +53,9 @@ def real_index(work: Path, n: int, epochs: int) -> tuple[Path, float]:
         from proponent.format.manifest import read_manifest
 
         man = read_manifest(IndexDir(idx))
+        timings = idx / "timings.json"
         if man.complete:
-            return idx, float(man.seconds or 0.0)
+            return idx, float(json.loads(timings.read_text())["seconds"]) if timings.is_file() else 0.0
     shutil.rmtree(root, ignore_errors=True)
     cli = [sys.executable, "-m", "proponent"]
     data = f"digits,size=28,augment={-(-n // 1797)},limit={n}"  # 1,797 images per affine variant
@@ -68,8 +70,8 @@ def real_index(work: Path, n: int, epochs: int) -> tuple[Path, float]:
 
 
 def synthetic(work: Path, n: int) -> tuple[Path, float]:
-    from proponent.build.job import IndexOptions
-    from proponent.build.synthetic import synthetic_index
+    from proponent.indexer.job import IndexOptions
+    from proponent.indexer.synthetic import synthetic_index
 
     d = IndexOptions()
     dim = d.projection.sketch_dim or d.projection.dim  # the default layout's width (tensor: 7,996)

@@ -7,7 +7,7 @@ Sections (each prints a table; ratios are against the single-process figure of t
    (``--ray-cpus`` logical CPUs). rows/s counts samples x checkpoints; only the featurization
    phase is timed (Ray: actor start-up and model loading included, cluster start-up reported
    apart). The three stores are checked to be byte-identical.
-2. **queries** -- a synthetic index (``proponent.build.synthetic``: N=``--n`` rows, C checkpoints,
+2. **queries** -- a synthetic index (``proponent.indexer.synthetic``: N=``--n`` rows, C checkpoints,
    D, dtype) served by ``proponent serve`` (one process), then by ``proponent serve --shards 1``
    and ``--shards 2`` on Ray Serve; ``--queries`` stored-sample queries through the Python client,
    one at a time: p50 / p99 end-to-end latency. The answers are checked to be identical.
@@ -64,8 +64,9 @@ def _store_digest(path: Path) -> str:
 def featurization(a: argparse.Namespace, work: Path) -> None:
     import ray
 
-    from proponent.build.job import IndexOptions, build_index, checkpoints_from_run, featurize_pending
-    from proponent.build.ray_engine import connect, run_units
+    from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run, featurize_pending
+    from proponent.indexer.ray_engine import run_units
+    from proponent.raycluster import connect
     from proponent.threads import set_threads
 
     run = work / "run"
@@ -176,10 +177,10 @@ def queries(a: argparse.Namespace, work: Path) -> None:
     import ray
     from ray import serve
 
-    from proponent.build.ray_engine import connect
-    from proponent.build.synthetic import synthetic_index
     from proponent.format.fsio import index_dir
     from proponent.format.manifest import read_manifest
+    from proponent.indexer.synthetic import synthetic_index
+    from proponent.raycluster import connect
 
     idx = Path(
         synthetic_index(
@@ -250,10 +251,10 @@ def queries(a: argparse.Namespace, work: Path) -> None:
 def per_shard(a: argparse.Namespace, work: Path) -> None:
     import psutil
 
-    from proponent.build.synthetic import synthetic_index
     from proponent.format.fsio import index_dir
     from proponent.format.manifest import read_manifest
     from proponent.format.store import FeatureStore
+    from proponent.indexer.synthetic import synthetic_index
     from proponent.query.features import ServedFeatures
     from proponent.query.searcher import LocalSearcher, SearchRequest
     from proponent.threads import set_threads

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from proponent.build.data import load_dataset
-from proponent.build.job import IndexOptions, build_index, checkpoints_from_run
-from proponent.build.training import TrainConfig, train
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.projection import ProjectionSpec
 from proponent.query.index import open_index

@@ -34,7 +34,7 @@ Note on eqs. (4)-(5): expanding the refit to first order in ``1/N_0`` gives
 for ``x_i`` in the cluster of ``z``. The paper prints ``||z-μ_0||²/σ_0²`` in place of
 ``||z-μ_0||² ||x_i-μ_0||² / (d σ_0²)``; the printed term is not scale invariant (it has units of
 1/length²) and leaves an ``O(1/N_0)`` gap to the refit, whereas the expression above leaves the
-``O(N_0^-2)`` gap the paper states (checked in ``tests/test_classical.py``). The corrected expansion
+``O(N_0^-2)`` gap the paper states (checked in ``tests/analysis/test_classical.py``). The corrected expansion
 is the default; ``paper_literal=True`` reproduces the printed formula.
 """
 
@@ -656,7 +656,7 @@ def _scatter_figure(
     test_point: FloatArray | None = None,
 ) -> Path:
     """One scatter plot of ``X`` coloured by ``values`` (red high, blue low), saved as PNG."""
-    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.colors import Normalize, TwoSlopeNorm  # lazy: matplotlib only for figures
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.0, 4.8), dpi=120, layout="constrained")

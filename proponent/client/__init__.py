@@ -1,5 +1,18 @@
 """Python client for the proponent influence API (depends on httpx and pydantic only)."""
 
+from proponent.api.schemas import (
+    ErrorBody,
+    FactorsInfo,
+    Health,
+    Hit,
+    IndexInfo,
+    InfluenceParams,
+    InfluenceResponse,
+    JobInfo,
+    JobResultPage,
+    SampleInfo,
+    SelfInfluenceRow,
+)
 from proponent.client.client import AsyncInfluenceClient, AsyncJob, InfluenceClient, Job, JobFailed, query_bytes
 from proponent.client.errors import (
     APIError,
@@ -14,19 +27,6 @@ from proponent.client.errors import (
     Unauthorized,
     UnsupportedMediaType,
     ValidationError,
-)
-from proponent.client.schemas import (
-    ErrorBody,
-    FactorsInfo,
-    Health,
-    Hit,
-    IndexInfo,
-    InfluenceParams,
-    InfluenceResponse,
-    JobInfo,
-    JobResultPage,
-    SampleInfo,
-    SelfInfluenceRow,
 )
 
 __all__ = [

@@ -15,13 +15,14 @@ is an error that says so.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from proponent.client.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
+from proponent.api.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
 from proponent.query.crossloss import make_query_objective
 from proponent.query.scoring import multipliers
 from proponent.query.searcher import SearchRequest
@@ -244,3 +245,42 @@ def all_scores(
     """Every training row's exact score ``[N]`` for one query, featurized and scored as :func:`answer` does."""
     qv = query_vectors(index, params, x=x, sample_id=sample_id)
     return combine(index, qv, raw_dots(index, qv), scoring=params.scoring, convention=params.convention)
+
+
+SCORE_DTYPE = np.dtype([("id", "<i8"), ("score", "<f8")])
+_NOT_FOR_SCORES = {
+    "k": "a score vector has every row",
+    "direction": "a score vector has every row",
+    "prefilter": "a score vector is exact over every row",
+    "allow_partial": "a score vector is exact over every row",
+}
+
+
+def score_vector(
+    index: InfluenceIndex, params: InfluenceParams, *, x: np.ndarray | None = None, sample_id: int | None = None
+) -> np.ndarray:
+    """Every training sample's score for one query, as ``[N]`` records ``(id int64, score float64)`` in row
+    order: the query featurized as :func:`answer` does, every row scored exactly over the stored features
+    (the answer's scan ranks by the same scores). ``GET/POST /v1/scores``, ``proponent scores`` and
+    ``InfluenceClient.scores`` return this."""
+    for name, why in _NOT_FOR_SCORES.items():
+        if name in params.model_fields_set:
+            raise QueryError(f"{name}: not a parameter of a score vector ({why})")
+    if params.search == "ann":
+        raise QueryError("search: a score vector is exact over every row (no ANN index)")
+    if x is not None:
+        x = np.asarray(x, np.float32)
+        if x.shape != index.shape:
+            raise QueryError(f"query shape {list(x.shape)} does not match the index's input shape {list(index.shape)}")
+    scores = all_scores(index, params, x=x, sample_id=sample_id)
+    out = np.empty(len(scores), SCORE_DTYPE)
+    out["id"] = index.meta.ids
+    out["score"] = scores
+    return out
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file (no pickles)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

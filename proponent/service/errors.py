@@ -1,4 +1,4 @@
-"""One JSON error shape (``proponent.client.schemas.ErrorBody``) for every failure the API reports."""
+"""One JSON error shape (``proponent.api.schemas.ErrorBody``) for every failure the API reports."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proponent.client.schemas import ErrorBody
+from proponent.api.schemas import ErrorBody
 
 log = logging.getLogger("proponent.service")
 

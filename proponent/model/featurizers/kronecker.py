@@ -484,8 +484,7 @@ class KroneckerFeaturizer(Featurizer):
         b, t, _ = a.shape
         ts = lay.block.tensor
         if ts is not None:  # the tensor sketch of Σ_t δ_t a_tᵀ from the factors (the bias column included)
-            ab = torch.cat([a, a.new_ones(b, t, 1)], dim=2) if lay.bias else a
-            feat = ts.apply_factors(ab, d).to(a.dtype).reshape(b, 1, -1)
+            feat = ts.apply_factors(a, d, bias=lay.bias).to(a.dtype).reshape(b, 1, -1)
         elif p_w is not None:
             ap = torch.matmul(a, p_w)
             if p_b is not None:
@@ -700,7 +699,7 @@ def auto_batch_size(
             free, _ = torch.cuda.mem_get_info(device)
             budget_bytes = int(free * 0.5)
         else:
-            import psutil
+            import psutil  # lazy: psutil only to size the batch from free memory
 
             budget_bytes = int(psutil.virtual_memory().available * 0.25)
     feat = KroneckerFeaturizer(model, objective, projector)

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from proponent.analysis.factors import index_factors
-from proponent.client.schemas import FactorsInfo
+from proponent.api.schemas import FactorsInfo
 
 from ..deps import IndexDep, StateDep
 from ..errors import ApiError, error_responses

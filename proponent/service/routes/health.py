@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proponent.client.schemas import ErrorBody, Health
+from proponent.api.schemas import ErrorBody, Health
 from proponent.service.deps import StateDep
 from proponent.service.errors import error_response
 

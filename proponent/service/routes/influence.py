@@ -5,30 +5,32 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Request, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proponent.build.data import DataError, load_image_bytes
-from proponent.client.schemas import InfluenceParams, InfluenceResponse
+from proponent.api.schemas import InfluenceParams, InfluenceResponse
 from proponent.format.fsio import StorageError
+from proponent.format.images import DataError, load_image_bytes
 from proponent.format.store import StoreError
 from proponent.query.crossloss import ObjectiveError
 from proponent.query.index import InfluenceIndex
 from proponent.query.searcher import ShardUnavailable
-from proponent.query.usecase import answer
+from proponent.query.usecase import answer, npy_bytes, score_vector
 from proponent.service.deps import EngineDep, IndexDep, StateDep
 from proponent.service.engine import QueryEngine
 from proponent.service.errors import ApiError, error_responses
 from proponent.service.state import ServiceState
 
 router = APIRouter(tags=["influence"])
+T = TypeVar("T")
 
 _NPY_MAGIC = b"\x93NUMPY"
 _IMAGE_MAGIC = (
@@ -243,14 +245,23 @@ async def run_query(
     """The query use case on a worker thread; its errors as API errors."""
     index = state.index
     assert index is not None
-    if state.damaged:
-        raise ApiError(500, state.damaged, code="index_damaged")
 
     def work() -> InfluenceResponse:
         return answer(index, params, x=x, sample_id=sample_id, decode_ms=decode_ms)
 
+    res = await _on_engine(state, engine, work)
+    for d in ("proponents", "opponents"):
+        if d in res.search:
+            state.metrics.candidates.observe(res.search[d].candidates)
+    return res
+
+
+async def _on_engine(state: ServiceState, engine: QueryEngine, work: Callable[[], T]) -> T:
+    """``work`` (a query use case) on a worker thread; its errors as API errors."""
+    if state.damaged:
+        raise ApiError(500, state.damaged, code="index_damaged")
     try:
-        res = await engine.run(work)
+        return await engine.run(work)
     except StoreError as e:
         state.damaged = str(e)
         state.ready = False
@@ -265,10 +276,6 @@ async def run_query(
         raise ApiError(404, str(e.args[0])) from None
     except ValueError as e:
         raise ApiError(422, str(e)) from None
-    for d in ("proponents", "opponents"):
-        if d in res.search:
-            state.metrics.candidates.observe(res.search[d].candidates)
-    return res
 
 
 @router.post(
@@ -300,24 +307,102 @@ async def influence_of_sample(
     engine: EngineDep,
     state: StateDep,
 ) -> Any:
-    body = await request.body()
+    params = await _sample_params(request, index, sample_id)
+    check_params(params, index, state.settings.max_k)
+    return await run_query(state, engine, params, sample_id=sample_id)
+
+
+async def _sample_params(request: Request, index: InfluenceIndex, sample_id: int) -> InfluenceParams:
+    """A stored-sample query's parameters: the optional JSON body (POST) or the query string (GET)."""
     raw: dict[str, Any] = {}
-    if body.strip():
-        if _media_type(request) not in ("application/json", ""):
-            raise ApiError(415, f"unsupported content type {_media_type(request)!r}: the optional body is JSON")
-        try:
-            raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ApiError(422, f"body is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ApiError(422, "JSON body must be an object of query parameters")
+    if request.method == "GET":
+        raw = {k: _form_value(k, v) for k, v in request.query_params.items()}
+    else:
+        body = await request.body()
+        if body.strip():
+            if _media_type(request) not in ("application/json", ""):
+                raise ApiError(415, f"unsupported content type {_media_type(request)!r}: the optional body is JSON")
+            try:
+                raw = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                raise ApiError(422, f"body is not valid JSON: {e}") from None
+            if not isinstance(raw, dict):
+                raise ApiError(422, "JSON body must be an object of query parameters")
     params = _parse_params(raw)
     try:
         index.row_of(sample_id)
     except KeyError as e:
         raise ApiError(404, str(e.args[0])) from None
-    check_params(params, index, state.settings.max_k)
-    return await run_query(state, engine, params, sample_id=sample_id)
+    return params
+
+
+# ---------------------------------------------------------------------------------- full score vectors
+_NPY_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/x-npy": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "a .npy file: N records (id int64, score float64) in row order; the header "
+        "X-Proponent-Approximations lists what separates the scores from exact VAE-TracIn (JSON)",
+    }
+}
+
+
+async def _scores_response(
+    state: ServiceState,
+    engine: QueryEngine,
+    params: InfluenceParams,
+    *,
+    x: np.ndarray | None = None,
+    sample_id: int | None = None,
+) -> Response:
+    index = state.index
+    assert index is not None
+    try:
+        index.meta.resolve_checkpoints(params.checkpoints)
+    except ValueError as e:
+        raise ApiError(422, f"checkpoints: {e}") from None
+
+    def work() -> bytes:
+        return npy_bytes(score_vector(index, params, x=x, sample_id=sample_id))
+
+    data = await _on_engine(state, engine, work)
+    cks = index.meta.resolve_checkpoints(params.checkpoints)
+    approx = json.dumps(index.meta.approximations(cks), ensure_ascii=True)
+    return Response(
+        data,
+        media_type="application/x-npy",
+        headers={"Content-Disposition": 'attachment; filename="scores.npy"', "X-Proponent-Approximations": approx},
+    )
+
+
+@router.post(
+    "/scores",
+    response_class=Response,
+    openapi_extra=_UPLOAD_OPENAPI,
+    responses={**_NPY_RESPONSE, **error_responses(401, 413, 415, 422, 503, 504)},
+    summary="Every training sample's score for an uploaded image or array (.npy)",
+)
+async def scores(request: Request, index: IndexDep, engine: EngineDep, state: StateDep) -> Response:
+    x, params = await read_query(request, index, state)
+    return await _scores_response(state, engine, params, x=x)
+
+
+@router.api_route(
+    "/scores/samples/{sample_id}",
+    methods=["GET", "POST"],
+    response_class=Response,
+    openapi_extra=_SAMPLE_OPENAPI,
+    responses={**_NPY_RESPONSE, **error_responses(401, 404, 415, 422, 503, 504)},
+    summary="Every training sample's score for a stored training sample (.npy)",
+)
+async def scores_of_sample(
+    request: Request,
+    sample_id: Annotated[int, Path(ge=0, description="training sample id")],
+    index: IndexDep,
+    engine: EngineDep,
+    state: StateDep,
+) -> Response:
+    params = await _sample_params(request, index, sample_id)
+    return await _scores_response(state, engine, params, sample_id=sample_id)
 
 
 __all__ = ["router", "sniff", "decode_upload"]

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import PlainTextResponse
 
-from proponent.client.schemas import JobInfo, JobResultPage, SelfInfluenceRequest
+from proponent.api.schemas import JobInfo, JobResultPage, SelfInfluenceRequest
 from proponent.query.selfinfluence import rows_to_csv
 from proponent.service.deps import JobsDep
 from proponent.service.errors import ApiError, error_responses

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from proponent.client.schemas import SampleInfo
+from proponent.api.schemas import SampleInfo
 from proponent.service.deps import IndexDep, StateDep
 from proponent.service.errors import ApiError, error_responses
 from proponent.service.imaging import to_png
