@@ -21,6 +21,8 @@ DEFAULT_SCORING: Scoring = cast(Scoring, SCORINGS.default)
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 __all__ = [
+    "BatchInfluenceResponse",
+    "BatchTimings",
     "CheckpointInfo",
     "Convention",
     "Direction",
@@ -135,6 +137,19 @@ class InfluenceResponse(_Model):
     def scores(self, direction: str = "proponents") -> list[float]:
         hits = getattr(self, direction) or []
         return [h.score for h in hits]
+
+
+class BatchTimings(_Model):
+    total_ms: float = Field(description="the whole batch, decoding to the last answer")
+    search_ms: float = Field(description="the batch's search: one pass over the rows for all its exact scans")
+    queries_per_s: float
+
+
+class BatchInfluenceResponse(_Model):
+    """Answers to a batch of queries with the same parameters, in the order asked (each as its single answer)."""
+
+    results: list[InfluenceResponse]
+    timings: BatchTimings
 
 
 class InfluenceParams(_Model):

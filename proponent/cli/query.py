@@ -2,6 +2,8 @@
 
 ``proponent influence`` answers through :func:`proponent.query.usecase.answer`, the code the
 server runs for ``POST /v1/influence[/samples/{id}]``; ``--json`` prints the API's response body.
+Many queries at once (``--sample-ids 1,2,3`` or ``--images a.png b.png``) go through
+:func:`~proponent.query.usecase.answer_batch`, as ``POST /v1/influence/batch`` does (one pass over the rows).
 """
 
 from __future__ import annotations
@@ -9,13 +11,22 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from proponent.api.registry import SCORINGS
-from proponent.api.schemas import Convention, Direction, FeaturesMode, InfluenceParams, SearchMode
+from proponent.api.schemas import (
+    BatchInfluenceResponse,
+    BatchTimings,
+    Convention,
+    Direction,
+    FeaturesMode,
+    InfluenceParams,
+    SearchMode,
+)
 from proponent.cli.build import int_list
 
 
@@ -34,26 +45,35 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
 
 
 def _query(a: argparse.Namespace) -> tuple[InfluenceParams, Any, Any]:
-    """The query's parameters, the opened index and the ``--image`` decoded to its shape (None: --sample-id)."""
+    """The query's parameters, the opened index and the ``--image`` decoded to its shape (None: --sample-id);
+    for ``influence --sample-ids/--images`` the third item is the list of decoded images (None: --sample-ids)."""
     from proponent.format.images import load_image_bytes  # lazy: CLI start-up
 
-    if (a.sample_id is None) == (a.image is None):
-        raise ValueError("give exactly one of --sample-id N or --image FILE")
+    many = getattr(a, "sample_ids", None) is not None or bool(getattr(a, "images", None))
+    given = [a.sample_id is not None, a.image is not None, getattr(a, "sample_ids", None) is not None]
+    if sum(given) + bool(getattr(a, "images", None)) != 1:
+        raise ValueError(
+            "give exactly one of --sample-id N or --image FILE"
+            + (", --sample-ids 1,2,3 or --images FILE..." if hasattr(a, "images") else "")
+        )
     try:
         params = influence_params(a)
     except ValidationError as e:
         err = e.errors()[0]
         raise ValueError(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
     idx = _open(a)
-    x = None
-    if a.image is not None:
-        path = Path(a.image)
+
+    def read(name: str) -> Any:
+        path = Path(name)
         try:
             raw = path.read_bytes()
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
-        x = load_image_bytes(raw, idx.shape, allow_resize=a.resize)
-    return params, idx, x
+        return load_image_bytes(raw, idx.shape, allow_resize=a.resize)
+
+    if many:
+        return params, idx, ([read(f) for f in a.images] if a.images else None)
+    return params, idx, (read(a.image) if a.image is not None else None)
 
 
 def _cmd_scores(a: argparse.Namespace) -> int:
@@ -71,13 +91,37 @@ def _cmd_scores(a: argparse.Namespace) -> int:
 
 
 def _cmd_influence(a: argparse.Namespace) -> int:
-    from proponent.query.usecase import answer  # lazy: CLI start-up
+    from proponent.query.usecase import answer, answer_batch  # lazy: CLI start-up
 
+    t0 = time.perf_counter()
     params, idx, x = _query(a)
+    if a.sample_ids is not None or a.images:
+        results = answer_batch(idx, params, xs=x, sample_ids=a.sample_ids)
+        total = time.perf_counter() - t0
+        batch = BatchInfluenceResponse(
+            results=results,
+            timings=BatchTimings(
+                total_ms=total * 1e3, search_ms=results[0].timings.search_ms, queries_per_s=len(results) / total
+            ),
+        )
+        if a.json:
+            print(batch.model_dump_json())
+            return 0
+        names = [f"sample {i}" for i in a.sample_ids] if a.sample_ids is not None else list(a.images)
+        for name, res in zip(names, results, strict=True):
+            print(f"== {name}")
+            _print_answer(res)
+        print(f"{len(results)} queries in {total:.2f}s ({batch.timings.queries_per_s:.1f} queries/s)")
+        return 0
     res = answer(idx, params, x=x, sample_id=a.sample_id)
     if a.json:
         print(res.model_dump_json())
         return 0
+    _print_answer(res)
+    return 0
+
+
+def _print_answer(res: Any) -> None:
     for d in ("proponents", "opponents"):
         hits = getattr(res, d)
         if hits is None:
@@ -91,7 +135,6 @@ def _cmd_influence(a: argparse.Namespace) -> int:
             print(f"  {h.rank:3d}  id {h.id:<8d} score {h.score:+.6g}{se}{lab}{inj}{tie}")
     if res.approximations:
         print("approximations: " + "; ".join(res.approximations))
-    return 0
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
@@ -178,6 +221,8 @@ def _add_query_args(i: argparse.ArgumentParser, without: set[str] | frozenset[st
     i.add_argument("--index", required=True)
     i.add_argument("--sample-id", type=int)
     i.add_argument("--image", help="image file (PNG, JPEG, .npy)")
+    i.add_argument("--sample-ids", type=int_list, help="many stored samples at once, e.g. 3,17,40 (one pass)")
+    i.add_argument("--images", nargs="+", help="many image files at once (one pass over the rows)")
     i.add_argument("--resize", action="store_true", help="resize the image to the index's shape")
     if "k" not in without:
         i.add_argument("--k", type=int, default=_default("k"))

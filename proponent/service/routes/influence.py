@@ -16,14 +16,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proponent.api.schemas import InfluenceParams, InfluenceResponse
+from proponent.api.schemas import BatchInfluenceResponse, BatchTimings, InfluenceParams, InfluenceResponse
 from proponent.format.fsio import StorageError
 from proponent.format.images import DataError, load_image_bytes
 from proponent.format.store import StoreError
 from proponent.query.crossloss import ObjectiveError
 from proponent.query.index import InfluenceIndex
 from proponent.query.searcher import ShardUnavailable
-from proponent.query.usecase import answer, npy_bytes, score_vector
+from proponent.query.usecase import answer, answer_batch, npy_bytes, score_vector
 from proponent.service.deps import EngineDep, IndexDep, StateDep
 from proponent.service.engine import QueryEngine
 from proponent.service.errors import ApiError, error_responses
@@ -403,6 +403,138 @@ async def scores_of_sample(
 ) -> Response:
     params = await _sample_params(request, index, sample_id)
     return await _scores_response(state, engine, params, sample_id=sample_id)
+
+
+_BATCH_JSON_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "xs": {
+            "description": "the query arrays: a list of nested lists, each with the index's input shape",
+            "type": "array",
+            "items": {},
+        },
+        "sample_ids": {
+            "description": "stored training samples to query",
+            "type": "array",
+            "items": {"type": "integer"},
+        },
+        **_PARAMS_DOC["properties"],
+    },
+}
+_BATCH_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _BATCH_JSON_SCHEMA},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary", "description": ".npy array [B, *input shape]"}
+            },
+        },
+    }
+}
+
+
+def decode_npy_batch(data: bytes, index: InfluenceIndex) -> np.ndarray:
+    """A .npy array ``[B, *input shape]`` of values in [0, 1] (no pickles)."""
+    if data[:6] != _NPY_MAGIC:
+        raise ApiError(415, "a batch upload is one .npy array [B, *input shape] (first bytes are not .npy's)")
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ApiError(422, f"npy: cannot read the array: {e}") from None
+    if a.ndim != len(index.shape) + 1 or tuple(a.shape[1:]) != index.shape:
+        raise ApiError(422, f"batch array has shape {list(a.shape)}, expected [B, {', '.join(map(str, index.shape))}]")
+    if a.dtype.kind not in "fiu":
+        raise ApiError(422, f"batch array has dtype {a.dtype}, expected numbers")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ApiError(422, "batch array contains NaN or infinite values")
+    if a.size and (a.min() < 0 or a.max() > 1):
+        raise ApiError(422, f"batch array: values must lie in [0, 1], got min {a.min():g}, max {a.max():g}")
+    return a
+
+
+@router.post(
+    "/influence/batch",
+    response_model=BatchInfluenceResponse,
+    openapi_extra=_BATCH_OPENAPI,
+    responses=error_responses(401, 404, 413, 415, 422, 503, 504),
+    summary="Proponents / opponents of many queries at once (uploads or stored samples), one pass over the rows",
+)
+async def influence_batch(request: Request, index: IndexDep, engine: EngineDep, state: StateDep) -> Any:
+    """Each query answered as its single query would be (same parameters for all); the exact scans of the
+    batch share one pass over the rows (an int8 GEMM instead of one product per query)."""
+    t0 = time.perf_counter()
+    media = _media_type(request)
+    xs: np.ndarray | list[np.ndarray] | None = None
+    sample_ids: list[int] | None = None
+    if media == "application/json":
+        body = await request.body()
+        try:
+            obj = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ApiError(422, f"body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict) or (("xs" in obj) == ("sample_ids" in obj)):
+            raise ApiError(422, 'JSON body must be an object with either "xs" (query arrays) or "sample_ids"')
+        raw_xs, raw_ids = obj.pop("xs", None), obj.pop("sample_ids", None)
+        params = _parse_params(obj)
+        if raw_ids is not None:
+            if not isinstance(raw_ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in raw_ids
+            ):
+                raise ApiError(422, "sample_ids: expected a list of integers")
+            sample_ids = raw_ids
+        else:
+            if not isinstance(raw_xs, list):
+                raise ApiError(422, "xs: expected a list of query arrays")
+            if len(raw_xs) > state.settings.max_batch:
+                raise ApiError(422, f"a batch holds at most {state.settings.max_batch} queries, got {len(raw_xs)}")
+            s = state.settings
+            xs = [
+                await run_in_threadpool(decode_json_array, x, index, params.allow_resize, s.max_image_pixels)
+                for x in raw_xs
+            ]
+    elif media in _RAW_TYPES:
+        data = await request.body()
+        params = _parse_params({k: _form_value(k, v) for k, v in request.query_params.items()})
+        xs = await run_in_threadpool(decode_npy_batch, data, index)
+    else:
+        raise ApiError(
+            415,
+            f'unsupported content type {media or "(none)"!r}: send application/json with "xs" or "sample_ids", '
+            "or one .npy array [B, *input shape] as application/octet-stream",
+        )
+    count = len(sample_ids) if sample_ids is not None else (0 if xs is None else len(xs))
+    if count == 0:
+        raise ApiError(422, "a batch needs at least one query")
+    if count > state.settings.max_batch:
+        raise ApiError(422, f"a batch holds at most {state.settings.max_batch} queries, got {count}")
+    for sid in sample_ids or []:
+        try:
+            index.row_of(sid)
+        except KeyError as e:
+            raise ApiError(404, str(e.args[0])) from None
+    check_params(params, index, state.settings.max_k)
+    decode_ms = (time.perf_counter() - t0) * 1e3
+
+    def work() -> list[InfluenceResponse]:
+        return answer_batch(index, params, xs=xs, sample_ids=sample_ids, decode_ms=decode_ms)
+
+    results = await _on_engine(state, engine, work)
+    for res in results:
+        for d in ("proponents", "opponents"):
+            if d in res.search:
+                state.metrics.candidates.observe(res.search[d].candidates)
+    total = time.perf_counter() - t0
+    return BatchInfluenceResponse(
+        results=results,
+        timings=BatchTimings(
+            total_ms=total * 1e3,
+            search_ms=results[0].timings.search_ms,
+            queries_per_s=len(results) / total if total > 0 else 0.0,
+        ),
+    )
 
 
 __all__ = ["router", "sniff", "decode_upload"]
