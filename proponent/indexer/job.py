@@ -42,6 +42,7 @@ from proponent.format.manifest import (
     AnnRecord,
     CheckpointSpec,
     DatasetRecord,
+    FidelityRecord,
     FileRecord,
     Manifest,
     ManifestError,
@@ -474,12 +475,28 @@ def featurize_pending(
 
 
 # ---------------------------------------------------------------------------------- 5. finish
-def finish(where: IndexDir, t0: float | None = None) -> Manifest:
-    """Build the ANN indexes (if any), record the store's metadata hashes, mark the index complete."""
+def measure_fidelity(where: IndexDir, device: str = "auto") -> FidelityRecord:
+    """The fidelity check of a complete store (:mod:`proponent.indexer.fidelity`), every checkpoint."""
+    from proponent.indexer import fidelity
+
+    worker = UnitWorker(where, device)
+    man, store = worker.man, FeatureStore.open(where)
+    queries, pool = fidelity.choose_rows(man.n, man.objective.seed)
+    checks = []
+    for c in range(len(man.checkpoints)):
+        model = worker.model(c)
+        checks.append(fidelity.check_checkpoint(man, store, c, model, worker.objective, worker.device, queries, pool))
+    return fidelity.fidelity_record(checks, len(queries), len(pool))
+
+
+def finish(where: IndexDir, t0: float | None = None, device: str = "auto", check_fidelity: bool = True) -> Manifest:
+    """Build the ANN indexes (if any), measure the features' fidelity (``check_fidelity``), record the
+    store's metadata hashes, mark the index complete."""
     man = read_manifest(where)
     store = FeatureStore.open(where)
     if not store.is_complete():
         raise IndexJobError(f"{where}: units are still pending; run the index job (or its shards) to the end")
+    fid = measure_fidelity(where, device) if check_fidelity else None
     files = []
     if man.ann.kind != "none":
         need = ann.train_rows_needed(man.ann.kind)
@@ -503,6 +520,7 @@ def finish(where: IndexDir, t0: float | None = None) -> Manifest:
             ),
             "complete": True,
             "seconds": None if t0 is None else time.perf_counter() - t0,
+            "fidelity": fid,
         }
     )
     return write_manifest(where, man)
@@ -619,8 +637,10 @@ def build_index(
             featurize_pending(where, units, opts.device, show_progress)
     if not FeatureStore.open(where).is_complete():
         return where.location  # a shard finished its part; the run that finds every unit done finishes
-    finish(where, t0)
+    man = finish(where, t0, opts.device)
     if log:
+        if man.fidelity is not None:
+            log(describe_fidelity(man))
         problems = verify_index(where)
         log("verified: OK" if not problems else "verify: " + "; ".join(problems))
     return where.location
@@ -661,4 +681,25 @@ def describe_layout(man: Manifest, model0: nn.Module, objective: Objective, proj
         feat.featurize(*_probe(model0, objective, data))
         for name, route in routes():
             lines.append(f"  layer {name}: {route}")
+    return "\n".join(lines)
+
+
+def describe_fidelity(man: Manifest) -> str:
+    """The fidelity check's lines for the job's log, with the warning when below the bar."""
+    fid = man.fidelity
+    if fid is None:
+        return "fidelity: not measured"
+    lines = [
+        f"fidelity ({fid.queries} queries x {fid.pool} rows, stored features against exact gradients; bar "
+        f"recall@{fid.top} {fid.bar_proponents:.2f} / {fid.bar_opponents:.2f}):"
+    ]
+    for ch in fid.checkpoints:
+        lines.append(
+            f"  checkpoint {ch.checkpoint}: recall@{fid.top} proponents {ch.recall_proponents:.2f}, opponents "
+            f"{ch.recall_opponents:.2f}, relative score error {ch.relative_error:.3f} ({ch.seconds:.1f} s)"
+            + ("" if ch.passed else "  BELOW THE BAR")
+        )
+    warn = fid.warning()
+    if warn:
+        lines.append("WARNING: " + warn)
     return "\n".join(lines)
