@@ -30,8 +30,10 @@ browsers:
 demo: setup
 	$(PY) examples/demo.py --workdir demo_out
 
+# ruff, then the layers between packages (import-linter contracts in pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check proponent tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
 	$(VENV)/bin/mypy proponent

@@ -55,15 +55,13 @@ from proponent.model.featurizers.dense import DenseFeaturizer
 from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
 from proponent.model.objectives import ELBO, Objective
 from proponent.model.projection import DEFAULT_DIM, ProjectionSpec, Projector, build_projector, discover_layers
-from proponent.model.sketch import (
+from proponent.model.sketch import Sketch, allocate_dims, allocate_tensor
+from proponent.research.sketches import (
     KronVariance,
     LayerTensorSketch,
-    Sketch,
-    allocate_dims,
     allocate_hybrid,
     allocate_kron,
     allocate_kron_variance,
-    allocate_tensor,
     calibrate_kron,
     kron_projector,
 )

@@ -60,22 +60,19 @@ from proponent.model.checkpoints import load_checkpoint
 from proponent.model.featurizers.kronecker import KroneckerFeaturizer
 from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise
 from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers
-from proponent.model.sketch import (
+from proponent.model.sketch import Sketch, allocate_dims, allocate_tensor, storage_bytes
+from proponent.query.index import open_index
+from proponent.research.sketches import (
     KronVariance,
     LayerTensorSketch,
-    Sketch,
-    allocate_dims,
     allocate_hybrid,
     allocate_kron,
     allocate_kron_variance,
-    allocate_tensor,
     calibrate_kron,
     dequantize_rows,
     kron_projector,
     quantize_rows,
-    storage_bytes,
 )
-from proponent.query.index import open_index
 from proponent.threads import set_threads
 
 DATASETS = {"digits": "digits", "digits28": "digits,size=28,augment=6"}
@@ -167,7 +164,7 @@ def shared_features(
 
 def stored(f: torch.Tensor, dtype: str) -> torch.Tensor:
     """Features as the store would give them back (quantized, then dequantized); the torch twin of
-    ``sketch.quantize_rows`` + ``dequantize_rows`` (checked against them in ``check_stored``)."""
+    ``research.sketches.quantize_rows`` + ``dequantize_rows`` (checked against them in ``check_stored``)."""
     if dtype == "float32":
         return f
     if dtype == "float16":

@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -52,8 +53,9 @@ def real_index(work: Path, n: int, epochs: int) -> tuple[Path, float]:
         from proponent.format.manifest import read_manifest
 
         man = read_manifest(IndexDir(idx))
+        timings = idx / "timings.json"
         if man.complete:
-            return idx, float(man.seconds or 0.0)
+            return idx, float(json.loads(timings.read_text())["seconds"]) if timings.is_file() else 0.0
     shutil.rmtree(root, ignore_errors=True)
     cli = [sys.executable, "-m", "proponent"]
     data = f"digits,size=28,augment={-(-n // 1797)},limit={n}"  # 1,797 images per affine variant

@@ -35,7 +35,7 @@ def set_threads(n: int | None = None) -> int:
     n = n or int(os.environ.get("PROPONENT_THREADS", 0)) or (os.cpu_count() or 1)
     torch.set_num_threads(n)
     try:
-        import faiss
+        import faiss  # optional: no faiss wheel on Windows
 
         faiss.omp_set_num_threads(n)
     except Exception:

@@ -36,8 +36,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def official_index(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("official") / "idx"
-    env = {**os.environ, "PROPONENT": f"{sys.executable} -m proponent"}
+    return _run_example(tmp_path_factory.mktemp("official") / "idx")
+
+
+def _run_example(out: Path, **env_vars: str) -> Path:
+    env = {**os.environ, "PROPONENT": f"{sys.executable} -m proponent", **env_vars}
     r = subprocess.run(
         [str(REPO / "examples" / "official_vae" / "run.sh"), str(out), str(OFFICIAL), "--quiet"],
         env=env,
@@ -135,6 +138,7 @@ def test_changed_model_code_is_refused(official_index, tmp_path):
     shutil.copy(REPO / "examples" / "official_vae" / "model.py", code)
     man = json.loads((copy / "manifest.json").read_text())
     man["model"]["plugin"]["code"] = str(code)
+    man["model"]["plugin"]["files"][0]["path"] = str(code)
     from proponent.format.fsio import IndexDir
     from proponent.format.manifest import Manifest, write_manifest
 
@@ -143,3 +147,65 @@ def test_changed_model_code_is_refused(official_index, tmp_path):
     code.write_text(code.read_text() + "\n# edited\n")
     with pytest.raises((PluginError, IndexError_), match=r"model\.py: its sha256 .* differs from the index's"):
         open_index(copy, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def authors_loss_index(tmp_path_factory) -> Path:
+    return _run_example(tmp_path_factory.mktemp("official_authors") / "idx", AUTHORS_LOSS="1")
+
+
+def _example_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("official_vae_model", REPO / "examples" / "official_vae" / "model.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _AuthorsScoringLoss:
+    """The authors' tracin.py loss, written out here: (Σ (sigmoid(logits) − x)² / 3 + β·KL) / (3·64·64),
+    the mean over the draws (their calc_loss on an unbatched image divides by x.size(0) = 3)."""
+
+    def __init__(self, mod):
+        self.mod = mod
+
+    def loss(self, module, x, y, eps):
+        mu, logvar, logits = module(x, eps)
+        recon = (torch.sigmoid(logits) - x.unsqueeze(1)).pow(2).flatten(2).sum(-1).mean(1) / 3
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
+        return (recon + 2.0 * kl) / (3 * 64 * 64)
+
+
+def test_authors_loss_reproduces_their_scoring_code(authors_loss_index, official_index):
+    """AUTHORS_LOSS=1: the recorded factory is plugin_authors, and the scores equal a float64 brute force of
+    the authors' scoring loss (written independently above) with the same noise; they differ from the default's."""
+    mod = _example_model()
+    idx = open_index(authors_loss_index, device="cpu")
+    man = idx.manifest
+    assert man.model.plugin.factory == "plugin_authors"
+    objective = _AuthorsScoringLoss(mod)
+    x = idx.input(idx.row_of(3))
+    rows = [0, 3, 64, 127]
+    inputs = torch.from_numpy(idx.store.inputs(np.array(rows))).double()
+    w = idx.weights("visits")
+    expected = np.zeros(len(rows))
+    for c, ck in enumerate(man.checkpoints):
+        module = mod.build(inplace=False)
+        module.load_state_dict(
+            state_dict_at(read_checkpoint(idx.where.read_bytes(ck.path)), man.model.checkpoint_key, ck.path)
+        )
+        module = module.double().eval()
+        proj = idx.runtime.projector(c)
+        eps_q = draw_noise(NOISE_QUERY, 0, c, [0], 16, (64,))[0].double()
+        pq = _project(module, proj, _float64_grad(module, objective, torch.from_numpy(x).double(), eps_q))
+        for j, (r, xi) in enumerate(zip(rows, inputs, strict=True)):
+            eps = draw_noise(NOISE_INDEX, 0, c, [int(idx.meta.ids[r])], 16, (64,))[0].double()
+            g = _float64_grad(module, objective, xi, eps)
+            assert idx.features.sq_norm[c][r] == pytest.approx(float(g @ g), rel=1e-4)
+            expected[j] += w[c] * float(_project(module, proj, g) @ pq)
+    got = idx.scores(x, convention="visits", scoring="raw")[rows]
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-4 * np.abs(expected).max())
+    default = open_index(official_index, device="cpu").scores(x, convention="visits", scoring="raw")[rows]
+    assert not np.allclose(default, got, rtol=1e-2)

@@ -131,6 +131,16 @@ def reconstruction_error(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(logits) - x).pow(2).flatten(-3).sum(-1)
 
 
+def authors_reconstruction_error(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The reconstruction term as the authors' *scoring* code computes it: ``reconstruction_error / 3``.
+
+    Their ``tracin.py`` calls ``calc_loss(z, ...)`` on one unbatched image ``z [3, 64, 64]``, and
+    ``calc_loss`` divides the summed squared error by ``batch_size = x.size(0)``, which is then the
+    channel count (3), not 1; the KL term is unaffected. Their training loss is :func:`reconstruction_error`.
+    """
+    return reconstruction_error(logits, x) / NC
+
+
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``KL(N(μ, σ²) ‖ N(0, I))`` summed over the latent dimensions: ``[B]``."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
@@ -164,13 +174,24 @@ def plugin() -> Any:
     proponent draws the noise (keyed by sample id and checkpoint), forms ``z = μ + exp(log σ²/2)·ε`` and
     computes ``LOSS_SCALE · (mean over the draws of reconstruction_error + BETA · KL)`` -- the authors' loss.
     """
+    return _parts(reconstruction_error)
+
+
+def plugin_authors() -> Any:
+    """The factory of ``AUTHORS_LOSS=1 run.sh``: the loss of the authors' scoring code
+    (:func:`authors_reconstruction_error`, the reconstruction term divided by 3), to reproduce their
+    numbers; :func:`plugin` is their training loss."""
+    return _parts(authors_reconstruction_error)
+
+
+def _parts(reconstruction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Any:
     from proponent.model.plugin import VAEParts
 
     return VAEParts(
         module=build(),
         encode=encode,
         decode=decode,
-        reconstruction=reconstruction_error,
+        reconstruction=reconstruction,
         latent_dim=Z_DIM,
         beta=BETA,
         scale=LOSS_SCALE,

@@ -656,7 +656,7 @@ def _scatter_figure(
     test_point: FloatArray | None = None,
 ) -> Path:
     """One scatter plot of ``X`` coloured by ``values`` (red high, blue low), saved as PNG."""
-    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.colors import Normalize, TwoSlopeNorm  # lazy: matplotlib only for figures
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.0, 4.8), dpi=120, layout="constrained")

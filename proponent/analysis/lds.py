@@ -41,12 +41,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from proponent.analysis.scorings import query_dots
+from proponent.api.registry import SCORINGS
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
 from proponent.indexer.data import Dataset
 from proponent.indexer.training import TrainConfig, train, training_objective
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import load_checkpoint
 from proponent.model.objectives import draw_noise
+from proponent.query.usecase import combine
 
 NOISE_LDS = 2
 """Noise domain of the LDS subsets and query-loss draws (index features use 0, queries 1)."""
@@ -171,7 +174,7 @@ def predicted_group_influence(scores: np.ndarray, masks: np.ndarray) -> np.ndarr
 
 def _ranks(a: np.ndarray) -> np.ndarray:
     """Average ranks along the last axis (ties share their mean rank)."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # lazy: scipy only for rank correlations
 
     return np.asarray(rankdata(a, axis=-1), dtype=np.float64)
 
@@ -253,7 +256,7 @@ def lds_rows(
     masks: np.ndarray,
     losses: np.ndarray,
     *,
-    scorings: Sequence[str] = ("raw", "cosine", "relatif"),
+    scorings: Sequence[str] = SCORINGS,
     checkpoint_sets: Sequence[str] = ("all",),
     prefilters: Sequence[int] = (),
     convention: str = "lr",
@@ -271,9 +274,6 @@ def lds_rows(
     L nearest training samples in latent space (all checkpoints); the others contribute 0. Returns
     one row per variant and scoring with the per-query LDS summary.
     """
-    from proponent.analysis.scorings import query_dots
-    from proponent.query.usecase import combine
-
     queries = [query_dots(index, x, seed=seed) for x in query_x] if scorer is None else []
     n_ck = len(index.checkpoints)
     variants: list[tuple[str, list[int], int | None]] = [
@@ -322,7 +322,7 @@ def injected_effect(
     masks: np.ndarray,
     losses: np.ndarray,
     *,
-    scorings: Sequence[str] = ("raw", "cosine", "relatif"),
+    scorings: Sequence[str] = SCORINGS,
     convention: str = "lr",
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -334,9 +334,6 @@ def injected_effect(
     median (over queries) share of the variance of the predicted group influence that comes from
     the injected rows.
     """
-    from proponent.analysis.scorings import query_dots
-    from proponent.query.usecase import combine
-
     inj = np.asarray(index.meta.injected, dtype=bool)
     counts = masks[:, inj].sum(axis=1).astype(np.float64)
     actual = spearman_rows(np.tile(counts, (len(query_x), 1)), -np.asarray(losses, np.float64).T)

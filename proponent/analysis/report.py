@@ -31,7 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from proponent.analysis.factors import index_factors
+from proponent.analysis.scorings import compare_scorings
+from proponent.api.schemas import DEFAULT_SCORING, InfluenceParams
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
+from proponent.query.index import open_index
+from proponent.query.usecase import all_scores, answer
 
 SECTION_IDS = (
     "self-influence-vs-loss",
@@ -105,10 +110,10 @@ def _mean_std(v: np.ndarray) -> dict[str, float | None]:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only for figures
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib only for figures
 
     return plt
 
@@ -139,7 +144,7 @@ def _display(img: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 
 def _font(size: int) -> Any:
-    from PIL import ImageFont
+    from PIL import ImageFont  # lazy: Pillow only for figures
 
     try:
         return ImageFont.load_default(size=size)
@@ -160,7 +165,7 @@ def _grid(
     ``None`` images leave their cell empty; titles may have two lines; highlighted cells get
     a red frame.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # lazy: Pillow only for figures
 
     font = _font(11)
     n = len(images)
@@ -387,9 +392,6 @@ def _query_grid(ctx: ReportContext, r: int, shown: dict[str, list[tuple[int, flo
 
 def section_proponents(ctx: ReportContext) -> str:
     """Proponents and opponents of the queries (Fig. 4), answered by the query use case; Table 2/3 statistics."""
-    from proponent.api.schemas import InfluenceParams
-    from proponent.query.usecase import all_scores, answer
-
     idx, n, labels, mu = ctx.idx, ctx.n, ctx.labels, ctx.mu
     n_top = max(1, int(math.ceil(TOP_FRACTION * (n - 1))))
     keys = ("same+", "same-", "same_all", "dist+", "dist-", "dist_all", "norm+", "norm-")
@@ -524,8 +526,6 @@ def section_latent_norms(ctx: ReportContext) -> str:
 
 def section_scorings(ctx: ReportContext) -> str:
     """Raw, cosine and RelatIF compared on the index's own data (outliers among proponents, classes, self-match)."""
-    from proponent.analysis.scorings import compare_scorings
-
     clean = np.flatnonzero(~ctx.is_out)
     rng = np.random.default_rng(ctx.seed)
     rows = np.sort(rng.choice(clean, size=min(N_SCORING_QUERIES, len(clean)), replace=False))
@@ -573,8 +573,6 @@ def section_scorings(ctx: ReportContext) -> str:
 
 def section_factors(ctx: ReportContext) -> str:
     """Influential latent factors (mutual information), via the same analysis as the API and CLI."""
-    from proponent.analysis.factors import index_factors
-
     if ctx.mu is None:
         ctx.numbers["factors"] = None
         text = "This index stores no latent posteriors (not a VAE), so no factor analysis."
@@ -636,9 +634,6 @@ def write_report(
 
     Returns the HTML path; the numbers are also written to ``<out_html stem>.json``.
     """
-    from proponent.api.schemas import DEFAULT_SCORING
-    from proponent.query.index import open_index
-
     if convention not in ("lr", "visits"):
         raise ValueError(f"convention must be 'lr' or 'visits', got {convention!r}")
     t0 = time.perf_counter()

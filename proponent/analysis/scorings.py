@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from proponent.api.registry import SCORINGS
 from proponent.api.schemas import InfluenceParams
-from proponent.query.scoring import SCORINGS
 from proponent.query.usecase import QueryVectors, combine, query_vectors, raw_dots
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ def upscaled_digits_npz(path: str | Path, size: int = 28) -> Path:
     The clean counterpart of ``glyphs:size=28`` (the generated outliers reproduce the raw-score
     failure at MNIST's size, not at 8x8); ``x`` uint8, ``y`` the digit labels. Idempotent.
     """
-    from PIL import Image
+    from PIL import Image  # lazy: Pillow and scikit-learn only to write this data set
     from sklearn.datasets import load_digits
 
     path = Path(path)

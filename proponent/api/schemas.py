@@ -6,14 +6,18 @@ them) and the client parses every response with them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from proponent.api.registry import SCORINGS, ScoringName
+
 Direction = Literal["proponents", "opponents", "both"]
 Convention = Literal["lr", "visits"]
-Scoring = Literal["raw", "cosine", "relatif"]
-DEFAULT_SCORING: Scoring = "cosine"  # measured: benchmarks/outliers.py, benchmarks/lds.py (README "Scoring")
+SearchMode = Literal["auto", "scan", "ann"]
+FeaturesMode = Literal["recompute", "stored"]
+Scoring = ScoringName  # the names are listed once, in proponent.api.registry
+DEFAULT_SCORING: Scoring = cast(Scoring, SCORINGS.default)
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "FactorsInfo",
+    "FeaturesMode",
     "Health",
     "Hit",
     "IndexInfo",
@@ -35,6 +40,7 @@ __all__ = [
     "QueryInfo",
     "SampleInfo",
     "Scoring",
+    "SearchMode",
     "SearchStats",
     "SelfInfluenceRequest",
     "SelfInfluenceRow",
@@ -78,7 +84,7 @@ class QueryInfo(_Model):
     seed: int = Field(description="query noise seed: the m draws of the query at checkpoint c come from (seed, c)")
     objective: str
     convention: Convention
-    scoring: str = "raw"
+    scoring: str = DEFAULT_SCORING
     checkpoints: list[int]
     shape: list[int]
     sample_id: int | None = None
@@ -159,16 +165,15 @@ class InfluenceParams(_Model):
     )
     scoring: Scoring = Field(
         DEFAULT_SCORING,
-        description="raw (paper eq. 10), cosine (per-checkpoint unit-normalised gradients) or relatif (divided by "
-        "the square root of the training sample's self-influence); all exact over the stored features",
+        description=SCORINGS.describe() + "; all exact over the stored features",
     )
-    features: Literal["recompute", "stored"] = Field(
+    features: FeaturesMode = Field(
         "recompute",
         description="stored-sample queries: recompute the query's gradient from the exact stored input with fresh "
         "query draws (as an upload of that input), or use the index's stored features of that sample",
     )
     uncertainty: bool = Field(True, description="standard errors per hit from the query's m draws")
-    search: Literal["auto", "scan", "ann"] = Field(
+    search: SearchMode = Field(
         "auto",
         description="auto: the exact scan, or the FAISS index when the index has one (approximate); "
         "scan: force the exact scan; ann: force the FAISS index",
@@ -210,7 +215,7 @@ class IndexInfo(_Model):
         "proponents/opponents and the relative score error of the stored features against exact gradients, "
         "the bar, and a warning when below it (null: an index built before the check existed)",
     )
-    scorings: list[str] = Field(default_factory=lambda: ["raw", "cosine", "relatif"])
+    scorings: list[str] = Field(default_factory=lambda: list(SCORINGS))
     default_scoring: str = DEFAULT_SCORING
     shards: list[dict[str, Any]] = Field(default_factory=list, description="sharded serving: one entry per shard")
     dataset_spec: str

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from proponent.analysis.factors import DEFAULT_MAX_ROWS
+from proponent.api.registry import SCORINGS
 
 
 def _ids_arg(text: str) -> list[int]:
@@ -46,7 +47,7 @@ def _ids(text: str) -> list[int]:
 
 
 def _cmd_classical(a: argparse.Namespace) -> int:
-    from proponent.analysis.classical import plot_classical
+    from proponent.analysis.classical import plot_classical  # lazy: CLI start-up
 
     paths = plot_classical(a.method, a.out, seed=a.seed)
     for p in paths:
@@ -58,7 +59,7 @@ def _cmd_classical(a: argparse.Namespace) -> int:
 
 
 def _cmd_factors(a: argparse.Namespace) -> int:
-    from proponent.analysis.factors import index_factors
+    from proponent.analysis.factors import index_factors  # lazy: CLI start-up
     from proponent.query.index import open_index
 
     idx = open_index(a.index, device="cpu", use_gpu_faiss=False, feature_mode="stream")
@@ -79,7 +80,7 @@ def _cmd_factors(a: argparse.Namespace) -> int:
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
-    from proponent.analysis.report import write_report
+    from proponent.analysis.report import write_report  # lazy: CLI start-up
 
     path = write_report(
         a.index,
@@ -127,6 +128,6 @@ def register(sub: Any) -> None:
     r.add_argument("--queries", type=_ids_arg, help="sample ids, e.g. 1,2,3 or @FILE")
     r.add_argument("--outliers", type=_ids_arg, help="known outlier ids, e.g. 5,9 or @FILE (default: injected rows)")
     r.add_argument("--convention", choices=["lr", "visits"], default="lr")
-    r.add_argument("--scoring", choices=["raw", "cosine", "relatif"], help="default: the API's default scoring")
+    r.add_argument("--scoring", choices=list(SCORINGS), help=f"default: the API's default scoring ({SCORINGS.default})")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_cmd_report)

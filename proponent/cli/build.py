@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
@@ -38,12 +37,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--likelihood",
         choices=["gaussian", "bernoulli"],
         default="bernoulli",
-        help="decoder likelihood (default bernoulli: see README, sanity check)",
+        help='decoder likelihood (default bernoulli: README "Design decisions")',
     )
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from proponent.indexer.data import load_dataset
+    from proponent.indexer.data import load_dataset  # lazy: CLI start-up
     from proponent.indexer.training import TrainConfig, train
     from proponent.model.architectures import default_config_for
 
@@ -79,9 +78,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _per_ckpt(vals: list[Any] | None, default: Any, name: str, n: int) -> list[Any]:
+def _per_ckpt(vals: list[Any] | None, name: str, n: int) -> list[Any] | None:
     if vals is None:
-        return [default] * n
+        return None
     if len(vals) == 1:
         return vals * n
     if len(vals) != n:
@@ -89,55 +88,138 @@ def _per_ckpt(vals: list[Any] | None, default: Any, name: str, n: int) -> list[A
     return vals
 
 
-def external_checkpoints(a: argparse.Namespace) -> list[Any]:
-    """CheckpointSpecs of ``--checkpoints`` with their training metadata (flags or ``--checkpoint-meta``)."""
-    from proponent.model.checkpoints import CheckpointSpec
+# What each weight-relevant value is called, and the flag that gives it when the files do not.
+WEIGHT_FIELDS = {"lr": "--lr", "batch_size": "--batch-size-trained", "steps": "--steps or --iterations-from-names"}
+
+
+def _meta_rows(path: str, n: int) -> list[dict[str, Any]]:
+    from proponent.format.fsio import read_json  # lazy: CLI start-up
+
+    meta = read_json(path)
+    rows = meta.get("checkpoints") if isinstance(meta, dict) else meta
+    if not isinstance(rows, list) or len(rows) != n or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a list of {n} checkpoint objects (one per --checkpoints)")
+    known = {"lr", "batch_size", "step", "iteration", "steps_since_prev", "epoch"}
+    for i, r in enumerate(rows):
+        for k, v in r.items():
+            if k not in known:
+                raise ValueError(f"{path}: entry {i}: unknown key {k!r} (known: {', '.join(sorted(known))})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{path}: entry {i}: {k} must be a number, got {json.dumps(v)}")
+    return rows
+
+
+def external_checkpoints(a: argparse.Namespace) -> tuple[list[Any], list[str]]:
+    """CheckpointSpecs of ``--checkpoints`` and the weight-relevant values assumed (``--uniform-weights``).
+
+    Each value comes from the checkpoint file when it holds it (``checkpoint_metadata``: common key
+    names), then from the flags, then from ``--checkpoint-meta``; two sources that disagree are an
+    error, and a weight-relevant value (lr, batch size, steps) found nowhere is an error naming the
+    flag that gives it, unless ``--uniform-weights`` takes every missing one as 1 (recorded)."""
+    from proponent.model.checkpoints import CheckpointSpec, checkpoint_metadata, read_checkpoint  # lazy: CLI start-up
 
     paths = list(a.checkpoints)
     n = len(paths)
-    if a.checkpoint_meta:
-        from proponent.format.fsio import read_json
-
-        meta = read_json(a.checkpoint_meta)
-        rows = meta["checkpoints"] if isinstance(meta, dict) else meta
-        if not isinstance(rows, list) or len(rows) != n:
-            raise ValueError(f"{a.checkpoint_meta}: expected a list of {n} checkpoint entries (one per --checkpoints)")
-        specs = []
-        prev = 0
-        for p, r in zip(paths, rows, strict=True):
-            step = int(r.get("step", r.get("iteration", 0)))
-            gap = int(r.get("steps_since_prev", step - prev))
-            specs.append(
-                CheckpointSpec(
-                    path=p, lr=float(r["lr"]), batch_size=int(r["batch_size"]), steps_since_prev=gap, step=step
-                )
-            )
-            prev = step
-        return specs
-    lrs = _per_ckpt(a.lr, 1.0, "lr", n)
-    bss = _per_ckpt(a.batch_size_trained, 1, "batch-size-trained", n)
+    in_file = [checkpoint_metadata(read_checkpoint(p)) for p in paths]
+    rows = _meta_rows(a.checkpoint_meta, n) if a.checkpoint_meta else [{} for _ in paths]
+    meta_name = f"--checkpoint-meta {a.checkpoint_meta}"
+    lrs = _per_ckpt(a.lr, "lr", n)
+    bss = _per_ckpt(a.batch_size_trained, "batch-size-trained", n)
+    gaps = _per_ckpt(a.steps, "steps", n)
+    named_steps: list[int] | None = None
     if a.iterations_from_names:
         try:
-            steps = [int(Path(p).stem) for p in paths]
+            named_steps = [int(Path(p).stem) for p in paths]
         except ValueError:
             raise ValueError(
                 "--iterations-from-names: every checkpoint file name must be an iteration number"
             ) from None
-        order = sorted(range(n), key=lambda i: steps[i])
-        if order != list(range(n)):
-            raise ValueError("--iterations-from-names: give the checkpoints in increasing iteration order")
-        gaps = [steps[0]] + [steps[i] - steps[i - 1] for i in range(1, n)]
-    else:
-        gaps = _per_ckpt(a.steps, 1, "steps", n)
-        steps = list(itertools.accumulate(gaps))
-    return [
-        CheckpointSpec(path=p, lr=float(lr), batch_size=int(b), steps_since_prev=int(g), step=int(s))
-        for p, lr, b, g, s in zip(paths, lrs, bss, gaps, steps, strict=True)
-    ]
+
+    def pick(i: int, field: str, flag: tuple[Any, str] | None, meta_keys: tuple[str, ...]) -> float | None:
+        cands: list[tuple[float, str]] = []
+        if field in in_file[i]:
+            v, key = in_file[i][field]
+            cands.append((v, f"the file's {key!r}"))
+        if flag is not None and flag[0] is not None:
+            cands.append((float(flag[0]), flag[1]))
+        for k in meta_keys:
+            if k in rows[i]:
+                cands.append((float(rows[i][k]), f"{meta_name} ({k})"))
+                break
+        for v, src in cands[1:]:
+            if v != cands[0][0]:
+                raise ValueError(
+                    f"{paths[i]}: {field} is {cands[0][0]:g} from {cands[0][1]} but {v:g} from {src}; "
+                    "give one value (or none where the file holds it)"
+                )
+        return cands[0][0] if cands else None
+
+    specs = []
+    assumed: set[str] = set()
+    missing: dict[str, list[str]] = {}
+    prev_step: float | None = 0.0
+    for i, p in enumerate(paths):
+        lr = pick(i, "lr", (lrs[i] if lrs else None, "--lr"), ("lr",))
+        bs = pick(i, "batch_size", (bss[i] if bss else None, "--batch-size-trained"), ("batch_size",))
+        epoch = pick(i, "epoch", None, ("epoch",))
+        step = pick(
+            i,
+            "step",
+            (named_steps[i] if named_steps else None, "--iterations-from-names"),
+            ("step", "iteration"),
+        )
+        gap = pick(i, "steps_since_prev", (gaps[i] if gaps else None, "--steps"), ("steps_since_prev",))
+        if step is not None and prev_step is not None:
+            derived = step - prev_step
+            if derived <= 0:
+                raise ValueError(
+                    f"{p}: step {step:g} is not after the previous checkpoint's {prev_step:g}; "
+                    "give the checkpoints in training order"
+                )
+            if gap is not None and gap != derived:
+                raise ValueError(
+                    f"{p}: {gap:g} steps since the previous checkpoint (--steps / {meta_name}) but the steps "
+                    f"recorded say {derived:g}"
+                )
+            gap = derived
+        if step is None and gap is not None and prev_step is not None:
+            step = prev_step + gap
+        prev_step = step
+        for field, v in (("lr", lr), ("batch_size", bs), ("steps", gap)):
+            if v is None:
+                missing.setdefault(field, []).append(Path(p).name)
+        for field, v in (("lr", lr), ("batch_size", bs), ("steps", gap)):
+            if v is not None and not (v > 0 and v == v and v != float("inf")):
+                raise ValueError(f"{p}: {field} must be a positive number, got {v:g}")
+        if bs is not None and bs != int(bs):
+            raise ValueError(f"{p}: batch_size must be a whole number, got {bs:g}")
+        if missing and not a.uniform_weights:
+            continue
+        assumed.update(missing)
+        specs.append(
+            CheckpointSpec(
+                path=p,
+                lr=1.0 if lr is None else lr,
+                batch_size=1 if bs is None else int(bs),
+                steps_since_prev=1 if gap is None else int(gap),
+                step=int(step) if step is not None else 0,
+                epoch=0.0 if epoch is None else epoch,
+            )
+        )
+    if missing and not a.uniform_weights:
+        field, files = next(iter(missing.items()))
+        more = [f for f in missing if f != field]
+        also = f" (also missing: {', '.join(more)})" if more else ""
+        raise ValueError(
+            f"{files[0]}: no {field} in the checkpoint file{'s' if len(files) > 1 else ''} or the flags{also}; give "
+            f"{WEIGHT_FIELDS[field]} (one, or one per checkpoint), --checkpoint-meta FILE, or --uniform-weights to "
+            "take what is missing as 1 (recorded in the index and every answer)"
+        )
+    return specs, sorted(assumed)
 
 
 def _cmd_index(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import index_dir
+    from proponent.format.fsio import index_dir  # lazy: CLI start-up
     from proponent.format.manifest import read_manifest
     from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
     from proponent.model.architectures import ModelConfig
@@ -147,6 +229,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
     set_threads(a.threads)
     model_config = None
     record = None
+    assumed: list[str] = []
     if a.run:
         specs, run = checkpoints_from_run(a.run)
         data_spec = a.data or run["data"]["spec"]
@@ -157,17 +240,17 @@ def _cmd_index(a: argparse.Namespace) -> int:
             raise ValueError("--data is required with --checkpoints")
         data_spec = a.data
         if a.model_code:
-            from proponent.model.plugin import plugin_record
+            from proponent.model.plugin import plugin_record  # lazy: CLI start-up
 
             print(f"importing model code {a.model_code} (this runs it)")
-            record = plugin_record(a.model_code, checkpoint_key=a.checkpoint_key)
+            record = plugin_record(a.model_code, checkpoint_key=a.checkpoint_key, code_dir=a.model_code_dir)
         elif a.model_config:
-            from proponent.format.fsio import read_json
+            from proponent.format.fsio import read_json  # lazy: CLI start-up
 
             model_config = ModelConfig.from_dict(read_json(a.model_config))
-        specs = external_checkpoints(a)
+        specs, assumed = external_checkpoints(a)
         if record is None and a.checkpoint_key:
-            from proponent.indexer.job import builtin_record
+            from proponent.indexer.job import builtin_record  # lazy: CLI start-up
 
             if model_config is None:
                 raise ValueError("--checkpoint-key needs --model-config or --model-code")
@@ -190,12 +273,13 @@ def _cmd_index(a: argparse.Namespace) -> int:
         batch_size=a.batch_size,
         device=a.device,
         shard=a.shard,
+        assumed_metadata=tuple(assumed),
     )
     t0 = time.perf_counter()
     where = index_dir(a.out)
     engine = None
     if a.engine == "ray":
-        from proponent.indexer.ray_engine import ray_engine
+        from proponent.indexer.ray_engine import ray_engine  # lazy: CLI start-up
 
         engine = ray_engine(
             address=a.ray_address,
@@ -225,15 +309,16 @@ def _cmd_index(a: argparse.Namespace) -> int:
             f"then once more without --shard to finish -> {out}"
         )
         return 0
+    layout = {"tensor": "tensor sketches", "kron": "Kronecker projections", "none": "exact gradients"}
     print(
         f"indexed {man.n} samples x {len(man.checkpoints)} checkpoints (D={man.dim} {man.storage.dtype}, "
-        f"m={man.objective.m}, {man.featurizer}) in {time.perf_counter() - t0:.1f}s -> {a.out}"
+        f"{layout[man.projection.kind]}, m={man.objective.m}) in {time.perf_counter() - t0:.1f}s -> {a.out}"
     )
     return 0
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
-    from proponent.format.integrity import verify_index
+    from proponent.format.integrity import verify_index  # lazy: CLI start-up
 
     t0 = time.perf_counter()
     problems = verify_index(a.index, deep=a.deep)
@@ -250,10 +335,10 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from proponent.format.ann import KINDS
+    from proponent.format.ann import KINDS  # lazy: CLI start-up
 
     t = sub.add_parser("train", help="train a β-VAE and save TracIn checkpoints")
-    t.add_argument("--data", default=DEFAULT_DATA, help="data spec (default: digits); see README")
+    t.add_argument("--data", default=DEFAULT_DATA, help='data spec (default: digits); README "Data sources"')
     t.add_argument("--out", required=True, help="run directory")
     _add_model_args(t)
     t.add_argument("--epochs", type=int, default=30)
@@ -269,7 +354,7 @@ def register(sub: Any) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
-    from proponent.indexer.job import DEFAULT_DTYPE
+    from proponent.indexer.job import DEFAULT_DTYPE  # lazy: CLI start-up
     from proponent.model.projection import ProjectionSpec
 
     defaults = ProjectionSpec()
@@ -281,13 +366,19 @@ def register(sub: Any) -> None:
     g.add_argument("--model-config", help="JSON config of a built-in model for bare state dicts")
     g.add_argument(
         "--model-code",
-        help="your model: FILE.py:FACTORY or package.module:FACTORY (see README 'Your own model'); loading it runs it",
+        help='your model: FILE.py:FACTORY or package.module:FACTORY (README "Your own model"); loading it runs it',
+    )
+    g.add_argument(
+        "--model-code-dir",
+        help="a directory of your model's code: every .py file under it is hashed too (default: the modules "
+        "the code imports from outside site-packages)",
     )
     g.add_argument(
         "--checkpoint-key", help="dotted key of the state dict inside each checkpoint, e.g. model_states.net"
     )
     g.add_argument(
-        "--checkpoint-meta", help="JSON list (or {'checkpoints': [...]}) of {lr, batch_size, step} per checkpoint"
+        "--checkpoint-meta",
+        help="JSON list (or {'checkpoints': [...]}) of {lr, batch_size, step, steps_since_prev, epoch} per checkpoint",
     )
     g.add_argument("--lr", type=float, nargs="+", help="learning rate (one, or one per checkpoint)")
     g.add_argument("--batch-size-trained", type=int, nargs="+", help="training batch size (one, or per checkpoint)")
@@ -295,10 +386,15 @@ def register(sub: Any) -> None:
     g.add_argument(
         "--iterations-from-names", action="store_true", help="file names are iteration numbers: steps follow from them"
     )
+    g.add_argument(
+        "--uniform-weights",
+        action="store_true",
+        help="take lr / batch size / steps that neither the files nor the flags give as 1 (recorded in every answer)",
+    )
     i.add_argument("--out", required=True, help="index directory")
     i.add_argument("--m", type=int, default=16, help="reparameterised draws per sample (default 16)")
     i.add_argument("--seed", type=int, default=0, help="noise seed")
-    f = i.add_argument_group("feature layout (README: 'Feature layout')")
+    f = i.add_argument_group('feature layout (README "Indexing")')
     f.add_argument(
         "--projection",
         choices=["tensor", "kron", "none"],

@@ -7,15 +7,20 @@ server runs for ``POST /v1/influence[/samples/{id}]``; ``--json`` prints the API
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from pydantic import ValidationError
+
+from proponent.api.registry import SCORINGS
+from proponent.api.schemas import Convention, Direction, FeaturesMode, InfluenceParams, SearchMode
 from proponent.cli.build import int_list
 
 
 def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
-    from proponent.query.index import open_index
+    from proponent.query.index import open_index  # lazy: CLI start-up
     from proponent.threads import set_threads
 
     set_threads(a.threads)
@@ -29,30 +34,13 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
 
 
 def _cmd_influence(a: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from proponent.api.schemas import InfluenceParams
-    from proponent.format.images import load_image_bytes
+    from proponent.format.images import load_image_bytes  # lazy: CLI start-up
     from proponent.query.usecase import answer
 
     if (a.sample_id is None) == (a.image is None):
         raise ValueError("give exactly one of --sample-id N or --image FILE")
     try:
-        params = InfluenceParams(
-            k=a.k,
-            direction=a.direction,
-            objective=a.objective,
-            beta=a.beta,
-            label=a.label,
-            checkpoints=a.checkpoints,
-            convention=a.convention,
-            scoring=a.scoring,
-            seed=a.seed,
-            prefilter=a.prefilter,
-            features=a.features,
-            search=a.search,
-            allow_resize=a.resize,
-        )
+        params = influence_params(a)
     except ValidationError as e:
         err = e.errors()[0]
         raise ValueError(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
@@ -86,7 +74,7 @@ def _cmd_influence(a: argparse.Namespace) -> int:
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
-    from proponent.format.fsio import atomic_write_bytes
+    from proponent.format.fsio import atomic_write_bytes  # lazy: CLI start-up
     from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams, ranking_rows, rows_to_csv
 
     idx = _open(a, feature_mode="stream")  # norms only: no features are loaded
@@ -103,10 +91,28 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(a: argparse.Namespace) -> int:
-    import os
+def _check_servable(location: str | None) -> None:
+    """What the server's start-up would refuse, refused here in one line (not a traceback from inside the
+    server): a damaged index, changed model code, model code that fails to import or to build."""
+    if not location:
+        return  # the server says that no index is configured
+    from proponent.format.fsio import index_dir  # lazy: CLI start-up
+    from proponent.format.integrity import verify_index
+    from proponent.format.manifest import read_manifest
 
-    import uvicorn
+    problems = verify_index(location)
+    if problems:
+        raise ValueError(f"{location}: index cannot be served: {problems[0]}")
+    plugin = read_manifest(index_dir(location)).model.plugin
+    if plugin is not None:
+        from proponent.model.plugin import load_plugin  # lazy: CLI start-up
+
+        load_plugin(plugin).build_module()
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+
+    import uvicorn  # lazy: CLI start-up
 
     for flag, env in (
         ("index", "PROPONENT_INDEX"),
@@ -116,41 +122,57 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     ):
         if getattr(a, flag, None):
             os.environ[env] = str(getattr(a, flag))
+    _check_servable(os.environ.get("PROPONENT_INDEX"))
     if a.shards:
-        from proponent.service.sharded import serve_sharded
+        from proponent.service.sharded import serve_sharded  # lazy: CLI start-up
 
         return serve_sharded(a)
-    from proponent.service.app import create_app
+    from proponent.service.app import create_app  # lazy: CLI start-up
 
     uvicorn.run(create_app(), host=a.host, port=a.port, log_level=a.log_level)
     return 0
 
 
-def register(sub: Any) -> None:
-    from proponent.api.schemas import DEFAULT_SCORING
+# The offline ``influence`` command's flags are the API's query parameters (InfluenceParams: names, choices
+# and defaults from there; tests/api/test_contract.py checks every field), except:
+CLI_WITHOUT = {"uncertainty": "always computed offline", "allow_partial": "sharded servers only"}
+CLI_DEST = {"allow_resize": "resize"}  # the flag is --resize
+CLI_DEFAULTS = {"direction": "both"}  # the command prints both directions unless told otherwise
 
+
+def influence_params(a: argparse.Namespace) -> InfluenceParams:
+    """The API's query parameters from the ``influence`` command's flags (None: the API's default)."""
+    given = {f: getattr(a, CLI_DEST.get(f, f)) for f in InfluenceParams.model_fields if f not in CLI_WITHOUT}
+    return InfluenceParams(**{f: v for f, v in given.items() if v is not None})
+
+
+def _default(field: str) -> Any:
+    return CLI_DEFAULTS.get(field, InfluenceParams.model_fields[field].default)
+
+
+def register(sub: Any) -> None:
     i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
     i.add_argument("--index", required=True)
     i.add_argument("--sample-id", type=int)
     i.add_argument("--image", help="image file (PNG, JPEG, .npy)")
     i.add_argument("--resize", action="store_true", help="resize the image to the index's shape")
-    i.add_argument("--k", type=int, default=10)
-    i.add_argument("--direction", choices=["proponents", "opponents", "both"], default="both")
-    i.add_argument("--scoring", choices=["raw", "cosine", "relatif"], default=DEFAULT_SCORING)
-    i.add_argument("--objective", default="elbo", help="elbo | reconstruction | kl | elbo_beta | probe")
+    i.add_argument("--k", type=int, default=_default("k"))
+    i.add_argument("--direction", choices=get_args(Direction), default=_default("direction"))
+    i.add_argument("--scoring", choices=list(SCORINGS), default=_default("scoring"), help=SCORINGS.describe())
+    i.add_argument("--objective", default=_default("objective"), help="elbo | reconstruction | kl | elbo_beta | probe")
     i.add_argument("--label", type=int, help="query label (classifiers, objective probe; default: the stored sample's)")
     i.add_argument("--beta", type=float, help="β of objective elbo_beta")
     i.add_argument("--checkpoints", type=int_list, help="checkpoint subset, e.g. 0,2,4")
-    i.add_argument("--convention", choices=["lr", "visits"], default="lr")
+    i.add_argument("--convention", choices=get_args(Convention), default=_default("convention"))
     i.add_argument("--prefilter", type=int, help="score only the L training samples nearest in latent space")
     i.add_argument(
         "--features",
-        choices=["recompute", "stored"],
-        default="recompute",
+        choices=get_args(FeaturesMode),
+        default=_default("features"),
         help="stored samples: recompute with fresh query draws (default) or use the index's stored features",
     )
-    i.add_argument("--search", choices=["auto", "scan", "ann"], default="auto")
-    i.add_argument("--seed", type=int, default=0, help="query noise seed")
+    i.add_argument("--search", choices=get_args(SearchMode), default=_default("search"))
+    i.add_argument("--seed", type=int, default=_default("seed"), help="query noise seed")
     i.add_argument("--device", default="cpu")
     i.add_argument("--threads", type=int)
     i.add_argument("--memory-budget", help="features held in memory, e.g. 8G (default: half the available RAM)")

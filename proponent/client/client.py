@@ -24,13 +24,18 @@ from typing import Any, Literal, TypeVar
 import httpx
 
 from proponent.api.schemas import (
+    Convention,
+    Direction,
     FactorsInfo,
+    FeaturesMode,
     Health,
     IndexInfo,
     InfluenceResponse,
     JobInfo,
     JobResultPage,
     SampleInfo,
+    Scoring,
+    SearchMode,
     SelfInfluenceRow,
 )
 from proponent.client.errors import ConnectionFailed, ProponentError, error_from_response
@@ -71,7 +76,7 @@ def query_bytes(query: Any) -> tuple[str, bytes]:
     if isinstance(query, (bytes, bytearray, memoryview)):
         return "query", bytes(query)
     if hasattr(query, "__array_interface__") and hasattr(query, "dtype"):
-        import numpy as np
+        import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
 
         buf = io.BytesIO()
         np.save(buf, np.asarray(query), allow_pickle=False)
@@ -83,47 +88,11 @@ def query_bytes(query: Any) -> tuple[str, bytes]:
     raise TypeError(f"query must be a path, bytes, a numpy array or a PIL image, not {type(query).__name__}")
 
 
-def _params(
-    k: int,
-    direction: str,
-    objective: str,
-    beta: float | None,
-    label: int | None,
-    checkpoints: list[int] | None,
-    convention: str,
-    seed: int,
-    allow_resize: bool,
-    search: str = "auto",
-    prefilter: int | None = None,
-    scoring: str | None = None,
-    features: str = "recompute",
-    uncertainty: bool = True,
-    allow_partial: bool = False,
-) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "k": k,
-        "direction": direction,
-        "objective": objective,
-        "convention": convention,
-        "seed": seed,
-        "allow_resize": allow_resize,
-        "search": search,
-        "features": features,
-        "uncertainty": uncertainty,
-    }
-    if scoring is not None:  # None: the server's default scoring
-        p["scoring"] = scoring
-    if allow_partial:
-        p["allow_partial"] = True
-    if beta is not None:
-        p["beta"] = beta
-    if label is not None:
-        p["label"] = label
-    if checkpoints is not None:
-        p["checkpoints"] = list(checkpoints)
-    if prefilter is not None:
-        p["prefilter"] = prefilter
-    return p
+def _params(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The query parameters among an ``influence`` method's arguments (``locals()``): every keyword but the
+    query itself, None left out (the server's default; ``scoring=None`` is the server's default scoring)."""
+    skip = {"self", "query", "sample_id"}
+    return {k: (list(v) if k == "checkpoints" else v) for k, v in arguments.items() if k not in skip and v is not None}
 
 
 def _json(resp: httpx.Response) -> Any:
@@ -217,7 +186,7 @@ class _ProgressLine:
         self.desc = desc
         if enabled:
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # lazy: import proponent.client needs only httpx and pydantic
 
                 self.bar = tqdm(total=0, desc=desc, unit="chunk")
             except ImportError:
@@ -347,42 +316,27 @@ class InfluenceClient(_Base):
         *,
         sample_id: int | None = None,
         k: int = 10,
-        direction: Literal["proponents", "opponents", "both"] = "proponents",
+        direction: Direction = "proponents",
         objective: str = "elbo",
         beta: float | None = None,
         label: int | None = None,
         checkpoints: list[int] | None = None,
-        convention: Literal["lr", "visits"] = "lr",
+        convention: Convention = "lr",
         seed: int = 0,
         allow_resize: bool = False,
-        search: Literal["auto", "scan", "ann"] = "auto",
+        search: SearchMode = "auto",
         prefilter: int | None = None,
-        scoring: Literal["raw", "cosine", "relatif"] | None = None,
-        features: Literal["recompute", "stored"] = "recompute",
+        scoring: Scoring | None = None,
+        features: FeaturesMode = "recompute",
         uncertainty: bool = True,
         allow_partial: bool = False,
     ) -> InfluenceResponse:
         """Proponents / opponents of ``query`` (path, bytes, array, PIL image) or of ``sample_id``.
 
-        The keywords are the API's query parameters (docs/API.md); ``scoring=None`` uses the server's default.
+        The keywords are the API's query parameters, :class:`~proponent.api.schemas.InfluenceParams` (same
+        names and defaults, checked by a test; docs/API.md); ``scoring=None`` uses the server's default.
         """
-        p = _params(
-            k,
-            direction,
-            objective,
-            beta,
-            label,
-            checkpoints,
-            convention,
-            seed,
-            allow_resize,
-            search,
-            prefilter,
-            scoring,
-            features,
-            uncertainty,
-            allow_partial,
-        )
+        p = _params(locals())
         return self._run(op_influence(query, sample_id, p))
 
     def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
@@ -522,42 +476,27 @@ class AsyncInfluenceClient(_Base):
         *,
         sample_id: int | None = None,
         k: int = 10,
-        direction: Literal["proponents", "opponents", "both"] = "proponents",
+        direction: Direction = "proponents",
         objective: str = "elbo",
         beta: float | None = None,
         label: int | None = None,
         checkpoints: list[int] | None = None,
-        convention: Literal["lr", "visits"] = "lr",
+        convention: Convention = "lr",
         seed: int = 0,
         allow_resize: bool = False,
-        search: Literal["auto", "scan", "ann"] = "auto",
+        search: SearchMode = "auto",
         prefilter: int | None = None,
-        scoring: Literal["raw", "cosine", "relatif"] | None = None,
-        features: Literal["recompute", "stored"] = "recompute",
+        scoring: Scoring | None = None,
+        features: FeaturesMode = "recompute",
         uncertainty: bool = True,
         allow_partial: bool = False,
     ) -> InfluenceResponse:
         """Proponents / opponents of ``query`` (path, bytes, array, PIL image) or of ``sample_id``.
 
-        The keywords are the API's query parameters (docs/API.md); ``scoring=None`` uses the server's default.
+        The keywords are the API's query parameters, :class:`~proponent.api.schemas.InfluenceParams` (same
+        names and defaults, checked by a test; docs/API.md); ``scoring=None`` uses the server's default.
         """
-        p = _params(
-            k,
-            direction,
-            objective,
-            beta,
-            label,
-            checkpoints,
-            convention,
-            seed,
-            allow_resize,
-            search,
-            prefilter,
-            scoring,
-            features,
-            uncertainty,
-            allow_partial,
-        )
+        p = _params(locals())
         return await self._run(op_influence(query, sample_id, p))
 
     async def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:

@@ -33,7 +33,9 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import zarr.storage
 from zarr.storage import WrapperStore
 
 
@@ -238,8 +240,6 @@ class IndexDir:
 
     # ------------------------------------------------------------------ zarr
     def zarr_store(self, rel: str, read_only: bool) -> Any:
-        import zarr.storage
-
         return zarr.storage.LocalStore(str(self.path / rel), read_only=read_only)
 
 
@@ -326,8 +326,6 @@ class ObjectStoreDir(IndexDir):
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        from urllib.parse import urlsplit
-
         parts = urlsplit(str(url))
         if parts.scheme not in OBJECT_SCHEMES or not parts.netloc:
             raise ValueError(f"{url}: expected s3://BUCKET[/PREFIX]")
@@ -360,7 +358,7 @@ class ObjectStoreDir(IndexDir):
     @property
     def fs(self) -> Any:
         if self._fs is None:
-            import s3fs
+            import s3fs  # lazy: s3fs only for s3:// indexes
 
             self._fs = s3fs.S3FileSystem(**self.options)
         return self._fs
@@ -501,8 +499,6 @@ class ObjectStoreDir(IndexDir):
 
     # ------------------------------------------------------------------ zarr
     def zarr_store(self, rel: str, read_only: bool) -> Any:
-        import zarr.storage
-
         self._call(rel, "open", lambda: None)  # the bucket check, before zarr's first request
         store = zarr.storage.FsspecStore.from_url(
             f"s3://{self.key(rel)}", storage_options=self.options, read_only=read_only

@@ -12,8 +12,11 @@ additionally verifies every chunk it reads, position included (:func:`open_store
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from .fsio import IndexDir, index_dir
-from .manifest import Manifest, ManifestError, read_manifest
+from .manifest import FileRecord, Manifest, ManifestError, PluginRecord, read_manifest
 from .store import STORE_DIR, FeatureStore, StoreError, ckpt_group
 
 
@@ -34,8 +37,31 @@ def verify_index(location: str | IndexDir, *, deep: bool = False, check_hashes: 
     return verify_contents(where, man, deep=deep, check_hashes=check_hashes)
 
 
+def code_problems(record: PluginRecord) -> list[str]:
+    """Each file of the model's code (the plugin file, the modules it imports, ``--model-code-dir``) that is
+    missing or whose sha256 differs from the one recorded when the index was built, named."""
+    files = list(record.files)
+    if not files and Path(record.code).is_file():  # indexes built before every file was recorded: the plugin file
+        files = [FileRecord(path=record.code, sha256=record.sha256)]
+    out = []
+    for f in files:
+        p = Path(f.path)
+        if not p.is_file():
+            out.append(f"model code {p}: file missing (the index was built with it)")
+            continue
+        sha = hashlib.sha256(p.read_bytes()).hexdigest()
+        if sha != f.sha256:
+            out.append(
+                f"model code {p}: its sha256 {sha[:12]}… differs from the index's {f.sha256[:12]}… (the file "
+                "changed since the index was built); restore it, or rebuild the index with the new code"
+            )
+    return out
+
+
 def verify_contents(where: IndexDir, man: Manifest, *, deep: bool = False, check_hashes: bool = True) -> list[str]:
     problems: list[str] = []
+    if man.model.plugin is not None:
+        problems.extend(code_problems(man.model.plugin))
     if not man.complete:
         problems.append(f"{where}: index is incomplete (the index job did not finish; run it again to resume)")
     for c, ck in enumerate(man.checkpoints):

@@ -85,6 +85,10 @@ class PluginRecord(_Record):
     factory: str
     sha256: str  # of the code file
     options: dict[str, Any] = Field(default_factory=dict)
+    # every file of the model's code (absolute paths): the plugin file, each module it imports from outside
+    # the standard library and site-packages, and every .py file under code_dir (--model-code-dir)
+    files: list[FileRecord] = Field(default_factory=list)
+    code_dir: str | None = None
 
 
 class ModelRecord(_Record):
@@ -172,7 +176,6 @@ class FidelityCheck(_Record):
     recall_opponents: float
     relative_error: float  # ||s_stored - s_exact|| / ||s_exact|| over the pool
     passed: bool
-    seconds: float
 
 
 class FidelityRecord(_Record):
@@ -220,8 +223,10 @@ class Manifest(_Record):
     checkpoints: list[CheckpointSpec]
     ann: AnnRecord = Field(default_factory=AnnRecord)
     library_versions: dict[str, str] = Field(default_factory=dict)
-    seconds: float | None = None
-    # the job's fidelity check (None: an index finished before the check existed)
+    # training metadata no checkpoint file or flag gave, taken as 1 (`--uniform-weights`); every answer says so
+    assumed_metadata: list[str] = Field(default_factory=list)
+    seconds: float | None = None  # written by indexes built before timings.json; never now (bytes stay reproducible)
+    # the job's fidelity check (None: an index finished before the check existed); its time is in timings.json
     fidelity: FidelityRecord | None = None
     checksum: str = ""
 
@@ -243,6 +248,10 @@ class Manifest(_Record):
             "dataset_fingerprint": self.dataset.fingerprint,
             "model": self.model.model_dump(),
             "checkpoints": [c.sha256 for c in self.checkpoints],
+            "checkpoint metadata": [
+                (c.lr, c.batch_size, c.steps_since_prev, c.step, c.epoch) for c in self.checkpoints
+            ],
+            "assumed metadata": self.assumed_metadata,
             "objective": self.objective.model_dump(),
             "projection": self.projection.model_dump(),
             "featurizer": self.featurizer,

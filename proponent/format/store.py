@@ -43,7 +43,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .fsio import IndexDir, atomic_write_bytes
+from .fsio import IndexDir, atomic_write_bytes, sha256_bytes
 
 MIB = 1 << 20
 STORE_DIR = "store.zarr"
@@ -274,8 +274,6 @@ class FeatureStore:
 
     def load_positions(self, rel: str, sha256: str) -> None:
         """Check every chunk read from now on against the position map ``rel`` (its sha256 as recorded)."""
-        from .fsio import sha256_bytes
-
         name = self.where.describe(rel)
         try:
             data = self.where.read_bytes(rel)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from proponent.format.images import (
     CHANNEL_COUNTS,
@@ -310,7 +310,7 @@ def _labels_array(labels: Any, n: int, where: str) -> np.ndarray:
 
 
 def _load_digits(part: PartSpec) -> _Loaded:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes ~1 s to import
 
     bunch = load_digits()
     images = np.asarray(bunch.images).astype(np.uint8)  # values 0..16
@@ -390,8 +390,6 @@ _GLYPH_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 def _glyph_letter(rng: np.random.Generator, side: int, negative: bool) -> np.ndarray:
     """A bold capital letter filling most of a ``side`` x ``side`` canvas (uint8, 255 = ink)."""
-    from PIL import ImageDraw, ImageFont
-
     letter = _GLYPH_ALPHABET[int(rng.integers(len(_GLYPH_ALPHABET)))]
     size = int(side * rng.uniform(0.95, 1.25))
     try:
@@ -421,8 +419,6 @@ def _glyph_letter(rng: np.random.Generator, side: int, negative: bool) -> np.nda
 
 def _glyph_shapes(rng: np.random.Generator, side: int) -> np.ndarray:
     """Two to four filled ellipses, rectangles and polygons, overlapping, covering much of the canvas."""
-    from PIL import ImageDraw
-
     canvas = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(2, 5))):

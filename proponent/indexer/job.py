@@ -22,6 +22,7 @@ bytes as an uninterrupted run; shards (``--shard I/N``) and Ray workers write di
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -30,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
+import zarr
 from torch import nn
 
 from proponent.format import ann
@@ -53,16 +56,36 @@ from proponent.format.manifest import (
     read_manifest,
     write_manifest,
 )
-from proponent.format.store import POSITIONS_FILE, STORE_DIR, FeatureStore, chunk_rows_for, ckpt_group, unit_rows_for
+from proponent.format.store import (
+    POSITIONS_FILE,
+    STORE_DIR,
+    FeatureStore,
+    chunk_rows_for,
+    ckpt_group,
+    input_encoding,
+    unit_rows_for,
+)
 from proponent.indexer.data import Dataset, load_dataset
+from proponent.indexer.training import training_objective as builtin_objective
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import CheckpointError, read_checkpoint, state_dict_at
 from proponent.model.featurizers import make_featurizer
-from proponent.model.objectives import NOISE_INDEX, Objective, draw_noise, objective_from_record
-from proponent.model.projection import ProjectionSpec, Projector, build_projector
-from proponent.model.runtime import encode, model_from_checkpoint, resolve_device
+from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
+from proponent.model.objectives import NOISE_INDEX, Objective, draw_noise
+from proponent.model.plugin import load_plugin
+from proponent.model.projection import (
+    ProjectionSpec,
+    Projector,
+    build_projector,
+    discover_layers,
+    select_layers,
+    spec_from_record,
+)
+from proponent.model.runtime import encode, model_from_checkpoint, objective_from_record, resolve_device
+from proponent.model.sketch import allocate_tensor
 from proponent.progress import progress
 
+TIMINGS_FILE = "timings.json"  # how long the job took (informational; not covered by the manifest)
 DEFAULT_DTYPE = "int8"  # measured: int8 with a per-row scale costs no recall (benchmarks/projection_fidelity.py)
 
 
@@ -84,6 +107,8 @@ class IndexOptions:
     chunk_rows: int | None = None
     unit_rows: int | None = None
     shard: tuple[int, int] | None = None  # (i, n): featurize only units u with u % n == i
+    # weight-relevant metadata (lr / batch_size / steps) that was not known and is taken as 1 (--uniform-weights)
+    assumed_metadata: tuple[str, ...] = ()
 
 
 def checkpoints_from_run(run_dir: str | Path) -> tuple[list[CheckpointSpec], dict[str, Any]]:
@@ -98,9 +123,6 @@ def checkpoints_from_run(run_dir: str | Path) -> tuple[list[CheckpointSpec], dic
 
 
 def library_versions() -> dict[str, str]:
-    import faiss
-    import zarr
-
     return {"torch": torch.__version__, "numpy": np.__version__, "zarr": zarr.__version__, "faiss": faiss.__version__}
 
 
@@ -186,10 +208,6 @@ def calibrate_layer_dims(
     """Per-layer tensor-sketch dimensions for ``spec.dim``: in proportion to each layer's share of the
     squared gradient norm (exact, from the featurizer's Gram identities), averaged over ``models``
     (the first and last checkpoints) on the first ``rows`` training samples; FFT-friendly sizes."""
-    from proponent.model.featurizers.kronecker import KroneckerFeaturizer
-    from proponent.model.projection import Projector, discover_layers, select_layers
-    from proponent.model.sketch import allocate_tensor
-
     layers = select_layers(discover_layers(models[0]), selection)
     n = min(rows, len(data.x))
     x = torch.from_numpy(data.x[:n])
@@ -215,20 +233,14 @@ def calibrate_layer_dims(
 # ---------------------------------------------------------------------------------- 2. plan
 def training_objective(record: ModelRecord, m: int) -> Objective:
     if record.kind == "plugin":
-        from proponent.model.plugin import load_plugin
-
         assert record.plugin is not None
         return load_plugin(record.plugin).objective(m)
-    from proponent.indexer.training import training_objective as builtin_objective
 
     assert record.config is not None
     return builtin_objective(ModelConfig.from_dict(record.config), m)
 
 
 def _source_dict(s: Any) -> dict[str, Any]:
-    import dataclasses
-    import json
-
     d = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
     d["options"] = dict(d.get("options") or {})
     return json.loads(json.dumps(d, default=list))
@@ -236,8 +248,6 @@ def _source_dict(s: Any) -> dict[str, Any]:
 
 def _default_batch(feat: Any, device: torch.device, shape: tuple[int, ...]) -> int:
     if feat.method == "kron":
-        from proponent.model.featurizers.kronecker import auto_batch_size
-
         try:
             return int(auto_batch_size(feat.model, feat.objective, feat.projector, device, sample_shape=shape))
         except (RuntimeError, ValueError):
@@ -259,7 +269,6 @@ def plan(
     chunk_rows = opts.chunk_rows or (int(env_rows) if env_rows else None) or chunk_rows_for(projector.dim, itemsize)
     unit_rows = opts.unit_rows or (int(env_rows) if env_rows else None) or unit_rows_for(chunk_rows)
     unit_rows = chunk_rows * max(1, math.ceil(unit_rows / chunk_rows))
-    from proponent.format.store import input_encoding
 
     return Manifest(
         n=n,
@@ -285,6 +294,7 @@ def plan(
         checkpoints=cks.specs,
         ann=AnnRecord(kind=ann.normalize_kind(opts.index_kind)),
         library_versions=library_versions(),
+        assumed_metadata=sorted(opts.assumed_metadata),
     )
 
 
@@ -318,6 +328,28 @@ def preflight(where: IndexDir, need: dict[str, int], already: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------------------- 3. stage
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_differences(old: Manifest, new: Manifest) -> str:
+    """``key: old -> new`` for every setting of :meth:`Manifest.job_key` that differs (values shortened)."""
+    a, b = old.job_key(), new.job_key()
+    out: list[str] = []
+    for k, v in b.items():
+        if a.get(k) == v:
+            continue
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            sub = [s for s in sorted(set(v) | set(a[k])) if a[k].get(s) != v.get(s)]
+            out.extend(f"{k}.{s}: {_short(a[k].get(s))} -> {_short(v.get(s))}" for s in sub)
+        elif isinstance(v, list) and isinstance(a.get(k), list) and len(v) == len(a[k]):
+            out.extend(f"{k}[{i}]: {_short(x)} -> {_short(y)}" for i, (x, y) in enumerate(zip(a[k], v)) if x != y)
+        else:
+            out.append(f"{k}: {_short(a.get(k))} -> {_short(v)}")
+    return "; ".join(out[:6]) + (f"; and {len(out) - 6} more" if len(out) > 6 else "")
+
+
 def reconcile(where: IndexDir, man: Manifest, overwrite: bool, shard: tuple[int, int] | None) -> str:
     """``new``, ``resume`` or ``complete``, after checking what ``where`` holds."""
     if where.is_file(MANIFEST_FILE):
@@ -332,10 +364,9 @@ def reconcile(where: IndexDir, man: Manifest, overwrite: bool, shard: tuple[int,
             where.remove("")
             return "new"
         if old.job_key() != man.job_key():
-            diff = [k for k, v in man.job_key().items() if old.job_key().get(k) != v]
             raise IndexJobError(
-                f"{where} holds an index built with other settings ({', '.join(diff)} differ); "
-                "use another --out or --overwrite"
+                f"{where} holds an index built with other settings ({describe_differences(old, man)}); "
+                "use another --out, or --overwrite to rebuild it"
             )
         if old.complete:
             return "complete"
@@ -406,8 +437,6 @@ class UnitWorker:
 
     def projector(self, model: nn.Module) -> Projector:
         if self._projector is None:
-            from proponent.model.projection import spec_from_record
-
             proj = self.man.projection
             self._projector = build_projector(model, proj.selection, spec_from_record(proj), self.device)
         return self._projector
@@ -475,18 +504,21 @@ def featurize_pending(
 
 
 # ---------------------------------------------------------------------------------- 5. finish
-def measure_fidelity(where: IndexDir, device: str = "auto") -> FidelityRecord:
-    """The fidelity check of a complete store (:mod:`proponent.indexer.fidelity`), every checkpoint."""
+def measure_fidelity(where: IndexDir, device: str = "auto") -> tuple[FidelityRecord, list[float]]:
+    """The fidelity check of a complete store (:mod:`proponent.indexer.fidelity`), every checkpoint, and the
+    seconds it took at each (for timings.json: run-time figures stay out of the manifest)."""
     from proponent.indexer import fidelity
 
     worker = UnitWorker(where, device)
     man, store = worker.man, FeatureStore.open(where)
     queries, pool = fidelity.choose_rows(man.n, man.objective.seed)
-    checks = []
+    checks, seconds = [], []
     for c in range(len(man.checkpoints)):
+        t0 = time.perf_counter()
         model = worker.model(c)
         checks.append(fidelity.check_checkpoint(man, store, c, model, worker.objective, worker.device, queries, pool))
-    return fidelity.fidelity_record(checks, len(queries), len(pool))
+        seconds.append(round(time.perf_counter() - t0, 3))
+    return fidelity.fidelity_record(checks, len(queries), len(pool)), seconds
 
 
 def finish(where: IndexDir, t0: float | None = None, device: str = "auto", check_fidelity: bool = True) -> Manifest:
@@ -496,7 +528,7 @@ def finish(where: IndexDir, t0: float | None = None, device: str = "auto", check
     store = FeatureStore.open(where)
     if not store.is_complete():
         raise IndexJobError(f"{where}: units are still pending; run the index job (or its shards) to the end")
-    fid = measure_fidelity(where, device) if check_fidelity else None
+    fid, fid_seconds = measure_fidelity(where, device) if check_fidelity else (None, [])
     files = []
     if man.ann.kind != "none":
         need = ann.train_rows_needed(man.ann.kind)
@@ -519,11 +551,14 @@ def finish(where: IndexDir, t0: float | None = None, device: str = "auto", check
                 update={"metadata": meta, "positions": FileRecord(path=POSITIONS_FILE, sha256=sha256_bytes(positions))}
             ),
             "complete": True,
-            "seconds": None if t0 is None else time.perf_counter() - t0,
             "fidelity": fid,
         }
     )
-    return write_manifest(where, man)
+    man = write_manifest(where, man)
+    if t0 is not None:  # run-time figures stay out of the checksummed manifest: identical runs, identical bytes
+        timings = {"seconds": round(time.perf_counter() - t0, 3), "fidelity_seconds": fid_seconds}
+        where.write_bytes(TIMINGS_FILE, (json.dumps(timings) + "\n").encode())
+    return man
 
 
 # ---------------------------------------------------------------------------------- the job
@@ -578,7 +613,6 @@ def build_index(
                 previous = read_manifest(where).projection  # a resume reuses the calibrated dimensions
             except ManifestError:
                 previous = None
-        from proponent.model.projection import spec_from_record
 
         old = spec_from_record(previous) if previous is not None and previous.kind == "tensor" else None
         if (
@@ -640,7 +674,8 @@ def build_index(
     man = finish(where, t0, opts.device)
     if log:
         if man.fidelity is not None:
-            log(describe_fidelity(man))
+            timings = json.loads(where.read_bytes(TIMINGS_FILE)) if where.is_file(TIMINGS_FILE) else {}
+            log(describe_fidelity(man, timings.get("fidelity_seconds")))
         problems = verify_index(where)
         log("verified: OK" if not problems else "verify: " + "; ".join(problems))
     return where.location
@@ -684,8 +719,9 @@ def describe_layout(man: Manifest, model0: nn.Module, objective: Objective, proj
     return "\n".join(lines)
 
 
-def describe_fidelity(man: Manifest) -> str:
-    """The fidelity check's lines for the job's log, with the warning when below the bar."""
+def describe_fidelity(man: Manifest, seconds: list[float] | None = None) -> str:
+    """The fidelity check's lines for the job's log (with each checkpoint's ``seconds`` if given), with the
+    warning when below the bar."""
     fid = man.fidelity
     if fid is None:
         return "fidelity: not measured"
@@ -693,10 +729,11 @@ def describe_fidelity(man: Manifest) -> str:
         f"fidelity ({fid.queries} queries x {fid.pool} rows, stored features against exact gradients; bar "
         f"recall@{fid.top} {fid.bar_proponents:.2f} / {fid.bar_opponents:.2f}):"
     ]
-    for ch in fid.checkpoints:
+    for i, ch in enumerate(fid.checkpoints):
+        took = f" ({seconds[i]:.1f} s)" if seconds and i < len(seconds) else ""
         lines.append(
             f"  checkpoint {ch.checkpoint}: recall@{fid.top} proponents {ch.recall_proponents:.2f}, opponents "
-            f"{ch.recall_opponents:.2f}, relative score error {ch.relative_error:.3f} ({ch.seconds:.1f} s)"
+            f"{ch.recall_opponents:.2f}, relative score error {ch.relative_error:.3f}{took}"
             + ("" if ch.passed else "  BELOW THE BAR")
         )
     warn = fid.warning()

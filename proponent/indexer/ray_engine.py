@@ -33,6 +33,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from proponent.format.fsio import IndexDir, index_dir
+from proponent.format.store import FeatureStore
 from proponent.indexer.job import IndexJobError, UnitWorker
 from proponent.progress import progress
 from proponent.raycluster import RayClusterError, connect, forwarded_env
@@ -117,7 +118,6 @@ def run_units(
         kind = f"{gpus_per_worker:g} GPU" if gpus_per_worker > 0 else "1 CPU"
         log(f"ray: {count} workers ({kind}, {per_worker} threads each) for {n} units")
     # rows per unit, for the progress bar
-    from proponent.format.store import FeatureStore
 
     layout = FeatureStore.open(where).layout
     total = sum(layout.unit_range(u)[1] - layout.unit_range(u)[0] for _, u in units)

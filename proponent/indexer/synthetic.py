@@ -28,7 +28,7 @@ from proponent.indexer.data import Dataset, SourceInfo
 from proponent.indexer.job import IndexOptions, finish, plan, read_checkpoints, reconcile, stage, training_objective
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import save_checkpoint
-from proponent.model.projection import ProjectionSpec, build_projector
+from proponent.model.projection import ProjectionSpec, build_projector, discover_layers, uncalibrated_layer_dims
 from proponent.progress import progress
 
 
@@ -37,8 +37,6 @@ def _projection_for(model: torch.nn.Module, dim: int) -> ProjectionSpec:
     layers by parameter count (capped at each layer's exact size; FFT-friendly sizes, so the total may be
     a little below ``dim``). The rows are random, so only the width matters, and the scale figures are
     quoted at a given width; uploaded queries are featurized through the same layout for real."""
-    from proponent.model.projection import discover_layers, uncalibrated_layer_dims
-
     layers = discover_layers(model)
     exact = sum(info.in_dim * info.out_dim for info in layers)
     if dim > exact:

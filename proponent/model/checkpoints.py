@@ -109,3 +109,60 @@ def load_checkpoint(
         raise CheckpointError(f"{where}: neither a proponent checkpoint nor a state dict")
     model = load_state(build_model(cfg), state_dict_at(raw, None, where), where)
     return model, cfg, meta
+
+
+# Training metadata a checkpoint file may hold, under these common key names (top level of the
+# loaded dict; the learning rate also from an optimizer state's first param group). The first
+# name found wins; README "Your own model" lists them.
+META_KEYS: dict[str, tuple[str, ...]] = {
+    "lr": ("lr", "learning_rate"),
+    "step": ("step", "iteration", "global_step", "iter"),
+    "epoch": ("epoch",),
+    "batch_size": ("batch_size",),
+}
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "optim_states")
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
+        v = v.item()
+    if isinstance(v, (int, float)) and v == v:
+        return float(v)
+    return None
+
+
+def checkpoint_metadata(raw: Any) -> dict[str, tuple[float, str]]:
+    """``{field: (value, key it came from)}`` for the training metadata ``raw`` (a loaded checkpoint)
+    holds under :data:`META_KEYS` (and an optimizer state's ``param_groups[0]['lr']``)."""
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, tuple[float, str]] = {}
+    for field, names in META_KEYS.items():
+        for name in names:
+            v = _number(raw.get(name))
+            if v is not None:
+                out[field] = (v, name)
+                break
+    if "lr" not in out:
+        for name in OPTIMIZER_KEYS:
+            found = _optimizer_lr(raw.get(name), name)
+            if found is not None:
+                out["lr"] = found
+                break
+    return out
+
+
+def _optimizer_lr(opt: Any, name: str) -> tuple[float, str] | None:
+    """``param_groups[0]['lr']`` of an optimizer state dict at ``opt`` or one level inside it."""
+    if not isinstance(opt, dict):
+        return None
+    groups = opt.get("param_groups")
+    if isinstance(groups, list) and groups and isinstance(groups[0], dict):
+        v = _number(groups[0].get("lr"))
+        return None if v is None else (v, f"{name}.param_groups[0].lr")
+    for sub, inner in opt.items():
+        if isinstance(inner, dict) and "param_groups" in inner:
+            return _optimizer_lr(inner, f"{name}.{sub}")
+    return None

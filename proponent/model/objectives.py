@@ -130,15 +130,6 @@ class CrossEntropy(Objective):
         return F.cross_entropy(forward(x, eps), y, reduction="none")
 
 
-def objective_from_record(record: Any, model: Any = None) -> Objective:
-    """Rebuild the training objective recorded in a manifest (``ObjectiveRecord``, ``ModelRecord``)."""
-    if model is not None and getattr(model, "kind", "builtin") == "plugin":
-        from proponent.model.plugin import load_plugin
-
-        return load_plugin(model.plugin).objective(int(record.m))
-    return objective_from_spec(record.model_dump())
-
-
 def objective_from_spec(spec: dict[str, Any]) -> Objective:
     """Rebuild a training objective recorded in a manifest."""
     name = spec.get("name")
@@ -152,3 +143,9 @@ def objective_from_spec(spec: dict[str, Any]) -> Objective:
     if name == "cross_entropy":
         return CrossEntropy(m=int(spec.get("m", 1)))
     raise ValueError(f"unknown objective {name!r}")
+
+
+def objective_at(objective: Objective, c: int) -> Objective:
+    """The objective to use at checkpoint ``c`` (per-checkpoint families resolve here)."""
+    fn = getattr(objective, "objective_for", None)
+    return fn(c) if callable(fn) else objective

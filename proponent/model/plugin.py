@@ -15,16 +15,21 @@ Name a Python file or an importable module and a factory in it (``--model-code F
   same bytes), averaging over its m draws itself; ``supervised=True`` when it needs labels ``y``.
 
 The checkpoints are the module's state dicts (``--checkpoint-key model_states.net`` when nested
-in a dict), read with ``weights_only=True``. The manifest records the code file's sha256 and the
-factory; the server loads the same code and refuses to serve, naming the file, when the file's
-hash differs. **Loading user code runs it**: only name code you trust.
+in a dict), read with ``weights_only=True``. The plugin file's directory is put on the import path
+(sibling modules import without ``PYTHONPATH``). The manifest records the factory and the sha256 of
+every file of the model's code (:func:`code_files`: the plugin file, the modules it imports from
+outside the standard library and site-packages, and ``--model-code-dir``); loading refuses, naming
+the file, when any of them changed. **Loading user code runs it**: only name code you trust.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
+import site
 import sys
+import sysconfig
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from proponent.format.manifest import ModelRecord, PluginRecord
+from proponent.format.integrity import code_problems
+from proponent.format.manifest import FileRecord, ModelRecord, PluginRecord
 from proponent.model.objectives import ELBO, Forward, Objective, gaussian_kl
 
 
@@ -186,7 +192,12 @@ class Plugin:
         self.factory = fn
 
     def parts(self) -> VAEParts | LossParts:
-        parts = self.factory()
+        try:
+            parts = self.factory()
+        except Exception as e:
+            raise PluginError(
+                f"model code {self.record.code}: {self.record.factory}() failed ({_one_line(e)})"
+            ) from None
         if not isinstance(parts, (VAEParts, LossParts)):
             raise PluginError(
                 f"model code {self.record.code}: {self.record.factory}() must return proponent.model.plugin.VAEParts "
@@ -212,8 +223,100 @@ class Plugin:
         return {"latent_dim": int(parts.latent_dim if parts.encode is not None else 0), "supervised": parts.supervised}
 
 
+def _excluded_roots() -> list[Path]:
+    """Where code that is not the user's lives: the standard library, site-packages, proponent itself."""
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    roots.update(site.getsitepackages())
+    roots.add(site.getusersitepackages())
+    roots.add(str(Path(__file__).resolve().parents[1]))  # the proponent package
+    return [Path(r).resolve() for r in roots if r]
+
+
+def _is_user_file(path: Path, excluded: list[Path]) -> bool:
+    if path.suffix != ".py" or not path.is_file():
+        return False
+    parts = set(path.parts)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
+    return not any(path.is_relative_to(root) for root in excluded)
+
+
+def _imported_names(path: Path, package: str) -> set[str]:
+    """Module names ``path`` imports (statically: every import statement, also inside functions)."""
+
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                if not package:
+                    continue
+                try:
+                    base = importlib.util.resolve_name("." * node.level + base, package)
+                except ImportError:
+                    continue
+            if base:
+                names.add(base)
+                names.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
+    return names
+
+
+def _origin(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except Exception:  # noqa: BLE001 -- a name that is not a module (from x import function), or a broken one
+        return None
+    if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+        return None
+    return Path(spec.origin).resolve()
+
+
+def code_files(path: Path, code_dir: Path | None = None, loaded: set[str] | None = None) -> list[Path]:
+    """The model's code: ``path``, every module it imports (transitively, statically) from outside the
+    standard library and site-packages, those imported while it was loaded (``loaded``: module
+    names), and every .py file under ``code_dir``."""
+    excluded = _excluded_roots()
+    found: dict[Path, str] = {path.resolve(): ""}
+    todo = [(path.resolve(), "")]
+    for name in sorted(loaded or ()):
+        mod = sys.modules.get(name)
+        f = getattr(mod, "__file__", None)
+        if f and _is_user_file(Path(f).resolve(), excluded) and Path(f).resolve() not in found:
+            found[Path(f).resolve()] = getattr(mod, "__package__", "") or ""
+            todo.append((Path(f).resolve(), found[Path(f).resolve()]))
+    while todo:
+        f, package = todo.pop()
+        for name in sorted(_imported_names(f, package)):
+            origin = _origin(name)
+            if origin is not None and origin not in found and _is_user_file(origin, excluded):
+                pkg = name if origin.name == "__init__.py" else name.rpartition(".")[0]
+                found[origin] = pkg
+                todo.append((origin, pkg))
+    files = set(found)
+    if code_dir is not None:
+        files.update(
+            p.resolve()
+            for p in code_dir.rglob("*.py")
+            if not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(code_dir).parts)
+        )
+    return [path.resolve()] + sorted(files - {path.resolve()})
+
+
+def _sys_path_with(directory: Path) -> None:
+    """The plugin's own directory on the import path (its sibling modules import without PYTHONPATH)."""
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+
+
 def load_plugin(record: PluginRecord) -> Plugin:
-    """Import the recorded code (once per process), refusing it when the file's hash changed."""
+    """Import the recorded code (once per process), refusing it when any of its files changed."""
     path = _code_file(record.code)
     sha = file_sha256(path)
     if sha != record.sha256:
@@ -221,35 +324,61 @@ def load_plugin(record: PluginRecord) -> Plugin:
             f"model code {path}: its sha256 {sha[:12]}… differs from the index's {record.sha256[:12]}… (the file "
             "changed since the index was built); restore it, or rebuild the index with the new code"
         )
-    key = (str(path), record.factory, sha)
+    problems = code_problems(record)
+    if problems:
+        raise PluginError(problems[0])
+    key = (str(path), record.factory, sha + "".join(f.sha256 for f in record.files))
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
-        name = f"proponent_user_model_{sha[:12]}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise PluginError(f"model code {path}: cannot be imported")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[name]
-            raise PluginError(f"model code {path}: importing it failed ({type(e).__name__}: {e})") from None
+        _sys_path_with(path.parent)
+        if record.code_dir:
+            _sys_path_with(Path(record.code_dir))
+        module = _import_file(path, f"proponent_user_model_{sha[:12]}")
         plugin = Plugin(record, module)
         _CACHE[key] = plugin
         return plugin
 
 
-def plugin_record(spec: str, *, checkpoint_key: str | None = None) -> ModelRecord:
-    """The manifest's record of ``--model-code spec``; imports the code (running it) to check the contract."""
+def _import_file(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"model code {path}: cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise PluginError(f"model code {path}: importing it failed ({_one_line(e)})") from None
+    return module
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+
+
+def plugin_record(spec: str, *, checkpoint_key: str | None = None, code_dir: str | None = None) -> ModelRecord:
+    """The manifest's record of ``--model-code spec``; imports the code (running it) to check the contract,
+    and hashes every file of the model's code (:func:`code_files`)."""
     code, factory = _parse(spec)
     path = _code_file(code)
-    rec = PluginRecord(code=str(path), factory=factory, sha256=file_sha256(path))
-    info = load_plugin(rec).describe()
+    cdir = Path(code_dir).expanduser().resolve() if code_dir else None
+    if cdir is not None and not cdir.is_dir():
+        raise PluginError(f"--model-code-dir {code_dir}: not a directory")
+    rec = PluginRecord(
+        code=str(path), factory=factory, sha256=file_sha256(path), code_dir=None if cdir is None else str(cdir)
+    )
+    before = set(sys.modules)
+    plugin = load_plugin(rec)
+    info = plugin.describe()
+    loaded = set(sys.modules) - before
+    files = [FileRecord(path=str(f), sha256=file_sha256(f)) for f in code_files(path, cdir, loaded)]
     return ModelRecord(
         kind="plugin",
-        plugin=rec,
+        plugin=rec.model_copy(update={"files": files}),
         checkpoint_key=checkpoint_key,
         latent_dim=info["latent_dim"],
         supervised=info["supervised"],
@@ -264,6 +393,7 @@ __all__ = [
     "PluginLoss",
     "PluginModule",
     "VAEParts",
+    "code_files",
     "load_plugin",
     "plugin_record",
 ]

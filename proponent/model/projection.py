@@ -36,6 +36,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from proponent.model.sketch import Sketch, TensorSketch, allocate_tensor
+
 LayerKind = Literal["linear", "conv2d", "convt2d", "other"]
 
 
@@ -142,8 +144,6 @@ def uncalibrated_layer_dims(layers: list[LayerInfo], dim: int) -> tuple[int, ...
     layer's parameter count (capped at its exact size). The index job measures the layers' gradient
     energy instead (:func:`proponent.indexer.job.calibrate_layer_dims`), which is what the fidelity
     figures are for; this prior serves library callers that build a projector directly."""
-    from proponent.model.sketch import allocate_tensor
-
     exact = [info.in_dim * info.out_dim for info in layers]
     return tuple(int(d) for d in allocate_tensor([float(e) for e in exact], dim, exact))
 
@@ -207,8 +207,6 @@ class Projector:
                     k_in, k_out = d, 1
                     p_in, p_out = _gaussian(info.in_dim, d, _seed_for(spec.seed, info.name, "flat")), None
                 else:
-                    from proponent.model.sketch import TensorSketch
-
                     k_in, k_out, p_in, p_out = d, 1, None, None
                     tensor = TensorSketch(info.in_dim, info.out_dim, d, spec.seed, info.name)
             elif spec.kind == "none":
@@ -247,7 +245,6 @@ class Projector:
         if spec.sketch:
             if not spec.sketch_dim or spec.sketch_dim < 1:
                 raise ValueError(f"sketch {spec.sketch!r} needs sketch_dim >= 1, got {spec.sketch_dim}")
-            from proponent.model.sketch import Sketch
 
             self.sketch = Sketch(
                 offset, spec.sketch_dim, spec.sketch, _seed_for(spec.seed, "", "sketch"), device=self.device

@@ -26,7 +26,8 @@ from proponent.format.manifest import Manifest, ModelRecord
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import CheckpointError, load_state, read_checkpoint, state_dict_at
 from proponent.model.featurizers import Featurizer, make_featurizer
-from proponent.model.objectives import NOISE_QUERY, Objective, draw_noise, objective_from_record
+from proponent.model.objectives import NOISE_QUERY, Objective, draw_noise, objective_at, objective_from_spec
+from proponent.model.plugin import load_plugin
 from proponent.model.projection import Projector, build_projector, spec_from_record
 
 
@@ -45,10 +46,15 @@ def fresh_model(record: ModelRecord) -> nn.Module:
     if record.kind == "builtin":
         assert record.config is not None
         return build_model(ModelConfig.from_dict(record.config))
-    from proponent.model.plugin import load_plugin
-
     assert record.plugin is not None
     return load_plugin(record.plugin).build_module()
+
+
+def objective_from_record(record: Any, model: Any = None) -> Objective:
+    """Rebuild the training objective recorded in a manifest (``ObjectiveRecord``, ``ModelRecord``)."""
+    if model is not None and getattr(model, "kind", "builtin") == "plugin":
+        return load_plugin(model.plugin).objective(int(record.m))
+    return objective_from_spec(record.model_dump())
 
 
 def model_from_checkpoint(record: ModelRecord, data: bytes, name: str) -> nn.Module:
@@ -115,8 +121,6 @@ class ModelRuntime:
 
     def featurizer(self, c: int, objective: Objective | None = None, method: str | None = None) -> Featurizer:
         """A featurizer of checkpoint ``c`` (the index's method unless ``method``) for ``objective``."""
-        from proponent.query.crossloss import objective_at
-
         obj = objective_at(objective or self.objective, c)
         return make_featurizer(method or self.manifest.featurizer, self.model(c), obj, self.projector(c))
 

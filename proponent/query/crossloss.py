@@ -67,7 +67,7 @@ class LinearProbe:
 
 def fit_probe(mu: np.ndarray, labels: np.ndarray, *, C: float = 1.0, max_iter: int = 2000) -> LinearProbe:
     """Multinomial logistic regression (L2, lbfgs: deterministic) on latent means."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn takes ~1 s to import
 
     keep = labels >= 0
     mu, labels = np.asarray(mu, np.float64)[keep], np.asarray(labels, np.int64)[keep]
@@ -167,12 +167,6 @@ class ProbeObjective(Objective):
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "m": self.m, "label": self.label}
-
-
-def objective_at(objective: Objective, c: int) -> Objective:
-    """The objective to use at checkpoint ``c`` (per-checkpoint families resolve here)."""
-    fn = getattr(objective, "objective_for", None)
-    return fn(c) if callable(fn) else objective
 
 
 # ---------------------------------------------------------------------------------- factory

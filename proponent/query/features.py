@@ -54,7 +54,7 @@ def parse_size(text: str | int | None) -> int | None:
 
 def default_budget() -> int:
     """Half of the memory available at start-up."""
-    import psutil
+    import psutil  # lazy: psutil only to size the cache from free memory
 
     return int(psutil.virtual_memory().available * 0.5)
 

@@ -37,6 +37,7 @@ from proponent.format.store import ChunkCache, FeatureStore, StoreError
 from proponent.model.runtime import ModelRuntime
 from proponent.query.features import ServedFeatures, parse_size
 from proponent.query.searcher import LocalSearcher, Searcher
+from proponent.query.usecase import all_scores, answer
 
 __all__ = ["IndexError_", "IndexMeta", "InfluenceIndex", "open_index", "verify_index"]
 
@@ -127,6 +128,10 @@ class IndexMeta:
         if man.storage.dtype != "float32":
             extra = " with a per-row scale" if man.storage.dtype == "int8" else ""
             out.append(f"features stored as {man.storage.dtype}{extra}")
+        if man.assumed_metadata:
+            out.append(
+                f"checkpoint weights: {', '.join(man.assumed_metadata)} not recorded, taken as 1 (--uniform-weights)"
+            )
         if len(checkpoints) < len(self.checkpoints):
             out.append(f"checkpoint subset: {checkpoints} of {len(self.checkpoints)}")
         if ann_used:
@@ -252,8 +257,6 @@ class InfluenceIndex:
     # ------------------------------------------------------------------ answers
     def query(self, params: InfluenceParams | None = None, *, x: Any = None, sample_id: int | None = None, **kw: Any):
         """Answer one query (the REST API's request parameters, as keywords or an ``InfluenceParams``)."""
-        from proponent.query.usecase import answer
-
         p = params if params is not None else InfluenceParams(**kw)
         return answer(self, p, x=None if x is None else np.asarray(x, np.float32), sample_id=sample_id)
 
@@ -269,8 +272,6 @@ class InfluenceIndex:
 
     def scores(self, x: Any = None, *, sample_id: int | None = None, **kw: Any) -> np.ndarray:
         """Every training row's exact score ``[N]`` for one query (brute force; analyses and tests)."""
-        from proponent.query.usecase import all_scores
-
         return all_scores(self, InfluenceParams(**kw), x=x, sample_id=sample_id)
 
     def self_influence(self, convention: str = "lr", checkpoints: list[int] | None = None) -> np.ndarray:

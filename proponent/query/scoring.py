@@ -16,16 +16,15 @@ proponents (Hammoudeh & Lowd 2022); the other two remove that. Self-influence st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from proponent.api.registry import SCORINGS
+
 from .features import ServedFeatures
 from .search import ScoredQuery
-
-Scoring = Literal["raw", "cosine", "relatif"]
-SCORINGS: tuple[str, ...] = ("raw", "cosine", "relatif")
 
 
 def _inv_sqrt(v: np.ndarray) -> np.ndarray:
@@ -55,21 +54,38 @@ class Multipliers:
         return total if self.global_mult is None else total * self.global_mult
 
 
-def multipliers(
-    served: ServedFeatures, weights: np.ndarray, checkpoints: list[int], sq_norms: dict[int, float], scoring: str
+def _raw(
+    served: ServedFeatures, weights: np.ndarray, checkpoints: list[int], sq_norms: dict[int, float]
 ) -> Multipliers:
-    """The factors of ``scoring`` for a query with exact squared gradient norms ``sq_norms`` (cosine only)."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
-    if scoring == "raw":
-        return Multipliers({c: float(weights[c]) for c in checkpoints})
-    if scoring == "cosine":
-        scales = {c: float(weights[c]) * float(_inv_sqrt(np.array([sq_norms[c]]))[0]) for c in checkpoints}
-        return Multipliers(scales, row_mult={c: _inv_sqrt(served.sq_norm[c]) for c in checkpoints})
+    return Multipliers({c: float(weights[c]) for c in checkpoints})
+
+
+def _cosine(
+    served: ServedFeatures, weights: np.ndarray, checkpoints: list[int], sq_norms: dict[int, float]
+) -> Multipliers:
+    scales = {c: float(weights[c]) * float(_inv_sqrt(np.array([sq_norms[c]]))[0]) for c in checkpoints}
+    return Multipliers(scales, row_mult={c: _inv_sqrt(served.sq_norm[c]) for c in checkpoints})
+
+
+def _relatif(
+    served: ServedFeatures, weights: np.ndarray, checkpoints: list[int], sq_norms: dict[int, float]
+) -> Multipliers:
     self_influence = sum(float(weights[c]) * served.sq_norm[c] for c in checkpoints)
     return Multipliers(
         {c: float(weights[c]) for c in checkpoints}, global_mult=_inv_sqrt(np.asarray(self_influence, np.float64))
     )
+
+
+Scorer = Callable[[ServedFeatures, np.ndarray, list[int], dict[int, float]], Multipliers]
+SCORERS: dict[str, Scorer] = {"raw": _raw, "cosine": _cosine, "relatif": _relatif}
+"""The implementation of each scoring named in :data:`proponent.api.registry.SCORINGS` (the same names)."""
+
+
+def multipliers(
+    served: ServedFeatures, weights: np.ndarray, checkpoints: list[int], sq_norms: dict[int, float], scoring: str
+) -> Multipliers:
+    """The factors of ``scoring`` for a query with exact squared gradient norms ``sq_norms`` (cosine only)."""
+    return SCORERS[SCORINGS.check(scoring)](served, weights, checkpoints, sq_norms)
 
 
 def scored_query(

@@ -25,7 +25,8 @@ import torch
 
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
 from proponent.model.featurizers.dense import DenseFeaturizer
-from proponent.model.objectives import draw_noise, objective_from_record
+from proponent.model.objectives import draw_noise
+from proponent.model.runtime import objective_from_record
 from proponent.query.index import InfluenceIndex
 
 NOISE_SELF = 2  # noise domain of recomputed self-influence draws

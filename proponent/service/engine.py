@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
 from proponent.service.errors import ApiError
 from proponent.service.metrics import Metrics
 from proponent.threads import limit_this_thread
@@ -140,8 +142,6 @@ class QueryEngine:
 
     def _work(self) -> None:
         if self.workers > 1:  # one OpenMP pool per worker: share the cores instead of oversubscribing them
-            import torch
-
             limit_this_thread(max(1, torch.get_num_threads() // self.workers))
         while True:
             task = self._q.get()

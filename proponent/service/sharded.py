@@ -30,6 +30,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.api import RunTarget
 
 from proponent.format.fsio import index_dir
 from proponent.format.integrity import open_store
@@ -40,6 +41,7 @@ from proponent.query.index import chunk_cache_for
 from proponent.query.search import TopK
 from proponent.query.searcher import LocalSearcher, SearchRequest, ShardedSearcher, shard_ranges
 from proponent.raycluster import connect, forwarded_env
+from proponent.service.app import create_app
 from proponent.service.settings import Settings
 from proponent.threads import set_threads
 
@@ -109,8 +111,6 @@ def _router_builder(settings: dict[str, Any], shards: list[tuple[str, tuple[int,
     """A builder of the router's app, evaluated on its replica (nothing unpicklable crosses the wire)."""
 
     def build() -> Any:
-        from proponent.service.app import create_app
-
         def searcher(index: Any) -> ShardedSearcher:
             return ShardedSearcher([ServeShard(app, rows) for app, rows in shards], timeout_s=timeout_s)
 
@@ -138,8 +138,6 @@ def deploy(
     gpus_per_shard: float = 0.0,
 ) -> ShardedDeployment:
     """Deploy N shard applications and the router on the connected Ray cluster; returns once all are running."""
-    from ray.serve.api import RunTarget
-
     if settings.index is None:
         raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
     where = index_dir(settings.index)

@@ -75,9 +75,9 @@ def _index_args(run: Path, out: Path) -> list[str]:
 
 
 def _digest(out: Path) -> str:
-    """sha256 over every file of the store and every FAISS file."""
+    """sha256 over the manifest, every file of the store and every FAISS file."""
     h = hashlib.sha256()
-    for p in sorted([*(out / "store.zarr").rglob("*"), *(out / "faiss").glob("*.index")]):
+    for p in sorted([out / "manifest.json", *(out / "store.zarr").rglob("*"), *(out / "faiss").glob("*.index")]):
         if p.is_file():
             h.update(str(p.relative_to(out)).encode())
             h.update(p.read_bytes())

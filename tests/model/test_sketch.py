@@ -8,30 +8,33 @@ import numpy as np
 import pytest
 import torch
 
+from proponent.format.store import quantize_int8
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.featurizers.kronecker import KroneckerFeaturizer
 from proponent.model.objectives import ELBO
 from proponent.model.projection import ProjectionSpec, Projector, discover_layers
 from proponent.model.sketch import (
     SKETCH_KINDS,
-    KronVariance,
-    LayerTensorSketch,
     Sketch,
     TensorSketch,
     allocate_dims,
+    hadamard_factors,
+    hadamard_matrix,
+    make_sketch,
+    paley,
+    storage_bytes,
+    sylvester,
+)
+from proponent.research.sketches import (
+    KronVariance,
+    LayerTensorSketch,
     allocate_kron,
     allocate_kron_variance,
     calibrate_kron,
     dequantize_rows,
-    hadamard_factors,
-    hadamard_matrix,
     kron_projector,
     kron_variance,
-    make_sketch,
-    paley,
     quantize_rows,
-    storage_bytes,
-    sylvester,
 )
 
 CASES = [("srht", 1), ("sparse", 1), ("sparse", 3), ("gaussian", 1)]
@@ -323,7 +326,10 @@ def test_quantize_rows() -> None:
     assert int(np.abs(q).max()) == 127
     back = dequantize_rows(q, scale)
     assert np.all(np.abs(back - x) <= scale[:, None] / 2 + 1e-7)
-    assert np.all(back[2] == 0)
+    assert np.all(back[2] == 0) and np.all(q[2] == 0) and scale[2] == 0  # the store's zero row: scale 0
+    codes, store_scale = quantize_int8(x)  # one int8 quantizer: the store's
+    np.testing.assert_array_equal(q, codes)
+    np.testing.assert_array_equal(scale, store_scale)
     h, none = quantize_rows(torch.from_numpy(x), "float16")
     assert h.dtype == np.float16 and none is None
     np.testing.assert_allclose(dequantize_rows(h, None), x, rtol=1e-3, atol=1e-3)
@@ -536,7 +542,8 @@ def test_layer_sketch_kronecker_blocks_match_projector() -> None:
 
 
 def test_allocate_hybrid_and_smooth_sizes() -> None:
-    from proponent.model.sketch import allocate_hybrid, smooth_floor
+    from proponent.model.sketch import smooth_floor
+    from proponent.research.sketches import allocate_hybrid
 
     assert [smooth_floor(n) for n in (1, 7, 1068, 1351, 3686)] == [1, 6, 1024, 1350, 3645]
     cfg = ModelConfig(kind="mlp", input_shape=(1, 28, 28), hidden=(512, 256), latent_dim=16)

@@ -16,9 +16,9 @@ from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_ru
 from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import load_checkpoint
-from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise
+from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise, objective_at
 from proponent.model.projection import ProjectionSpec
-from proponent.query.crossloss import ObjectiveError, fit_probe, index_probe, make_query_objective, objective_at
+from proponent.query.crossloss import ObjectiveError, fit_probe, index_probe, make_query_objective
 from proponent.query.index import open_index
 
 SEED = 3  # index noise seed

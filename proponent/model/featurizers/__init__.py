@@ -7,6 +7,23 @@ Both share the feature layout defined by :class:`proponent.model.projection.Proj
 
 from __future__ import annotations
 
-from proponent.model.featurizers.base import FeatureBatch, Featurizer, make_featurizer
+from torch import nn
 
-__all__ = ["FeatureBatch", "Featurizer", "make_featurizer"]
+from proponent.model.featurizers.base import FeatureBatch, Featurizer
+from proponent.model.featurizers.dense import DenseFeaturizer
+from proponent.model.featurizers.kronecker import KroneckerFeaturizer
+from proponent.model.objectives import Objective
+from proponent.model.projection import Projector
+
+__all__ = ["DenseFeaturizer", "FeatureBatch", "Featurizer", "KroneckerFeaturizer", "make_featurizer"]
+
+
+def make_featurizer(
+    method: str, model: nn.Module, objective: Objective, projector: Projector, **kwargs: object
+) -> Featurizer:
+    """The featurizer ``method`` (``kron`` or ``dense``) of ``objective`` on ``model``, projected by ``projector``."""
+    if method == "dense":
+        return DenseFeaturizer(model, objective, projector, **kwargs)  # type: ignore[arg-type]
+    if method == "kron":
+        return KroneckerFeaturizer(model, objective, projector, **kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"featurizer must be 'kron' or 'dense', got {method!r}")

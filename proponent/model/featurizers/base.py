@@ -57,17 +57,3 @@ def per_draw_rows(x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> tuple[
     times, ``eps [B, m, ...] -> [B·m, 1, ...]`` (the same draws)."""
     m = eps.shape[1]
     return x.repeat_interleave(m, dim=0), y.repeat_interleave(m, dim=0), eps.reshape(-1, 1, *eps.shape[2:])
-
-
-def make_featurizer(
-    method: str, model: nn.Module, objective: Objective, projector: Projector, **kwargs: object
-) -> Featurizer:
-    if method == "dense":
-        from proponent.model.featurizers.dense import DenseFeaturizer
-
-        return DenseFeaturizer(model, objective, projector, **kwargs)  # type: ignore[arg-type]
-    if method == "kron":
-        from proponent.model.featurizers.kronecker import KroneckerFeaturizer
-
-        return KroneckerFeaturizer(model, objective, projector, **kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"featurizer must be 'kron' or 'dense', got {method!r}")

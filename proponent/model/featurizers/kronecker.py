@@ -699,7 +699,7 @@ def auto_batch_size(
             free, _ = torch.cuda.mem_get_info(device)
             budget_bytes = int(free * 0.5)
         else:
-            import psutil
+            import psutil  # lazy: psutil only to size the batch from free memory
 
             budget_bytes = int(psutil.virtual_memory().available * 0.25)
     feat = KroneckerFeaturizer(model, objective, projector)

@@ -6,11 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from proponent.api.registry import SCORINGS
 from proponent.api.schemas import DEFAULT_SCORING, IndexInfo
 from proponent.model.sketch import storage_bytes
 from proponent.query.crossloss import QUERY_OBJECTIVES
 from proponent.query.index import InfluenceIndex
-from proponent.query.scoring import SCORINGS
 from proponent.service.deps import IndexDep, StateDep
 from proponent.service.errors import error_responses
 
