@@ -8,11 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 # Headless Chromium for the browser tests (tests/service/test_ui.py): Debian's package, never a browser download.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup browsers demo test lint typecheck unit bench clean
+.PHONY: setup browsers demo test lint typecheck unit bench clean docs-shots
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py proponent/query/_int8dot.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -32,7 +32,7 @@ demo: setup
 
 # ruff, then the layers between packages (import-linter contracts in pyproject.toml)
 lint: setup
-	$(VENV)/bin/ruff check proponent tests benchmarks examples
+	$(VENV)/bin/ruff check proponent tests benchmarks examples docs/shots.py
 	$(VENV)/bin/lint-imports
 
 typecheck: setup
@@ -42,6 +42,10 @@ unit: setup browsers
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
+
+# The web page's screenshots in docs/ (ui-query, ui-self-influence, ui-index) from a small demo index.
+docs-shots: setup browsers
+	PROPONENT_CHROMIUM=$(CHROMIUM) $(PY) docs/shots.py
 
 bench: setup
 	$(PY) benchmarks/index_throughput.py --quick

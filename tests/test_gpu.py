@@ -28,7 +28,8 @@ def test_gpu_index_answers_like_cpu(tmp_path: Path) -> None:
     out = build_index(data, specs, tmp_path / "idx", opts, show_progress=False)
     gpu, cpu = open_index(out, device="cuda"), open_index(out, device="cpu")
     assert gpu.features.describe()["device"].startswith("cuda"), "features should be held on the GPU for the scan"
-    assert gpu.features.kernel_kind() == "float"
+    assert gpu.features.kernel_kind() == cpu.features.kernel_kind() == "int8"  # int8 codes held on the GPU
+    assert gpu.features.resident[0] is not None and gpu.features.resident[0].device.type == "cuda"
     from proponent.query.scoring import scored_query
     from proponent.query.search import scan
 
@@ -57,4 +58,4 @@ def test_gpu_index_answers_like_cpu(tmp_path: Path) -> None:
             for d in a:
                 np.testing.assert_array_equal(a[d].rows, b[d].rows)
                 np.testing.assert_allclose(a[d].scores, b[d].scores, rtol=1e-12)
-                assert a[d].exact and a[d].strategy == "scan/memory/float"
+                assert a[d].exact and a[d].strategy == "scan/memory/int8"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from proponent.api.registry import SCORINGS, ScoringName
 
@@ -21,6 +22,8 @@ DEFAULT_SCORING: Scoring = cast(Scoring, SCORINGS.default)
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 __all__ = [
+    "BatchInfluenceResponse",
+    "BatchTimings",
     "CheckpointInfo",
     "Convention",
     "Direction",
@@ -137,6 +140,19 @@ class InfluenceResponse(_Model):
         return [h.score for h in hits]
 
 
+class BatchTimings(_Model):
+    total_ms: float = Field(description="the whole batch, decoding to the last answer")
+    search_ms: float = Field(description="the batch's search: one pass over the rows for all its exact scans")
+    queries_per_s: float
+
+
+class BatchInfluenceResponse(_Model):
+    """Answers to a batch of queries with the same parameters, in the order asked (each as its single answer)."""
+
+    results: list[InfluenceResponse]
+    timings: BatchTimings
+
+
 class InfluenceParams(_Model):
     """Query parameters (JSON body fields, or form fields next to an uploaded file)."""
 
@@ -150,7 +166,7 @@ class InfluenceParams(_Model):
         description="query objective: elbo, reconstruction, kl, elbo_beta, ... (/v1/index query_objectives)",
         examples=["elbo", "reconstruction", "kl", "elbo_beta", "probe"],
     )
-    beta: float | None = Field(None, ge=0, le=1e6, description="β for elbo_beta")
+    beta: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False, description="β for elbo_beta")
     label: int | None = Field(None, ge=0, le=2**31 - 1, description="class label (objectives that need one)")
     checkpoints: list[int] | None = Field(None, max_length=4096, description="checkpoint subset (default: all)")
     convention: Convention = "lr"
@@ -181,6 +197,14 @@ class InfluenceParams(_Model):
     allow_partial: bool = Field(
         False, description="sharded servers: answer from the shards that respond (flagged partial) instead of 503"
     )
+
+    @field_validator("k", "beta", "label", "seed", "prefilter", "checkpoints", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, v: Any) -> Any:
+        """``true`` is not the number 1 (JSON has both): a boolean where a number belongs is an error."""
+        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(i, bool) for i in v)):
+            raise PydanticCustomError("number_type", "must be a number, not a boolean")
+        return v
 
 
 class CheckpointInfo(_Model):

@@ -1,7 +1,9 @@
-"""Query commands: ``influence``, ``self-influence``, ``serve``.
+"""Query commands: ``influence``, ``scores``, ``self-influence``, ``serve``.
 
 ``proponent influence`` answers through :func:`proponent.query.usecase.answer`, the code the
 server runs for ``POST /v1/influence[/samples/{id}]``; ``--json`` prints the API's response body.
+Many queries at once (``--sample-ids 1,2,3`` or ``--images a.png b.png``) go through
+:func:`~proponent.query.usecase.answer_batch`, as ``POST /v1/influence/batch`` does (one pass over the rows).
 """
 
 from __future__ import annotations
@@ -9,13 +11,22 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from proponent.api.registry import SCORINGS
-from proponent.api.schemas import Convention, Direction, FeaturesMode, InfluenceParams, SearchMode
+from proponent.api.schemas import (
+    BatchInfluenceResponse,
+    BatchTimings,
+    Convention,
+    Direction,
+    FeaturesMode,
+    InfluenceParams,
+    SearchMode,
+)
 from proponent.cli.build import int_list
 
 
@@ -33,30 +44,84 @@ def _open(a: argparse.Namespace, feature_mode: str = "auto") -> Any:
     )
 
 
-def _cmd_influence(a: argparse.Namespace) -> int:
+def _query(a: argparse.Namespace) -> tuple[InfluenceParams, Any, Any]:
+    """The query's parameters, the opened index and the ``--image`` decoded to its shape (None: --sample-id);
+    for ``influence --sample-ids/--images`` the third item is the list of decoded images (None: --sample-ids)."""
     from proponent.format.images import load_image_bytes  # lazy: CLI start-up
-    from proponent.query.usecase import answer
 
-    if (a.sample_id is None) == (a.image is None):
-        raise ValueError("give exactly one of --sample-id N or --image FILE")
+    many = getattr(a, "sample_ids", None) is not None or bool(getattr(a, "images", None))
+    given = [a.sample_id is not None, a.image is not None, getattr(a, "sample_ids", None) is not None]
+    if sum(given) + bool(getattr(a, "images", None)) != 1:
+        raise ValueError(
+            "give exactly one of --sample-id N or --image FILE"
+            + (", --sample-ids 1,2,3 or --images FILE..." if hasattr(a, "images") else "")
+        )
     try:
         params = influence_params(a)
     except ValidationError as e:
         err = e.errors()[0]
         raise ValueError(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
     idx = _open(a)
-    x = None
-    if a.image is not None:
-        path = Path(a.image)
+
+    def read(name: str) -> Any:
+        path = Path(name)
         try:
             raw = path.read_bytes()
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
-        x = load_image_bytes(raw, idx.shape, allow_resize=a.resize)
+        return load_image_bytes(raw, idx.shape, allow_resize=a.resize)
+
+    if many:
+        return params, idx, ([read(f) for f in a.images] if a.images else None)
+    return params, idx, (read(a.image) if a.image is not None else None)
+
+
+def _cmd_scores(a: argparse.Namespace) -> int:
+    from proponent.format.fsio import atomic_write_bytes  # lazy: CLI start-up
+    from proponent.query.usecase import npy_bytes, score_vector
+
+    params, idx, x = _query(a)
+    table = score_vector(idx, params, x=x, sample_id=a.sample_id)
+    atomic_write_bytes(a.out, npy_bytes(table))
+    approx = idx.meta.approximations(idx.meta.resolve_checkpoints(params.checkpoints))
+    print(f"scored {len(table)} training samples ({params.scoring}, {params.convention}) -> {a.out}")
+    if approx:
+        print("approximations: " + "; ".join(approx))
+    return 0
+
+
+def _cmd_influence(a: argparse.Namespace) -> int:
+    from proponent.query.usecase import answer, answer_batch  # lazy: CLI start-up
+
+    t0 = time.perf_counter()
+    params, idx, x = _query(a)
+    if a.sample_ids is not None or a.images:
+        results = answer_batch(idx, params, xs=x, sample_ids=a.sample_ids)
+        total = time.perf_counter() - t0
+        batch = BatchInfluenceResponse(
+            results=results,
+            timings=BatchTimings(
+                total_ms=total * 1e3, search_ms=results[0].timings.search_ms, queries_per_s=len(results) / total
+            ),
+        )
+        if a.json:
+            print(batch.model_dump_json())
+            return 0
+        names = [f"sample {i}" for i in a.sample_ids] if a.sample_ids is not None else list(a.images)
+        for name, res in zip(names, results, strict=True):
+            print(f"== {name}")
+            _print_answer(res)
+        print(f"{len(results)} queries in {total:.2f}s ({batch.timings.queries_per_s:.1f} queries/s)")
+        return 0
     res = answer(idx, params, x=x, sample_id=a.sample_id)
     if a.json:
         print(res.model_dump_json())
         return 0
+    _print_answer(res)
+    return 0
+
+
+def _print_answer(res: Any) -> None:
     for d in ("proponents", "opponents"):
         hits = getattr(res, d)
         if hits is None:
@@ -70,7 +135,6 @@ def _cmd_influence(a: argparse.Namespace) -> int:
             print(f"  {h.rank:3d}  id {h.id:<8d} score {h.score:+.6g}{se}{lab}{inj}{tie}")
     if res.approximations:
         print("approximations: " + "; ".join(res.approximations))
-    return 0
 
 
 def _cmd_self_influence(a: argparse.Namespace) -> int:
@@ -138,11 +202,13 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 CLI_WITHOUT = {"uncertainty": "always computed offline", "allow_partial": "sharded servers only"}
 CLI_DEST = {"allow_resize": "resize"}  # the flag is --resize
 CLI_DEFAULTS = {"direction": "both"}  # the command prints both directions unless told otherwise
+# ``scores`` takes the same flags but these (a score vector has every row, scored exactly)
+SCORES_WITHOUT = {"k", "direction", "prefilter", "search"}
 
 
 def influence_params(a: argparse.Namespace) -> InfluenceParams:
     """The API's query parameters from the ``influence`` command's flags (None: the API's default)."""
-    given = {f: getattr(a, CLI_DEST.get(f, f)) for f in InfluenceParams.model_fields if f not in CLI_WITHOUT}
+    given = {f: getattr(a, CLI_DEST.get(f, f), None) for f in InfluenceParams.model_fields if f not in CLI_WITHOUT}
     return InfluenceParams(**{f: v for f, v in given.items() if v is not None})
 
 
@@ -150,34 +216,52 @@ def _default(field: str) -> Any:
     return CLI_DEFAULTS.get(field, InfluenceParams.model_fields[field].default)
 
 
-def register(sub: Any) -> None:
-    i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
+def _add_query_args(i: argparse.ArgumentParser, without: set[str] | frozenset[str] = frozenset()) -> None:
+    """The flags of one query: the API's query parameters (but ``without``), the index and the input."""
     i.add_argument("--index", required=True)
     i.add_argument("--sample-id", type=int)
     i.add_argument("--image", help="image file (PNG, JPEG, .npy)")
+    i.add_argument("--sample-ids", type=int_list, help="many stored samples at once, e.g. 3,17,40 (one pass)")
+    i.add_argument("--images", nargs="+", help="many image files at once (one pass over the rows)")
     i.add_argument("--resize", action="store_true", help="resize the image to the index's shape")
-    i.add_argument("--k", type=int, default=_default("k"))
-    i.add_argument("--direction", choices=get_args(Direction), default=_default("direction"))
+    if "k" not in without:
+        i.add_argument("--k", type=int, default=_default("k"))
+    if "direction" not in without:
+        i.add_argument("--direction", choices=get_args(Direction), default=_default("direction"))
     i.add_argument("--scoring", choices=list(SCORINGS), default=_default("scoring"), help=SCORINGS.describe())
     i.add_argument("--objective", default=_default("objective"), help="elbo | reconstruction | kl | elbo_beta | probe")
     i.add_argument("--label", type=int, help="query label (classifiers, objective probe; default: the stored sample's)")
     i.add_argument("--beta", type=float, help="β of objective elbo_beta")
     i.add_argument("--checkpoints", type=int_list, help="checkpoint subset, e.g. 0,2,4")
     i.add_argument("--convention", choices=get_args(Convention), default=_default("convention"))
-    i.add_argument("--prefilter", type=int, help="score only the L training samples nearest in latent space")
+    if "prefilter" not in without:
+        i.add_argument("--prefilter", type=int, help="score only the L training samples nearest in latent space")
     i.add_argument(
         "--features",
         choices=get_args(FeaturesMode),
         default=_default("features"),
         help="stored samples: recompute with fresh query draws (default) or use the index's stored features",
     )
-    i.add_argument("--search", choices=get_args(SearchMode), default=_default("search"))
+    if "search" not in without:
+        i.add_argument("--search", choices=get_args(SearchMode), default=_default("search"))
     i.add_argument("--seed", type=int, default=_default("seed"), help="query noise seed")
     i.add_argument("--device", default="cpu")
     i.add_argument("--threads", type=int)
     i.add_argument("--memory-budget", help="features held in memory, e.g. 8G (default: half the available RAM)")
+
+
+def register(sub: Any) -> None:
+    i = sub.add_parser("influence", help="proponents / opponents of a stored sample or an image file (offline)")
+    _add_query_args(i)
     i.add_argument("--json", action="store_true", help="print the API's JSON response")
     i.set_defaults(func=_cmd_influence)
+
+    sc = sub.add_parser(
+        "scores", help="every training sample's score for one query, as a .npy of (id, score) records (offline)"
+    )
+    _add_query_args(sc, SCORES_WITHOUT)
+    sc.add_argument("--out", required=True, help=".npy file: N records (id int64, score float64) in row order")
+    sc.set_defaults(func=_cmd_scores)
 
     s = sub.add_parser("self-influence", help="rank the training set by self-influence (CSV)")
     s.add_argument("--index", required=True)

@@ -1,6 +1,7 @@
 """Python client for the proponent influence API (depends on httpx and pydantic only)."""
 
 from proponent.api.schemas import (
+    BatchInfluenceResponse,
     ErrorBody,
     FactorsInfo,
     Health,
@@ -34,6 +35,7 @@ __all__ = [
     "AsyncInfluenceClient",
     "AsyncJob",
     "BadRequest",
+    "BatchInfluenceResponse",
     "Conflict",
     "ConnectionFailed",
     "ErrorBody",

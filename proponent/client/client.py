@@ -24,12 +24,14 @@ from typing import Any, Literal, TypeVar
 import httpx
 
 from proponent.api.schemas import (
+    BatchInfluenceResponse,
     Convention,
     Direction,
     FactorsInfo,
     FeaturesMode,
     Health,
     IndexInfo,
+    InfluenceParams,
     InfluenceResponse,
     JobInfo,
     JobResultPage,
@@ -65,6 +67,8 @@ class _Request:
     json: Any = None
     files: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
+    content: bytes | None = None  # a raw body (with its content type in headers)
+    headers: dict[str, str] | None = None
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -120,6 +124,58 @@ def op_influence(query: Any, sample_id: int | None, params: dict[str, Any]) -> O
         form = {k: (json.dumps(v) if isinstance(v, (list, bool)) else str(v)) for k, v in params.items()}
         r = yield _Request("POST", "/v1/influence", files={"file": (name, data, "application/octet-stream")}, data=form)
     return InfluenceResponse.model_validate(_json(r))
+
+
+def _batch_params(**kw: Any) -> dict[str, Any]:
+    """:meth:`InfluenceClient.influence`'s keywords (the API's query parameters) for a batch; None left out."""
+    unknown = sorted(set(kw) - set(InfluenceParams.model_fields))
+    if unknown:
+        raise TypeError(f"influence_batch: unknown parameter(s) {', '.join(unknown)} (see InfluenceParams)")
+    return _params(kw)
+
+
+def op_influence_batch(queries: Any, sample_ids: Any, params: dict[str, Any]) -> Op[BatchInfluenceResponse]:
+    """Many queries in one request: arrays (one .npy body ``[B, *shape]``, parameters in the query string) or
+    stored sample ids (JSON)."""
+    if (queries is None) == (sample_ids is None):
+        raise ValueError("give exactly one of queries or sample_ids")
+    if sample_ids is not None:
+        r = yield _Request("POST", "/v1/influence/batch", json={**params, "sample_ids": [int(i) for i in sample_ids]})
+    else:
+        import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
+
+        arr = np.stack([np.asarray(q, np.float32) for q in queries]) if isinstance(queries, list) else queries
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(arr, np.float32), allow_pickle=False)
+        qs = {
+            k: (
+                ",".join(str(i) for i in v) if isinstance(v, list) else json.dumps(v) if isinstance(v, bool) else str(v)
+            )
+            for k, v in params.items()
+        }
+        r = yield _Request(
+            "POST",
+            "/v1/influence/batch",
+            params=qs,
+            content=buf.getvalue(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+    return BatchInfluenceResponse.model_validate(_json(r))
+
+
+def op_scores(query: Any, sample_id: int | None, params: dict[str, Any]) -> Op[Any]:
+    """Every training sample's score: a numpy record array ``(id, score)`` from the server's ``.npy``."""
+    import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
+
+    if (query is None) == (sample_id is None):
+        raise ValueError("give exactly one of query or sample_id")
+    if sample_id is not None:
+        r = yield _Request("POST", f"/v1/scores/samples/{int(sample_id)}", json=params)
+    else:
+        name, data = query_bytes(query)
+        form = {k: (json.dumps(v) if isinstance(v, (list, bool)) else str(v)) for k, v in params.items()}
+        r = yield _Request("POST", "/v1/scores", files={"file": (name, data, "application/octet-stream")}, data=form)
+    return np.load(io.BytesIO(r.content), allow_pickle=False)
 
 
 def op_sample(sample_id: int) -> Op[SampleInfo]:
@@ -245,7 +301,10 @@ class _Base:
 
     @staticmethod
     def _kwargs(req: _Request) -> dict[str, Any]:
-        return {"params": req.params, "json": req.json, "files": req.files, "data": req.data}
+        kw = {"params": req.params, "json": req.json, "files": req.files, "data": req.data}
+        if req.content is not None:
+            kw.update(content=req.content, headers=req.headers)
+        return kw
 
     def _outcome(self, resp: httpx.Response, attempt: int) -> bool:
         """True when the response should be retried; raises the typed error for other failures."""
@@ -338,6 +397,33 @@ class InfluenceClient(_Base):
         """
         p = _params(locals())
         return self._run(op_influence(query, sample_id, p))
+
+    def influence_batch(
+        self, queries: Any = None, *, sample_ids: list[int] | None = None, **params: Any
+    ) -> BatchInfluenceResponse:
+        """Many queries with the same parameters in one request: ``queries`` (an array ``[B, *shape]`` or a list of
+        arrays) or stored ``sample_ids``; the keywords are :meth:`influence`'s. ``.results[i]`` answers query i."""
+        return self._run(op_influence_batch(queries, sample_ids, _batch_params(**params)))
+
+    def scores(
+        self,
+        query: Any = None,
+        *,
+        sample_id: int | None = None,
+        objective: str = "elbo",
+        beta: float | None = None,
+        label: int | None = None,
+        checkpoints: list[int] | None = None,
+        convention: Convention = "lr",
+        seed: int = 0,
+        allow_resize: bool = False,
+        scoring: Scoring | None = None,
+        features: FeaturesMode = "recompute",
+    ) -> Any:
+        """Every training sample's score for ``query`` or ``sample_id``: a numpy record array of N rows
+        ``(id int64, score float64)`` in row order (``r["score"]``, ``r["id"]``); same query path as ``influence``."""
+        p = _params(locals())
+        return self._run(op_scores(query, sample_id, p))
 
     def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
         """``influence(..., direction="proponents")``: hits in ``.proponents``."""
@@ -498,6 +584,31 @@ class AsyncInfluenceClient(_Base):
         """
         p = _params(locals())
         return await self._run(op_influence(query, sample_id, p))
+
+    async def influence_batch(
+        self, queries: Any = None, *, sample_ids: list[int] | None = None, **params: Any
+    ) -> BatchInfluenceResponse:
+        """Many queries with the same parameters in one request (see :meth:`InfluenceClient.influence_batch`)."""
+        return await self._run(op_influence_batch(queries, sample_ids, _batch_params(**params)))
+
+    async def scores(
+        self,
+        query: Any = None,
+        *,
+        sample_id: int | None = None,
+        objective: str = "elbo",
+        beta: float | None = None,
+        label: int | None = None,
+        checkpoints: list[int] | None = None,
+        convention: Convention = "lr",
+        seed: int = 0,
+        allow_resize: bool = False,
+        scoring: Scoring | None = None,
+        features: FeaturesMode = "recompute",
+    ) -> Any:
+        """See :meth:`InfluenceClient.scores`."""
+        p = _params(locals())
+        return await self._run(op_scores(query, sample_id, p))
 
     async def proponents(self, query: Any = None, **kw: Any) -> InfluenceResponse:
         return await self.influence(query, direction="proponents", **kw)

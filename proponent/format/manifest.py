@@ -37,7 +37,7 @@ class _Record(BaseModel):
 
 
 class CheckpointSpec(_Record):
-    """A TracIn checkpoint and the training metadata its weight needs (DESIGN.md §1)."""
+    """A TracIn checkpoint and the training metadata its weight needs (docs/design.md §3)."""
 
     path: str
     lr: float

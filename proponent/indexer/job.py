@@ -122,6 +122,33 @@ def checkpoints_from_run(run_dir: str | Path) -> tuple[list[CheckpointSpec], dic
     return specs, run
 
 
+def checkpoints_from_runs(run_dirs: list[str | Path]) -> tuple[list[CheckpointSpec], dict[str, Any]]:
+    """The checkpoints of several training runs of one model on one dataset (an ensemble), in run order.
+
+    TracIn sums over checkpoints, so an index over the concatenated checkpoints scores every row with
+    the sum of the runs' TracIn scores (R x their mean). The runs must share the model configuration and
+    the training data; returns the specs and the first run's ``run.json``.
+    """
+    if not run_dirs:
+        raise ValueError("give at least one run directory")
+    specs: list[CheckpointSpec] = []
+    first: dict[str, Any] | None = None
+    for d in run_dirs:
+        s, run = checkpoints_from_run(d)
+        if first is None:
+            first = run
+        else:
+            if run.get("model_config") != first.get("model_config"):
+                raise ValueError(
+                    f"run {d}: its model configuration differs from {run_dirs[0]}'s; an ensemble needs one model"
+                )
+            if run["data"]["fingerprint"] != first["data"]["fingerprint"]:
+                raise ValueError(f"run {d}: trained on other data than {run_dirs[0]} (data fingerprints differ)")
+        specs.extend(s)
+    assert first is not None
+    return specs, first
+
+
 def library_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "numpy": np.__version__, "zarr": zarr.__version__, "faiss": faiss.__version__}
 

@@ -2,7 +2,7 @@
 
 A run directory holds ``run.json`` (data, model, optimiser, checkpoint list) and
 ``checkpoints/ckpt_XXX.pt``. Every checkpoint records its learning rate, batch
-size and optimiser steps since the previous checkpoint (DESIGN.md §1).
+size and optimiser steps since the previous checkpoint (docs/design.md §3).
 """
 
 from __future__ import annotations

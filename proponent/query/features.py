@@ -3,7 +3,11 @@
 Three modes, chosen at start-up from the budget (``auto``) or forced:
 
 * ``memory``: the stored features are held in RAM (or GPU memory) as stored -- int8 codes
-  with their per-row scales, float16 or float32.
+  with their per-row scales (on the GPU too: the scan's int8 GEMM runs there), float16 or
+  float32 (as float32).
+  Resident int8 codes are ``[n, W]`` with ``W`` the dimension rounded up to a multiple of 8
+  (zero columns: the widths the GPU's int8 GEMM takes), on every device, so the CPU runs the
+  layout a GPU does.
 * ``quantized``: float features held as int8 (a quarter or half of their size); the scan bounds
   every row's quantization error and rescores, from the store at stored precision, every row
   whose bound reaches the k-th best, so answers stay exact over the stored features.
@@ -36,6 +40,7 @@ log = logging.getLogger("proponent.features")
 
 MODES = ("auto", "memory", "quantized", "stream")
 BLOCK_ROWS = 16384  # rows per scan block of resident features
+COL_ALIGN = 8  # resident int8 codes are padded with zero columns to a multiple of this
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -102,8 +107,8 @@ class ServedFeatures:
         self.feat_norm = [store.feat_norm(c, sl) for c in range(checkpoints)]
         self.scale = [store.scale(c, sl) for c in range(checkpoints)]
         gpu = self.device.type == "cuda"
-        # memory mode holds int8 codes as they are on the CPU, everything else as float32
-        per_value = 1 if (self.stored_dtype == "int8" and not gpu) else 4
+        # memory mode holds int8 codes as they are (CPU or GPU), everything else as float32
+        per_value = 1 if self.stored_dtype == "int8" else 4
         memory_bytes = self.n * self.dim * checkpoints * per_value
         int8_bytes = self.n * self.dim * checkpoints
         if gpu and budget_bytes is None:
@@ -119,7 +124,8 @@ class ServedFeatures:
         if mode == "quantized" and self.stored_dtype == "int8":
             mode = "memory"  # int8 is already the quantized form
         self.mode = mode
-        # resident[c]: int8 codes (CPU) or float32 rows (CPU or GPU); None when streamed
+        # resident[c]: int8 codes [n, width] or float32 rows [n, dim] (CPU or GPU); None when streamed
+        self.width = -(-self.dim // COL_ALIGN) * COL_ALIGN
         self.resident: list[torch.Tensor | None] = [None] * checkpoints
         self.resident_scale: list[np.ndarray | None] = [None] * checkpoints
         self.resident_norm: list[np.ndarray] = list(self.feat_norm)  # bound on ||resident row||
@@ -133,13 +139,12 @@ class ServedFeatures:
         """Read checkpoint ``c``'s features (every chunk checksum-verified) into the resident form."""
         st = self.store
         layout = st.layout
-        gpu = self.device.type == "cuda"
-        if self.mode == "memory" and (self.stored_dtype == "int8") and not gpu:
-            codes = np.empty((self.n, self.dim), np.int8)
+        if self.mode == "memory" and self.stored_dtype == "int8":
+            codes = np.zeros((self.n, self.width), np.int8)
             for k in self.chunks:
                 lo, hi = layout.chunk_range(k)
-                codes[lo - self.lo : hi - self.lo] = st.feature_chunk(c, k)
-            self.resident[c] = torch.from_numpy(codes)
+                codes[lo - self.lo : hi - self.lo, : self.dim] = st.feature_chunk(c, k)
+            self.resident[c] = torch.from_numpy(codes).to(self.device)
             self.resident_scale[c] = self.scale[c]
             return
         if self.mode == "memory":
@@ -149,7 +154,7 @@ class ServedFeatures:
             self.resident[c] = rows
             return
         # quantized: int8 codes of the float features, with exact per-row error bounds
-        codes = np.empty((self.n, self.dim), np.int8)
+        codes = np.zeros((self.n, self.width), np.int8)
         scale = np.empty(self.n, np.float32)
         resid = np.empty(self.n, np.float64)
         rnorm = np.empty(self.n, np.float64)
@@ -157,12 +162,12 @@ class ServedFeatures:
             lo = first - self.lo
             hi = lo + len(block)
             q, s = quantize_int8(block)
-            codes[lo:hi], scale[lo:hi] = q, s
+            codes[lo:hi, : self.dim], scale[lo:hi] = q, s
             approx = q.astype(np.float64) * s.astype(np.float64)[:, None]
             diff = block.astype(np.float64) - approx
             resid[lo:hi] = round_up_f32(np.sqrt(np.einsum("ij,ij->i", diff, diff))) * (1 + 1e-6)
             rnorm[lo:hi] = round_up_f32(np.sqrt(np.einsum("ij,ij->i", approx, approx))) * (1 + 1e-6)
-        self.resident[c] = torch.from_numpy(codes)
+        self.resident[c] = torch.from_numpy(codes).to(self.device)
         self.resident_scale[c] = scale
         self.residual[c] = resid
         self.resident_norm[c] = rnorm
@@ -237,23 +242,24 @@ class ServedFeatures:
         or the store's chunks (checksum-verified, through the chunk cache of a remote index)."""
         rows = np.asarray(rows, np.int64)
         if block is not None and block.exact:
-            t = block.data[c][torch.from_numpy(rows - block.lo)]
-            vals = t.cpu().numpy().astype(np.float64)
-            if t.dtype == torch.int8:
-                sc = self.scale[c]
-                assert sc is not None
-                vals *= sc[rows].astype(np.float64)[:, None]
-            return vals
+            return self._scaled(c, rows, block.data[c], rows - block.lo)
         r = self.resident[c]
         if self.mode == "memory" and r is not None:
-            t = r[torch.from_numpy(rows).to(r.device)]
-            vals = t.cpu().numpy().astype(np.float64)
-            if t.dtype == torch.int8:
-                sc = self.scale[c]
-                assert sc is not None
-                vals *= sc[rows].astype(np.float64)[:, None]
-            return vals
+            return self._scaled(c, rows, r, rows)
         return self._rows_from_chunks(c, rows)
+
+    def _scaled(self, c: int, rows: np.ndarray, data: torch.Tensor, at: np.ndarray) -> np.ndarray:
+        """Rows ``at`` of ``data`` (held rows, possibly padded) as float64 stored values (int8 codes x scale).
+        CPU rows are gathered by numpy: torch's indexing wakes its thread pool, milliseconds on a busy machine."""
+        if data.device.type == "cpu":
+            vals = data.numpy()[at, : self.dim].astype(np.float64)
+        else:
+            vals = data[torch.from_numpy(at).to(data.device), : self.dim].cpu().numpy().astype(np.float64)
+        if data.dtype == torch.int8:
+            sc = self.scale[c]
+            assert sc is not None
+            vals *= sc[rows].astype(np.float64)[:, None]
+        return vals
 
     def _rows_from_chunks(self, c: int, rows: np.ndarray) -> np.ndarray:
         out = self.store.stored_values(c, rows + self.lo)

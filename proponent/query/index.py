@@ -37,7 +37,7 @@ from proponent.format.store import ChunkCache, FeatureStore, StoreError
 from proponent.model.runtime import ModelRuntime
 from proponent.query.features import ServedFeatures, parse_size
 from proponent.query.searcher import LocalSearcher, Searcher
-from proponent.query.usecase import all_scores, answer
+from proponent.query.usecase import all_scores, answer, answer_batch
 
 __all__ = ["IndexError_", "IndexMeta", "InfluenceIndex", "open_index", "verify_index"]
 
@@ -263,6 +263,13 @@ class InfluenceIndex:
     def influence(self, x: Any = None, *, sample_id: int | None = None, **kw: Any) -> InfluenceResponse:
         """Proponents / opponents of an input ``x [*shape]`` or a stored sample (keywords as the API)."""
         return self.query(x=x, sample_id=sample_id, **kw)
+
+    def influence_batch(
+        self, xs: Any = None, *, sample_ids: list[int] | None = None, **kw: Any
+    ) -> list[InfluenceResponse]:
+        """Many queries with the same parameters (inputs ``xs [B, *shape]`` or ``sample_ids``): one pass over rows."""
+        arrays = None if xs is None else [np.asarray(x, np.float32) for x in xs]
+        return answer_batch(self, InfluenceParams(**kw), xs=arrays, sample_ids=sample_ids)
 
     def proponents(self, x: Any = None, **kw: Any) -> InfluenceResponse:
         return self.influence(x, direction="proponents", **kw)

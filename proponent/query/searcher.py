@@ -21,7 +21,7 @@ import numpy as np
 
 from proponent.query.features import ServedFeatures
 from proponent.query.scoring import scored_query
-from proponent.query.search import ScoredQuery, TopK, _top, restricted, row_dots, scan
+from proponent.query.search import ScoredQuery, TopK, _top, restricted, row_dots, scan_batch
 
 
 @dataclass
@@ -41,6 +41,15 @@ class SearchRequest:
 
 class Searcher(Protocol):
     def search(self, request: SearchRequest) -> dict[str, TopK]: ...
+
+
+def search_all(searcher: Searcher, requests: Sequence[SearchRequest]) -> list[dict[str, TopK]]:
+    """Several requests: in one pass where the searcher batches (:meth:`LocalSearcher.search_batch`), else one by one
+    (a sharded searcher: each shard scans each request)."""
+    batch = getattr(searcher, "search_batch", None)
+    if batch is not None:
+        return list(batch(requests))
+    return [searcher.search(r) for r in requests]
 
 
 def per_draw_scores(served: ServedFeatures, sq: ScoredQuery, request: SearchRequest, rows: np.ndarray, sign: float):
@@ -72,24 +81,38 @@ class LocalSearcher:
         self.offset = offset
 
     def search(self, request: SearchRequest) -> dict[str, TopK]:
+        return self.search_batch([request])[0]
+
+    def search_batch(self, requests: Sequence[SearchRequest]) -> list[dict[str, TopK]]:
+        """Answers to several requests: the exact scans among them that share k, directions and checkpoints
+        in one pass over the rows (:func:`~proponent.query.search.scan_batch`: a GEMM, not one product per
+        query); pre-filtered and ANN requests one by one. Each answer is the one its request gets alone."""
         served = self.served
-        sq = scored_query(
-            served, request.weights, request.checkpoints, request.vectors, request.sq_norms, request.scoring
-        )
-        k = min(request.k, served.n)
-        if request.candidates is not None:
-            local = np.asarray(request.candidates, np.int64) - self.offset
-            local = local[(local >= 0) & (local < served.n)]
-            results = restricted(served, sq, local, k, request.directions)
-        elif request.use_ann:
-            results = self._ann(sq, k, request.directions)
-        else:
-            results = scan(served, sq, k, request.directions)
-        for d, res in results.items():
-            if request.draws is not None:
-                res.per_draw = per_draw_scores(served, sq, request, res.rows, 1.0 if d == "proponents" else -1.0)
-            res.rows = res.rows + self.offset
-        return results
+        sqs = [scored_query(served, r.weights, r.checkpoints, r.vectors, r.sq_norms, r.scoring) for r in requests]
+        answers: list[dict[str, TopK] | None] = [None] * len(requests)
+        groups: dict[tuple[int, tuple[str, ...], tuple[int, ...]], list[int]] = {}
+        for i, (request, sq) in enumerate(zip(requests, sqs, strict=True)):
+            k = min(request.k, served.n)
+            if request.candidates is not None:
+                local = np.asarray(request.candidates, np.int64) - self.offset
+                local = local[(local >= 0) & (local < served.n)]
+                answers[i] = restricted(served, sq, local, k, request.directions)
+            elif request.use_ann:
+                answers[i] = self._ann(sq, k, request.directions)
+            else:
+                groups.setdefault((k, tuple(request.directions), tuple(sq.checkpoints)), []).append(i)
+        for (k, directions, _), members in groups.items():
+            for i, found in zip(members, scan_batch(served, [sqs[i] for i in members], k, directions), strict=True):
+                answers[i] = found
+        out = []
+        for request, sq, results in zip(requests, sqs, answers, strict=True):
+            assert results is not None
+            for d, res in results.items():
+                if request.draws is not None:
+                    res.per_draw = per_draw_scores(served, sq, request, res.rows, 1.0 if d == "proponents" else -1.0)
+                res.rows = res.rows + self.offset
+            out.append(results)
+        return out
 
     def _ann(self, sq: ScoredQuery, k: int, directions: tuple[str, ...]) -> dict[str, TopK]:
         """Candidates from the per-checkpoint FAISS indexes (raw inner products), rescored exactly: approximate."""

@@ -15,6 +15,7 @@ is an error that says so.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,10 +25,11 @@ import numpy as np
 from proponent.api.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
 from proponent.query.crossloss import make_query_objective
 from proponent.query.scoring import multipliers
-from proponent.query.searcher import SearchRequest
+from proponent.query.searcher import SearchRequest, search_all
 
 if TYPE_CHECKING:
     from proponent.query.index import InfluenceIndex
+    from proponent.query.search import TopK
 
 
 class QueryError(ValueError):
@@ -82,15 +84,23 @@ def _prefilter_rows(
     return np.argpartition(d, size - 1)[:size] if size < meta.n else np.arange(meta.n)
 
 
-def answer(
-    index: InfluenceIndex,
-    params: InfluenceParams,
-    *,
-    x: np.ndarray | None = None,
-    sample_id: int | None = None,
-    decode_ms: float = 0.0,
-) -> InfluenceResponse:
-    """Proponents and/or opponents of an input ``x [*shape]`` or a stored sample (see the module docstring)."""
+@dataclass
+class _Prepared:
+    """A query featurized and turned into a search request, with what its answer reports."""
+
+    request: SearchRequest
+    sample_id: int | None
+    m: int
+    use_ann: bool
+    cks: list[int]
+    t0: float
+    featurize_s: float
+    decode_ms: float
+
+
+def _prepare(
+    index: InfluenceIndex, params: InfluenceParams, x: np.ndarray | None, sample_id: int | None, decode_ms: float
+) -> _Prepared:
     t0 = time.perf_counter()
     if (x is None) == (sample_id is None):
         raise QueryError("give exactly one of an input x or a sample_id")
@@ -102,7 +112,6 @@ def answer(
         if x.shape != index.shape:
             raise QueryError(f"query shape {list(x.shape)} does not match the index's input shape {list(index.shape)}")
     vec, sqn, draws, m, _ = _query_features(index, params, x, row, cks)
-    t1 = time.perf_counter()
     directions: tuple[str, ...] = ("proponents", "opponents") if params.direction == "both" else (params.direction,)
     use_ann = not params.prefilter and (params.search == "ann" or (params.search == "auto" and index.has_ann))
     if params.search == "ann" and not index.has_ann:
@@ -122,8 +131,56 @@ def answer(
         use_ann=use_ann,
         allow_partial=params.allow_partial,
     )
-    results = index.searcher.search(request)
-    t2 = time.perf_counter()
+    return _Prepared(request, sample_id, m, use_ann, cks, t0, time.perf_counter() - t0, decode_ms)
+
+
+def answer(
+    index: InfluenceIndex,
+    params: InfluenceParams,
+    *,
+    x: np.ndarray | None = None,
+    sample_id: int | None = None,
+    decode_ms: float = 0.0,
+) -> InfluenceResponse:
+    """Proponents and/or opponents of an input ``x [*shape]`` or a stored sample (see the module docstring)."""
+    prep = _prepare(index, params, x, sample_id, decode_ms)
+    t1 = time.perf_counter()
+    results = index.searcher.search(prep.request)
+    return _respond(index, params, prep, results, time.perf_counter() - t1)
+
+
+def answer_batch(
+    index: InfluenceIndex,
+    params: InfluenceParams,
+    *,
+    xs: np.ndarray | list[np.ndarray] | None = None,
+    sample_ids: list[int] | None = None,
+    decode_ms: float = 0.0,
+) -> list[InfluenceResponse]:
+    """:func:`answer` for many queries with the same parameters -- inputs ``xs [B, *shape]`` or stored
+    ``sample_ids`` -- each featurized as alone, the exact scans done in one pass over the rows (a GEMM per
+    block: :func:`~proponent.query.search.scan_batch`). Each answer equals the query's single answer; its
+    ``search_ms`` is the batch's shared search time."""
+    if (xs is None) == (sample_ids is None):
+        raise QueryError("give exactly one of inputs xs or sample_ids")
+    items: list[tuple[np.ndarray | None, int | None]] = (
+        [(np.asarray(x), None) for x in xs] if xs is not None else [(None, int(i)) for i in sample_ids or []]
+    )
+    if not items:
+        raise QueryError("a batch needs at least one query")
+    preps = [_prepare(index, params, x, sid, decode_ms / len(items)) for x, sid in items]
+    t1 = time.perf_counter()
+    results = search_all(index.searcher, [p.request for p in preps])
+    search_s = time.perf_counter() - t1
+    return [_respond(index, params, p, r, search_s) for p, r in zip(preps, results, strict=True)]
+
+
+def _respond(
+    index: InfluenceIndex, params: InfluenceParams, prep: _Prepared, results: dict[str, TopK], search_s: float
+) -> InfluenceResponse:
+    t_resp = time.perf_counter()
+    meta = index.meta
+    m, cks, use_ann = prep.m, prep.cks, prep.use_ann
     out: dict[str, Any] = {}
     unresolved: dict[str, list[list[int]]] = {}
     search: dict[str, SearchStats] = {}
@@ -155,7 +212,7 @@ def answer(
         out[d] = hits
         unresolved[d] = pairs
         search[d] = SearchStats(strategy=res.strategy, candidates=res.candidates, exact=res.exact)
-    t3 = time.perf_counter()
+    respond_s = time.perf_counter() - t_resp
     missing = sorted({tuple(m) for r in results.values() for m in r.missing})
     exact = all(r.exact for r in results.values()) and not missing
     approximations = meta.approximations(cks, prefilter=params.prefilter, ann_used=use_ann)
@@ -170,7 +227,7 @@ def answer(
             scoring=params.scoring,
             checkpoints=cks,
             shape=list(index.shape),
-            sample_id=sample_id,
+            sample_id=prep.sample_id,
             features=params.features,
             m=m,
         ),
@@ -180,10 +237,10 @@ def answer(
         approximations=approximations,
         search=search,
         timings=Timings(
-            decode_ms=decode_ms,
-            featurize_ms=(t1 - t0) * 1e3,
-            search_ms=(t2 - t1) * 1e3,
-            total_ms=(t3 - t0) * 1e3 + decode_ms,
+            decode_ms=prep.decode_ms,
+            featurize_ms=prep.featurize_s * 1e3,
+            search_ms=search_s * 1e3,
+            total_ms=(prep.featurize_s + search_s + respond_s) * 1e3 + prep.decode_ms,
         ),
         unresolved=unresolved,
         partial=bool(missing),
@@ -244,3 +301,42 @@ def all_scores(
     """Every training row's exact score ``[N]`` for one query, featurized and scored as :func:`answer` does."""
     qv = query_vectors(index, params, x=x, sample_id=sample_id)
     return combine(index, qv, raw_dots(index, qv), scoring=params.scoring, convention=params.convention)
+
+
+SCORE_DTYPE = np.dtype([("id", "<i8"), ("score", "<f8")])
+_NOT_FOR_SCORES = {
+    "k": "a score vector has every row",
+    "direction": "a score vector has every row",
+    "prefilter": "a score vector is exact over every row",
+    "allow_partial": "a score vector is exact over every row",
+}
+
+
+def score_vector(
+    index: InfluenceIndex, params: InfluenceParams, *, x: np.ndarray | None = None, sample_id: int | None = None
+) -> np.ndarray:
+    """Every training sample's score for one query, as ``[N]`` records ``(id int64, score float64)`` in row
+    order: the query featurized as :func:`answer` does, every row scored exactly over the stored features
+    (the answer's scan ranks by the same scores). ``GET/POST /v1/scores``, ``proponent scores`` and
+    ``InfluenceClient.scores`` return this."""
+    for name, why in _NOT_FOR_SCORES.items():
+        if name in params.model_fields_set:
+            raise QueryError(f"{name}: not a parameter of a score vector ({why})")
+    if params.search == "ann":
+        raise QueryError("search: a score vector is exact over every row (no ANN index)")
+    if x is not None:
+        x = np.asarray(x, np.float32)
+        if x.shape != index.shape:
+            raise QueryError(f"query shape {list(x.shape)} does not match the index's input shape {list(index.shape)}")
+    scores = all_scores(index, params, x=x, sample_id=sample_id)
+    out = np.empty(len(scores), SCORE_DTYPE)
+    out["id"] = index.meta.ids
+    out["score"] = scores
+    return out
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file (no pickles)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

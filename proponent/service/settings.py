@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device for query featurization: auto | cpu | cuda | cuda:N")
     threads: int | None = Field(None, ge=1, description="torch/FAISS threads (default: all cores)")
     max_k: int = Field(1000, ge=1)
+    max_batch: int = Field(256, ge=1)  # queries in one POST /v1/influence/batch
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(16_777_216, ge=1)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = open")

@@ -4,8 +4,7 @@ Playwright for Python drives Debian's Chromium (``/usr/bin/chromium``, or ``PROP
 installs it; nothing is downloaded) against a real uvicorn server over the small real index of ``conftest.py``.
 Every assertion about what the page shows is checked against what the API answers for the same request.
 
-``PROPONENT_UI_SCREENSHOTS=docs pytest tests/service/test_ui.py`` also writes docs/ui-query.png,
-docs/ui-self-influence.png and docs/ui-index.png (the README's screenshots).
+The README's screenshots (docs/ui-*.png) come from ``make docs-shots`` (docs/shots.py), not from these tests.
 """
 
 from __future__ import annotations
@@ -28,19 +27,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.timeout(180)
 
-CHROMIUM = os.environ.get("PROPONENT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",  # without these Chromium's own outbound connections are refused here
-    "--disable-component-update",
-    "--disable-sync",
-]
-SHOTS = os.environ.get("PROPONENT_UI_SCREENSHOTS")  # a folder to keep the screenshots in (e.g. docs)
-VIEWPORT = {"width": 1280, "height": 800}  # a laptop screen
+# the browser as docs/shots.py (make docs-shots) drives it: Debian's Chromium, headless, a laptop-sized viewport
+from docs.shots import CHROMIUM, CHROMIUM_ARGS, VIEWPORT  # noqa: E402  (after the importorskip of playwright)
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -83,12 +71,6 @@ def page(browser: Any) -> Iterator[Any]:
 def open_page(page: Any, url: str, view: str = "query") -> None:
     page.goto(f"{url}/#{view}")
     page.wait_for_selector("body[data-ready='1']")
-
-
-def shot(page: Any, name: str) -> None:
-    if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / name))
 
 
 def assert_fits_laptop(page: Any) -> None:
@@ -211,7 +193,6 @@ def test_upload_is_its_own_first_proponent_then_click_through(page, svc_server):
     assert f"#{shown[1]}" in tip.inner_text()
     assert tip.locator("tr").count() == len(info["checkpoints"]) == len(answer["proponents"][1]["contributions"])
     assert_fits_laptop(page)
-    shot(page, "ui-query.png")
 
     # click a hit: it becomes a stored-sample query
     with page.expect_response(f"**/v1/influence/samples/{shown[1]}") as resp2:
@@ -350,7 +331,6 @@ def test_self_influence_job_ranked_grid_marks_and_csv(page, svc_server):
     assert page.locator("#rank-grid .hit.marked").count() == 2
     assert cards.nth(0).locator(".mark-box").is_checked() and not cards.nth(1).locator(".mark-box").is_checked()
     assert_fits_laptop(page)
-    shot(page, "ui-self-influence.png")
     page.click("#rank-next")
     page.wait_for_selector("#rank-grid[data-offset='48']")
     second = httpx.get(f"{url}/v1/jobs/{job_id}/result", params={"offset": 48, "limit": 48}).json()
@@ -381,7 +361,6 @@ def test_index_view(page, svc_server):
     for want in (str(info["shape"]), f"{info['dim']:,}", info["dataset_spec"], info["projection"]["kind"], "bernoulli"):
         assert want in text
     assert_fits_laptop(page)
-    shot(page, "ui-index.png")
 
 
 # ---------------------------------------------------------------------------------- API keys
