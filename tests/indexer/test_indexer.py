@@ -14,7 +14,7 @@ from proponent.format.integrity import verify_index
 from proponent.format.store import FeatureStore
 from proponent.indexer.data import load_dataset
 from proponent.indexer.job import IndexJobError, IndexOptions, build_index, checkpoints_from_run
-from proponent.indexer.training import train
+from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import CheckpointSpec
 from proponent.model.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_noise
