@@ -89,3 +89,37 @@ def test_strict_types_and_messages_that_name_field_and_value(svc_server) -> None
         for junk in (b"\xff\xd8\xffnot a jpeg at all", b"\x93NUMPY\x01\x00v\x00{'descr': __import__('os').getpid()}"):
             r = h.post("/v1/influence", files={"file": ("q", junk, "application/octet-stream")})
             assert r.status_code in (415, 422) and " object at 0x" not in r.json()["error"]["message"], r.text
+
+
+def test_admission_control_sheds_what_cannot_finish_in_time() -> None:
+    """64 clients at a queue that finishes one 0.3 s query at a time within a 1 s timeout: the queue admits
+    what it can answer in time and sheds the rest at once (503 + Retry-After) -- no 504s."""
+    import asyncio
+
+    from proponent.service.engine import QueryEngine
+    from proponent.service.errors import ApiError
+    from proponent.service.metrics import Metrics
+
+    async def scenario() -> list[int]:
+        engine = QueryEngine(1, 64, 1.0, Metrics())
+        engine.start()
+        try:
+            await engine.run(lambda: time.sleep(0.3))  # the running mean: ~0.3 s a query
+            assert engine.mean_s is not None and 0.25 < engine.mean_s < 1.0
+
+            async def one() -> int:
+                try:
+                    await engine.run(lambda: time.sleep(0.3))
+                    return 200
+                except ApiError as e:
+                    if e.status == 503:
+                        assert int(e.headers["Retry-After"]) >= 1 and "within the 1 s timeout" in e.message
+                    return e.status
+
+            return list(await asyncio.gather(*(one() for _ in range(64))))
+        finally:
+            engine.stop()
+
+    statuses = asyncio.run(scenario())
+    assert statuses.count(504) == 0
+    assert 1 <= statuses.count(200) <= 4 and statuses.count(503) == 64 - statuses.count(200)
