@@ -233,6 +233,12 @@ class IndexInfo(_Model):
     serving: dict[str, Any] = Field(
         default_factory=dict, description="features mode (memory | quantized | stream), memory budget, resident bytes"
     )
+    fidelity: dict[str, Any] | None = Field(
+        None,
+        description="the index job's fidelity check: per checkpoint, median recall@10 of the exact top-10 "
+        "proponents/opponents and the relative score error of the stored features against exact gradients, "
+        "the bar, and a warning when below it (null: an index built before the check existed)",
+    )
     scorings: list[str] = Field(default_factory=lambda: list(SCORINGS))
     default_scoring: str = DEFAULT_SCORING
     shards: list[dict[str, Any]] = Field(default_factory=list, description="sharded serving: one entry per shard")
