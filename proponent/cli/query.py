@@ -297,7 +297,14 @@ def register(sub: Any) -> None:
     sv.add_argument("--ray-address", help="Ray cluster address for --shards (default: a local one)")
     sv.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard replica (--shards)")
     sv.add_argument(
-        "--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per shard and router replica (--shards)"
+        "--cpus-per-replica",
+        type=float,
+        help="Ray CPUs reserved per shard and router replica (--shards; default: sized to the free CPUs, at most 1)",
+    )
+    sv.add_argument(
+        "--start-timeout",
+        type=float,
+        help="seconds for every replica to be running before start-up fails (--shards; default 120)",
     )
     sv.add_argument("--log-level", default="info")
     sv.set_defaults(func=_cmd_serve)
