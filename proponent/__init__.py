@@ -42,6 +42,7 @@ _EXPORTS = {
     "IndexOptions": "proponent.indexer.job",
     "build_index": "proponent.indexer.job",
     "checkpoints_from_run": "proponent.indexer.job",
+    "checkpoints_from_runs": "proponent.indexer.job",
     "CheckpointSpec": "proponent.model.checkpoints",
     "ProjectionSpec": "proponent.model.projection",
     "open_index": "proponent.query.index",

@@ -221,7 +221,7 @@ def external_checkpoints(a: argparse.Namespace) -> tuple[list[Any], list[str]]:
 def _cmd_index(a: argparse.Namespace) -> int:
     from proponent.format.fsio import index_dir  # lazy: CLI start-up
     from proponent.format.manifest import read_manifest
-    from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+    from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_runs
     from proponent.model.architectures import ModelConfig
     from proponent.model.projection import ProjectionSpec
     from proponent.threads import set_threads
@@ -231,7 +231,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
     record = None
     assumed: list[str] = []
     if a.run:
-        specs, run = checkpoints_from_run(a.run)
+        specs, run = checkpoints_from_runs(a.run)
         data_spec = a.data or run["data"]["spec"]
     else:
         if not a.checkpoints:
@@ -359,7 +359,12 @@ def register(sub: Any) -> None:
 
     defaults = ProjectionSpec()
     i = sub.add_parser("index", help="featurize training data at every checkpoint into the index's Zarr store")
-    i.add_argument("--run", help="run directory written by `proponent train`")
+    i.add_argument(
+        "--run",
+        action="append",
+        help="run directory written by `proponent train`; repeat it for an ensemble of runs of the same model "
+        "on the same data (their checkpoints are concatenated: scores are summed over runs)",
+    )
     i.add_argument("--data", help="data spec (default: the run's)")
     g = i.add_argument_group("a model trained elsewhere")
     g.add_argument("--checkpoints", nargs="+", help="checkpoint files, in training order")

@@ -139,6 +139,9 @@ class IndexMeta:
             out.append(f"approximate nearest-neighbour index: {man.ann.kind}")
         if prefilter:
             out.append(f"latent pre-filter: only the {prefilter} training samples nearest in latent space")
+        warning = man.fidelity.warning() if man.fidelity is not None else None
+        if warning:
+            out.append(warning)
         return out
 
 

@@ -26,19 +26,21 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proponent.format.store import StoreError
 from proponent.query.index import InfluenceIndex, open_index
 from proponent.query.searcher import Searcher
 from proponent.service.deps import require_api_key
 from proponent.service.engine import QueryEngine
-from proponent.service.errors import BodyTooLarge, install_error_handlers, request_id_var
+from proponent.service.errors import BodyTooLarge, error_response, install_error_handlers, request_id_var
 from proponent.service.jobs import JobManager
 from proponent.service.metrics import Metrics
 from proponent.service.routes import factors, health, index, influence, jobs, samples
@@ -164,6 +166,8 @@ class RequestContextMiddleware:
                     start, body = _json_error(413, str(e.detail), rid)
                     await send_wrapper(start)
                     await send(body)
+                except ClientDisconnect:
+                    status["code"] = 499  # the client closed the connection: nobody to answer, not an error
                 except Exception as e:
                     # A bug. Answer 500 here, inside the request's context (request id in the log line and
                     # the body), instead of letting it reach Starlette's outermost handler, which answers
@@ -311,6 +315,21 @@ def create_app(settings: Settings | None = None, searcher_factory: SearcherFacto
     )
     app.state.proponent = state
     install_error_handlers(app)
+
+    @app.exception_handler(StoreError)
+    async def _damaged(request: Request, exc: StoreError) -> Response:
+        """Damaged index data found by any route that reads the store: named, and the server stops serving
+        (the query routes answer index_damaged from now on, /readyz 503), as the query path does."""
+        state.damaged = str(exc)
+        state.ready = False
+        log.error("index damaged: %s", exc)
+        return error_response(500, str(exc), code="index_damaged")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        """The client went away mid-request: not a server error (logged and counted as 499, nothing sent)."""
+        return Response(status_code=499)
+
     app.include_router(health.router)
     _install_ui(app)
     for r in (index.router, influence.router, samples.router, jobs.router, factors.router):

@@ -21,22 +21,8 @@ from proponent.model.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_nois
 from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
 from proponent.query.index import open_index
 from tests.helpers import query_vectors, reference_scores, stored_matrix
-
-DATA = "digits,limit=150"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = load_dataset(DATA)
-    cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(24,), latent_dim=4)
-    out = tmp_path_factory.mktemp("run") / "run"
-    return train(data, cfg, out, TrainConfig(epochs=3, batch_size=32, checkpoints=2, seed=1), show_progress=False)
-
-
-def _build(run: Path, out: Path, **kw: object) -> Path:
-    specs, run_json = checkpoints_from_run(run)
-    opts = IndexOptions(**{"m": 3, "featurizer": "dense", "device": "cpu", **kw})  # type: ignore[arg-type]
-    return build_index(run_json["data"]["spec"], specs, out, opts, show_progress=False)
+from tests.indexer.conftest import DATA
+from tests.indexer.conftest import build as _build
 
 
 def _autograd_grad(
@@ -245,3 +231,45 @@ def test_package_level_api_mirrors_the_cli() -> None:
     assert proponent.train is train and proponent.load_dataset is load_dataset
     with pytest.raises(AttributeError):
         proponent.no_such_name  # noqa: B018
+
+
+def test_ensemble_of_runs_concatenates_checkpoints(tiny_run: Path, tmp_path: Path) -> None:
+    from proponent.indexer.job import checkpoints_from_runs
+
+    data = load_dataset(DATA)
+    cfg = ModelConfig.from_dict(checkpoints_from_run(tiny_run)[1]["model_config"])
+    other = train(
+        data, cfg, tmp_path / "run2", TrainConfig(epochs=3, batch_size=32, checkpoints=2, seed=2), show_progress=False
+    )
+    specs, run_json = checkpoints_from_runs([tiny_run, other])
+    assert [s.path for s in specs] == [
+        s.path for s in checkpoints_from_run(tiny_run)[0] + checkpoints_from_run(other)[0]
+    ]
+    opts = IndexOptions(m=3, featurizer="dense", device="cpu", projection=ProjectionSpec(kind="none"), dtype="float32")
+    ens = open_index(build_index(DATA, specs, tmp_path / "ens", opts, show_progress=False), device="cpu")
+    one = open_index(_build(tiny_run, tmp_path / "one", projection=ProjectionSpec(kind="none"), dtype="float32"))
+    assert len(ens.checkpoints) == 4 and [c.sha256 for c in ens.checkpoints[:2]] == [c.sha256 for c in one.checkpoints]
+    x = data.x[3] * 0.5 + data.x[8] * 0.5
+    # the first run's checkpoints keep their positions (and noise draws): its part of the sum is its own index's score
+    np.testing.assert_allclose(ens.scores(x, seed=5, checkpoints=[0, 1]), one.scores(x, seed=5), rtol=1e-10)
+    # all checkpoints: the sum of the runs' parts
+    both = ens.scores(x, seed=5)
+    np.testing.assert_allclose(
+        both, ens.scores(x, seed=5, checkpoints=[0, 1]) + ens.scores(x, seed=5, checkpoints=[2, 3]), rtol=1e-9
+    )
+    # runs of another model, or on other data, are refused with the reason
+    small = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(12,), latent_dim=4)
+    third = train(
+        data, small, tmp_path / "run3", TrainConfig(epochs=1, batch_size=32, checkpoints=1), show_progress=False
+    )
+    with pytest.raises(ValueError, match="model configuration differs"):
+        checkpoints_from_runs([tiny_run, third])
+    fourth = train(
+        load_dataset("digits,limit=140"),
+        cfg,
+        tmp_path / "run4",
+        TrainConfig(epochs=1, checkpoints=1),
+        show_progress=False,
+    )
+    with pytest.raises(ValueError, match="other data"):
+        checkpoints_from_runs([tiny_run, fourth])
