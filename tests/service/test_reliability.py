@@ -123,3 +123,40 @@ def test_admission_control_sheds_what_cannot_finish_in_time() -> None:
     statuses = asyncio.run(scenario())
     assert statuses.count(504) == 0
     assert 1 <= statuses.count(200) <= 4 and statuses.count(503) == 64 - statuses.count(200)
+
+
+def test_oversize_chunked_multipart_is_413_early(svc_index_dir, tmp_path) -> None:
+    """A chunked multipart upload (no Content-Length) over the limit: 413 as soon as the limit is passed,
+    the connection closed, most of the body never read."""
+    limit = 64 * 1024
+    with svc_run_server(index=svc_index_dir, state_dir=tmp_path / "s", max_upload_bytes=limit) as s:
+        u = urlparse(s.url)
+        head = (
+            f"POST /v1/influence HTTP/1.1\r\nHost: {u.hostname}\r\nTransfer-Encoding: chunked\r\n"
+            "Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n"
+        ).encode()
+        part = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="q.npy"\r\n\r\n'
+        sent, reply = 0, b""
+        with socket.create_connection((u.hostname, u.port)) as sock:
+            sock.sendall(head + b"%x\r\n%s\r\n" % (len(part), part))
+            sock.settimeout(0.05)
+            chunk = b"x" * 16384
+            try:
+                while sent < 200 * limit and not reply:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+                    try:
+                        reply = sock.recv(65536)
+                    except TimeoutError:
+                        pass
+            except OSError:  # the server closed the connection while we were still sending
+                pass
+            sock.settimeout(10)
+            while b"\r\n\r\n" not in reply:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                reply += more
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"payload_too_large" in reply or b"larger than the limit" in reply
+        assert sent < 20 * limit  # refused early, not after the whole body

@@ -26,7 +26,7 @@ from proponent.query.searcher import ShardUnavailable
 from proponent.query.usecase import answer, answer_batch, npy_bytes, score_vector
 from proponent.service.deps import EngineDep, IndexDep, SampleId, StateDep
 from proponent.service.engine import QueryEngine
-from proponent.service.errors import ApiError, error_responses, validation_message
+from proponent.service.errors import ApiError, BodyTooLarge, error_responses, validation_message
 from proponent.service.state import ServiceState
 
 router = APIRouter(tags=["influence"])
@@ -200,6 +200,8 @@ async def read_query(
     if media == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=32)
+        except BodyTooLarge:
+            raise  # over the size limit while it streamed in (chunked): 413 at once, the rest never read
         except StarletteHTTPException as e:  # malformed multipart, too many parts: 422 like malformed JSON
             raise ApiError(422, f"multipart body: {e.detail}") from None
         upload = form.get("file")
