@@ -145,6 +145,25 @@ def test_retrain_subsets_uses_its_cache(lds_setup):
     assert len(list((root / "work" / "subsets").iterdir())) == 17
 
 
+def test_open_lds_cache_returns_the_runs_subsets_and_losses(lds_setup):
+    from proponent.analysis.lds import open_lds_cache
+
+    root, data, cfg, tc, idx, query_x, eps, masks, losses = lds_setup
+    spec = "digits,limit=270+digits,offset=270,limit=30,injected"
+    kw = {"train_spec": spec, "queries_from": "digits,offset=1597,limit=20", "queries": 20, "subsets": 16}
+    with pytest.raises(FileNotFoundError, match="no full model"):
+        open_lds_cache(root / "work", **kw, loss_m=16)
+    (root / "work" / "full").mkdir(exist_ok=True)
+    (root / "work" / "full" / "run").symlink_to(root / "run")
+    cache = open_lds_cache(root / "work", **kw, loss_m=16)  # everything cached: no training
+    np.testing.assert_array_equal(cache.masks, masks)
+    np.testing.assert_array_equal(cache.losses, losses)
+    np.testing.assert_array_equal(cache.query_x, query_x)
+    assert cache.model_config.to_dict() == cfg.to_dict() and cache.train_config.epochs == tc.epochs
+    with pytest.raises(ValueError, match="other data"):
+        open_lds_cache(root / "work", **{**kw, "train_spec": "digits,limit=300"}, loss_m=16)
+
+
 def test_injected_effect_reports_shares(lds_setup):
     root, data, cfg, tc, idx, query_x, eps, masks, losses = lds_setup
     eff = injected_effect(idx, query_x, masks, losses)
