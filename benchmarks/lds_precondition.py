@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proponent.analysis.lds import lds_per_query, open_lds_cache, paired_difference, summarize
+from proponent.analysis.lds import GramBlock, lds_per_query, open_lds_cache, paired_difference, summarize
 from proponent.api.schemas import InfluenceParams
 from proponent.query.index import open_index
 from proponent.query.usecase import query_vectors
@@ -125,22 +125,16 @@ def main() -> None:
             ]
             if blocks[-1][1] != dim:
                 raise SystemExit(f"layer blocks cover {blocks[-1][1]} of {dim} dimensions")
-            parts = []
-            for lo, hi in blocks:
-                lk, ub = np.linalg.eigh(phi[:, lo:hi] @ phi[:, lo:hi].T)
-                db = q[:, lo:hi] @ phi[:, lo:hi].T
-                parts.append((np.clip(lk, 0, None), ub, db, (q[:, lo:hi] ** 2).sum(1), hi - lo))
+            parts = [GramBlock(phi[:, lo:hi], q[:, lo:hi]) for lo, hi in blocks]
         else:
-            lk, ub = np.linalg.eigh(phi @ phi.T)
-            parts = [(np.clip(lk, 0, None), ub, q @ phi.T, (q**2).sum(1), dim)]
+            parts = [GramBlock(phi, q)]
         for al in alphas:
             s_c, lev_c, qpq_c = np.zeros((nq, n)), np.zeros(n), np.zeros(nq)
-            for lk, ub, db, qq, width in parts:
-                lam = al * lk.sum() / width
-                du = db @ ub
-                s_c += (du / (lk + lam)) @ ub.T  # Φ P q = (K + λ)⁻¹ Φ q
-                lev_c += ((ub**2) * (lk / (lk + lam))).sum(1)  # f_iᵀ P f_i = [Φ P Φᵀ]_ii = [(K + λ)⁻¹ K]_ii
-                qpq_c += (qq - ((du**2) / (lk + lam)).sum(1)) / lam  # Woodbury
+            for part in parts:
+                s_b, lev_b, qpq_b = part.apply(al * part.trace / part.width)
+                s_c += s_b
+                lev_c += lev_b
+                qpq_c += qpq_b
             pre[al] += w[c] * s_c
             pcos[al] += (
                 w[c] * s_c / np.sqrt(np.clip(qpq_c, 1e-300, None)[:, None] * np.clip(lev_c, 1e-300, None)[None, :])
@@ -149,7 +143,7 @@ def main() -> None:
             if a.mode != "layer" and c == cks[-1]:
                 extra[f"last checkpoint only, a={al:g}"] = s_c
         if a.mode == "layer":
-            scaled = sum(db / (lk.sum() / width) for lk, _, db, _, width in parts)
+            scaled = sum(part.dots / (part.trace / part.width) for part in parts)
             extra["per-layer scaled"] = extra.get("per-layer scaled", 0) + w[c] * scaled
         log(f"checkpoint {c}: D={dim}, {len(parts)} block(s)")
         del phi

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from proponent.analysis.lds import query_losses
+from proponent.analysis.lds import GramBlock, query_losses
 from proponent.format.fsio import read_json
 from proponent.indexer.data import load_dataset
 from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
@@ -66,16 +66,13 @@ def fold_masks(n: int, folds: int, repeats: int) -> list[np.ndarray]:
 
 
 def leverage(index: Any, alpha: float, convention: str = "lr") -> np.ndarray:
-    """Σ_c w_c f_c(i)ᵀ(Φ_cᵀΦ_c + λ_c I)⁻¹ f_c(i) = Σ_c w_c [(K_c + λ_c)⁻¹ K_c]_ii, K_c = Φ_c Φ_cᵀ (float64;
-    the push-through identity, so only N x N matrices are formed)."""
+    """Σ_c w_c f_c(i)ᵀ(Φ_cᵀΦ_c + λ_c I)⁻¹ f_c(i), λ_c = alpha x the mean eigenvalue of Φ_cᵀΦ_c (float64)."""
     w = index.weights(convention)
     out = np.zeros(index.n)
     for c in range(len(index.meta.checkpoints)):
         phi = index.features.exact_rows(c, np.arange(index.n))
-        lam_k, u = np.linalg.eigh(phi @ phi.T)
-        lam_k = np.clip(lam_k, 0, None)
-        lam = alpha * lam_k.sum() / phi.shape[1]
-        out += w[c] * ((u**2) * (lam_k / (lam_k + lam))).sum(axis=1)
+        block = GramBlock(phi, phi[:1])
+        out += w[c] * block.apply(alpha * block.trace / block.width)[1]
     return out
 
 

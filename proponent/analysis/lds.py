@@ -59,6 +59,7 @@ __all__ = [
     "checkpoint_subsets",
     "fixed_query_noise",
     "lds_rows",
+    "GramBlock",
     "LdsCache",
     "open_lds_cache",
     "paired_difference",
@@ -216,6 +217,40 @@ def open_lds_cache(
         data, model_config, train_config, masks, workdir, query_x, eps, vary_seed=vary_seed, progress=progress
     )
     return LdsCache(data, query_x, masks, losses, model_config, train_config, run_dir)
+
+
+class GramBlock:
+    """TRAK's Gram preconditioner on one block, exactly: features ``phi [N, W]``, queries ``q [Q, W]``,
+    P = (ΦᵀΦ + λI)⁻¹ (research code for the LDS and memorization benchmarks; not on the query path).
+
+    The eigendecomposition is taken in the smaller of the two spaces: ΦᵀΦ = V σ Vᵀ (W x W) when
+    W ≤ N, else K = ΦΦᵀ = U Λ Uᵀ (N x N) with the push-through identity Φ P q = (K + λ)⁻¹ Φ q.
+    """
+
+    def __init__(self, phi: np.ndarray, q: np.ndarray):
+        self.width = phi.shape[1]
+        self.dots = q @ phi.T  # [Q, N] raw inner products
+        self.small = self.width <= phi.shape[0]
+        if self.small:
+            sig, v = np.linalg.eigh(phi.T @ phi)
+            self.eig = np.clip(sig, 0, None)
+            self.fv, self.qv = phi @ v, q @ v  # rows and queries in the eigenbasis
+        else:
+            lk, u = np.linalg.eigh(phi @ phi.T)
+            self.eig, self.u = np.clip(lk, 0, None), u
+            self.du = self.dots @ u
+            self.qq = (q**2).sum(1)
+        self.trace = float(self.eig.sum())
+
+    def apply(self, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(qᵀ P f_i [Q, N], f_iᵀ P f_i [N], qᵀ P q [Q])``."""
+        inv = 1.0 / (self.eig + lam)
+        if self.small:
+            return (self.qv * inv) @ self.fv.T, (self.fv**2 * inv).sum(1), (self.qv**2 * inv).sum(1)
+        s = (self.du * inv) @ self.u.T  # Φ P q = (K + λ)⁻¹ Φ q
+        lev = ((self.u**2) * (self.eig * inv)).sum(1)  # f_iᵀ P f_i = [(K + λ)⁻¹ K]_ii
+        qpq = (self.qq - (self.du**2 * inv).sum(1)) / lam  # Woodbury
+        return s, lev, qpq
 
 
 def predicted_group_influence(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -172,3 +172,22 @@ def test_injected_effect_reports_shares(lds_setup):
         e = eff["scorings"][scoring]
         assert 0.0 <= e["predicted_variance_share_injected"] <= 1.0
         assert e["lds_clean_rows_only"]["mean"] > 0.2  # 90% of the rows carry most of the signal
+
+
+@pytest.mark.parametrize("n,w", [(40, 12), (12, 40)])
+def test_gram_block_matches_the_explicit_preconditioned_inner_product(n, w):
+    from proponent.analysis.lds import GramBlock
+
+    rng = np.random.default_rng(n)
+    phi, q = rng.normal(size=(n, w)), rng.normal(size=(3, w))
+    block = GramBlock(phi, q)
+    assert block.small == (w <= n) and block.trace == pytest.approx(float((phi**2).sum()))
+    for lam in (1e-3, 0.7, 50.0):
+        p = np.linalg.inv(phi.T @ phi + lam * np.eye(w))  # float64 brute force
+        s, lev, qpq = block.apply(lam)
+        np.testing.assert_allclose(s, q @ p @ phi.T, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(lev, np.einsum("ij,jk,ik->i", phi, p, phi), rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(qpq, np.einsum("ij,jk,ik->i", q, p, q), rtol=1e-7, atol=1e-10)
+    # no damping left to speak of: lambda x the preconditioned score tends to the raw inner product
+    s, _, _ = block.apply(1e9)
+    np.testing.assert_allclose(s * 1e9, q @ phi.T, rtol=1e-5, atol=1e-5)
