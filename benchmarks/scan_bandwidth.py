@@ -7,15 +7,21 @@ For each N (``--sizes``), D = the default layout's width, int8 rows:
 * **kernel**: the scan's integer products (``proponent.query.kernels.int8_products``: a query's two
   int8 vectors against N resident rows) with each kernel this machine has (``native``: the C kernel;
   ``torch``: ``torch._int_mm``), bytes of rows read per second and the fraction of the bandwidth;
-* **served scan**: the whole exact scan (``proponent.query.search.scan``: products, per-row bounds,
+* **served scan**: the whole exact scan (``proponent.query.scan.scan``: products, per-row bounds,
   the certificate's threshold and the float64 rescoring) over a synthetic index in the real format
   (``proponent.indexer.synthetic``, C = ``--checkpoints``) held in memory, then **streamed**: the same
   scan reading the store chunk by chunk with the page cache of the store's files dropped before
   every query (``posix_fadvise(DONTNEED)``), against the disk's sequential read bandwidth measured
   on the same files with ``O_DIRECT`` (no page cache).
 
+* **batch queries**: ``--batch`` (64) uploaded queries answered through the use case
+  (:func:`proponent.query.usecase.answer`, featurization included) one by one, then as one batch
+  (:func:`~proponent.query.usecase.answer_batch`: one pass over the rows), on the same index held in
+  memory; queries/s of each and their ratio (the answers are checked equal).
+
 Targets (issue 22): in-memory scan ≥ 0.6× the memory bandwidth at 60,000 and 250,000 rows; streamed
-scan ≥ 0.7× the disk bandwidth. The machine this runs on may be shared: ratios are same-run, medians.
+scan ≥ 0.7× the disk bandwidth; a batch of 64 queries ≥ 8× the throughput of 64 single queries. The
+machine this runs on may be shared: ratios are same-run, medians.
 
 Usage::
 
@@ -86,12 +92,12 @@ def disk_bandwidth(paths: list[Path], block: int = 8 << 20) -> tuple[float, int]
     return total / (time.perf_counter() - t0), total
 
 
-def kernel_rows(n: int, d: int, reps: int, bw: float) -> list[str]:
+def kernel_rows(n: int, d: int, reps: int, bw: float, batch: int) -> list[str]:
     import torch
 
     from proponent.query import kernels
     from proponent.query.features import COL_ALIGN
-    from proponent.query.search import _Int8Query
+    from proponent.query.scan import _Int8Batch, _Int8Query
 
     rng = np.random.default_rng(0)
     width = -(-d // COL_ALIGN) * COL_ALIGN
@@ -110,6 +116,13 @@ def kernel_rows(n: int, d: int, reps: int, bw: float) -> list[str]:
         rate = n * d / t
         label = f"native ({kernels.native_kernel()})" if name == "native" else "torch (_int_mm)"
         out.append(f"{n:>8} {'kernel ' + label:<28} {t * 1e3:>9.1f} {rate / 1e9:>8.2f} {rate / bw:>6.2f}")
+        if batch:  # the batch's products: one GEMM of 2 x batch int8 vectors against the rows
+            many = _Int8Batch([_Int8Query(rng.standard_normal(d)) for _ in range(batch)])
+            tb = median_time(lambda name=name, many=many: kernels.int8_products(codes, many.z, name), max(1, reps // 2))
+            out.append(
+                f"{n:>8} {f'  same, {batch} queries (GEMM)':<28} {tb * 1e3:>9.1f} {'':>8} {'':>6}"
+                f"  {batch * t / tb:.2f}x the throughput of {batch} single products"
+            )
     return out
 
 
@@ -120,8 +133,8 @@ def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, stream
     from proponent.format.store import FeatureStore
     from proponent.indexer.synthetic import synthetic_index
     from proponent.query.features import ServedFeatures
+    from proponent.query.scan import scan
     from proponent.query.scoring import scored_query
-    from proponent.query.search import scan
 
     where = work / f"synthetic-n{n}-c{c}-d{d}-int8"
     t0 = time.perf_counter()
@@ -169,6 +182,34 @@ def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, stream
     return out
 
 
+def batch_rows(n: int, d: int, c: int, batch: int, work: Path) -> list[str]:
+    from proponent.api.schemas import InfluenceParams
+    from proponent.query.index import open_index
+    from proponent.query.usecase import answer, answer_batch
+
+    where = work / f"synthetic-n{n}-c{c}-d{d}-int8"
+    idx = open_index(where, device="cpu", feature_mode="memory", memory_budget=1 << 40)
+    rng = np.random.default_rng(2)
+    xs = rng.uniform(0, 1, (batch, *idx.shape)).astype(np.float32)
+    params = InfluenceParams(k=10, direction="both", scoring="raw", uncertainty=False)
+    answer(idx, params, x=xs[0])  # warm-up
+    t0 = time.perf_counter()
+    single = [answer(idx, params, x=x) for x in xs]
+    t_single = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    many = answer_batch(idx, params, xs=list(xs))
+    t_batch = time.perf_counter() - t0
+    for a, b in zip(single, many, strict=True):
+        assert a.ids("proponents") == b.ids("proponents") and a.scores("opponents") == b.scores("opponents")
+    feat = statistics.median(r.timings.featurize_ms for r in single)
+    return [
+        f"{n:>8} {f'{batch} single queries':<28} {t_single * 1e3:>9.1f} {batch / t_single:>8.1f} q/s"
+        f"  (featurize p50 {feat:.1f} ms, search p50 {statistics.median(r.timings.search_ms for r in single):.1f} ms)",
+        f"{n:>8} {f'1 batch of {batch}':<28} {t_batch * 1e3:>9.1f} {batch / t_batch:>8.1f} q/s"
+        f"  {t_single / t_batch:>5.2f}x the single queries' throughput (search {many[0].timings.search_ms:.0f} ms)",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="60000,250000")
@@ -179,6 +220,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: PROPONENT_THREADS or all)")
     ap.add_argument("--no-served", action="store_true", help="kernels only (no synthetic index)")
     ap.add_argument("--no-stream", action="store_true", help="no streamed scan")
+    ap.add_argument("--batch", type=int, default=64, help="queries in the batch-throughput run (0: none)")
     ap.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "proponent-bench"))
     a = ap.parse_args()
 
@@ -196,11 +238,14 @@ def main() -> None:
     for n in (int(s) for s in a.sizes.split(",")):
         bw = memory_bandwidth(a.stream_mib, a.reps)
         print(f"{n:>8} {'memory read (sum, floor)':<28} {'':>9} {bw / 1e9:>8.2f}", flush=True)
-        for line in kernel_rows(n, d, a.reps, bw):
+        for line in kernel_rows(n, d, a.reps, bw, a.batch):
             print(line, flush=True)
         if not a.no_served:
             for line in served_rows(n, d, a.checkpoints, a.reps, bw, work, not a.no_stream):
                 print(line, flush=True)
+            if a.batch:
+                for line in batch_rows(n, d, a.checkpoints, a.batch, work):
+                    print(line, flush=True)
         bw2 = memory_bandwidth(a.stream_mib, a.reps)
         print(f"{n:>8} {'memory read again (floor)':<28} {'':>9} {bw2 / 1e9:>8.2f}", flush=True)
 
