@@ -15,6 +15,8 @@ data in [0, 1] (and, with ``--models official``, (c) the VAE-TracIn authors' β-
 * feature layouts (``--layouts``, MLP only): rows/s of the Kronecker first stage followed by a
   second-stage sketch (``proponent.model.sketch``) and optional int8 storage quantization,
   each against the bare hooked forward + backward (the floor), interleaved in the same run.
+  ``default[:DTYPE]`` is the product's own path: :class:`KroneckerFeaturizer` with the default tensor-sketch
+  projector (D = 7,996 split by gradient energy as the index job's calibration does), int8 unless given.
   A layout is ``STAGE1[+KIND[NNZ]>D2][:int8]`` with STAGE1 ``tsD`` (per-layer tensor sketches from
   the Kronecker factors, ``d_l ∝`` the layer's gradient energy, total D), ``hybD`` (tensor sketches
   for the one-row encoder layers, Kronecker blocks for the m-row decoder layers), ``kronK`` (k per
@@ -52,7 +54,7 @@ from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.featurizers.dense import DenseFeaturizer
 from proponent.model.featurizers.kronecker import KroneckerFeaturizer, auto_batch_size
 from proponent.model.objectives import ELBO, Objective
-from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers
+from proponent.model.projection import DEFAULT_DIM, ProjectionSpec, Projector, build_projector, discover_layers
 from proponent.model.sketch import Sketch, allocate_dims, allocate_tensor
 from proponent.research.sketches import (
     KronVariance,
@@ -167,7 +169,7 @@ def floor_rows_per_s(kron: KroneckerFeaturizer, cfg, m: int, device, batch: int,
 
 
 DEFAULT_LAYOUTS = (
-    "kron1,kron64,tsf7996:int8,tsf8192:int8,tsf4096:float16,ts7996:int8,hybt7996:int8,hyb8192:int8,"
+    "default:int8,kron1,kron64,tsf7996:int8,tsf8192:int8,tsf4096:float16,ts7996:int8,hybt7996:int8,hyb8192:int8,"
     "kron64+sparse1>8192:int8,kron64+srht>8192:int8,kron64+gaussian>2048,valloc20000+sparse1>8192:int8,valloc8000:int8"
 )
 _LAYOUT = re.compile(
@@ -243,6 +245,15 @@ def build_layouts(spec: str, model, obj, cfg, device, batch: int, calib: dict | 
     recorded = (calib or {}).get("stage1_layouts", {})
     out = []
     for text in [t.strip() for t in spec.split(",") if t.strip()]:
+        if text.split(":")[0] == "default":  # the product's featurizer and layout, as the index job builds it
+            energy = (
+                [li["energy_share"] for li in calib["layers"]] if calib else layer_energy_share(model, obj, cfg, device)
+            )
+            dims = allocate_tensor(energy, DEFAULT_DIM, [li.in_dim * li.out_dim for li in layers])
+            proj = build_projector(model, "all", ProjectionSpec(layer_dims=tuple(dims)), device=device)
+            dtype = text.split(":")[1] if ":" in text else "int8"
+            out.append(FeatureLayout(text, KroneckerFeaturizer(model, obj, proj, chunk_size=batch), None, dtype))
+            continue
         m = _LAYOUT.match(text)
         if not m:
             raise SystemExit(f"layout {text!r}: expected STAGE1[+KIND[NNZ]>D2][:DTYPE], e.g. kron64+sparse1>8192:int8")

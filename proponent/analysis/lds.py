@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from proponent.analysis.scorings import query_dots
+from proponent.analysis.scoring_comparison import query_dots
 from proponent.api.registry import SCORINGS
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
 from proponent.indexer.data import Dataset

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from proponent.analysis.factors import index_factors
-from proponent.analysis.scorings import compare_scorings
+from proponent.analysis.scoring_comparison import compare_scorings
 from proponent.api.schemas import DEFAULT_SCORING, InfluenceParams
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
 from proponent.query.index import open_index
@@ -662,6 +662,7 @@ def write_report(
         "scoring": scoring or DEFAULT_SCORING,
         "seed": seed,
         "queries": [int(idx.meta.ids[r]) for r in q_rows],
+        "fidelity": None if idx.manifest.fidelity is None else idx.manifest.fidelity.model_dump(),
     }
     ctx = ReportContext(
         idx, q_rows, is_out, outlier_source, convention, scoring or DEFAULT_SCORING, seed, numbers, _plt()
@@ -699,6 +700,7 @@ h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-t
 p{line-height:1.45} img{max-width:100%} table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.3em .8em;text-align:left} code{background:#f4f4f4;padding:0 .2em}
 nav a{margin-right:1em} .num{font-size:1.1em} .meta{color:#666;font-size:.9em}
+.warn{color:#7a4b00;background:#fff4d6;border:1px solid #e8c36a;padding:.3em .5em}
 """
 
 
@@ -713,11 +715,33 @@ def _document(idx: Any, numbers: dict[str, Any], sections: list[str]) -> str:
         f"<code>{numbers['convention']}</code>, scoring <code>{numbers['scoring']}</code>."
     )
     nav = "".join(f'<a href="#{s}">{s}</a>' for s in SECTION_IDS)
+    fid = man.fidelity
+    if fid is None:
+        fidelity = '<p class="meta" id="fidelity">No fidelity check recorded (an index built before it existed).</p>'
+    else:
+        warn = fid.warning()
+        rows = [
+            (
+                str(ch.checkpoint),
+                f"{ch.recall_proponents:.2f}",
+                f"{ch.recall_opponents:.2f}",
+                f"{ch.relative_error:.3f}",
+            )
+            for ch in fid.checkpoints
+        ]
+        fidelity = (
+            f'<div id="fidelity"><p class="meta">Fidelity of the stored features ({fid.queries} rows scored against '
+            f"{fid.pool} others, against exact gradients; medians; bar {fid.bar_proponents:.2f} / "
+            f"{fid.bar_opponents:.2f}):</p>"
+            + _table(["checkpoint", f"recall@{fid.top} proponents", "opponents", "relative score error"], rows)
+            + (f'<p class="warn"><b>Warning:</b> {html.escape(warn)}</p>' if warn else "")
+            + "</div>\n"
+        )
     blob = json.dumps(numbers, default=float).replace("</", "<\\/")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>proponent report</title>'
         f"<style>{_CSS}</style></head><body>\n<h1>Influence report (VAE-TracIn)</h1>\n"
-        f'<p class="meta">{meta}</p>\n<nav>{nav}</nav>\n'
+        f'<p class="meta">{meta}</p>\n{fidelity}<nav>{nav}</nav>\n'
         + "".join(sections)
         + f'<script type="application/json" id="numbers">{blob}</script>\n</body></html>\n'
     )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from proponent.api.registry import SCORINGS, ScoringName
 
@@ -165,7 +166,7 @@ class InfluenceParams(_Model):
         description="query objective: elbo, reconstruction, kl, elbo_beta, ... (/v1/index query_objectives)",
         examples=["elbo", "reconstruction", "kl", "elbo_beta", "probe"],
     )
-    beta: float | None = Field(None, ge=0, le=1e6, description="β for elbo_beta")
+    beta: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False, description="β for elbo_beta")
     label: int | None = Field(None, ge=0, le=2**31 - 1, description="class label (objectives that need one)")
     checkpoints: list[int] | None = Field(None, max_length=4096, description="checkpoint subset (default: all)")
     convention: Convention = "lr"
@@ -197,6 +198,14 @@ class InfluenceParams(_Model):
         False, description="sharded servers: answer from the shards that respond (flagged partial) instead of 503"
     )
 
+    @field_validator("k", "beta", "label", "seed", "prefilter", "checkpoints", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, v: Any) -> Any:
+        """``true`` is not the number 1 (JSON has both): a boolean where a number belongs is an error."""
+        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(i, bool) for i in v)):
+            raise PydanticCustomError("number_type", "must be a number, not a boolean")
+        return v
+
 
 class CheckpointInfo(_Model):
     index: int
@@ -223,6 +232,12 @@ class IndexInfo(_Model):
     storage: dict[str, Any] = Field(default_factory=dict, description="feature dtype, bytes per sample, sizes")
     serving: dict[str, Any] = Field(
         default_factory=dict, description="features mode (memory | quantized | stream), memory budget, resident bytes"
+    )
+    fidelity: dict[str, Any] | None = Field(
+        None,
+        description="the index job's fidelity check: per checkpoint, median recall@10 of the exact top-10 "
+        "proponents/opponents and the relative score error of the stored features against exact gradients, "
+        "the bar, and a warning when below it (null: an index built before the check existed)",
     )
     scorings: list[str] = Field(default_factory=lambda: list(SCORINGS))
     default_scoring: str = DEFAULT_SCORING

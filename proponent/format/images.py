@@ -42,9 +42,15 @@ class DataError(ValueError):
     """A dataset spec, data file or uploaded image is malformed; the message is one line."""
 
 
+_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
 def one_line(exc: BaseException | str) -> str:
     """An exception (or text) as one line: whitespace collapsed, the type name when empty."""
     text = " ".join(str(exc).split())
+    # never a Python repr (``<_io.BytesIO object at 0x…>``, ``<ast.Call object at 0x…>``): the upload, or the kind
+    text = _REPR.sub(lambda m: "" if m.group(1).endswith("BytesIO") else m.group(1).rsplit(".", 1)[-1], text)
+    text = " ".join(text.split())
     return text or type(exc).__name__
 
 

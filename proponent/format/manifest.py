@@ -168,6 +168,46 @@ class AnnRecord(_Record):
     files: list[FileRecord] = Field(default_factory=list)
 
 
+class FidelityCheck(_Record):
+    """One checkpoint's agreement of the stored features with exact gradients (medians over the queries)."""
+
+    checkpoint: int
+    recall_proponents: float  # recall@top of the exact top proponents
+    recall_opponents: float
+    relative_error: float  # ||s_stored - s_exact|| / ||s_exact|| over the pool
+    passed: bool
+
+
+class FidelityRecord(_Record):
+    """The index job's fidelity check (``proponent.indexer.fidelity``): ``queries`` rows of the index
+    scored against ``pool`` others, stored features against exact per-sample gradients."""
+
+    queries: int
+    pool: int
+    top: int
+    bar_proponents: float
+    bar_opponents: float
+    checkpoints: list[FidelityCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(ch.passed for ch in self.checkpoints)
+
+    def warning(self) -> str | None:
+        """One line when a checkpoint is below the bar, else None."""
+        low = [ch for ch in self.checkpoints if not ch.passed]
+        if not low:
+            return None
+        worst = min(low, key=lambda ch: (ch.recall_proponents, ch.recall_opponents))
+        return (
+            f"fidelity below the bar at {len(low)} of {len(self.checkpoints)} checkpoints: the stored features' "
+            f"top-{self.top} agree with exact gradients at a median recall of {worst.recall_proponents:.2f} "
+            f"proponents / {worst.recall_opponents:.2f} opponents (checkpoint {worst.checkpoint}; bar "
+            f"{self.bar_proponents:.2f} / {self.bar_opponents:.2f}); a wider layout (--proj-dim) or "
+            "--projection none agrees better"
+        )
+
+
 class Manifest(_Record):
     format: Literal["proponent-index"] = "proponent-index"
     version: int = MANIFEST_VERSION
@@ -186,6 +226,8 @@ class Manifest(_Record):
     # training metadata no checkpoint file or flag gave, taken as 1 (`--uniform-weights`); every answer says so
     assumed_metadata: list[str] = Field(default_factory=list)
     seconds: float | None = None  # written by indexes built before timings.json; never now (bytes stay reproducible)
+    # the job's fidelity check (None: an index finished before the check existed); its time is in timings.json
+    fidelity: FidelityRecord | None = None
     checksum: str = ""
 
     @property

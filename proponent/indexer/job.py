@@ -45,6 +45,7 @@ from proponent.format.manifest import (
     AnnRecord,
     CheckpointSpec,
     DatasetRecord,
+    FidelityRecord,
     FileRecord,
     Manifest,
     ManifestError,
@@ -64,6 +65,7 @@ from proponent.format.store import (
     input_encoding,
     unit_rows_for,
 )
+from proponent.indexer import fidelity
 from proponent.indexer.data import Dataset, load_dataset
 from proponent.indexer.training import training_objective as builtin_objective
 from proponent.model.architectures import ModelConfig
@@ -530,12 +532,29 @@ def featurize_pending(
 
 
 # ---------------------------------------------------------------------------------- 5. finish
-def finish(where: IndexDir, t0: float | None = None) -> Manifest:
-    """Build the ANN indexes (if any), record the store's metadata hashes, mark the index complete."""
+def measure_fidelity(where: IndexDir, device: str = "auto") -> tuple[FidelityRecord, list[float]]:
+    """The fidelity check of a complete store (:mod:`proponent.indexer.fidelity`), every checkpoint, and the
+    seconds it took at each (for timings.json: run-time figures stay out of the manifest)."""
+    worker = UnitWorker(where, device)
+    man, store = worker.man, FeatureStore.open(where)
+    queries, pool = fidelity.choose_rows(man.n, man.objective.seed)
+    checks, seconds = [], []
+    for c in range(len(man.checkpoints)):
+        t0 = time.perf_counter()
+        model = worker.model(c)
+        checks.append(fidelity.check_checkpoint(man, store, c, model, worker.objective, worker.device, queries, pool))
+        seconds.append(round(time.perf_counter() - t0, 3))
+    return fidelity.fidelity_record(checks, len(queries), len(pool)), seconds
+
+
+def finish(where: IndexDir, t0: float | None = None, device: str = "auto", check_fidelity: bool = True) -> Manifest:
+    """Build the ANN indexes (if any), measure the features' fidelity (``check_fidelity``), record the
+    store's metadata hashes, mark the index complete."""
     man = read_manifest(where)
     store = FeatureStore.open(where)
     if not store.is_complete():
         raise IndexJobError(f"{where}: units are still pending; run the index job (or its shards) to the end")
+    fid, fid_seconds = measure_fidelity(where, device) if check_fidelity else (None, [])
     files = []
     if man.ann.kind != "none":
         need = ann.train_rows_needed(man.ann.kind)
@@ -558,11 +577,13 @@ def finish(where: IndexDir, t0: float | None = None) -> Manifest:
                 update={"metadata": meta, "positions": FileRecord(path=POSITIONS_FILE, sha256=sha256_bytes(positions))}
             ),
             "complete": True,
+            "fidelity": fid,
         }
     )
     man = write_manifest(where, man)
     if t0 is not None:  # run-time figures stay out of the checksummed manifest: identical runs, identical bytes
-        where.write_bytes(TIMINGS_FILE, (json.dumps({"seconds": round(time.perf_counter() - t0, 3)}) + "\n").encode())
+        timings = {"seconds": round(time.perf_counter() - t0, 3), "fidelity_seconds": fid_seconds}
+        where.write_bytes(TIMINGS_FILE, (json.dumps(timings) + "\n").encode())
     return man
 
 
@@ -676,8 +697,11 @@ def build_index(
             featurize_pending(where, units, opts.device, show_progress)
     if not FeatureStore.open(where).is_complete():
         return where.location  # a shard finished its part; the run that finds every unit done finishes
-    finish(where, t0)
+    man = finish(where, t0, opts.device)
     if log:
+        if man.fidelity is not None:
+            timings = json.loads(where.read_bytes(TIMINGS_FILE)) if where.is_file(TIMINGS_FILE) else {}
+            log(describe_fidelity(man, timings.get("fidelity_seconds")))
         problems = verify_index(where)
         log("verified: OK" if not problems else "verify: " + "; ".join(problems))
     return where.location
@@ -718,4 +742,27 @@ def describe_layout(man: Manifest, model0: nn.Module, objective: Objective, proj
         feat.featurize(*_probe(model0, objective, data))
         for name, route in routes():
             lines.append(f"  layer {name}: {route}")
+    return "\n".join(lines)
+
+
+def describe_fidelity(man: Manifest, seconds: list[float] | None = None) -> str:
+    """The fidelity check's lines for the job's log (with each checkpoint's ``seconds`` if given), with the
+    warning when below the bar."""
+    fid = man.fidelity
+    if fid is None:
+        return "fidelity: not measured"
+    lines = [
+        f"fidelity ({fid.queries} queries x {fid.pool} rows, stored features against exact gradients; bar "
+        f"recall@{fid.top} {fid.bar_proponents:.2f} / {fid.bar_opponents:.2f}):"
+    ]
+    for i, ch in enumerate(fid.checkpoints):
+        took = f" ({seconds[i]:.1f} s)" if seconds and i < len(seconds) else ""
+        lines.append(
+            f"  checkpoint {ch.checkpoint}: recall@{fid.top} proponents {ch.recall_proponents:.2f}, opponents "
+            f"{ch.recall_opponents:.2f}, relative score error {ch.relative_error:.3f}{took}"
+            + ("" if ch.passed else "  BELOW THE BAR")
+        )
+    warn = fid.warning()
+    if warn:
+        lines.append("WARNING: " + warn)
     return "\n".join(lines)

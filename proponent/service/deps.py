@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import json
+import re
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from proponent.query.index import InfluenceIndex
@@ -74,3 +76,24 @@ def require_api_key(
         ok |= hmac.compare_digest(given.encode(), key.encode())
     if not ok:
         raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+_CANONICAL_ID = re.compile(r"(0|[1-9][0-9]{0,18})")
+
+
+def canonical_sample_id(
+    sample_id: Annotated[
+        str, Path(description="training sample id: a non-negative integer without sign, spaces or leading zeros")
+    ],
+) -> int:
+    """The path's sample id, only in its canonical form (``+1``, `` 1`` and ``003`` are not ids)."""
+    if not _CANONICAL_ID.fullmatch(sample_id) or int(sample_id) > 2**63 - 1:
+        raise ApiError(
+            422,
+            "sample_id: must be a non-negative integer without sign, spaces or leading zeros, "
+            f"got {json.dumps(sample_id)}",
+        )
+    return int(sample_id)
+
+
+SampleId = Annotated[int, Depends(canonical_sample_id)]

@@ -3,8 +3,11 @@
 Featurization (torch) and FAISS search block and release the GIL, so they do not belong on
 the event loop. Each query is a callable put on a bounded queue; a worker thread runs it and
 hands the result back to the waiting coroutine through an asyncio future. A full queue is
-answered at once with 503 + Retry-After (back-pressure instead of unbounded latency); a query
-that does not finish within ``request_timeout_s`` is answered with 504 and skipped by the
+answered at once with 503 + Retry-After (back-pressure instead of unbounded latency), and so is a
+query that the queue cannot finish in time: admission control estimates its wait from the queries
+ahead of it and a running mean of how long queries take, and sheds it (503 + Retry-After) when
+that exceeds ``request_timeout_s``, instead of admitting work that would end in 504. A query that
+still does not finish within ``request_timeout_s`` is answered with 504 and skipped by the
 workers if it has not started yet.
 
 The workers are the server's torch threads: start-up, the factors route and the gradient work
@@ -18,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,6 +44,7 @@ class _Task:
     fn: Callable[[], Any]
     settle: Callable[[Any, BaseException | None], None]  # hands the result (or error) to the waiter
     abandoned: threading.Event = field(default_factory=threading.Event)
+    query: bool = False  # a query (its duration feeds the admission estimate)
 
 
 def _async_settle(
@@ -63,6 +69,7 @@ class QueryEngine:
         self._threads: list[threading.Thread] = []
         self._active = 0
         self._active_lock = threading.Lock()
+        self.mean_s: float | None = None  # running mean of a query's time on a worker (admission control)
 
     def start(self) -> None:
         for i in range(self.workers):
@@ -97,7 +104,20 @@ class QueryEngine:
         ``timeout=False``: work that may take long, such as the factors' first computation)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        task = _Task(fn, _async_settle(loop, fut))
+        task = _Task(fn, _async_settle(loop, fut), query=True)
+        wait = self.expected_wait()
+        # with nothing ahead a query is always admitted (so that one slow query cannot shut the queue for good)
+        if timeout and wait is not None and wait > self.timeout_s and self.depth + self.active > 0:
+            self.metrics.rejected.inc()
+            retry = max(1, math.ceil(wait - self.timeout_s))
+            raise ApiError(
+                503,
+                f"the query queue cannot finish this query within the {self.timeout_s:g} s timeout (expected "
+                f"{wait:.1f} s: {self.depth + self.active} queries ahead, about {self.mean_s:.2f} s each); "
+                f"retry in {retry} s",
+                code="overloaded",
+                headers={"Retry-After": str(retry)},
+            )
         try:
             self._q.put_nowait(task)
         except queue.Full:
@@ -116,6 +136,14 @@ class QueryEngine:
         except asyncio.TimeoutError:
             task.abandoned.set()
             raise ApiError(504, f"query did not finish within {self.timeout_s:g}s", code="timeout") from None
+
+    def expected_wait(self) -> float | None:
+        """Seconds until a query submitted now would be answered: the queries ahead of it (queued and
+        running) shared among the workers, plus its own time, at the running mean; None before any."""
+        if self.mean_s is None:
+            return None
+        ahead = self.depth + self.active
+        return (ahead / max(1, self.workers) + 1) * self.mean_s
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on a worker, waiting for room in the queue and for as long as it takes (start-up)."""
@@ -151,12 +179,16 @@ class QueryEngine:
             if task.abandoned.is_set():
                 continue
             self._set_active(1)
+            t0 = time.perf_counter()
             try:
                 result, error = task.fn(), None
             except BaseException as e:  # handed to the waiting request, which maps it to a status
                 result, error = None, e
             finally:
                 self._set_active(-1)
+            if task.query:
+                dt = time.perf_counter() - t0
+                self.mean_s = dt if self.mean_s is None else 0.8 * self.mean_s + 0.2 * dt
             task.settle(result, error)
 
 

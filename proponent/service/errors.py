@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proponent.api.schemas import ErrorBody
@@ -65,11 +67,22 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=h)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def value_text(v: Any) -> str:
+    """A request value as the client wrote it (JSON), shortened; never a Python repr."""
+    try:
+        text = json.dumps(v, allow_nan=True, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = type(v).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validation_message(exc: RequestValidationError | ValidationError) -> str:
+    """``field: problem, got VALUE`` for each error (the field's name and the value sent)."""
     parts = []
     for e in exc.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",)) or "body"
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")) or "params"
+        got = f", got {value_text(e['input'])}" if "input" in e and not isinstance(e["input"], dict) else ""
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}{got}")
     return "; ".join(parts) or "invalid request"
 
 
@@ -90,7 +103,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _validation_message(exc))
+        return error_response(422, validation_message(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""Sharded serving on Ray Serve: ``proponent serve --shards N [--ray-address ADDR]``.
+"""Sharded serving on Ray Serve (:func:`deploy`; the command is ``proponent serve --shards N [--ray-address ADDR]``).
 
 The index's rows are split into N contiguous, chunk-aligned ranges
 (:func:`~proponent.query.searcher.shard_ranges`). Each range is served by one Ray Serve
@@ -21,7 +21,6 @@ out) makes a query answer 503 with ``Retry-After``, never a silently partial ans
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,14 +32,11 @@ from ray import serve
 from ray.serve.api import RunTarget
 
 from proponent.format.fsio import index_dir
-from proponent.format.integrity import open_store
 from proponent.format.manifest import read_manifest
-from proponent.model.runtime import resolve_device
-from proponent.query.features import ServedFeatures, parse_size
-from proponent.query.index import chunk_cache_for
-from proponent.query.search import TopK
-from proponent.query.searcher import LocalSearcher, SearchRequest, ShardedSearcher, shard_ranges
-from proponent.raycluster import connect, forwarded_env
+from proponent.query.index import open_index
+from proponent.query.scan import TopK
+from proponent.query.searcher import SearchRequest, ShardedSearcher, shard_ranges
+from proponent.raycluster import forwarded_env
 from proponent.service.app import create_app
 from proponent.service.settings import Settings
 from proponent.threads import set_threads
@@ -59,23 +55,22 @@ class ShardReplica:
     def __init__(self, settings: dict[str, Any], rows: tuple[int, int]):
         s = Settings(**settings)
         set_threads(s.threads)
-        assert s.index is not None
-        where = index_dir(s.index)
-        man = read_manifest(where)
-        if not man.complete:
-            raise RuntimeError(f"{where}: index is incomplete; run the index job to the end")
-        store = open_store(where, man)
-        self.served = ServedFeatures(
-            store,
-            len(man.checkpoints),
-            mode=s.feature_mode,
-            budget_bytes=parse_size(s.memory_budget),
-            device=resolve_device(s.device),
+        if s.index is None:
+            raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
+        # the index opened as a server opens it (verified; chunk cache for object stores), with only these rows
+        self.index = open_index(
+            s.index,
+            device=s.device,
+            use_gpu_faiss=False,
+            memory_budget=s.memory_budget,
+            feature_mode=s.feature_mode,
+            load_ann=False,
+            cache_dir=s.cache_dir,
+            cache_bytes=s.cache_bytes,
             rows=rows,
         )
-        if not where.is_local and self.served.mode in ("stream", "quantized"):
-            store.cache = chunk_cache_for(where, man, s.cache_dir, s.cache_bytes)
-        self.searcher = LocalSearcher(self.served, offset=rows[0])
+        self.served = self.index.features
+        self.searcher = self.index.searcher
         self.started = time.time()
 
     def search(self, request: SearchRequest) -> dict[str, TopK]:
@@ -183,32 +178,3 @@ def undeploy(dep: ShardedDeployment) -> None:
             serve.delete(app)
         except Exception:
             pass
-
-
-def serve_sharded(a: argparse.Namespace) -> int:
-    """``proponent serve --shards N``: deploy on Ray Serve (a local cluster unless ``--ray-address``); until ^C."""
-    started = connect(a.ray_address)
-    try:
-        settings = Settings()
-        dep = deploy(
-            settings,
-            a.shards,
-            host=a.host,
-            port=a.port,
-            cpus_per_replica=getattr(a, "cpus_per_replica", 1.0),
-            gpus_per_shard=getattr(a, "gpus_per_shard", 0.0),
-        )
-        rows = ", ".join(f"{lo}..{hi - 1}" for lo, hi in dep.ranges)
-        print(f"serving {settings.index} in {a.shards} shards (rows {rows}) on {dep.url}; ^C stops", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        undeploy(dep)
-    finally:
-        if started and not a.ray_address:
-            serve.shutdown()  # the local cluster started here goes: Serve with it (a joined cluster keeps its Serve)
-        if started:
-            ray.shutdown()
-    return 0

@@ -27,7 +27,7 @@ from proponent.analysis.lds import (
     subset_masks,
     summarize,
 )
-from proponent.analysis.scorings import scores_all
+from proponent.analysis.scoring_comparison import scores_all
 from proponent.indexer.data import load_dataset
 from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.indexer.training import TrainConfig, train

@@ -21,22 +21,8 @@ from proponent.model.objectives import ELBO, NOISE_INDEX, NOISE_QUERY, draw_nois
 from proponent.model.projection import ProjectionSpec, Projector, build_projector, discover_layers, select_layers
 from proponent.query.index import open_index
 from tests.helpers import query_vectors, reference_scores, stored_matrix
-
-DATA = "digits,limit=150"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = load_dataset(DATA)
-    cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(24,), latent_dim=4)
-    out = tmp_path_factory.mktemp("run") / "run"
-    return train(data, cfg, out, TrainConfig(epochs=3, batch_size=32, checkpoints=2, seed=1), show_progress=False)
-
-
-def _build(run: Path, out: Path, **kw: object) -> Path:
-    specs, run_json = checkpoints_from_run(run)
-    opts = IndexOptions(**{"m": 3, "featurizer": "dense", "device": "cpu", **kw})  # type: ignore[arg-type]
-    return build_index(run_json["data"]["spec"], specs, out, opts, show_progress=False)
+from tests.indexer.conftest import DATA
+from tests.indexer.conftest import build as _build
 
 
 def _autograd_grad(

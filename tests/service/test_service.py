@@ -98,6 +98,11 @@ def test_index_info(svc_client, svc_server):
     assert info.dataset_spec == SVC_DATA and info.has_labels and "elbo" in info.query_objectives
     c = info.checkpoints[2]
     assert c.weight_visits == pytest.approx(c.lr * c.batch_size * c.steps_since_prev / info.n)
+    # the index job's fidelity check, as recorded in the manifest, with its warning (if any)
+    fid = idx.manifest.fidelity
+    assert fid is not None and info.fidelity is not None and len(info.fidelity["checkpoints"]) == 5
+    assert info.fidelity["checkpoints"][2]["recall_proponents"] == fid.checkpoints[2].recall_proponents
+    assert info.fidelity["warning"] == fid.warning()
 
 
 def test_sample_and_image(svc_client, svc_server):

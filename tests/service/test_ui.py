@@ -360,6 +360,11 @@ def test_index_view(page, svc_server):
     text = page.locator("#index-info").inner_text()
     for want in (str(info["shape"]), f"{info['dim']:,}", info["dataset_spec"], info["projection"]["kind"], "bernoulli"):
         assert want in text
+    # the index job's fidelity check: one row per checkpoint, and the warning exactly when the API has one
+    fid = info["fidelity"]
+    assert page.locator("#fidelity tbody tr").count() == len(fid["checkpoints"])
+    assert page.locator("#fidelity-warning").count() == (1 if fid["warning"] else 0)
+    assert f"recall@{fid['top']} proponents" in page.locator("#fidelity").inner_text()
     assert_fits_laptop(page)
 
 

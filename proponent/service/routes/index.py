@@ -54,6 +54,7 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
             "input_encoding": man.storage.input_encoding,
         },
         "serving": index.features.describe(),
+        "fidelity": None if man.fidelity is None else man.fidelity.model_dump() | {"warning": man.fidelity.warning()},
         "dataset_spec": ds.spec,
         "dataset_fingerprint": ds.fingerprint,
         "dataset_sources": ds.sources,

@@ -6,10 +6,10 @@ import io
 import json
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Request, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -24,9 +24,9 @@ from proponent.query.crossloss import ObjectiveError
 from proponent.query.index import InfluenceIndex
 from proponent.query.searcher import ShardUnavailable
 from proponent.query.usecase import answer, answer_batch, npy_bytes, score_vector
-from proponent.service.deps import EngineDep, IndexDep, StateDep
+from proponent.service.deps import EngineDep, IndexDep, SampleId, StateDep
 from proponent.service.engine import QueryEngine
-from proponent.service.errors import ApiError, error_responses
+from proponent.service.errors import ApiError, BodyTooLarge, error_responses, validation_message
 from proponent.service.state import ServiceState
 
 router = APIRouter(tags=["influence"])
@@ -98,8 +98,7 @@ def _parse_params(raw: dict[str, Any]) -> InfluenceParams:
     try:
         return InfluenceParams.model_validate(raw)
     except ValidationError as e:
-        msgs = [f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in e.errors()]
-        raise ApiError(422, "; ".join(msgs)) from None
+        raise ApiError(422, validation_message(e)) from None
 
 
 def _form_value(key: str, value: str) -> Any:
@@ -146,9 +145,23 @@ def decode_upload(data: bytes, index: InfluenceIndex, allow_resize: bool, max_pi
         raise ApiError(422, f"{msg} (the index's input shape is {list(index.shape)})") from None
 
 
+def _all_numbers(x: Any) -> bool:
+    """Every leaf of the nested list ``x`` is a JSON number (not a string, boolean or null)."""
+    stack = [x]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+    return True
+
+
 def decode_json_array(x: Any, index: InfluenceIndex, allow_resize: bool = False, max_pixels: int = 0) -> np.ndarray:
     """The JSON ``x``: the index's input shape exactly (a leading batch axis of 1 allowed), values in [0, 1];
     with ``allow_resize`` another H x W (or layout) is converted like an uploaded .npy array."""
+    if not _all_numbers(x):
+        raise ApiError(422, "x must be a nested list of numbers (found a string, boolean, null or object in it)")
     try:
         with np.errstate(over="ignore"):  # numbers beyond float32 become inf: refused just below
             a = np.asarray(x, dtype=np.float32)
@@ -187,6 +200,8 @@ async def read_query(
     if media == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=32)
+        except BodyTooLarge:
+            raise  # over the size limit while it streamed in (chunked): 413 at once, the rest never read
         except StarletteHTTPException as e:  # malformed multipart, too many parts: 422 like malformed JSON
             raise ApiError(422, f"multipart body: {e.detail}") from None
         upload = form.get("file")
@@ -302,7 +317,7 @@ async def influence(request: Request, index: IndexDep, engine: EngineDep, state:
 )
 async def influence_of_sample(
     request: Request,
-    sample_id: Annotated[int, Path(ge=0, description="training sample id")],
+    sample_id: SampleId,
     index: IndexDep,
     engine: EngineDep,
     state: StateDep,
@@ -396,7 +411,7 @@ async def scores(request: Request, index: IndexDep, engine: EngineDep, state: St
 )
 async def scores_of_sample(
     request: Request,
-    sample_id: Annotated[int, Path(ge=0, description="training sample id")],
+    sample_id: SampleId,
     index: IndexDep,
     engine: EngineDep,
     state: StateDep,

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from proponent.api.schemas import SampleInfo
-from proponent.service.deps import IndexDep, StateDep
+from proponent.service.deps import IndexDep, SampleId, StateDep
 from proponent.service.errors import ApiError, error_responses
 from proponent.service.imaging import to_png
 
 router = APIRouter(tags=["samples"])
-
-SampleId = Annotated[int, Path(ge=0, description="training sample id")]
 
 
 def _row(index: Any, sample_id: int) -> int:

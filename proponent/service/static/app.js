@@ -1110,6 +1110,39 @@ function renderIndex() {
       ? kvTable(Object.entries(info.serving).map(([k, v]) => [k.replace(/_/g, " "), /_bytes$/.test(k) && typeof v === "number" ? fmtBytes(v) : String(v)]))
       : null;
   const shards = Array.isArray(info.shards) && info.shards.length ? info.shards : null;
+  const fid = info.fidelity && typeof info.fidelity === "object" ? info.fidelity : null;
+  const fidelity = fid
+    ? h(
+        "div",
+        { id: "fidelity" },
+        fid.warning ? h("p", { class: "warn", id: "fidelity-warning" }, `⚠ ${fid.warning}`) : null,
+        h(
+          "table",
+          { class: "data" },
+          h("thead", {}, h("tr", {}, ["checkpoint", `recall@${fid.top} proponents`, "opponents", "relative score error", ""].map((t) => h("th", {}, t)))),
+          h(
+            "tbody",
+            {},
+            fid.checkpoints.map((c) =>
+              h(
+                "tr",
+                {},
+                h("td", {}, c.checkpoint),
+                h("td", {}, fmt(c.recall_proponents, 2)),
+                h("td", {}, fmt(c.recall_opponents, 2)),
+                h("td", {}, fmt(c.relative_error, 3)),
+                h("td", { class: "left" }, c.passed ? "passes" : "below the bar"),
+              ),
+            ),
+          ),
+        ),
+        h(
+          "p",
+          { class: "hint" },
+          `${fid.queries} rows of the index scored against ${fid.pool} others with the stored features and with exact gradients (medians over the queries); bar ${fmt(fid.bar_proponents, 2)} / ${fmt(fid.bar_opponents, 2)}.`,
+        ),
+      )
+    : h("p", { class: "hint", id: "fidelity" }, "No fidelity check recorded (an index built before the check existed).");
   const objective = kvTable(Object.entries(obj).map(([k, v]) => [k, String(v)]));
   const projection = kvTable([
     ["kind", String(proj.kind)],
@@ -1201,6 +1234,7 @@ function renderIndex() {
     h("div", { class: "panel span-all" }, h("h3", {}, "Checkpoints and their weights"), ckTable,
       h("p", { class: "hint" }, "Scores sum w_c⟨g_c(x), g_c(z)⟩ over checkpoints: lr weights w = η, visits weights w = η·B·Δsteps/N.")),
     panel("Projection", projection, layerTable),
+    panel("Fidelity against exact gradients", fidelity),
     panel("Data sources", sources),
     serving ? panel("Serving", serving) : null,
     shards
