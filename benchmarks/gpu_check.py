@@ -95,8 +95,8 @@ def check_answers(device, work: Path) -> None:
     from proponent.model.architectures import ModelConfig
     from proponent.model.projection import ProjectionSpec
     from proponent.query.index import open_index
+    from proponent.query.scan import restricted, scan, scan_batch
     from proponent.query.scoring import scored_query
-    from proponent.query.search import restricted, scan, scan_batch
 
     data = load_dataset("digits,limit=400")
     cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(32,), latent_dim=4)
@@ -186,7 +186,7 @@ def check_scan(device, rows: int, dim: int) -> None:
 
     from proponent.query import kernels
     from proponent.query.features import COL_ALIGN
-    from proponent.query.search import _Int8Batch, _Int8Query
+    from proponent.query.scan import _Int8Batch, _Int8Query
 
     width = -(-dim // COL_ALIGN) * COL_ALIGN
     gen = torch.Generator(device=device).manual_seed(0)

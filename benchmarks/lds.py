@@ -40,7 +40,7 @@ from proponent.analysis.lds import (
     subset_masks,
     summarize,
 )
-from proponent.analysis.scorings import SCORINGS
+from proponent.analysis.scoring_comparison import SCORINGS
 from proponent.indexer.data import load_dataset
 from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.indexer.training import TrainConfig, train

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proponent.analysis.scorings import SCORINGS, compare_scorings, upscaled_digits_npz
+from proponent.analysis.scoring_comparison import SCORINGS, compare_scorings, upscaled_digits_npz
 from proponent.indexer.data import load_dataset
 from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.indexer.training import TrainConfig, train

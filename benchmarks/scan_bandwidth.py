@@ -7,7 +7,7 @@ For each N (``--sizes``), D = the default layout's width, int8 rows:
 * **kernel**: the scan's integer products (``proponent.query.kernels.int8_products``: a query's two
   int8 vectors against N resident rows) with each kernel this machine has (``native``: the C kernel;
   ``torch``: ``torch._int_mm``), bytes of rows read per second and the fraction of the bandwidth;
-* **served scan**: the whole exact scan (``proponent.query.search.scan``: products, per-row bounds,
+* **served scan**: the whole exact scan (``proponent.query.scan.scan``: products, per-row bounds,
   the certificate's threshold and the float64 rescoring) over a synthetic index in the real format
   (``proponent.indexer.synthetic``, C = ``--checkpoints``) held in memory, then **streamed**: the same
   scan reading the store chunk by chunk with the page cache of the store's files dropped before
@@ -97,7 +97,7 @@ def kernel_rows(n: int, d: int, reps: int, bw: float, batch: int) -> list[str]:
 
     from proponent.query import kernels
     from proponent.query.features import COL_ALIGN
-    from proponent.query.search import _Int8Batch, _Int8Query
+    from proponent.query.scan import _Int8Batch, _Int8Query
 
     rng = np.random.default_rng(0)
     width = -(-d // COL_ALIGN) * COL_ALIGN
@@ -133,8 +133,8 @@ def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, stream
     from proponent.format.store import FeatureStore
     from proponent.indexer.synthetic import synthetic_index
     from proponent.query.features import ServedFeatures
+    from proponent.query.scan import scan
     from proponent.query.scoring import scored_query
-    from proponent.query.search import scan
 
     where = work / f"synthetic-n{n}-c{c}-d{d}-int8"
     t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """Deprecated import paths kept for one release: importing an old name gives the new module, with a warning.
 
-``proponent.build`` became :mod:`proponent.indexer` and ``proponent.client.schemas`` became
-:mod:`proponent.api.schemas`. No file stays at the old paths: a finder placed first on
+``proponent.build`` became :mod:`proponent.indexer`, ``proponent.client.schemas``
+:mod:`proponent.api.schemas`, ``proponent.query.search`` :mod:`proponent.query.scan` and
+``proponent.analysis.scorings`` :mod:`proponent.analysis.scoring_comparison` (:data:`MOVED`). No
+file stays at the old paths: a finder placed first on
 ``sys.meta_path`` (installed by ``import proponent``) answers the old names with the new module
 objects themselves (one module, so monkeypatching and ``isinstance`` see the same names) and
 raises a DeprecationWarning naming the new path.
@@ -17,9 +19,14 @@ import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
-__all__ = ["MOVED", "install"]
+__all__ = ["MOVED", "install", "renamed"]
 
-MOVED = {"proponent.build": "proponent.indexer", "proponent.client.schemas": "proponent.api.schemas"}
+MOVED = {
+    "proponent.build": "proponent.indexer",
+    "proponent.client.schemas": "proponent.api.schemas",
+    "proponent.query.search": "proponent.query.scan",  # the twin of query/searcher.py
+    "proponent.analysis.scorings": "proponent.analysis.scoring_comparison",  # the twin of query/scoring.py
+}
 
 
 def new_name(old: str) -> str | None:
@@ -62,3 +69,16 @@ def install() -> None:
     """Answer the old names (first on ``sys.meta_path``, before the path finder could load a second copy)."""
     if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _MovedFinder())
+
+
+def renamed(module: str, name: str, names: dict[str, str], namespace: dict[str, object]) -> object:
+    """A module ``__getattr__`` body for renamed names: the new object, with a DeprecationWarning naming it."""
+    new = names.get(name)
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{module}.{name} is deprecated and will be removed in the next release; use {module}.{new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return namespace[new]

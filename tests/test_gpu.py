@@ -30,8 +30,8 @@ def test_gpu_index_answers_like_cpu(tmp_path: Path) -> None:
     assert gpu.features.describe()["device"].startswith("cuda"), "features should be held on the GPU for the scan"
     assert gpu.features.kernel_kind() == cpu.features.kernel_kind() == "int8"  # int8 codes held on the GPU
     assert gpu.features.resident[0] is not None and gpu.features.resident[0].device.type == "cuda"
+    from proponent.query.scan import scan
     from proponent.query.scoring import scored_query
-    from proponent.query.search import scan
 
     cks = list(range(len(gpu.checkpoints)))
     for row in (0, 17, 123):

@@ -1,4 +1,4 @@
-"""Old import paths (``proponent.build.*``, ``proponent.client.schemas``) work for one release, with a warning.
+"""Old import paths and names (``proponent.build.*``, ``proponent.client.schemas``, ...) work for one release, warning.
 
 Each alias is the new module itself (so monkeypatching and isinstance checks see one object), and
 importing it raises a DeprecationWarning that names the new path.
@@ -20,6 +20,8 @@ MOVED = [
     ("proponent.build.synthetic", "proponent.indexer.synthetic", "synthetic_index"),
     ("proponent.build.ray_engine", "proponent.indexer.ray_engine", "ray_engine"),
     ("proponent.client.schemas", "proponent.api.schemas", "InfluenceParams"),
+    ("proponent.query.search", "proponent.query.scan", "scan"),
+    ("proponent.analysis.scorings", "proponent.analysis.scoring_comparison", "compare_scorings"),
 ]
 
 
@@ -73,3 +75,19 @@ def test_a_fresh_interpreter_warns_and_finds_the_new_module() -> None:
         timeout=120,
     )
     assert strict.returncode != 0 and "proponent.build is deprecated" in strict.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "old", "new"),
+    [
+        ("proponent.query.index", "IndexError_", "IndexOpenError"),
+        ("proponent.model.runtime", "RuntimeError_", "ModelRuntimeError"),
+    ],
+)
+def test_renamed_classes_keep_their_old_names_with_a_warning(module: str, old: str, new: str) -> None:
+    mod = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=rf"{module}\.{old} is deprecated.*use {module}\.{new}"):
+        cls = getattr(mod, old)
+    assert cls is getattr(mod, new)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        mod.Nothing  # noqa: B018

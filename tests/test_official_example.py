@@ -21,7 +21,7 @@ from proponent.client import InfluenceClient
 from proponent.model.checkpoints import read_checkpoint, state_dict_at
 from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise
 from proponent.model.plugin import PluginError, load_plugin
-from proponent.query.index import IndexError_, open_index
+from proponent.query.index import IndexOpenError, open_index
 from tests.conftest import svc_run_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_changed_model_code_is_refused(official_index, tmp_path):
     write_manifest(IndexDir(copy), Manifest.model_validate(man))
     open_index(copy, device="cpu")  # the same bytes elsewhere: fine
     code.write_text(code.read_text() + "\n# edited\n")
-    with pytest.raises((PluginError, IndexError_), match=r"model\.py: its sha256 .* differs from the index's"):
+    with pytest.raises((PluginError, IndexOpenError), match=r"model\.py: its sha256 .* differs from the index's"):
         open_index(copy, device="cpu")
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from proponent.analysis.scorings import query_dots
+from proponent.analysis.scoring_comparison import query_dots
 from proponent.api.registry import SCORINGS
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
 from proponent.indexer.data import Dataset
@@ -59,6 +59,9 @@ __all__ = [
     "checkpoint_subsets",
     "fixed_query_noise",
     "lds_rows",
+    "GramBlock",
+    "LdsCache",
+    "open_lds_cache",
     "paired_difference",
     "lds_per_query",
     "predicted_group_influence",
@@ -165,6 +168,89 @@ def retrain_subsets(
         atomic_write_bytes(loss_path, buf.getvalue())
         out[j] = losses
     return out
+
+
+@dataclasses.dataclass
+class LdsCache:
+    """What an LDS run (``benchmarks/lds.py --workdir``) measured once: the data, queries, subsets and losses."""
+
+    data: Dataset
+    query_x: np.ndarray  # [Q, *shape] the held-out queries
+    masks: np.ndarray  # [M, N] the subsets
+    losses: np.ndarray  # [M, Q] each subset model's loss of each query under the fixed draws
+    model_config: ModelConfig
+    train_config: TrainConfig
+    run_dir: Path  # the full model's run
+
+
+def open_lds_cache(
+    workdir: str | Path,
+    *,
+    train_spec: str = "digits,limit=1597",
+    queries_from: str = "digits,offset=1597",
+    queries: int = 200,
+    subsets: int = 100,
+    fraction: float = 0.5,
+    subset_seed: int = 0,
+    loss_m: int = 32,
+    vary_seed: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> LdsCache:
+    """The cache of an LDS run in ``workdir`` with these settings (``benchmarks/lds.py``'s defaults); subset
+    models that are missing are trained (and cached), so other analyses compare on the same subsets and losses."""
+    from proponent.indexer.data import load_dataset
+
+    workdir = Path(workdir)
+    data = load_dataset(train_spec)
+    run_dir = workdir / "full" / "run"
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir}: no full model here; run benchmarks/lds.py --workdir {workdir} first")
+    run = read_json(run_dir / "run.json")
+    if run["data"]["fingerprint"] != data.fingerprint:
+        raise ValueError(f"{run_dir}: trained on other data than {train_spec}")
+    model_config = ModelConfig.from_dict(run["model_config"])
+    train_config = TrainConfig(**run["train"])
+    query_x = load_dataset(queries_from).x[:queries]
+    eps = fixed_query_noise(len(query_x), loss_m, (model_config.latent_dim,), seed=0)
+    masks = subset_masks(len(data), subsets, fraction, subset_seed)
+    losses = retrain_subsets(
+        data, model_config, train_config, masks, workdir, query_x, eps, vary_seed=vary_seed, progress=progress
+    )
+    return LdsCache(data, query_x, masks, losses, model_config, train_config, run_dir)
+
+
+class GramBlock:
+    """TRAK's Gram preconditioner on one block, exactly: features ``phi [N, W]``, queries ``q [Q, W]``,
+    P = (ΦᵀΦ + λI)⁻¹ (research code for the LDS and memorization benchmarks; not on the query path).
+
+    The eigendecomposition is taken in the smaller of the two spaces: ΦᵀΦ = V σ Vᵀ (W x W) when
+    W ≤ N, else K = ΦΦᵀ = U Λ Uᵀ (N x N) with the push-through identity Φ P q = (K + λ)⁻¹ Φ q.
+    """
+
+    def __init__(self, phi: np.ndarray, q: np.ndarray):
+        self.width = phi.shape[1]
+        self.dots = q @ phi.T  # [Q, N] raw inner products
+        self.small = self.width <= phi.shape[0]
+        if self.small:
+            sig, v = np.linalg.eigh(phi.T @ phi)
+            self.eig = np.clip(sig, 0, None)
+            self.fv, self.qv = phi @ v, q @ v  # rows and queries in the eigenbasis
+        else:
+            lk, u = np.linalg.eigh(phi @ phi.T)
+            self.eig, self.u = np.clip(lk, 0, None), u
+            self.du = self.dots @ u
+            self.qq = (q**2).sum(1)
+        self.trace = float(self.eig.sum())
+
+    def apply(self, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(qᵀ P f_i [Q, N], f_iᵀ P f_i [N], qᵀ P q [Q])``."""
+        inv = 1.0 / (self.eig + lam)
+        if self.small:
+            return (self.qv * inv) @ self.fv.T, (self.fv**2 * inv).sum(1), (self.qv**2 * inv).sum(1)
+        s = (self.du * inv) @ self.u.T  # Φ P q = (K + λ)⁻¹ Φ q
+        lev = ((self.u**2) * (self.eig * inv)).sum(1)  # f_iᵀ P f_i = [(K + λ)⁻¹ K]_ii
+        qpq = (self.qq - (self.du**2 * inv).sum(1)) / lam  # Woodbury
+        return s, lev, qpq
 
 
 def predicted_group_influence(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:

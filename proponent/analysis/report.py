@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from proponent.analysis.factors import index_factors
-from proponent.analysis.scorings import compare_scorings
+from proponent.analysis.scoring_comparison import compare_scorings
 from proponent.api.schemas import DEFAULT_SCORING, InfluenceParams
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
 from proponent.query.index import open_index

@@ -9,7 +9,6 @@ Many queries at once (``--sample-ids 1,2,3`` or ``--images a.png b.png``) go thr
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -174,26 +173,59 @@ def _check_servable(location: str | None) -> None:
         load_plugin(plugin).build_module()
 
 
-def _cmd_serve(a: argparse.Namespace) -> int:
+def serve_settings(a: argparse.Namespace) -> Any:
+    """The server's settings: ``PROPONENT_*`` variables (and ``.env``), overridden by the flags given."""
+    from proponent.service.settings import Settings  # lazy: CLI start-up
 
+    given = {f: getattr(a, f, None) for f in ("index", "state_dir", "memory_budget", "feature_mode")}
+    return Settings(**{f: v for f, v in given.items() if v})
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    settings = serve_settings(a)
+    _check_servable(None if settings.index is None else str(settings.index))
+    if a.shards:
+        return _serve_sharded(settings, a)
     import uvicorn  # lazy: CLI start-up
 
-    for flag, env in (
-        ("index", "PROPONENT_INDEX"),
-        ("state_dir", "PROPONENT_STATE_DIR"),
-        ("memory_budget", "PROPONENT_MEMORY_BUDGET"),
-        ("feature_mode", "PROPONENT_FEATURE_MODE"),
-    ):
-        if getattr(a, flag, None):
-            os.environ[env] = str(getattr(a, flag))
-    _check_servable(os.environ.get("PROPONENT_INDEX"))
-    if a.shards:
-        from proponent.service.sharded import serve_sharded  # lazy: CLI start-up
-
-        return serve_sharded(a)
     from proponent.service.app import create_app  # lazy: CLI start-up
 
-    uvicorn.run(create_app(), host=a.host, port=a.port, log_level=a.log_level)
+    uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level=a.log_level)
+    return 0
+
+
+def _serve_sharded(settings: Any, a: argparse.Namespace) -> int:
+    """``proponent serve --shards N``: deploy on Ray Serve (a local cluster unless ``--ray-address``); until ^C."""
+    import ray  # lazy: CLI start-up
+    from ray import serve
+
+    from proponent.raycluster import connect  # lazy: CLI start-up
+    from proponent.service.sharded import START_TIMEOUT_S, deploy, undeploy
+
+    started = connect(a.ray_address)
+    try:
+        dep = deploy(
+            settings,
+            a.shards,
+            host=a.host,
+            port=a.port,
+            cpus_per_replica=getattr(a, "cpus_per_replica", None),
+            gpus_per_shard=getattr(a, "gpus_per_shard", 0.0),
+            start_timeout_s=getattr(a, "start_timeout", None) or START_TIMEOUT_S,
+        )
+        rows = ", ".join(f"{lo}..{hi - 1}" for lo, hi in dep.ranges)
+        print(f"serving {settings.index} in {a.shards} shards (rows {rows}) on {dep.url}; ^C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        undeploy(dep)
+    finally:
+        if started and not a.ray_address:
+            serve.shutdown()  # the local cluster started here goes: Serve with it (a joined cluster keeps its Serve)
+        if started:
+            ray.shutdown()
     return 0
 
 
@@ -297,7 +329,14 @@ def register(sub: Any) -> None:
     sv.add_argument("--ray-address", help="Ray cluster address for --shards (default: a local one)")
     sv.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard replica (--shards)")
     sv.add_argument(
-        "--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per shard and router replica (--shards)"
+        "--cpus-per-replica",
+        type=float,
+        help="Ray CPUs reserved per shard and router replica (--shards; default: sized to the free CPUs, at most 1)",
+    )
+    sv.add_argument(
+        "--start-timeout",
+        type=float,
+        help="seconds for every replica to be running before start-up fails (--shards; default 120)",
     )
     sv.add_argument("--log-level", default="info")
     sv.set_defaults(func=_cmd_serve)

@@ -65,6 +65,7 @@ from proponent.format.store import (
     input_encoding,
     unit_rows_for,
 )
+from proponent.indexer import fidelity
 from proponent.indexer.data import Dataset, load_dataset
 from proponent.indexer.training import training_objective as builtin_objective
 from proponent.model.architectures import ModelConfig
@@ -534,8 +535,6 @@ def featurize_pending(
 def measure_fidelity(where: IndexDir, device: str = "auto") -> tuple[FidelityRecord, list[float]]:
     """The fidelity check of a complete store (:mod:`proponent.indexer.fidelity`), every checkpoint, and the
     seconds it took at each (for timings.json: run-time figures stay out of the manifest)."""
-    from proponent.indexer import fidelity
-
     worker = UnitWorker(where, device)
     man, store = worker.man, FeatureStore.open(where)
     queries, pool = fidelity.choose_rows(man.n, man.objective.seed)

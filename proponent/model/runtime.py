@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from proponent import _moved
 from proponent.format.fsio import IndexDir
 from proponent.format.manifest import Manifest, ModelRecord
 from proponent.model.architectures import ModelConfig, build_model
@@ -31,7 +32,7 @@ from proponent.model.plugin import load_plugin
 from proponent.model.projection import Projector, build_projector, spec_from_record
 
 
-class RuntimeError_(RuntimeError):
+class ModelRuntimeError(RuntimeError):
     """The index's models cannot be rebuilt as recorded (names the checkpoint and the mismatch)."""
 
 
@@ -102,13 +103,13 @@ class ModelRuntime:
                 try:
                     m = model_from_checkpoint(self.manifest.model, self.where.read_bytes(ck.path), name)
                 except CheckpointError as e:
-                    raise RuntimeError_(str(e)) from None
+                    raise ModelRuntimeError(str(e)) from None
                 self._models[c] = m.to(self.device)
                 proj = build_projector(
                     m, self.manifest.projection.selection, spec_from_record(self.manifest.projection), self.device
                 )
                 if proj.manifest(self.manifest.projection.selection) != self.manifest.projection.model_dump():
-                    raise RuntimeError_(
+                    raise ModelRuntimeError(
                         f"{name}: the projection rebuilt from the model (D={proj.dim}) differs from the manifest's "
                         f"(D={self.manifest.dim}); the model code or the checkpoint does not match the index"
                     )
@@ -187,3 +188,10 @@ def encode(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if fn is None:
         raise ValueError("the model has no encoder")
     return fn(x)
+
+
+_RENAMED = {"RuntimeError_": "ModelRuntimeError"}  # old name -> new name, kept for one release
+
+
+def __getattr__(name: str) -> object:
+    return _moved.renamed(__name__, name, _RENAMED, globals())

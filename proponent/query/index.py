@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from proponent import _moved
 from proponent.api.schemas import InfluenceParams, InfluenceResponse
 from proponent.format import ann
 from proponent.format.fsio import IndexDir, index_dir
@@ -39,10 +40,10 @@ from proponent.query.features import ServedFeatures, parse_size
 from proponent.query.searcher import LocalSearcher, Searcher
 from proponent.query.usecase import all_scores, answer, answer_batch
 
-__all__ = ["IndexError_", "IndexMeta", "InfluenceIndex", "open_index", "verify_index"]
+__all__ = ["IndexOpenError", "IndexMeta", "InfluenceIndex", "open_index", "verify_index"]
 
 
-class IndexError_(RuntimeError):
+class IndexOpenError(RuntimeError):
     """The index cannot be served: names what is wrong."""
 
 
@@ -159,21 +160,22 @@ class InfluenceIndex:
         load_ann: bool = True,
         cache_dir: str | Path | None = None,
         cache_bytes: int | str | None = None,
+        rows: tuple[int, int] | None = None,
     ):
         self.where = index_dir(location)
         try:
             manifest = read_manifest(self.where)
         except ManifestError as e:
-            raise IndexError_(str(e)) from None
+            raise IndexOpenError(str(e)) from None
         if verify:
             problems = verify_contents(self.where, manifest)
             if problems:
-                raise IndexError_(f"{self.where}: index cannot be served: " + "; ".join(problems))
+                raise IndexOpenError(f"{self.where}: index cannot be served: " + "; ".join(problems))
         try:
             store = open_store(self.where, manifest)
             self.meta = IndexMeta(self.where, manifest, store)
         except StoreError as e:
-            raise IndexError_(str(e)) from None
+            raise IndexOpenError(str(e)) from None
         self.runtime = ModelRuntime(self.where, manifest, device)
         try:
             self.features = ServedFeatures(
@@ -182,9 +184,10 @@ class InfluenceIndex:
                 mode=feature_mode,
                 budget_bytes=parse_size(memory_budget),
                 device=self.runtime.device,
+                rows=rows,
             )
         except StoreError as e:
-            raise IndexError_(str(e)) from None
+            raise IndexOpenError(str(e)) from None
         if not self.where.is_local and self.features.mode in ("stream", "quantized"):
             # chunks are read per query (stream: all of them; quantized: the rescored rows'): keep them on disk
             store.cache = chunk_cache_for(self.where, manifest, cache_dir, cache_bytes)
@@ -194,14 +197,15 @@ class InfluenceIndex:
             for idx in store.chunk_indices("inputs"):
                 problem = store.chunk_problem("inputs", idx)
                 if problem:
-                    raise IndexError_(f"{self.where}: index cannot be served: {problem}")
+                    raise IndexOpenError(f"{self.where}: index cannot be served: {problem}")
         self.ann_indexes: list[Any] = []
         if manifest.ann.kind != "none" and load_ann:
             cpu = [ann.read(self.where, f.path) for f in manifest.ann.files]
             self.ann_indexes = [ann.to_gpu(i) if use_gpu_faiss else i for i in cpu]
         self.faiss_on_gpu = bool(self.ann_indexes) and use_gpu_faiss and ann.gpu_available()
         # where the rows are searched: here, or (sharded serving) replaced by a searcher that fans out
-        self.searcher: Searcher = LocalSearcher(self.features, self.ann_indexes, manifest.ann.kind)
+        offset = 0 if rows is None else rows[0]
+        self.searcher: Searcher = LocalSearcher(self.features, self.ann_indexes, manifest.ann.kind, offset=offset)
 
     @property
     def has_ann(self) -> bool:
@@ -312,7 +316,10 @@ def open_index(
     load_ann: bool = True,
     cache_dir: str | Path | None = None,
     cache_bytes: int | str | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> InfluenceIndex:
+    """Open the index at ``path`` for answering; ``rows=(lo, hi)`` serves only those rows' features (a shard:
+    answers carry the index's row numbers)."""
     return InfluenceIndex(
         path,
         device=device,
@@ -322,4 +329,12 @@ def open_index(
         load_ann=load_ann,
         cache_dir=cache_dir,
         cache_bytes=cache_bytes,
+        rows=rows,
     )
+
+
+_RENAMED = {"IndexError_": "IndexOpenError"}  # old name -> new name, kept for one release
+
+
+def __getattr__(name: str) -> object:
+    return _moved.renamed(__name__, name, _RENAMED, globals())

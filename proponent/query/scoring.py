@@ -24,7 +24,7 @@ import numpy as np
 from proponent.api.registry import SCORINGS
 
 from .features import ServedFeatures
-from .search import ScoredQuery
+from .scan import ScoredQuery
 
 
 def _inv_sqrt(v: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from proponent.query.features import ServedFeatures
+from proponent.query.scan import ScoredQuery, TopK, _top, restricted, row_dots, scan_batch
 from proponent.query.scoring import scored_query
-from proponent.query.search import ScoredQuery, TopK, _top, restricted, row_dots, scan_batch
 
 
 @dataclass
@@ -85,7 +85,7 @@ class LocalSearcher:
 
     def search_batch(self, requests: Sequence[SearchRequest]) -> list[dict[str, TopK]]:
         """Answers to several requests: the exact scans among them that share k, directions and checkpoints
-        in one pass over the rows (:func:`~proponent.query.search.scan_batch`: a GEMM, not one product per
+        in one pass over the rows (:func:`~proponent.query.scan.scan_batch`: a GEMM, not one product per
         query); pre-filtered and ANN requests one by one. Each answer is the one its request gets alone."""
         served = self.served
         sqs = [scored_query(served, r.weights, r.checkpoints, r.vectors, r.sq_norms, r.scoring) for r in requests]
@@ -165,7 +165,7 @@ def merge_topk(parts: Sequence[dict[str, TopK]], k: int, directions: tuple[str, 
     **Why the union of the shards' top-k holds the global top-k.** Order rows by score
     (descending; for opponents by minus the score) with ties broken by the smaller row: a strict
     total order, and every row's score is the same number whichever shard computes it (scores are
-    batch-invariant: :func:`proponent.query.search.row_dots`). Let r be one of the global top-k and
+    batch-invariant: :func:`proponent.query.scan.row_dots`). Let r be one of the global top-k and
     s the shard holding it. Every row of s ranked above r is a row of the index ranked above r, and
     fewer than k rows of the index rank above r (r is in the global top-k); so fewer than k rows of
     s rank above r and r is in s's top-k (or s has fewer than k rows and returns them all). Hence

@@ -29,7 +29,7 @@ from proponent.query.searcher import SearchRequest, search_all
 
 if TYPE_CHECKING:
     from proponent.query.index import InfluenceIndex
-    from proponent.query.search import TopK
+    from proponent.query.scan import TopK
 
 
 class QueryError(ValueError):
@@ -159,7 +159,7 @@ def answer_batch(
 ) -> list[InfluenceResponse]:
     """:func:`answer` for many queries with the same parameters -- inputs ``xs [B, *shape]`` or stored
     ``sample_ids`` -- each featurized as alone, the exact scans done in one pass over the rows (a GEMM per
-    block: :func:`~proponent.query.search.scan_batch`). Each answer equals the query's single answer; its
+    block: :func:`~proponent.query.scan.scan_batch`). Each answer equals the query's single answer; its
     ``search_ms`` is the batch's shared search time."""
     if (xs is None) == (sample_ids is None):
         raise QueryError("give exactly one of inputs xs or sample_ids")

@@ -1,4 +1,4 @@
-"""Sharded serving on Ray Serve: ``proponent serve --shards N [--ray-address ADDR]``.
+"""Sharded serving on Ray Serve (:func:`deploy`; the command is ``proponent serve --shards N [--ray-address ADDR]``).
 
 The index's rows are split into N contiguous, chunk-aligned ranges
 (:func:`~proponent.query.searcher.shard_ranges`). Each range is served by one Ray Serve
@@ -21,7 +21,7 @@ out) makes a query answer 503 with ``Retry-After``, never a silently partial ans
 
 from __future__ import annotations
 
-import argparse
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,14 +33,11 @@ from ray import serve
 from ray.serve.api import RunTarget
 
 from proponent.format.fsio import index_dir
-from proponent.format.integrity import open_store
 from proponent.format.manifest import read_manifest
-from proponent.model.runtime import resolve_device
-from proponent.query.features import ServedFeatures, parse_size
-from proponent.query.index import chunk_cache_for
-from proponent.query.search import TopK
-from proponent.query.searcher import LocalSearcher, SearchRequest, ShardedSearcher, shard_ranges
-from proponent.raycluster import connect, forwarded_env
+from proponent.query.index import open_index
+from proponent.query.scan import TopK
+from proponent.query.searcher import SearchRequest, ShardedSearcher, shard_ranges
+from proponent.raycluster import forwarded_env
 from proponent.service.app import create_app
 from proponent.service.settings import Settings
 from proponent.threads import set_threads
@@ -59,23 +56,22 @@ class ShardReplica:
     def __init__(self, settings: dict[str, Any], rows: tuple[int, int]):
         s = Settings(**settings)
         set_threads(s.threads)
-        assert s.index is not None
-        where = index_dir(s.index)
-        man = read_manifest(where)
-        if not man.complete:
-            raise RuntimeError(f"{where}: index is incomplete; run the index job to the end")
-        store = open_store(where, man)
-        self.served = ServedFeatures(
-            store,
-            len(man.checkpoints),
-            mode=s.feature_mode,
-            budget_bytes=parse_size(s.memory_budget),
-            device=resolve_device(s.device),
+        if s.index is None:
+            raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
+        # the index opened as a server opens it (verified; chunk cache for object stores), with only these rows
+        self.index = open_index(
+            s.index,
+            device=s.device,
+            use_gpu_faiss=False,
+            memory_budget=s.memory_budget,
+            feature_mode=s.feature_mode,
+            load_ann=False,
+            cache_dir=s.cache_dir,
+            cache_bytes=s.cache_bytes,
             rows=rows,
         )
-        if not where.is_local and self.served.mode in ("stream", "quantized"):
-            store.cache = chunk_cache_for(where, man, s.cache_dir, s.cache_bytes)
-        self.searcher = LocalSearcher(self.served, offset=rows[0])
+        self.served = self.index.features
+        self.searcher = self.index.searcher
         self.started = time.time()
 
     def search(self, request: SearchRequest) -> dict[str, TopK]:
@@ -127,6 +123,64 @@ class ShardedDeployment:
     router: str = ROUTER_APP
 
 
+class DeployError(RuntimeError):
+    """Sharded serving cannot start on this cluster (the message says what it needs and what there is)."""
+
+
+def replica_cpus(
+    shards: int, cpus_per_replica: float | None, free_cpus: float, free_gpus: float = 0.0, gpus_per_shard: float = 0.0
+) -> float:
+    """The CPUs each of the ``shards + 1`` replicas (shards and router) requests: ``cpus_per_replica`` when it
+    fits in the cluster's free CPUs, else a refusal naming both; None: sized to fit (at most 1 each)."""
+    n = shards + 1
+    if gpus_per_shard * shards > free_gpus + 1e-9:
+        raise DeployError(
+            f"--shards {shards} needs {gpus_per_shard * shards:g} GPUs ({gpus_per_shard:g} per shard) but the Ray "
+            f"cluster has {free_gpus:g} free; give fewer shards or a smaller --gpus-per-shard"
+        )
+    if cpus_per_replica is None:
+        size = math.floor(min(1.0, free_cpus / n) * 100) / 100
+        if size < MIN_REPLICA_CPUS:
+            raise DeployError(
+                f"--shards {shards} needs {n} replicas (the shards and the router) but the Ray cluster has only "
+                f"{free_cpus:g} free CPUs ({size:g} each, under the minimum {MIN_REPLICA_CPUS:g}); give fewer shards"
+            )
+        return size
+    if n * cpus_per_replica > free_cpus + 1e-9:
+        fit = math.floor(free_cpus / n * 100) / 100
+        raise DeployError(
+            f"--shards {shards} with --cpus-per-replica {cpus_per_replica:g} needs {n * cpus_per_replica:g} CPUs "
+            f"({shards} shards + the router) but the Ray cluster has {free_cpus:g} free; give --cpus-per-replica "
+            f"{fit:g} or less (or leave it out to size the replicas to fit), or fewer shards"
+        )
+    return cpus_per_replica
+
+
+MIN_REPLICA_CPUS = 0.05
+START_TIMEOUT_S = 120.0  # a replica not running by then (e.g. never scheduled) fails start-up
+
+
+def _wait_running(apps: list[str], timeout_s: float) -> None:
+    """Until every application is RUNNING; a deployment failure or ``timeout_s`` raises DeployError (one line)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications
+        states = {a: status[a] if a in status else None for a in apps}
+        failed = [(a, st) for a, st in states.items() if st is not None and str(st.status).endswith("DEPLOY_FAILED")]
+        if failed:
+            a, st = failed[0]
+            raise DeployError(f"{a} failed to deploy: {' '.join(str(st.message).split())[:300]}")
+        waiting = [a for a, st in states.items() if st is None or not str(st.status).endswith("RUNNING")]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise DeployError(
+                f"{', '.join(waiting)} not running after {timeout_s:g} s (a replica that Ray cannot schedule: "
+                "too few free CPUs/GPUs for its request?); see `ray status`"
+            )
+        time.sleep(0.5)
+
+
 def deploy(
     settings: Settings,
     shards: int,
@@ -134,10 +188,19 @@ def deploy(
     host: str = "127.0.0.1",
     port: int = 8000,
     shard_timeout_s: float | None = None,
-    cpus_per_replica: float = 1.0,
+    cpus_per_replica: float | None = None,
     gpus_per_shard: float = 0.0,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> ShardedDeployment:
-    """Deploy N shard applications and the router on the connected Ray cluster; returns once all are running."""
+    """Deploy N shard applications and the router on the connected Ray cluster; returns once all are running.
+
+    Before deploying, the replicas' CPU (and GPU) requests are compared with the cluster's free resources:
+    refused in one line when they cannot fit, or sized to fit (``cpus_per_replica=None``); a replica not
+    running within ``start_timeout_s`` fails start-up (DeployError) instead of waiting for ever."""
+    free = ray.available_resources()
+    cpus_per_replica = replica_cpus(
+        shards, cpus_per_replica, float(free.get("CPU", 0.0)), float(free.get("GPU", 0.0)), gpus_per_shard
+    )
     if settings.index is None:
         raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
     where = index_dir(settings.index)
@@ -173,8 +236,14 @@ def deploy(
         ray_actor_options={"num_cpus": cpus_per_replica, "runtime_env": runtime_env},
     )
     targets.append(RunTarget(router_cls.bind(), name=ROUTER_APP, route_prefix="/"))
-    serve.run_many(targets)
-    return ShardedDeployment(f"http://{host}:{port}", ranges, apps)
+    dep = ShardedDeployment(f"http://{host}:{port}", ranges, apps)
+    serve.run_many(targets, wait_for_applications_running=False)
+    try:
+        _wait_running([*apps, ROUTER_APP], start_timeout_s)
+    except DeployError:
+        undeploy(dep)
+        raise
+    return dep
 
 
 def undeploy(dep: ShardedDeployment) -> None:
@@ -183,32 +252,3 @@ def undeploy(dep: ShardedDeployment) -> None:
             serve.delete(app)
         except Exception:
             pass
-
-
-def serve_sharded(a: argparse.Namespace) -> int:
-    """``proponent serve --shards N``: deploy on Ray Serve (a local cluster unless ``--ray-address``); until ^C."""
-    started = connect(a.ray_address)
-    try:
-        settings = Settings()
-        dep = deploy(
-            settings,
-            a.shards,
-            host=a.host,
-            port=a.port,
-            cpus_per_replica=getattr(a, "cpus_per_replica", 1.0),
-            gpus_per_shard=getattr(a, "gpus_per_shard", 0.0),
-        )
-        rows = ", ".join(f"{lo}..{hi - 1}" for lo, hi in dep.ranges)
-        print(f"serving {settings.index} in {a.shards} shards (rows {rows}) on {dep.url}; ^C stops", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        undeploy(dep)
-    finally:
-        if started and not a.ray_address:
-            serve.shutdown()  # the local cluster started here goes: Serve with it (a joined cluster keeps its Serve)
-        if started:
-            ray.shutdown()
-    return 0

@@ -27,7 +27,7 @@ from proponent.analysis.lds import (
     subset_masks,
     summarize,
 )
-from proponent.analysis.scorings import scores_all
+from proponent.analysis.scoring_comparison import scores_all
 from proponent.indexer.data import load_dataset
 from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.indexer.training import TrainConfig, train
@@ -145,6 +145,25 @@ def test_retrain_subsets_uses_its_cache(lds_setup):
     assert len(list((root / "work" / "subsets").iterdir())) == 17
 
 
+def test_open_lds_cache_returns_the_runs_subsets_and_losses(lds_setup):
+    from proponent.analysis.lds import open_lds_cache
+
+    root, data, cfg, tc, idx, query_x, eps, masks, losses = lds_setup
+    spec = "digits,limit=270+digits,offset=270,limit=30,injected"
+    kw = {"train_spec": spec, "queries_from": "digits,offset=1597,limit=20", "queries": 20, "subsets": 16}
+    with pytest.raises(FileNotFoundError, match="no full model"):
+        open_lds_cache(root / "work", **kw, loss_m=16)
+    (root / "work" / "full").mkdir(exist_ok=True)
+    (root / "work" / "full" / "run").symlink_to(root / "run")
+    cache = open_lds_cache(root / "work", **kw, loss_m=16)  # everything cached: no training
+    np.testing.assert_array_equal(cache.masks, masks)
+    np.testing.assert_array_equal(cache.losses, losses)
+    np.testing.assert_array_equal(cache.query_x, query_x)
+    assert cache.model_config.to_dict() == cfg.to_dict() and cache.train_config.epochs == tc.epochs
+    with pytest.raises(ValueError, match="other data"):
+        open_lds_cache(root / "work", **{**kw, "train_spec": "digits,limit=300"}, loss_m=16)
+
+
 def test_injected_effect_reports_shares(lds_setup):
     root, data, cfg, tc, idx, query_x, eps, masks, losses = lds_setup
     eff = injected_effect(idx, query_x, masks, losses)
@@ -153,3 +172,22 @@ def test_injected_effect_reports_shares(lds_setup):
         e = eff["scorings"][scoring]
         assert 0.0 <= e["predicted_variance_share_injected"] <= 1.0
         assert e["lds_clean_rows_only"]["mean"] > 0.2  # 90% of the rows carry most of the signal
+
+
+@pytest.mark.parametrize("n,w", [(40, 12), (12, 40)])
+def test_gram_block_matches_the_explicit_preconditioned_inner_product(n, w):
+    from proponent.analysis.lds import GramBlock
+
+    rng = np.random.default_rng(n)
+    phi, q = rng.normal(size=(n, w)), rng.normal(size=(3, w))
+    block = GramBlock(phi, q)
+    assert block.small == (w <= n) and block.trace == pytest.approx(float((phi**2).sum()))
+    for lam in (1e-3, 0.7, 50.0):
+        p = np.linalg.inv(phi.T @ phi + lam * np.eye(w))  # float64 brute force
+        s, lev, qpq = block.apply(lam)
+        np.testing.assert_allclose(s, q @ p @ phi.T, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(lev, np.einsum("ij,jk,ik->i", phi, p, phi), rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(qpq, np.einsum("ij,jk,ik->i", q, p, q), rtol=1e-7, atol=1e-10)
+    # no damping left to speak of: lambda x the preconditioned score tends to the raw inner product
+    s, _, _ = block.apply(1e9)
+    np.testing.assert_allclose(s * 1e9, q @ phi.T, rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ from proponent.format.fsio import index_dir as index_dir_of
 from proponent.format.integrity import verify_index
 from proponent.format.manifest import read_manifest, write_manifest
 from proponent.format.store import POSITIONS_FILE, StoreError
-from proponent.query.index import IndexError_, open_index
+from proponent.query.index import IndexOpenError, open_index
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -80,11 +80,11 @@ def _flip(path: Path, rng: np.random.Generator) -> int:
 
 def _refused_or_fails(copy: Path, rel: str) -> None:
     """The server's open refuses the damaged index (memory mode); in stream mode a query fails."""
-    with pytest.raises((IndexError_, StoreError)):
+    with pytest.raises((IndexOpenError, StoreError)):
         open_index(copy, device="cpu", feature_mode="memory")
     try:
         idx = open_index(copy, device="cpu", feature_mode="stream")
-    except (IndexError_, StoreError):
+    except (IndexOpenError, StoreError):
         return
     # stream mode opens without reading features (or inputs): the damaged chunk fails the query that reads it
     assert "/features/c/" in rel or "/inputs/c/" in rel, rel
@@ -139,7 +139,7 @@ def test_a_chunk_of_another_array_in_its_place_is_refused(index_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(index_dir, copy)
     shutil.copyfile(copy / "store.zarr/ckpt_000/scale/c/0", copy / "store.zarr/ckpt_000/features/c/0/0")
-    with pytest.raises(IndexError_, match=r"ckpt_000/features/c/0/0: wrong size"):
+    with pytest.raises(IndexOpenError, match=r"ckpt_000/features/c/0/0: wrong size"):
         open_index(copy, device="cpu", feature_mode="memory")
     idx = open_index(copy, device="cpu", feature_mode="stream")
     with pytest.raises(StoreError, match=r"ckpt_000/features/c/0/0: wrong size"):
@@ -165,7 +165,7 @@ def test_swapped_feature_chunks_are_refused(index_dir, tmp_path):
     assert any("ckpt_001/features/c/0/0: " + MOVED in p for p in problems), problems
     assert any("ckpt_001/features/c/1/0: " + MOVED in p for p in problems), problems
     assert verify_index(copy) == []  # the quick check reads no chunk
-    with pytest.raises(IndexError_, match=r"ckpt_001/features/c/0/0: " + MOVED):
+    with pytest.raises(IndexOpenError, match=r"ckpt_001/features/c/0/0: " + MOVED):
         open_index(copy, device="cpu", feature_mode="memory")
     idx = open_index(copy, device="cpu", feature_mode="stream")
     with pytest.raises(StoreError, match=r"ckpt_001/features/c/0/0: " + MOVED):
@@ -185,7 +185,7 @@ def test_an_array_copied_from_another_checkpoint_is_refused(index_dir, tmp_path,
     shutil.copytree(src, dst)
     assert any(f"ckpt_001/{array}/c/0: " + MOVED in p for p in verify_index(copy, deep=True))
     for mode in ("memory", "stream"):  # both read every per-row array at open
-        with pytest.raises(IndexError_, match=rf"ckpt_001/{array}/c/0: " + MOVED):
+        with pytest.raises(IndexOpenError, match=rf"ckpt_001/{array}/c/0: " + MOVED):
             open_index(copy, device="cpu", feature_mode=mode)
 
 
@@ -193,7 +193,7 @@ def test_swapped_input_chunks_are_refused(index_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(index_dir, copy)
     _swap(copy / "store.zarr/inputs/c/0/0/0/0", copy / "store.zarr/inputs/c/1/0/0/0")
-    with pytest.raises(IndexError_, match=r"inputs/c/0/0/0/0: " + MOVED):
+    with pytest.raises(IndexOpenError, match=r"inputs/c/0/0/0/0: " + MOVED):
         open_index(copy, device="cpu", feature_mode="memory")
     idx = open_index(copy, device="cpu", feature_mode="stream")  # inputs are read one sample at a time
     with pytest.raises(StoreError, match=r"inputs/c/0/0/0/0: " + MOVED):
@@ -209,7 +209,7 @@ def test_position_map_record_and_older_indexes(index_dir, tmp_path):
     shutil.copytree(index_dir, copy)
     (copy / POSITIONS_FILE).unlink()
     assert any(POSITIONS_FILE in p and "missing" in p for p in verify_index(copy)), verify_index(copy)
-    with pytest.raises(IndexError_, match=POSITIONS_FILE):
+    with pytest.raises(IndexOpenError, match=POSITIONS_FILE):
         open_index(copy, device="cpu")
     storage = man.storage.model_copy(update={"positions": None})
     write_manifest(index_dir_of(copy), man.model_copy(update={"storage": storage}))
@@ -237,5 +237,5 @@ def test_streamed_blocks_read_into_one_array_with_every_check(index_dir, tmp_pat
     (copy / "store.zarr/ckpt_001/features/c/0/0").unlink()  # after the open, which would refuse it
     with pytest.raises(StoreError, match=r"ckpt_001/features/c/0/0: chunk missing"):
         idx.influence(idx.input(0), k=3)
-    with pytest.raises(IndexError_, match=r"ckpt_001/features/c/0/0: chunk missing"):
+    with pytest.raises(IndexOpenError, match=r"ckpt_001/features/c/0/0: chunk missing"):
         open_index(copy, device="cpu", feature_mode="stream")

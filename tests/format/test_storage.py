@@ -19,7 +19,7 @@ from proponent.indexer.job import IndexJobError, IndexOptions, build_index, chec
 from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.projection import ProjectionSpec
-from proponent.query.index import IndexError_, open_index
+from proponent.query.index import IndexOpenError, open_index
 from tests.conftest import svc_run_server
 
 DATA = "digits,limit=150"
@@ -86,7 +86,7 @@ def test_old_format_is_refused_with_how_to_rebuild(run, tmp_path):
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"format": "proponent-index", "version": 1, "complete": True}))
     (old / "keep.bin").write_bytes(b"data")
-    with pytest.raises(IndexError_, match=r"format version 1 .* rebuild it with `proponent index"):
+    with pytest.raises(IndexOpenError, match=r"format version 1 .* rebuild it with `proponent index"):
         open_index(old)
     with pytest.raises(IndexJobError, match="use another --out or --overwrite"):
         _build(run, old)

@@ -75,7 +75,7 @@ def _plugin_tree(root: Path, tag: str) -> tuple[Path, Path, Path, list[str]]:
 
 def test_model_code_hashed_whole(tmp_path, capsys) -> None:
     from proponent import open_index
-    from proponent.query.index import IndexError_
+    from proponent.query.index import IndexOpenError
 
     plugin, net, helper, ckpts = _plugin_tree(tmp_path, "a")
     out = tmp_path / "idx"
@@ -94,7 +94,7 @@ def test_model_code_hashed_whole(tmp_path, capsys) -> None:
         rc = main(["verify", "--index", str(out)])
         text = capsys.readouterr().out
         assert rc == 1 and f"FAIL model code {changed.resolve()}: its sha256" in text
-        with pytest.raises(IndexError_, match=re.escape(f"model code {changed.resolve()}: its sha256")):
+        with pytest.raises(IndexOpenError, match=re.escape(f"model code {changed.resolve()}: its sha256")):
             open_index(out, device="cpu")
         rc, err = _run(["influence", "--index", str(out), "--sample-id", "1"], capsys)
         assert rc == 2 and f"model code {changed.resolve()}" in err and "\n" not in err

@@ -11,8 +11,8 @@ import torch
 
 from proponent.query import kernels
 from proponent.query.features import ServedFeatures
+from proponent.query.scan import scan
 from proponent.query.scoring import scored_query
-from proponent.query.search import scan
 from tests.query.test_search import make_store, planted, reference_top
 
 native = pytest.mark.skipif(kernels._native is None, reason="native kernel not built")

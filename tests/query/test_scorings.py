@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from proponent.analysis.scorings import (
+from proponent.analysis.scoring_comparison import (
     SCORINGS,
     compare_scorings,
     scores_all,

@@ -9,8 +9,8 @@ import pytest
 from proponent.format.fsio import IndexDir
 from proponent.format.store import FeatureStore
 from proponent.query.features import ServedFeatures
+from proponent.query.scan import brute_force, scan
 from proponent.query.scoring import scored_query
-from proponent.query.search import brute_force, scan
 
 
 def make_store(tmp_path, feats: list[np.ndarray], dtype: str, chunk_rows: int = 256) -> FeatureStore:
@@ -149,7 +149,7 @@ def test_k_larger_than_n_and_damaged_chunk(tmp_path):
 @pytest.mark.parametrize("mode", ["memory", "quantized", "stream"])
 def test_batch_scan_gives_each_query_its_own_answer(tmp_path, dtype, mode):
     """One pass for several queries (a GEMM per block) answers each exactly as a scan of it alone."""
-    from proponent.query.search import scan_batch
+    from proponent.query.scan import scan_batch
 
     fs, _ = planted(seed=5, n=1500, d=97)
     store = make_store(tmp_path, fs, dtype)

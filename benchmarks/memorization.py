@@ -1,0 +1,190 @@
+"""Self-influence checked against retraining: the leave-out memorization score (van den Burg & Williams 2021).
+
+The memorization score of training sample i is how much more likely the model finds it when it
+was trained on it than when it was not::
+
+    M(i) = E_{models trained with i}[log p(x_i)] - E_{models trained without i}[log p(x_i)]
+
+estimated K-fold as in the paper: the training set is split into K folds (R times, with
+independent splits), one model is trained without each fold, and for i in fold k the "without"
+side is the model that left fold k out, the "with" side the mean over the other K - 1 models of
+the same split. ``log p(x_i)`` is approximated by minus the training loss (the negative ELBO,
+paper eq. 6) under ``--loss-m`` fixed draws per sample (the same draws for every model, so the
+difference comes from the training data, not from Monte Carlo noise).
+
+A few rare samples are injected (``glyphs``: generated letters among the digits); the full
+model is trained on everything and indexed (the default layout), and every self-influence
+variant is compared with M over all samples: Spearman, and the overlap of the top-k sets.
+
+Variants: ``raw`` TracIn self-influence Σ_c w_c ||g_c(i)||² (what ``proponent self-influence``
+computes), the same at the last checkpoint only, the Gram-preconditioned self-influence (the
+leverage Σ_c w_c f_c(i)ᵀ(Φ_cᵀΦ_c + λ_c I)⁻¹ f_c(i) over the stored features, λ_c = α · the mean
+eigenvalue of Φ_cᵀΦ_c, swept), and the final model's loss (a gradient-free baseline).
+
+    python benchmarks/memorization.py --workdir /work/cache/mem [--folds 5 --repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from proponent.analysis.lds import GramBlock, query_losses
+from proponent.format.fsio import read_json
+from proponent.indexer.data import load_dataset
+from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+from proponent.indexer.training import TrainConfig, train
+from proponent.model.architectures import ModelConfig, default_config_for
+from proponent.model.checkpoints import load_checkpoint
+from proponent.model.objectives import draw_noise
+from proponent.query.index import open_index
+from proponent.threads import set_threads
+
+NOISE_MEM = 3  # noise domain of the fixed loss draws (index features use 0, queries 1, LDS 2)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def fold_masks(n: int, folds: int, repeats: int) -> list[np.ndarray]:
+    """``repeats`` independent splits of 0..n-1 into ``folds`` folds: fold id per row, one array per split."""
+    out = []
+    for r in range(repeats):
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([NOISE_MEM, r])))
+        out.append(rng.permutation(n) % folds)
+    return out
+
+
+def leverage(index: Any, alpha: float, convention: str = "lr") -> np.ndarray:
+    """Σ_c w_c f_c(i)ᵀ(Φ_cᵀΦ_c + λ_c I)⁻¹ f_c(i), λ_c = alpha x the mean eigenvalue of Φ_cᵀΦ_c (float64)."""
+    w = index.weights(convention)
+    out = np.zeros(index.n)
+    for c in range(len(index.meta.checkpoints)):
+        phi = index.features.exact_rows(c, np.arange(index.n))
+        block = GramBlock(phi, phi[:1])
+        out += w[c] * block.apply(alpha * block.trace / block.width)[1]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--data", default="digits,limit=1000+glyphs:n=20,injected")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--loss-m", type=int, default=64)
+    ap.add_argument("--alphas", default="1,100,1000")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    set_threads(a.threads)
+    wd = Path(a.workdir)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    data = load_dataset(a.data)
+    n = len(data)
+    cfg = default_config_for(data.shape)
+    tc = TrainConfig(epochs=a.epochs)
+    full = wd / "full" / "run"
+    if not (full / "run.json").exists():
+        log(f"training the full model on {n} samples")
+        train(data, cfg, full, tc, show_progress=False)
+    eps = draw_noise(NOISE_MEM, 0, 0, np.arange(n), a.loss_m, (cfg.latent_dim,))
+    # log p(x_i) ≈ -loss of every model on every sample, [R, K, N]
+    ll = np.zeros((a.repeats, a.folds, n))
+    splits = fold_masks(n, a.folds, a.repeats)
+    t0 = time.perf_counter()
+    for r, fold in enumerate(splits):
+        for k in range(a.folds):
+            run = wd / f"split{r}" / f"fold{k}" / "run"
+            if not (run / "run.json").exists():
+                log(f"training split {r} fold {k} (without {int((fold == k).sum())} samples)")
+                train(data.subset(fold != k), cfg, run, dataclasses.replace(tc, checkpoints=1), show_progress=False)
+            meta = read_json(run / "run.json")
+            model, _, _ = load_checkpoint(
+                run / meta["checkpoints"][-1]["path"], ModelConfig.from_dict(meta["model_config"])
+            )
+            ll[r, k] = -query_losses(model, cfg, data.x, eps)
+    t_retrain = time.perf_counter() - t0
+    mem = np.zeros((a.repeats, n))
+    for r, fold in enumerate(splits):
+        for k in range(a.folds):
+            rows = fold == k
+            others = [j for j in range(a.folds) if j != k]
+            mem[r, rows] = ll[r, others][:, rows].mean(axis=0) - ll[r, k, rows]
+    m_score = mem.mean(axis=0)
+    # the estimate's own repeatability: mean Spearman between independent splits' estimates, and what
+    # that implies for their mean over R splits (Spearman-Brown): no variant can track M better than M
+    # tracks itself
+    pairs = [(i, j) for i in range(a.repeats) for j in range(i + 1, a.repeats)]
+    split_agreement = float(np.mean([spearman(mem[i], mem[j]) for i, j in pairs])) if pairs else float("nan")
+    reliability = a.repeats * split_agreement / (1 + (a.repeats - 1) * split_agreement)
+
+    path = wd / "index"
+    if not (path / "manifest.json").exists():
+        log("indexing the full model (default layout)")
+        specs, _ = checkpoints_from_run(full)
+        build_index(data, specs, path, IndexOptions(), show_progress=False)
+    idx = open_index(path, device="cpu")
+    last = len(idx.meta.checkpoints) - 1
+    variants: dict[str, np.ndarray] = {
+        "raw TracIn self-influence": idx.self_influence(),
+        "raw, last checkpoint": idx.self_influence(checkpoints=[last]),
+    }
+    for alpha in [float(v) for v in a.alphas.split(",") if v]:
+        variants[f"Gram-preconditioned (leverage), alpha={alpha:g}"] = leverage(idx, alpha)
+    variants["final model's loss (no gradients)"] = idx.losses().astype(np.float64)
+    inj = np.asarray(idx.meta.injected, bool)
+    ks = sorted({int(inj.sum()), 50, 100})
+    top_m = {k: set(np.argsort(-m_score, kind="stable")[:k].tolist()) for k in ks}
+    print(
+        f"memorization (van den Burg & Williams 2021) on {a.data} (N={n}, {int(inj.sum())} injected), "
+        f"{a.folds}-fold x {a.repeats} splits ({a.folds * a.repeats} models, {t_retrain:.0f}s), "
+        f"log p ~ -ELBO under {a.loss_m} fixed draws; TrainConfig epochs={tc.epochs} lr={tc.lr} batch={tc.batch_size}"
+    )
+    print(
+        f"memorization score: median {np.median(m_score):+.3f}, injected median {np.median(m_score[inj]):+.3f}; "
+        f"mean Spearman between two independent splits' estimates {split_agreement:+.3f} "
+        f"(the estimate's own repeatability; for the mean of {a.repeats} splits, Spearman-Brown: {reliability:+.3f})"
+    )
+    header = f"{'self-influence variant':>48} {'Spearman':>9} {'clean only':>11} " + " ".join(
+        f"{'top-' + str(k) + ' overlap':>15}" for k in ks
+    )
+    print(header)
+    results: dict[str, Any] = {
+        "data": a.data,
+        "n": n,
+        "injected": int(inj.sum()),
+        "folds": a.folds,
+        "repeats": a.repeats,
+        "split_agreement": split_agreement,
+        "reliability_of_mean": reliability,
+        "variants": {},
+    }
+    for name, v in variants.items():
+        rho = spearman(v, m_score)
+        rho_clean = spearman(v[~inj], m_score[~inj])
+        overlaps = {k: len(top_m[k] & set(np.argsort(-v, kind="stable")[:k].tolist())) / k for k in ks}
+        results["variants"][name] = {"spearman": rho, "spearman_clean": rho_clean, "top_overlap": overlaps}
+        print(f"{name:>48} {rho:>+9.3f} {rho_clean:>+11.3f} " + " ".join(f"{overlaps[k]:>15.2f}" for k in ks))
+    log("done")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
