@@ -129,6 +129,10 @@ def main() -> int:
     ap.add_argument("--queue-size", type=int, default=None, help="server queue (default: 2 x clients, at least 64)")
     ap.add_argument("--threads", type=int, default=None, help="server torch/FAISS threads")
     ap.add_argument("--workers", type=int, default=1, help="server query workers (PROPONENT_QUERY_WORKERS)")
+    ap.add_argument("--feature-mode", choices=["auto", "memory", "quantized", "stream"], help="PROPONENT_FEATURE_MODE")
+    ap.add_argument(
+        "--malloc-arenas", type=int, help="MALLOC_ARENA_MAX for the server (glibc allocator arenas; default glibc's)"
+    )
     ap.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "proponent-bench"))
     a = ap.parse_args()
 
@@ -155,6 +159,10 @@ def main() -> int:
     }
     if a.threads:
         env["PROPONENT_THREADS"] = str(a.threads)
+    if a.feature_mode:
+        env["PROPONENT_FEATURE_MODE"] = a.feature_mode
+    if a.malloc_arenas:
+        env["MALLOC_ARENA_MAX"] = str(a.malloc_arenas)
     proc, url = start_server(index_dir, work, env, name="load-server")
     try:
         sampler = RssSampler(proc.pid)
@@ -162,7 +170,8 @@ def main() -> int:
         info = httpx.get(url + "/v1/index").json()
         print(
             f"index: N={info['n']} C={len(info['checkpoints'])} D={info['dim']} featurizer={info['featurizer']} "
-            f"({info['dataset_spec']}); server queue {queue_size}, {a.workers} query worker(s), pid {proc.pid}",
+            f"({info['dataset_spec']}); server queue {queue_size}, {a.workers} query worker(s), pid {proc.pid}; "
+            f"features {info['serving'].get('mode')}, MALLOC_ARENA_MAX {a.malloc_arenas or 'unset'}",
             flush=True,
         )
         args = (ids, bodies, a.upload_fraction, a.k)

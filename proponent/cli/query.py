@@ -200,7 +200,7 @@ def _serve_sharded(settings: Any, a: argparse.Namespace) -> int:
     from ray import serve
 
     from proponent.raycluster import connect  # lazy: CLI start-up
-    from proponent.service.sharded import deploy, undeploy
+    from proponent.service.sharded import START_TIMEOUT_S, deploy, undeploy
 
     started = connect(a.ray_address)
     try:
@@ -209,8 +209,9 @@ def _serve_sharded(settings: Any, a: argparse.Namespace) -> int:
             a.shards,
             host=a.host,
             port=a.port,
-            cpus_per_replica=getattr(a, "cpus_per_replica", 1.0),
+            cpus_per_replica=getattr(a, "cpus_per_replica", None),
             gpus_per_shard=getattr(a, "gpus_per_shard", 0.0),
+            start_timeout_s=getattr(a, "start_timeout", None) or START_TIMEOUT_S,
         )
         rows = ", ".join(f"{lo}..{hi - 1}" for lo, hi in dep.ranges)
         print(f"serving {settings.index} in {a.shards} shards (rows {rows}) on {dep.url}; ^C stops", flush=True)
@@ -328,7 +329,14 @@ def register(sub: Any) -> None:
     sv.add_argument("--ray-address", help="Ray cluster address for --shards (default: a local one)")
     sv.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard replica (--shards)")
     sv.add_argument(
-        "--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per shard and router replica (--shards)"
+        "--cpus-per-replica",
+        type=float,
+        help="Ray CPUs reserved per shard and router replica (--shards; default: sized to the free CPUs, at most 1)",
+    )
+    sv.add_argument(
+        "--start-timeout",
+        type=float,
+        help="seconds for every replica to be running before start-up fails (--shards; default 120)",
     )
     sv.add_argument("--log-level", default="info")
     sv.set_defaults(func=_cmd_serve)

@@ -21,6 +21,7 @@ out) makes a query answer 503 with ``Retry-After``, never a silently partial ans
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,64 @@ class ShardedDeployment:
     router: str = ROUTER_APP
 
 
+class DeployError(RuntimeError):
+    """Sharded serving cannot start on this cluster (the message says what it needs and what there is)."""
+
+
+def replica_cpus(
+    shards: int, cpus_per_replica: float | None, free_cpus: float, free_gpus: float = 0.0, gpus_per_shard: float = 0.0
+) -> float:
+    """The CPUs each of the ``shards + 1`` replicas (shards and router) requests: ``cpus_per_replica`` when it
+    fits in the cluster's free CPUs, else a refusal naming both; None: sized to fit (at most 1 each)."""
+    n = shards + 1
+    if gpus_per_shard * shards > free_gpus + 1e-9:
+        raise DeployError(
+            f"--shards {shards} needs {gpus_per_shard * shards:g} GPUs ({gpus_per_shard:g} per shard) but the Ray "
+            f"cluster has {free_gpus:g} free; give fewer shards or a smaller --gpus-per-shard"
+        )
+    if cpus_per_replica is None:
+        size = math.floor(min(1.0, free_cpus / n) * 100) / 100
+        if size < MIN_REPLICA_CPUS:
+            raise DeployError(
+                f"--shards {shards} needs {n} replicas (the shards and the router) but the Ray cluster has only "
+                f"{free_cpus:g} free CPUs ({size:g} each, under the minimum {MIN_REPLICA_CPUS:g}); give fewer shards"
+            )
+        return size
+    if n * cpus_per_replica > free_cpus + 1e-9:
+        fit = math.floor(free_cpus / n * 100) / 100
+        raise DeployError(
+            f"--shards {shards} with --cpus-per-replica {cpus_per_replica:g} needs {n * cpus_per_replica:g} CPUs "
+            f"({shards} shards + the router) but the Ray cluster has {free_cpus:g} free; give --cpus-per-replica "
+            f"{fit:g} or less (or leave it out to size the replicas to fit), or fewer shards"
+        )
+    return cpus_per_replica
+
+
+MIN_REPLICA_CPUS = 0.05
+START_TIMEOUT_S = 120.0  # a replica not running by then (e.g. never scheduled) fails start-up
+
+
+def _wait_running(apps: list[str], timeout_s: float) -> None:
+    """Until every application is RUNNING; a deployment failure or ``timeout_s`` raises DeployError (one line)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications
+        states = {a: status[a] if a in status else None for a in apps}
+        failed = [(a, st) for a, st in states.items() if st is not None and str(st.status).endswith("DEPLOY_FAILED")]
+        if failed:
+            a, st = failed[0]
+            raise DeployError(f"{a} failed to deploy: {' '.join(str(st.message).split())[:300]}")
+        waiting = [a for a, st in states.items() if st is None or not str(st.status).endswith("RUNNING")]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise DeployError(
+                f"{', '.join(waiting)} not running after {timeout_s:g} s (a replica that Ray cannot schedule: "
+                "too few free CPUs/GPUs for its request?); see `ray status`"
+            )
+        time.sleep(0.5)
+
+
 def deploy(
     settings: Settings,
     shards: int,
@@ -129,10 +188,19 @@ def deploy(
     host: str = "127.0.0.1",
     port: int = 8000,
     shard_timeout_s: float | None = None,
-    cpus_per_replica: float = 1.0,
+    cpus_per_replica: float | None = None,
     gpus_per_shard: float = 0.0,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> ShardedDeployment:
-    """Deploy N shard applications and the router on the connected Ray cluster; returns once all are running."""
+    """Deploy N shard applications and the router on the connected Ray cluster; returns once all are running.
+
+    Before deploying, the replicas' CPU (and GPU) requests are compared with the cluster's free resources:
+    refused in one line when they cannot fit, or sized to fit (``cpus_per_replica=None``); a replica not
+    running within ``start_timeout_s`` fails start-up (DeployError) instead of waiting for ever."""
+    free = ray.available_resources()
+    cpus_per_replica = replica_cpus(
+        shards, cpus_per_replica, float(free.get("CPU", 0.0)), float(free.get("GPU", 0.0)), gpus_per_shard
+    )
     if settings.index is None:
         raise RuntimeError("no index configured: set PROPONENT_INDEX (or `proponent serve --index DIR`)")
     where = index_dir(settings.index)
@@ -168,8 +236,14 @@ def deploy(
         ray_actor_options={"num_cpus": cpus_per_replica, "runtime_env": runtime_env},
     )
     targets.append(RunTarget(router_cls.bind(), name=ROUTER_APP, route_prefix="/"))
-    serve.run_many(targets)
-    return ShardedDeployment(f"http://{host}:{port}", ranges, apps)
+    dep = ShardedDeployment(f"http://{host}:{port}", ranges, apps)
+    serve.run_many(targets, wait_for_applications_running=False)
+    try:
+        _wait_running([*apps, ROUTER_APP], start_timeout_s)
+    except DeployError:
+        undeploy(dep)
+        raise
+    return dep
 
 
 def undeploy(dep: ShardedDeployment) -> None:

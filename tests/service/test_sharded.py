@@ -182,6 +182,41 @@ def test_a_shard_down_refuses_unless_partial_is_allowed(tiny: dict[str, Path]) -
         answer(idx, InfluenceParams(k=5, allow_partial=True), sample_id=3)
 
 
+# ---------------------------------------------------------------------------------- resources before deploying
+def test_replica_cpus_fit_the_cluster_or_refuse_naming_both() -> None:
+    from proponent.service.sharded import DeployError, replica_cpus
+
+    assert replica_cpus(2, None, 2.0) == 0.66 and replica_cpus(3, None, 2.0) == 0.5 and replica_cpus(1, None, 8) == 1.0
+    assert replica_cpus(3, 0.5, 2.0) == 0.5
+    with pytest.raises(
+        DeployError,
+        match=r"--shards 2 with --cpus-per-replica 1 needs 3 CPUs .* has 2 free; give "
+        r"--cpus-per-replica 0.66 or less",
+    ):
+        replica_cpus(2, 1.0, 2.0)
+    with pytest.raises(DeployError, match=r"needs 100 replicas .* only 2 free CPUs"):
+        replica_cpus(99, None, 2.0)
+    with pytest.raises(DeployError, match=r"needs 2 GPUs .* has 0 free"):
+        replica_cpus(2, None, 2.0, 0.0, 1.0)
+
+
+def test_a_replica_never_running_fails_start_up_within_the_limit(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from proponent.service import sharded
+
+    apps = {"proponent-shard-0": SimpleNamespace(status="RUNNING", message="")}
+    apps["proponent"] = SimpleNamespace(status="DEPLOYING", message="")
+    monkeypatch.setattr(sharded.serve, "status", lambda: SimpleNamespace(applications=apps))
+    t0 = time.monotonic()
+    with pytest.raises(sharded.DeployError, match=r"^proponent not running after 1 s \(a replica that Ray cannot"):
+        sharded._wait_running(["proponent-shard-0", "proponent"], 1.0)
+    assert time.monotonic() - t0 < 5
+    apps["proponent"] = SimpleNamespace(status="DEPLOY_FAILED", message="boom\nin two lines")
+    with pytest.raises(sharded.DeployError, match=r"^proponent failed to deploy: boom in two lines$"):
+        sharded._wait_running(["proponent-shard-0", "proponent"], 60.0)
+
+
 # ---------------------------------------------------------------------------------- on Ray Serve
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 150) -> None:
     deadline = time.monotonic() + timeout
@@ -208,7 +243,7 @@ def test_serve_shards_on_ray_equal_unsharded_and_a_shard_down_is_503(
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "proponent", "serve", "--index", str(index), "--shards", "2"]
     cmd += ["--ray-address", ray_local, "--port", str(port), "--state-dir", str(tmp_path / "state")]
-    cmd += ["--feature-mode", "memory", "--cpus-per-replica", "0.5"]
+    cmd += ["--feature-mode", "memory"]  # 3 replicas on 2 CPUs: sized to fit (0.66 each), not waiting for ever
     env = {**os.environ, "PROPONENT_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -258,3 +293,35 @@ def test_serve_shards_on_ray_equal_unsharded_and_a_shard_down_is_503(
             serve.shutdown()
         except Exception:
             pass
+
+
+@pytest.mark.timeout(300)
+def test_serve_shards_3_on_2_cpus_fails_fast_or_fits(tiny: dict[str, Path], ray_local: str, tmp_path: Path) -> None:
+    """--shards 3 on this 2-CPU cluster: with 1 CPU per replica refused at once in one line naming both
+    figures (before anything is deployed); without --cpus-per-replica sized to fit and serving."""
+    index = tiny["float32"]
+    port = svc_free_port()
+    cmd = [sys.executable, "-m", "proponent", "serve", "--index", str(index), "--shards", "3"]
+    cmd += ["--ray-address", ray_local, "--port", str(port), "--state-dir", str(tmp_path / "state")]
+    env = {**os.environ, "PROPONENT_THREADS": "1"}
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [*cmd, "--cpus-per-replica", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("proponent: error:")]
+    assert err and "--shards 3 with --cpus-per-replica 1 needs 4 CPUs" in err[0] and "has 2 free" in err[0]
+    assert time.monotonic() - t0 < 90
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, log)
+        info = InfluenceClient(url, retries=0, timeout=120).index_info()
+        assert len(info.shards) == 3 and all(s["healthy"] for s in info.shards)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
