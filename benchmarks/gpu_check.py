@@ -166,7 +166,7 @@ def check_featurization(device, timeout_s: int, layouts: str) -> None:
         "--layouts",
         layouts,
         "--repeats",
-        "3",
+        "2",
         "--device",
         str(device),
     ]

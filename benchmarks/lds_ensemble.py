@@ -38,7 +38,7 @@ from proponent.analysis.lds import (
     spearman_rows,
     summarize,
 )
-from proponent.analysis.scorings import query_dots
+from proponent.analysis.scoring_comparison import query_dots
 from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.indexer.training import train
 from proponent.query.index import open_index
@@ -59,6 +59,11 @@ def main() -> None:
     cache = open_lds_cache(wd, queries=a.queries, subsets=a.subsets)
     data, qx, masks, losses = cache.data, cache.query_x, cache.masks, cache.losses
     mc, tc = cache.model_config, cache.train_config
+    print(
+        f"LDS of seed ensembles on digits (N={len(data)}), {len(qx)} held-out queries, {a.subsets} subset models "
+        f"(seed {tc.seed}, cache of benchmarks/lds.py in {wd}); full models with seeds 0..{a.seeds - 1}, "
+        "default layout, all checkpoints; mean LDS [95% CI] and the paired difference against one model's raw TracIn"
+    )
     out: dict[str, list[float]] = {}
     scores: dict[str, list[np.ndarray]] = {"raw": [], "cosine": []}
     for s in range(a.seeds):

@@ -36,7 +36,7 @@ from proponent.analysis.scoring_comparison import compare_scorings
 from proponent.api.schemas import DEFAULT_SCORING, InfluenceParams
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
 from proponent.query.index import open_index
-from proponent.query.usecase import all_scores, answer
+from proponent.query.usecase import all_scores, answer_batch
 
 SECTION_IDS = (
     "self-influence-vs-loss",
@@ -400,9 +400,10 @@ def section_proponents(ctx: ReportContext) -> str:
     params = InfluenceParams(
         k=min(n, N_SHOWN + 1), direction="both", convention=ctx.convention, scoring=ctx.scoring, seed=ctx.seed
     )
-    for r in ctx.q_rows:
-        sid = int(idx.meta.ids[r])
-        res = answer(idx, params, sample_id=sid)  # the server's answer to POST /v1/influence/samples/{id}
+    sids = [int(idx.meta.ids[r]) for r in ctx.q_rows]
+    # the server's answers to POST /v1/influence/batch (each one its POST /v1/influence/samples/{id}): one scan
+    answers = answer_batch(idx, params, sample_ids=sids) if sids else []
+    for r, sid, res in zip(ctx.q_rows, sids, answers, strict=True):
         shown = {
             d: [(idx.row_of(h.id), h.score) for h in (getattr(res, d) or []) if h.id != sid][:N_SHOWN]
             for d in ("proponents", "opponents")
