@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args, overload
 
-__all__ = ["SCORINGS", "Registry", "ScoringName"]
+__all__ = ["PRECONDITIONS", "SCORINGS", "PreconditionName", "Registry", "ScoringName"]
 
 
 class Registry(Sequence[str]):
@@ -67,4 +67,17 @@ SCORINGS = Registry(
     },
     # measured: benchmarks/outliers.py, benchmarks/lds.py (README "Scoring")
     default="cosine",
+)
+
+PreconditionName = Literal["none", "gram"]
+PRECONDITIONS = Registry(
+    "precondition",
+    PreconditionName,
+    {
+        "none": "plain gradient inner products",
+        "gram": "TRAK's (Φ_cᵀΦ_c + λ_c I)⁻¹ over the stored features, applied to the query "
+        "(needs `proponent precondition --index DIR`)",
+    },
+    # measured: benchmarks/lds_precondition.py (LDS +0.002 [-0.001, +0.005] over raw at α=1000: README "Queries")
+    default="none",
 )

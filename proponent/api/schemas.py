@@ -11,7 +11,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from proponent.api.registry import SCORINGS, ScoringName
+from proponent.api.registry import PRECONDITIONS, SCORINGS, PreconditionName, ScoringName
 
 Direction = Literal["proponents", "opponents", "both"]
 Convention = Literal["lr", "visits"]
@@ -88,6 +88,7 @@ class QueryInfo(_Model):
     objective: str
     convention: Convention
     scoring: str = DEFAULT_SCORING
+    precondition: str = Field("none", description="the preconditioner that answered (none | gram)")
     checkpoints: list[int]
     shape: list[int]
     sample_id: int | None = None
@@ -183,6 +184,10 @@ class InfluenceParams(_Model):
         DEFAULT_SCORING,
         description=SCORINGS.describe() + "; all exact over the stored features",
     )
+    precondition: PreconditionName = Field(
+        cast(PreconditionName, PRECONDITIONS.default),
+        description=PRECONDITIONS.describe() + "; combined with every scoring",
+    )
     features: FeaturesMode = Field(
         "recompute",
         description="stored-sample queries: recompute the query's gradient from the exact stored input with fresh "
@@ -240,6 +245,9 @@ class IndexInfo(_Model):
         "the bar, and a warning when below it (null: an index built before the check existed)",
     )
     scorings: list[str] = Field(default_factory=lambda: list(SCORINGS))
+    preconditions: list[str] = Field(
+        default_factory=lambda: ["none"], description="the preconditioners this index can answer with (gram: stored)"
+    )
     default_scoring: str = DEFAULT_SCORING
     shards: list[dict[str, Any]] = Field(default_factory=list, description="sharded serving: one entry per shard")
     dataset_spec: str
@@ -290,6 +298,11 @@ class SelfInfluenceRequest(_Model):
         None, ge=1, le=256, description="recompute gradients with m fresh draws, 1..256 (default: stored norms)"
     )
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    precondition: PreconditionName = Field(
+        "none",
+        description="none: Σ_c w_c ||g_c||² (or recomputed, m); gram: the leverage Σ_c w_c f_cᵀ P_c f_c of the "
+        "stored features under the stored Gram preconditioner",
+    )
     estimator: Literal["norm", "unbiased"] = Field(
         "norm",
         description="norm: ||mean gradient||² (the paper's code, biased up by tr(Var)/m); "

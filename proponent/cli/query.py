@@ -16,7 +16,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from proponent.api.registry import SCORINGS
+from proponent.api.registry import PRECONDITIONS, SCORINGS
 from proponent.api.schemas import (
     BatchInfluenceResponse,
     BatchTimings,
@@ -82,7 +82,7 @@ def _cmd_scores(a: argparse.Namespace) -> int:
     params, idx, x = _query(a)
     table = score_vector(idx, params, x=x, sample_id=a.sample_id)
     atomic_write_bytes(a.out, npy_bytes(table))
-    approx = idx.meta.approximations(idx.meta.resolve_checkpoints(params.checkpoints))
+    approx = idx.meta.approximations(idx.meta.resolve_checkpoints(params.checkpoints), precondition=params.precondition)
     print(f"scored {len(table)} training samples ({params.scoring}, {params.convention}) -> {a.out}")
     if approx:
         print("approximations: " + "; ".join(approx))
@@ -125,7 +125,8 @@ def _print_answer(res: Any) -> None:
         hits = getattr(res, d)
         if hits is None:
             continue
-        print(f"{d} ({'exact' if res.exact else 'approximate'}; scoring {res.query.scoring}):")
+        pre = "" if res.query.precondition == "none" else f", precondition {res.query.precondition}"
+        print(f"{d} ({'exact' if res.exact else 'approximate'}; scoring {res.query.scoring}{pre}):")
         for h in hits:
             lab = "" if h.label is None else f"  label {h.label}"
             inj = "  injected" if h.injected else ""
@@ -142,7 +143,12 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
 
     idx = _open(a, feature_mode="stream")  # norms only: no features are loaded
     params = SelfInfluenceParams(
-        convention=a.convention, checkpoints=a.checkpoints, m=a.m, seed=a.seed, estimator=a.estimator
+        convention=a.convention,
+        checkpoints=a.checkpoints,
+        m=a.m,
+        seed=a.seed,
+        estimator=a.estimator,
+        precondition=a.precondition,
     )
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(a.state_dir) if a.state_dir else Path(tmp)
@@ -150,7 +156,8 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
     assert scores is not None
     rows = ranking_rows(idx, scores)
     atomic_write_bytes(a.out, rows_to_csv(rows).encode())
-    print(f"ranked {len(rows)} samples by self-influence -> {a.out}")
+    what = "leverage under the Gram preconditioner" if a.precondition == "gram" else "self-influence"
+    print(f"ranked {len(rows)} samples by {what} -> {a.out}")
     return 0
 
 
@@ -261,6 +268,12 @@ def _add_query_args(i: argparse.ArgumentParser, without: set[str] | frozenset[st
     if "direction" not in without:
         i.add_argument("--direction", choices=get_args(Direction), default=_default("direction"))
     i.add_argument("--scoring", choices=list(SCORINGS), default=_default("scoring"), help=SCORINGS.describe())
+    i.add_argument(
+        "--precondition",
+        choices=list(PRECONDITIONS),
+        default=_default("precondition"),
+        help=PRECONDITIONS.describe(),
+    )
     i.add_argument("--objective", default=_default("objective"), help="elbo | reconstruction | kl | elbo_beta | probe")
     i.add_argument("--label", type=int, help="query label (classifiers, objective probe; default: the stored sample's)")
     i.add_argument("--beta", type=float, help="β of objective elbo_beta")
@@ -308,6 +321,12 @@ def register(sub: Any) -> None:
         default="norm",
         help="norm: ||mean gradient||^2 (paper's code); "
         "unbiased: <g, g'> over two independent draw sets (dense, slower)",
+    )
+    s.add_argument(
+        "--precondition",
+        choices=list(PRECONDITIONS),
+        default="none",
+        help="none: Σ_c w_c ||g_c||²; gram: the leverage Σ_c w_c f_cᵀ P_c f_c (needs `proponent precondition`)",
     )
     s.add_argument("--state-dir", help="keep resumable job state here")
     s.add_argument("--device", default="auto")

@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
+from proponent.api.registry import PreconditionName
 from proponent.api.schemas import (
     BatchInfluenceResponse,
     Convention,
@@ -194,9 +195,21 @@ def op_factors() -> Op[FactorsInfo]:
 
 
 def op_start_self_influence(
-    convention: str, checkpoints: list[int] | None, m: int | None, seed: int, estimator: str = "norm"
+    convention: str,
+    checkpoints: list[int] | None,
+    m: int | None,
+    seed: int,
+    estimator: str = "norm",
+    precondition: str = "none",
 ) -> Op[JobInfo]:
-    body = {"convention": convention, "checkpoints": checkpoints, "m": m, "seed": seed, "estimator": estimator}
+    body = {
+        "convention": convention,
+        "checkpoints": checkpoints,
+        "m": m,
+        "seed": seed,
+        "estimator": estimator,
+        "precondition": precondition,
+    }
     r = yield _Request("POST", "/v1/jobs/self-influence", json=body)
     return JobInfo.model_validate(_json(r))
 
@@ -386,6 +399,7 @@ class InfluenceClient(_Base):
         search: SearchMode = "auto",
         prefilter: int | None = None,
         scoring: Scoring | None = None,
+        precondition: PreconditionName = "none",
         features: FeaturesMode = "recompute",
         uncertainty: bool = True,
         allow_partial: bool = False,
@@ -418,6 +432,7 @@ class InfluenceClient(_Base):
         seed: int = 0,
         allow_resize: bool = False,
         scoring: Scoring | None = None,
+        precondition: PreconditionName = "none",
         features: FeaturesMode = "recompute",
     ) -> Any:
         """Every training sample's score for ``query`` or ``sample_id``: a numpy record array of N rows
@@ -449,8 +464,9 @@ class InfluenceClient(_Base):
         m: int | None = None,
         seed: int = 0,
         estimator: Literal["norm", "unbiased"] = "norm",
+        precondition: PreconditionName = "none",
     ) -> Job:
-        return Job(self, self._run(op_start_self_influence(convention, checkpoints, m, seed, estimator)))
+        return Job(self, self._run(op_start_self_influence(convention, checkpoints, m, seed, estimator, precondition)))
 
     def job(self, job_id: str) -> Job:
         return Job(self, self._run(op_job(job_id)))
@@ -573,6 +589,7 @@ class AsyncInfluenceClient(_Base):
         search: SearchMode = "auto",
         prefilter: int | None = None,
         scoring: Scoring | None = None,
+        precondition: PreconditionName = "none",
         features: FeaturesMode = "recompute",
         uncertainty: bool = True,
         allow_partial: bool = False,
@@ -604,6 +621,7 @@ class AsyncInfluenceClient(_Base):
         seed: int = 0,
         allow_resize: bool = False,
         scoring: Scoring | None = None,
+        precondition: PreconditionName = "none",
         features: FeaturesMode = "recompute",
     ) -> Any:
         """See :meth:`InfluenceClient.scores`."""
@@ -632,8 +650,10 @@ class AsyncInfluenceClient(_Base):
         m: int | None = None,
         seed: int = 0,
         estimator: Literal["norm", "unbiased"] = "norm",
+        precondition: PreconditionName = "none",
     ) -> AsyncJob:
-        return AsyncJob(self, await self._run(op_start_self_influence(convention, checkpoints, m, seed, estimator)))
+        job = await self._run(op_start_self_influence(convention, checkpoints, m, seed, estimator, precondition))
+        return AsyncJob(self, job)
 
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, await self._run(op_job(job_id)))

@@ -208,6 +208,31 @@ class FidelityRecord(_Record):
         )
 
 
+class PreconditionCheckpoint(_Record):
+    """One checkpoint's stored Gram preconditioner (:mod:`proponent.format.precond`)."""
+
+    lam: float  # λ_c = α · tr(C_c) / D
+    trace: float  # tr(C_c)
+    rank: int  # eigenpairs kept
+    nonzero: int  # nonzero eigenvalues of C_c
+    truncated: bool  # nonzero > rank: the other directions are taken as eigenvalue 0
+    fingerprint: str  # sha256 of the crc32c of the features' (and scales') chunks it was made from
+    vectors: FileRecord
+    values: FileRecord
+    leverage: FileRecord
+
+
+class PreconditionRecord(_Record):
+    """TRAK's Gram preconditioner (Φ_cᵀΦ_c + λ_c I)⁻¹ per checkpoint, made from the stored features by
+    ``proponent precondition``; queries use it with ``precondition=gram``."""
+
+    kind: Literal["gram"] = "gram"
+    alpha: float
+    max_rank: int
+    seconds: float
+    checkpoints: list[PreconditionCheckpoint]
+
+
 class Manifest(_Record):
     format: Literal["proponent-index"] = "proponent-index"
     version: int = MANIFEST_VERSION
@@ -228,6 +253,8 @@ class Manifest(_Record):
     seconds: float | None = None  # written by indexes built before timings.json; never now (bytes stay reproducible)
     # the job's fidelity check (None: an index finished before the check existed); its time is in timings.json
     fidelity: FidelityRecord | None = None
+    # a stored preconditioner (None: none made; indexes from before it existed)
+    precondition: PreconditionRecord | None = None
     checksum: str = ""
 
     @property
@@ -278,6 +305,8 @@ def _render(body: dict[str, Any]) -> bytes:
 def write_manifest(where: IndexDir, manifest: Manifest) -> Manifest:
     """Write ``manifest.json`` atomically, with its checksum; returns the manifest as written."""
     body = manifest.model_dump(mode="json")
+    if body.get("precondition") is None:  # an index without one writes the bytes it wrote before the field existed
+        body.pop("precondition", None)
     body["checksum"] = sha256_bytes(_canonical(body))
     where.write_bytes(MANIFEST_FILE, _render(body))
     return manifest.model_copy(update={"checksum": body["checksum"]})

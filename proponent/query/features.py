@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -106,6 +106,9 @@ class ServedFeatures:
         self.sq_norm = [store.sq_norm(c, sl) for c in range(checkpoints)]
         self.feat_norm = [store.feat_norm(c, sl) for c in range(checkpoints)]
         self.scale = [store.scale(c, sl) for c in range(checkpoints)]
+        # every index row's leverage f_cᵀ P_c f_c under the stored preconditioner (set by the opened index)
+        self.leverage_source: Callable[[int], np.ndarray] | None = None
+        self._leverage: dict[int, np.ndarray] = {}
         gpu = self.device.type == "cuda"
         # memory mode holds int8 codes as they are (CPU or GPU), everything else as float32
         per_value = 1 if self.stored_dtype == "int8" else 4
@@ -171,6 +174,16 @@ class ServedFeatures:
         self.resident_scale[c] = scale
         self.residual[c] = resid
         self.resident_norm[c] = rnorm
+
+    def row_sq_norm(self, c: int, precondition: str = "none") -> np.ndarray:
+        """The rows' squared norms a scoring divides by: exact gradient norms, or (``gram``) their leverage."""
+        if precondition == "none":
+            return self.sq_norm[c]
+        if c not in self._leverage:
+            if self.leverage_source is None:
+                raise ValueError(f"precondition={precondition!r}: these features have no stored preconditioner")
+            self._leverage[c] = np.asarray(self.leverage_source(c), np.float64)[self.lo : self.hi]
+        return self._leverage[c]
 
     @property
     def resident_bytes(self) -> int:

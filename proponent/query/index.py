@@ -30,7 +30,7 @@ import torch
 
 from proponent import _moved
 from proponent.api.schemas import InfluenceParams, InfluenceResponse
-from proponent.format import ann
+from proponent.format import ann, precond
 from proponent.format.fsio import IndexDir, index_dir
 from proponent.format.integrity import open_store, verify_contents, verify_index
 from proponent.format.manifest import CheckpointSpec, Manifest, ManifestError, read_manifest
@@ -110,12 +110,19 @@ class IndexMeta:
         return sorted(set(checkpoints))
 
     def approximations(
-        self, checkpoints: list[int], *, prefilter: int | None = None, ann_used: bool = False
+        self,
+        checkpoints: list[int],
+        *,
+        prefilter: int | None = None,
+        ann_used: bool = False,
+        precondition: str = "none",
     ) -> list[str]:
         """What separates an answer from exact VAE-TracIn over all parameters and checkpoints."""
         man = self.manifest
         proj = man.projection
         out = []
+        if precondition == "gram" and man.precondition is not None:
+            out.extend(precond.describe(man.precondition, checkpoints))
         if proj.kind == "tensor" and any(l.tensor or l.projected_in for l in proj.layers):
             out.append(f"random projection: a tensor sketch per layer (D={proj.stage1_dim})")
         elif any(l.projected_in or l.projected_out for l in proj.layers):
@@ -206,6 +213,16 @@ class InfluenceIndex:
         # where the rows are searched: here, or (sharded serving) replaced by a searcher that fans out
         offset = 0 if rows is None else rows[0]
         self.searcher: Searcher = LocalSearcher(self.features, self.ann_indexes, manifest.ann.kind, offset=offset)
+        self._preconditioner: list[precond.CheckpointPreconditioner] | None = None
+        if manifest.precondition is not None:
+            self.features.leverage_source = lambda c: self.preconditioner()[c].leverage
+
+    def preconditioner(self) -> list[precond.CheckpointPreconditioner]:
+        """The stored Gram preconditioner of every checkpoint (read and checked on first use);
+        :class:`~proponent.format.precond.PreconditionError` when there is none or it does not match."""
+        if self._preconditioner is None:
+            self._preconditioner = precond.load(self.where, self.manifest, self.store)
+        return self._preconditioner
 
     @property
     def has_ann(self) -> bool:
@@ -285,10 +302,16 @@ class InfluenceIndex:
         """Every training row's exact score ``[N]`` for one query (brute force; analyses and tests)."""
         return all_scores(self, InfluenceParams(**kw), x=x, sample_id=sample_id)
 
-    def self_influence(self, convention: str = "lr", checkpoints: list[int] | None = None) -> np.ndarray:
-        """Σ_c w_c ||g_c(x_i)||² from the exact (unprojected) norms, ``[N]`` (raw: see query.scoring)."""
+    def self_influence(
+        self, convention: str = "lr", checkpoints: list[int] | None = None, precondition: str = "none"
+    ) -> np.ndarray:
+        """Σ_c w_c ||g_c(x_i)||² from the exact (unprojected) norms, ``[N]`` (raw: see query.scoring); with
+        ``precondition="gram"`` the leverage Σ_c w_c f_c(i)ᵀ P_c f_c(i) of the stored features."""
         w = self.weights(convention)
         cks = self.meta.resolve_checkpoints(checkpoints)
+        if precondition == "gram":
+            pre = self.preconditioner()
+            return np.sum([w[c] * pre[c].leverage for c in cks], axis=0)
         return np.sum([w[c] * self.features.sq_norm[c] for c in cks], axis=0)
 
 

@@ -37,6 +37,7 @@ class SearchRequest:
     candidates: np.ndarray | None = None  # global rows (a pre-filter): score only these, approximately
     use_ann: bool = False
     allow_partial: bool = False  # sharded: answer from the shards that respond instead of failing
+    precondition: str = "none"  # gram: vectors are P_c q_c, sq_norms q_cᵀP_cq_c, rows' norms their leverage
 
 
 class Searcher(Protocol):
@@ -88,7 +89,10 @@ class LocalSearcher:
         in one pass over the rows (:func:`~proponent.query.scan.scan_batch`: a GEMM, not one product per
         query); pre-filtered and ANN requests one by one. Each answer is the one its request gets alone."""
         served = self.served
-        sqs = [scored_query(served, r.weights, r.checkpoints, r.vectors, r.sq_norms, r.scoring) for r in requests]
+        sqs = [
+            scored_query(served, r.weights, r.checkpoints, r.vectors, r.sq_norms, r.scoring, r.precondition)
+            for r in requests
+        ]
         answers: list[dict[str, TopK] | None] = [None] * len(requests)
         groups: dict[tuple[int, tuple[str, ...], tuple[int, ...]], list[int]] = {}
         for i, (request, sq) in enumerate(zip(requests, sqs, strict=True)):

@@ -43,6 +43,9 @@ class SelfInfluenceParams:
     # "unbiased": <ḡ, ḡ'> with two independent sets of m draws, unbiased for ||E g||²
     # (materialises per-sample gradients with the dense path: slower).
     estimator: str = "norm"
+    # "gram": the leverage Σ_c w_c f_c(i)ᵀ P_c f_c(i) of the stored features under the stored Gram
+    # preconditioner (a read, like m=None; m and estimator do not apply)
+    precondition: str = "none"
 
 
 class SelfInfluenceJob:
@@ -59,6 +62,12 @@ class SelfInfluenceJob:
             raise ValueError(f"m must be >= 1, got {params.m}")
         if params.estimator not in ("norm", "unbiased"):
             raise ValueError(f"estimator must be 'norm' or 'unbiased', got {params.estimator!r}")
+        if params.precondition not in ("none", "gram"):
+            raise ValueError(f"precondition must be 'none' or 'gram', got {params.precondition!r}")
+        if params.precondition == "gram":
+            if params.m is not None or params.estimator != "norm":
+                raise ValueError("precondition=gram: the leverage of the stored features (no m, no estimator)")
+            index.preconditioner()  # refused now (named) when there is none or it does not match
         if params.estimator == "unbiased" and params.m is None:
             params.m = int(index.runtime.objective.m)  # the unbiased estimator always recomputes
         self.n_chunks = index.store.layout.n_chunks  # a step of the job: one feature chunk's rows
@@ -111,7 +120,9 @@ class SelfInfluenceJob:
                 if should_stop is not None and should_stop():
                     return None
                 lo, hi = idx.store.layout.chunk_range(k)
-                if feat is None:
+                if p.precondition == "gram":
+                    part[lo:hi] = idx.preconditioner()[c].leverage[lo:hi]
+                elif feat is None:
                     part[lo:hi] = idx.features.sq_norm[c][lo:hi]
                 else:
                     assert p.m is not None

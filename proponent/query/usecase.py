@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from proponent.api.registry import PRECONDITIONS
 from proponent.api.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
+from proponent.format.precond import PreconditionError
 from proponent.query.crossloss import make_query_objective
 from proponent.query.scoring import multipliers
 from proponent.query.searcher import SearchRequest, search_all
@@ -65,6 +67,27 @@ def _query_features(
     draws = None if qf.per_draw is None else {c: qf.per_draw[c][0] for c in cks}
     m = int(objective.m)
     return vec, sq, draws, m, label
+
+
+def _precondition(
+    index: InfluenceIndex,
+    precondition: str,
+    cks: list[int],
+    vec: dict[int, np.ndarray],
+    sq: dict[int, float],
+    draws: dict[int, np.ndarray] | None,
+):
+    """The query as ``precondition`` scores it: ``P_c q_c`` (and each draw's), ``q_cᵀ P_c q_c`` for the norms."""
+    if PRECONDITIONS.check(precondition) == "none":
+        return vec, sq, draws
+    try:
+        pre = index.preconditioner()
+    except PreconditionError as e:
+        raise QueryError(str(e)) from None
+    new_vec = {c: pre[c].apply(vec[c]) for c in cks}
+    new_sq = {c: pre[c].quad(vec[c]) for c in cks}
+    new_draws = None if draws is None else {c: pre[c].apply(draws[c]) for c in cks}
+    return new_vec, new_sq, new_draws
 
 
 def _prefilter_rows(
@@ -112,6 +135,7 @@ def _prepare(
         if x.shape != index.shape:
             raise QueryError(f"query shape {list(x.shape)} does not match the index's input shape {list(index.shape)}")
     vec, sqn, draws, m, _ = _query_features(index, params, x, row, cks)
+    vec, sqn, draws = _precondition(index, params.precondition, cks, vec, sqn, draws)
     directions: tuple[str, ...] = ("proponents", "opponents") if params.direction == "both" else (params.direction,)
     use_ann = not params.prefilter and (params.search == "ann" or (params.search == "auto" and index.has_ann))
     if params.search == "ann" and not index.has_ann:
@@ -130,6 +154,7 @@ def _prepare(
         candidates=_prefilter_rows(index, params, x, row) if params.prefilter else None,
         use_ann=use_ann,
         allow_partial=params.allow_partial,
+        precondition=params.precondition,
     )
     return _Prepared(request, sample_id, m, use_ann, cks, t0, time.perf_counter() - t0, decode_ms)
 
@@ -215,7 +240,9 @@ def _respond(
     respond_s = time.perf_counter() - t_resp
     missing = sorted({tuple(m) for r in results.values() for m in r.missing})
     exact = all(r.exact for r in results.values()) and not missing
-    approximations = meta.approximations(cks, prefilter=params.prefilter, ann_used=use_ann)
+    approximations = meta.approximations(
+        cks, prefilter=params.prefilter, ann_used=use_ann, precondition=params.precondition
+    )
     if missing:
         ranges = ", ".join(f"{lo}..{hi - 1}" for lo, hi in missing)
         approximations.append(f"partial answer: the shards holding rows {ranges} did not answer")
@@ -225,6 +252,7 @@ def _respond(
             objective=params.objective,
             convention=params.convention,
             scoring=params.scoring,
+            precondition=params.precondition,
             checkpoints=cks,
             shape=list(index.shape),
             sample_id=prep.sample_id,
@@ -251,9 +279,10 @@ def _respond(
 class QueryVectors:
     """A query's features at every searched checkpoint, as the answer uses them."""
 
-    vectors: dict[int, np.ndarray]  # c -> [D] float32
-    sq_norms: dict[int, float]  # c -> exact squared norm of the query gradient
+    vectors: dict[int, np.ndarray]  # c -> [D] float32 (preconditioned: P_c q_c, float64)
+    sq_norms: dict[int, float]  # c -> exact squared norm of the query gradient (preconditioned: q_cᵀP_cq_c)
     checkpoints: list[int]
+    precondition: str = "none"
 
 
 def query_vectors(
@@ -266,7 +295,8 @@ def query_vectors(
     cks = index.meta.resolve_checkpoints(params.checkpoints)
     xx = None if x is None else np.asarray(x, np.float32)
     vec, sqn, _, _, _ = _query_features(index, params.model_copy(update={"uncertainty": False}), xx, row, cks)
-    return QueryVectors(vec, sqn, cks)
+    vec, sqn, _ = _precondition(index, params.precondition, cks, vec, sqn, None)
+    return QueryVectors(vec, sqn, cks, params.precondition)
 
 
 def raw_dots(index: InfluenceIndex, qv: QueryVectors, block: int = 4096) -> dict[int, np.ndarray]:
@@ -291,7 +321,7 @@ def combine(
 ) -> np.ndarray:
     """Every row's score ``[N]`` under ``scoring`` from :func:`raw_dots` (any subset of the query's checkpoints)."""
     cks = qv.checkpoints if checkpoints is None else index.meta.resolve_checkpoints(checkpoints)
-    mult = multipliers(index.features, index.meta.weights(convention), cks, qv.sq_norms, scoring)
+    mult = multipliers(index.features, index.meta.weights(convention), cks, qv.sq_norms, scoring, qv.precondition)
     return mult.combine(dots)
 
 

@@ -104,10 +104,21 @@ class JobManager:
 
     # ------------------------------------------------------------------ API
     def create(
-        self, convention: str, checkpoints: list[int] | None, m: int | None, seed: int, estimator: str = "norm"
+        self,
+        convention: str,
+        checkpoints: list[int] | None,
+        m: int | None,
+        seed: int,
+        estimator: str = "norm",
+        precondition: str = "none",
     ) -> dict[str, Any]:
         params = SelfInfluenceParams(
-            convention=convention, checkpoints=checkpoints, m=m, seed=seed, estimator=estimator
+            convention=convention,
+            checkpoints=checkpoints,
+            m=m,
+            seed=seed,
+            estimator=estimator,
+            precondition=precondition,
         )
         job_id = uuid.uuid4().hex
         d = self.root / job_id
@@ -127,6 +138,7 @@ class JobManager:
                 "m": params.m,
                 "seed": seed,
                 "estimator": estimator,
+                "precondition": precondition,  # gram: the leverage under the stored Gram preconditioner
             },
             "created_at": time.time(),
             "started_at": None,
@@ -228,7 +240,14 @@ class JobManager:
         p = info["params"]
         sij = SelfInfluenceJob(
             self.index,
-            SelfInfluenceParams(p["convention"], p["checkpoints"], p["m"], p["seed"], p.get("estimator", "norm")),
+            SelfInfluenceParams(
+                p["convention"],
+                p["checkpoints"],
+                p["m"],
+                p["seed"],
+                p.get("estimator", "norm"),
+                p.get("precondition", "none"),
+            ),
             d / "state",
         )
         done0 = sij.units_done()

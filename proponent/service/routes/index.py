@@ -64,6 +64,8 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
         "query_objectives": list(QUERY_OBJECTIVES),
         "scorings": list(SCORINGS),
         "default_scoring": DEFAULT_SCORING,
+        # gram only with a stored preconditioner (`proponent precondition`)
+        "preconditions": ["none"] + (["gram"] if man.precondition is not None else []),
         "max_k": max_k,
     }
 

@@ -381,7 +381,7 @@ async def _scores_response(
 
     data = await _on_engine(state, engine, work)
     cks = index.meta.resolve_checkpoints(params.checkpoints)
-    approx = json.dumps(index.meta.approximations(cks), ensure_ascii=True)
+    approx = json.dumps(index.meta.approximations(cks, precondition=params.precondition), ensure_ascii=True)
     return Response(
         data,
         media_type="application/x-npy",

@@ -34,7 +34,7 @@ def _guard(fn: Any, *args: Any) -> Any:
 )
 def start_self_influence(jobs: JobsDep, response: Response, body: SelfInfluenceRequest | None = None) -> Any:
     body = body or SelfInfluenceRequest()  # no body: a job with every default
-    info = _guard(jobs.create, body.convention, body.checkpoints, body.m, body.seed, body.estimator)
+    info = _guard(jobs.create, body.convention, body.checkpoints, body.m, body.seed, body.estimator, body.precondition)
     response.headers["Location"] = f"/v1/jobs/{info['id']}"
     return info
 

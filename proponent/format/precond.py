@@ -1,0 +1,206 @@
+"""TRAK's Gram preconditioner over an index's stored features: made once, applied to queries only.
+
+Per checkpoint c, with Φ_c the stored feature rows (dequantised exactly as the scan reads them),
+
+    C_c = Φ_cᵀ Φ_c (float64, accumulated over row chunks: memory D² floats, not N·D),
+    λ_c = α · tr(C_c) / D (α times the mean eigenvalue),
+    P_c = (C_c + λ_c I)⁻¹ = V diag(1/(Λ + λ_c)) Vᵀ + (I − V Vᵀ) / λ_c,
+
+with (Λ, V) the nonzero eigenpairs of C_c -- all of them when there are at most ``rank``, else the top
+``rank`` and the rest taken as 0 (``truncated``: an approximation every answer lists). Stored with
+them: every row's leverage ℓ_c(i) = f_iᵀ P_c f_i (the preconditioned self-influence, and the row
+norm of preconditioned cosine scores).
+
+Files: ``precond/<tag>/ckpt_{c:03d}/{vectors,values,leverage}.npy`` (float64), each hashed in the
+manifest's :class:`~proponent.format.manifest.PreconditionRecord` with the settings and a fingerprint
+of the features it was computed from (the crc32c of every chunk of the checkpoint's features and
+scales). They are written first, under a fresh ``<tag>``, and the manifest last: an interrupted
+run leaves the index as it was. Not inside ``store.zarr``: the store's position map and metadata
+hashes list exactly the index job's arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import secrets
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .fsio import IndexDir, sha256_bytes
+from .manifest import FileRecord, Manifest, PreconditionCheckpoint, PreconditionRecord, write_manifest
+from .store import FeatureStore, ckpt_group
+
+PRECOND_DIR = "precond"
+#: α of λ_c = α · mean eigenvalue: the best of the sweep in benchmarks/results/lds_precondition_gram.txt
+DEFAULT_ALPHA = 1000.0
+DEFAULT_RANK = 2048
+_NONZERO = 1e-12  # eigenvalues below this fraction of the largest are zero (roundoff of a rank-deficient Gram)
+
+
+class PreconditionError(ValueError):
+    """No preconditioner, or one that does not match the index: the message names it."""
+
+
+def features_fingerprint(store: FeatureStore, c: int) -> str:
+    """sha256 of the crc32c of every chunk of checkpoint ``c``'s features (and int8 scales), in order."""
+    h = hashlib.sha256()
+    names = [f"{ckpt_group(c)}/features"] + ([f"{ckpt_group(c)}/scale"] if store.dtype == np.int8 else [])
+    for name in names:
+        keys = [store.chunk_key(name, idx) for idx in store.chunk_indices(name)]
+        for tail in store.where.read_tails(keys, 4):
+            h.update(tail)
+    return h.hexdigest()
+
+
+def _rows(store: FeatureStore, c: int):
+    """``(first row, float64 rows)`` per chunk: stored values times their scale, as the scan's exact rows."""
+    for k in range(store.layout.n_chunks):
+        lo, hi = store.layout.chunk_range(k)
+        yield lo, store.feature_rows(c, np.arange(lo, hi))
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass
+class CheckpointPreconditioner:
+    vectors: np.ndarray  # [D, r] orthonormal eigenvectors
+    values: np.ndarray  # [r] eigenvalues (descending)
+    leverage: np.ndarray  # [N] f_iᵀ P f_i
+    lam: float
+
+    def apply(self, q: np.ndarray) -> np.ndarray:
+        """``P q`` for ``q [D]`` or ``[m, D]`` (float64)."""
+        q = np.asarray(q, np.float64)
+        coef = q @ self.vectors
+        return (coef / (self.values + self.lam)) @ self.vectors.T + (q - coef @ self.vectors.T) / self.lam
+
+    def quad(self, q: np.ndarray) -> float:
+        """``qᵀ P q``."""
+        q = np.asarray(q, np.float64)
+        coef = q @ self.vectors
+        rest = max(float(q @ q) - float(coef @ coef), 0.0)
+        return float((coef**2 / (self.values + self.lam)).sum()) + rest / self.lam
+
+
+def compute(
+    where: IndexDir, man: Manifest, store: FeatureStore, *, alpha: float = DEFAULT_ALPHA, rank: int = DEFAULT_RANK
+) -> Manifest:
+    """Make and store the Gram preconditioner of every checkpoint; returns the manifest as written."""
+    if not man.complete:
+        raise PreconditionError(f"{where}: index is incomplete (finish the index job first)")
+    if not alpha > 0:
+        raise PreconditionError(f"alpha must be > 0, got {alpha}")
+    if rank < 1:
+        raise PreconditionError(f"rank must be >= 1, got {rank}")
+    t0 = time.perf_counter()
+    tag = f"gram-{secrets.token_hex(4)}"
+    dim = store.dim
+    records = []
+    for c in range(len(man.checkpoints)):
+        gram = np.zeros((dim, dim))
+        for _, f in _rows(store, c):
+            gram += f.T @ f
+        trace = float(np.trace(gram))
+        lam = alpha * trace / dim if trace > 0 else alpha
+        eig, vec = np.linalg.eigh(gram)
+        del gram
+        order = np.argsort(eig)[::-1]
+        eig, vec = eig[order], vec[:, order]
+        nonzero = int((eig > _NONZERO * max(float(eig[0]), 0.0)).sum()) if trace > 0 else 0
+        keep = min(nonzero, rank)
+        values, vectors = np.ascontiguousarray(eig[:keep]), np.ascontiguousarray(vec[:, :keep])
+        del vec
+        leverage = np.empty(store.n)
+        for lo, f in _rows(store, c):
+            coef = f @ vectors
+            rest = np.clip((f * f).sum(1) - (coef * coef).sum(1), 0.0, None)
+            leverage[lo : lo + len(f)] = (coef**2 / (values + lam)).sum(1) + rest / lam
+        files = {}
+        for name, arr in (("vectors", vectors), ("values", values), ("leverage", leverage)):
+            rel = f"{PRECOND_DIR}/{tag}/{ckpt_group(c)}/{name}.npy"
+            data = _npy(arr)
+            where.write_bytes(rel, data)
+            files[name] = FileRecord(path=rel, sha256=sha256_bytes(data))
+        records.append(
+            PreconditionCheckpoint(
+                lam=lam,
+                trace=trace,
+                rank=keep,
+                nonzero=nonzero,
+                truncated=nonzero > keep,
+                fingerprint=features_fingerprint(store, c),
+                **files,
+            )
+        )
+    old = man.precondition
+    record = PreconditionRecord(
+        kind="gram", alpha=alpha, max_rank=rank, seconds=time.perf_counter() - t0, checkpoints=records
+    )
+    written = write_manifest(where, man.model_copy(update={"precondition": record}))
+    if old is not None:  # the manifest no longer names them: remove their directories
+        for d in sorted({"/".join(f.path.split("/")[:2]) for ck in old.checkpoints for f in (ck.vectors,)}):
+            if d.startswith(f"{PRECOND_DIR}/") and d != f"{PRECOND_DIR}/{tag}":
+                where.remove(d)
+    return written
+
+
+def _load_array(where: IndexDir, f: FileRecord) -> np.ndarray:
+    name = where.describe(f.path)
+    if not where.is_file(f.path):
+        raise PreconditionError(f"preconditioner {name}: missing; remake it with `proponent precondition --index`")
+    data = where.read_bytes(f.path)
+    if sha256_bytes(data) != f.sha256:
+        raise PreconditionError(
+            f"preconditioner {name}: damaged (sha256 differs from the manifest); remake it with "
+            "`proponent precondition --index`"
+        )
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def load(where: IndexDir, man: Manifest, store: FeatureStore) -> list[CheckpointPreconditioner]:
+    """The stored preconditioner of every checkpoint, checked against its hashes and the features it was made
+    from; :class:`PreconditionError` names what is missing or does not match."""
+    rec = man.precondition
+    if rec is None:
+        raise PreconditionError(
+            f"{where}: this index has no stored preconditioner; make one with `proponent precondition --index {where}`"
+        )
+    if len(rec.checkpoints) != len(man.checkpoints):
+        raise PreconditionError(
+            f"{where}: the preconditioner covers {len(rec.checkpoints)} checkpoints, the index has "
+            f"{len(man.checkpoints)}; remake it with `proponent precondition --index {where}`"
+        )
+    out = []
+    for c, ck in enumerate(rec.checkpoints):
+        if features_fingerprint(store, c) != ck.fingerprint:
+            raise PreconditionError(
+                f"preconditioner of checkpoint {c} ({where.describe(ck.vectors.path)}): made from other features "
+                f"than the index stores; remake it with `proponent precondition --index {where}`"
+            )
+        vectors, values, leverage = (_load_array(where, f) for f in (ck.vectors, ck.values, ck.leverage))
+        if vectors.shape != (store.dim, ck.rank) or values.shape != (ck.rank,) or leverage.shape != (store.n,):
+            raise PreconditionError(f"preconditioner of checkpoint {c}: arrays of the wrong shape")
+        out.append(CheckpointPreconditioner(vectors, values, leverage, ck.lam))
+    return out
+
+
+def describe(rec: PreconditionRecord, checkpoints: list[int]) -> list[str]:
+    """The approximations an answer with this preconditioner lists."""
+    lams = ", ".join(f"{rec.checkpoints[c].lam:.4g}" for c in checkpoints)
+    ranks = ", ".join(str(rec.checkpoints[c].rank) for c in checkpoints)
+    out = [f"Gram preconditioner (α={rec.alpha:g}, λ_c={lams}, rank {ranks})"]
+    cut = [c for c in checkpoints if rec.checkpoints[c].truncated]
+    if cut:
+        detail = ", ".join(f"{rec.checkpoints[c].rank} of {rec.checkpoints[c].nonzero}" for c in cut)
+        out.append(
+            f"Gram preconditioner truncated to its top eigenpairs at checkpoints {cut} ({detail}): the other "
+            "directions are taken as eigenvalue 0"
+        )
+    return out
