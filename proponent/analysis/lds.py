@@ -44,7 +44,7 @@ import torch
 from proponent.analysis.scoring_comparison import query_dots
 from proponent.api.registry import SCORINGS
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
-from proponent.indexer.data import Dataset
+from proponent.indexer.data import Dataset, load_dataset
 from proponent.indexer.training import TrainConfig, train, training_objective
 from proponent.model.architectures import ModelConfig
 from proponent.model.checkpoints import load_checkpoint
@@ -200,8 +200,6 @@ def open_lds_cache(
 ) -> LdsCache:
     """The cache of an LDS run in ``workdir`` with these settings (``benchmarks/lds.py``'s defaults); subset
     models that are missing are trained (and cached), so other analyses compare on the same subsets and losses."""
-    from proponent.indexer.data import load_dataset
-
     workdir = Path(workdir)
     data = load_dataset(train_spec)
     run_dir = workdir / "full" / "run"

@@ -401,13 +401,20 @@ async def scores(request: Request, index: IndexDep, engine: EngineDep, state: St
     return await _scores_response(state, engine, params, x=x)
 
 
-@router.api_route(
+@router.get(
     "/scores/samples/{sample_id}",
-    methods=["GET", "POST"],
+    response_class=Response,
+    responses={**_NPY_RESPONSE, **error_responses(401, 404, 422, 503, 504)},
+    summary="Every training sample's score for a stored training sample (.npy; parameters in the query string)",
+    operation_id="scores_of_sample_get",
+)
+@router.post(
+    "/scores/samples/{sample_id}",
     response_class=Response,
     openapi_extra=_SAMPLE_OPENAPI,
     responses={**_NPY_RESPONSE, **error_responses(401, 404, 415, 422, 503, 504)},
     summary="Every training sample's score for a stored training sample (.npy)",
+    operation_id="scores_of_sample_post",
 )
 async def scores_of_sample(
     request: Request,
