@@ -131,7 +131,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1, help="server query workers (PROPONENT_QUERY_WORKERS)")
     ap.add_argument("--feature-mode", choices=["auto", "memory", "quantized", "stream"], help="PROPONENT_FEATURE_MODE")
     ap.add_argument(
-        "--malloc-arenas", type=int, help="MALLOC_ARENA_MAX for the server (glibc allocator arenas; default glibc's)"
+        "--malloc-arenas",
+        type=int,
+        help="PROPONENT_MALLOC_ARENAS for the server (glibc arenas; 0: glibc's default; default: the server's)",
     )
     ap.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "proponent-bench"))
     a = ap.parse_args()
@@ -161,8 +163,8 @@ def main() -> int:
         env["PROPONENT_THREADS"] = str(a.threads)
     if a.feature_mode:
         env["PROPONENT_FEATURE_MODE"] = a.feature_mode
-    if a.malloc_arenas:
-        env["MALLOC_ARENA_MAX"] = str(a.malloc_arenas)
+    if a.malloc_arenas is not None:
+        env["PROPONENT_MALLOC_ARENAS"] = str(a.malloc_arenas)
     proc, url = start_server(index_dir, work, env, name="load-server")
     try:
         sampler = RssSampler(proc.pid)
@@ -171,7 +173,8 @@ def main() -> int:
         print(
             f"index: N={info['n']} C={len(info['checkpoints'])} D={info['dim']} featurizer={info['featurizer']} "
             f"({info['dataset_spec']}); server queue {queue_size}, {a.workers} query worker(s), pid {proc.pid}; "
-            f"features {info['serving'].get('mode')}, MALLOC_ARENA_MAX {a.malloc_arenas or 'unset'}",
+            f"features {info['serving'].get('mode')}, malloc arenas "
+            f"{'server default (2)' if a.malloc_arenas is None else a.malloc_arenas or 'glibc default'}",
             flush=True,
         )
         args = (ids, bodies, a.upload_fraction, a.k)

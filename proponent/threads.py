@@ -89,3 +89,23 @@ def limit_this_thread(n: int = 1) -> None:
     for fn in _thread_setters():
         fn(n)
     _local.limited = n
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def limit_malloc_arenas(n: int | None) -> bool:
+    """Cap glibc's malloc arenas at ``n`` for the rest of the process (``mallopt(M_ARENA_MAX, n)``); True when
+    applied. A server's many request threads each get an arena of their own otherwise, and freed chunk buffers
+    stay in them: stream mode under 16 clients held 551 MiB at peak with glibc's default against 479 MiB with 2
+    (``benchmarks/load.py``). ``n`` None or 0, a ``MALLOC_ARENA_MAX`` in the environment (it wins) or another
+    C library: nothing is changed."""
+    if not n or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, int(n)) == 1)
+

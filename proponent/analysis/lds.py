@@ -60,6 +60,8 @@ __all__ = [
     "fixed_query_noise",
     "lds_rows",
     "GramBlock",
+    "KfacBlock",
+    "kronecker_factors",
     "LdsCache",
     "open_lds_cache",
     "paired_difference",
@@ -249,6 +251,47 @@ class GramBlock:
         lev = ((self.u**2) * (self.eig * inv)).sum(1)  # f_iᵀ P f_i = [(K + λ)⁻¹ K]_ii
         qpq = (self.qq - (self.du**2 * inv).sum(1)) / lam  # Woodbury
         return s, lev, qpq
+
+
+def kronecker_factors(a: np.ndarray, d: np.ndarray, bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """K-FAC's factors of one Linear layer, ``A = E[a aᵀ]`` and ``S = E[δ δᵀ]``, over the rows of ``a [T, in]``
+    and ``δ [T, out]`` (every forward row of the layer: one per sample and, behind the sampling, per draw);
+    with ``bias`` a constant-1 column is appended to ``a`` (the bias as the last input column of G)."""
+    a = np.asarray(a, np.float64)
+    d = np.asarray(d, np.float64)
+    if bias:
+        a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    return a.T @ a / a.shape[0], d.T @ d / d.shape[0]
+
+
+class KfacBlock:
+    """K-FAC / EK-FAC (kronfluence's definitions) on one Linear layer, exactly: per-sample gradients
+    ``g [N, out, in]`` (bias column last), queries ``q [Q, out, in]``, factors ``A [in, in]``, ``S [out, out]``
+    (research code for the LDS benchmark; not on the query path).
+
+    With A = Q_A diag(e_A) Q_Aᵀ and S = Q_S diag(e_S) Q_Sᵀ, a gradient's rotation is G̃ = Q_Sᵀ G Q_A and the
+    preconditioned inner product is ``<G̃_q / (Λ + λ), G̃_i>`` with ``Λ = e_S e_Aᵀ`` (K-FAC: then
+    P = (S ⊗ A + λI)⁻¹ on the row-major vec(G)) or, EK-FAC, ``Λ_jk = mean_i (G̃_i)_jk²`` (the eigenvalue
+    correction fitted on the rows ``g``). The damping is ``λ = α · mean(Λ)`` (kronfluence's heuristic:
+    α = 0.1)."""
+
+    def __init__(self, a_cov: np.ndarray, s_cov: np.ndarray, g: np.ndarray, q: np.ndarray, ekfac: bool):
+        ea, qa = np.linalg.eigh(np.asarray(a_cov, np.float64))
+        es, qs = np.linalg.eigh(np.asarray(s_cov, np.float64))
+        self.width = g.shape[1] * g.shape[2]
+        gr = np.einsum("so,nsi,ij->noj", qs, np.asarray(g, np.float64), qa, optimize=True)
+        qr = np.einsum("so,nsi,ij->noj", qs, np.asarray(q, np.float64), qa, optimize=True)
+        self.fv, self.qv = gr.reshape(len(gr), -1), qr.reshape(len(qr), -1)
+        if ekfac:
+            self.eig = (self.fv**2).mean(0)
+        else:
+            self.eig = np.outer(np.clip(es, 0, None), np.clip(ea, 0, None)).reshape(-1)
+        self.mean_eig = float(self.eig.mean())
+
+    def apply(self, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(qᵀ P f_i [Q, N], f_iᵀ P f_i [N], qᵀ P q [Q])`` with λ = α · mean(Λ)."""
+        inv = 1.0 / (self.eig + alpha * self.mean_eig)
+        return (self.qv * inv) @ self.fv.T, (self.fv**2 * inv).sum(1), (self.qv**2 * inv).sum(1)
 
 
 def predicted_group_influence(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -115,15 +115,20 @@ def op_index_info() -> Op[IndexInfo]:
     return IndexInfo.model_validate(_json(r))
 
 
-def op_influence(query: Any, sample_id: int | None, params: dict[str, Any]) -> Op[InfluenceResponse]:
+def _query_request(route: str, query: Any, sample_id: int | None, params: dict[str, Any]) -> _Request:
+    """One query to ``route`` (``/v1/influence``, ``/v1/scores``): a stored sample (JSON body) or an upload
+    (multipart, parameters as form fields)."""
     if (query is None) == (sample_id is None):
         raise ValueError("give exactly one of query or sample_id")
     if sample_id is not None:
-        r = yield _Request("POST", f"/v1/influence/samples/{int(sample_id)}", json=params)
-    else:
-        name, data = query_bytes(query)
-        form = {k: (json.dumps(v) if isinstance(v, (list, bool)) else str(v)) for k, v in params.items()}
-        r = yield _Request("POST", "/v1/influence", files={"file": (name, data, "application/octet-stream")}, data=form)
+        return _Request("POST", f"{route}/samples/{int(sample_id)}", json=params)
+    name, data = query_bytes(query)
+    form = {k: (json.dumps(v) if isinstance(v, (list, bool)) else str(v)) for k, v in params.items()}
+    return _Request("POST", route, files={"file": (name, data, "application/octet-stream")}, data=form)
+
+
+def op_influence(query: Any, sample_id: int | None, params: dict[str, Any]) -> Op[InfluenceResponse]:
+    r = yield _query_request("/v1/influence", query, sample_id, params)
     return InfluenceResponse.model_validate(_json(r))
 
 
@@ -168,14 +173,7 @@ def op_scores(query: Any, sample_id: int | None, params: dict[str, Any]) -> Op[A
     """Every training sample's score: a numpy record array ``(id, score)`` from the server's ``.npy``."""
     import numpy as np  # lazy: import proponent.client needs only httpx and pydantic
 
-    if (query is None) == (sample_id is None):
-        raise ValueError("give exactly one of query or sample_id")
-    if sample_id is not None:
-        r = yield _Request("POST", f"/v1/scores/samples/{int(sample_id)}", json=params)
-    else:
-        name, data = query_bytes(query)
-        form = {k: (json.dumps(v) if isinstance(v, (list, bool)) else str(v)) for k, v in params.items()}
-        r = yield _Request("POST", "/v1/scores", files={"file": (name, data, "application/octet-stream")}, data=form)
+    r = yield _query_request("/v1/scores", query, sample_id, params)
     return np.load(io.BytesIO(r.content), allow_pickle=False)
 
 

@@ -46,7 +46,7 @@ from proponent.service.metrics import Metrics
 from proponent.service.routes import factors, health, index, influence, jobs, samples
 from proponent.service.settings import Settings
 from proponent.service.state import ServiceState
-from proponent.threads import set_threads
+from proponent.threads import limit_malloc_arenas, set_threads
 
 log = logging.getLogger("proponent.service")
 
@@ -272,6 +272,7 @@ def create_app(settings: Settings | None = None, searcher_factory: SearcherFacto
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         set_threads(settings.threads)  # before the workers exist: each new thread takes the count on first use
+        limit_malloc_arenas(settings.malloc_arenas)  # before the request and worker threads make arenas
         state.engine = QueryEngine(settings.query_workers, settings.queue_size, settings.request_timeout_s, metrics)
         state.engine.start()
         try:  # on the engine's worker: the torch thread of the server (proponent.threads)

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
         None, description="local cache of chunks read from an object-store index (default ~/.cache/proponent)"
     )
     cache_bytes: str = Field("8G", description="at most this much in the chunk cache, e.g. 8G")
+    malloc_arenas: int = Field(
+        2, ge=0, description="glibc malloc arenas for the server's threads (bounds RSS under many clients; 0: glibc's)"
+    )
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

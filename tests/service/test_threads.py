@@ -3,8 +3,12 @@ of its own so that it starts no second OpenMP pool, while the rest of the proces
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
+import pytest
 import torch
 
 from proponent.threads import _thread_setters, limit_this_thread, set_threads
@@ -81,3 +85,37 @@ def test_two_query_workers_share_the_threads() -> None:
             one.stop()
     finally:
         torch.set_num_threads(before)
+
+
+_ARENAS_SCRIPT = """
+import ctypes, sys, threading
+from proponent.threads import limit_malloc_arenas
+print(limit_malloc_arenas(int(sys.argv[1])), flush=True)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+hold, together = [], threading.Barrier(8)
+def work():  # a new thread takes an arena of its own on its first malloc (up to the limit) and keeps it while alive
+    hold.append(libc.malloc(4096))
+    together.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc.malloc_stats()  # one "Arena i:" block per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_malloc_arenas_are_capped() -> None:
+    """The server caps glibc's arenas (PROPONENT_MALLOC_ARENAS, default 2): eight threads share two arenas,
+    where glibc's default gives them more."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+
+    def arenas(n: int) -> tuple[str, int]:
+        r = subprocess.run([sys.executable, "-c", _ARENAS_SCRIPT, str(n)], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip(), sum(1 for line in r.stderr.splitlines() if line.startswith("Arena "))
+
+    applied, capped = arenas(2)
+    assert applied == "True" and capped == 2
+    applied, default = arenas(0)
+    assert applied == "False" and default > 2
