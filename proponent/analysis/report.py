@@ -33,6 +33,7 @@ import numpy as np
 
 from proponent.analysis.factors import index_factors
 from proponent.analysis.scoring_comparison import compare_scorings
+from proponent.api.registry import PRECONDITIONS
 from proponent.api.schemas import DEFAULT_SCORING, InfluenceParams
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
 from proponent.query.index import open_index
@@ -244,6 +245,7 @@ class ReportContext:
     seed: int
     numbers: dict[str, Any]
     plt: Any
+    precondition: str = "none"
     si: np.ndarray = field(default_factory=lambda: np.empty(0))
     neg_loss: np.ndarray = field(default_factory=lambda: np.empty(0))
 
@@ -398,7 +400,12 @@ def section_proponents(ctx: ReportContext) -> str:
     stats: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     grids, per_query = [], []
     params = InfluenceParams(
-        k=min(n, N_SHOWN + 1), direction="both", convention=ctx.convention, scoring=ctx.scoring, seed=ctx.seed
+        k=min(n, N_SHOWN + 1),
+        direction="both",
+        convention=ctx.convention,
+        scoring=ctx.scoring,
+        seed=ctx.seed,
+        precondition=ctx.precondition,
     )
     sids = [int(idx.meta.ids[r]) for r in ctx.q_rows]
     # the server's answers to POST /v1/influence/batch (each one its POST /v1/influence/samples/{id}): one scan
@@ -437,14 +444,16 @@ def section_proponents(ctx: ReportContext) -> str:
     ctx.numbers["proponents"] = per_query
     ctx.numbers["_stats"] = {k: (np.concatenate(v) if v else np.array([])) for k, v in stats.items()}
     ctx.numbers["_n_top"] = n_top
+    pre = "" if ctx.precondition == "none" else f" (preconditioner {ctx.precondition})"
     return _section(
         "proponents",
-        "Strongest proponents and opponents",
+        f"Strongest proponents and opponents{pre}",
         "For each query (a training sample, its gradient recomputed from its exact stored input with fresh "
         "query draws, as the service answers it), the training samples with the largest influence scores "
         "(proponents, top row: they lower the query's loss) and the most negative ones (opponents, bottom row: "
         "they raise it), the query itself left out (paper Fig. 4); scoring "
-        f"<code>{ctx.scoring}</code>. Titles give sample id, label and score. The paper finds MNIST "
+        f"<code>{ctx.scoring}</code>, preconditioner <code>{ctx.precondition}</code>. Titles give sample id, "
+        "label and score. The paper finds MNIST "
         "proponents visually similar to the query and opponents often the same class in a different style.",
         "".join(grids),
     )
@@ -620,6 +629,7 @@ def write_report(
     scoring: str | None = None,
     seed: int = 0,
     index: Any = None,
+    precondition: str = "none",
 ) -> Path:
     """Write the analysis report of the index at ``index_path`` to ``out_html``.
 
@@ -630,6 +640,8 @@ def write_report(
             the index marks as injected (``injected`` data parts), if any.
         convention: checkpoint weights, ``lr`` or ``visits``.
         scoring: raw | cosine | relatif (default: the API's default scoring).
+        precondition: none | gram: the preconditioner of the proponents/opponents section (gram needs a
+            stored one: ``proponent precondition``); named in that section's header.
         seed: chooses the default queries and the query-side noise draws.
         index: an already opened :class:`~proponent.query.index.InfluenceIndex` (skips re-opening).
 
@@ -660,12 +672,13 @@ def write_report(
         "checkpoints": len(idx.checkpoints),
         "convention": convention,
         "scoring": scoring or DEFAULT_SCORING,
+        "precondition": PRECONDITIONS.check(precondition),
         "seed": seed,
         "queries": [int(idx.meta.ids[r]) for r in q_rows],
         "fidelity": None if idx.manifest.fidelity is None else idx.manifest.fidelity.model_dump(),
     }
     ctx = ReportContext(
-        idx, q_rows, is_out, outlier_source, convention, scoring or DEFAULT_SCORING, seed, numbers, _plt()
+        idx, q_rows, is_out, outlier_source, convention, scoring or DEFAULT_SCORING, seed, numbers, _plt(), precondition
     )
     sections = [section(ctx) for section in SECTIONS]
     numbers.pop("_stats", None)

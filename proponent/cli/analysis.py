@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from proponent.analysis.factors import DEFAULT_MAX_ROWS
-from proponent.api.registry import SCORINGS
+from proponent.api.registry import PRECONDITIONS, SCORINGS
 
 
 def _ids_arg(text: str) -> list[int]:
@@ -89,6 +89,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
         outliers=a.outliers,
         convention=a.convention,
         scoring=a.scoring,
+        precondition=a.precondition,
         seed=a.seed,
     )
     numbers = json.loads(path.with_suffix(".json").read_text())
@@ -129,5 +130,11 @@ def register(sub: Any) -> None:
     r.add_argument("--outliers", type=_ids_arg, help="known outlier ids, e.g. 5,9 or @FILE (default: injected rows)")
     r.add_argument("--convention", choices=["lr", "visits"], default="lr")
     r.add_argument("--scoring", choices=list(SCORINGS), help=f"default: the API's default scoring ({SCORINGS.default})")
+    r.add_argument(
+        "--precondition",
+        choices=list(PRECONDITIONS),
+        default=PRECONDITIONS.default,
+        help="the proponents/opponents section's preconditioner (gram: needs `proponent precondition`)",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_cmd_report)

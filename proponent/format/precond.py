@@ -79,14 +79,20 @@ class CheckpointPreconditioner:
         """``P q`` for ``q [D]`` or ``[m, D]`` (float64)."""
         q = np.asarray(q, np.float64)
         coef = q @ self.vectors
-        return (coef / (self.values + self.lam)) @ self.vectors.T + (q - coef @ self.vectors.T) / self.lam
+        return (coef / (self.values + self.lam) - coef / self.lam) @ self.vectors.T + q / self.lam
 
     def quad(self, q: np.ndarray) -> float:
         """``qᵀ P q``."""
+        return self.apply_quad(q)[1]
+
+    def apply_quad(self, q: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(P q, qᵀ P q)`` of one ``q [D]`` with one pass over the eigenvectors for both."""
         q = np.asarray(q, np.float64)
         coef = q @ self.vectors
+        scaled = coef / (self.values + self.lam)
         rest = max(float(q @ q) - float(coef @ coef), 0.0)
-        return float((coef**2 / (self.values + self.lam)).sum()) + rest / self.lam
+        pq = (scaled - coef / self.lam) @ self.vectors.T + q / self.lam
+        return pq, float(scaled @ coef) + rest / self.lam
 
 
 def compute(

@@ -84,8 +84,9 @@ def _precondition(
         pre = index.preconditioner()
     except PreconditionError as e:
         raise QueryError(str(e)) from None
-    new_vec = {c: pre[c].apply(vec[c]) for c in cks}
-    new_sq = {c: pre[c].quad(vec[c]) for c in cks}
+    both = {c: pre[c].apply_quad(vec[c]) for c in cks}
+    new_vec = {c: both[c][0] for c in cks}
+    new_sq = {c: both[c][1] for c in cks}
     new_draws = None if draws is None else {c: pre[c].apply(draws[c]) for c in cks}
     return new_vec, new_sq, new_draws
 

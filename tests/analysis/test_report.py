@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import string
 
 import numpy as np
@@ -22,6 +23,7 @@ from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_ru
 from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.projection import ProjectionSpec
+from proponent.query.index import open_index
 
 N_LETTERS = 40  # 2% of the data, like the paper's 1000 EMNIST letters in 60000 MNIST digits
 
@@ -159,6 +161,18 @@ def test_report_with_given_queries_and_outliers(letters_index, tmp_path):
     assert numbers["detection"]["n_outliers"] == 3 and numbers["detection"]["source"] == "given"
     with pytest.raises(ValueError, match="not in the index"):
         write_report(letters_index, tmp_path / "bad.html", queries=[10**9])
+    # the proponents section with the Gram preconditioner: named in its header; none stored: the command named
+    with pytest.raises(ValueError, match="proponent precondition --index"):
+        write_report(letters_index, tmp_path / "nopre.html", queries=[3], precondition="gram")
+    copy = tmp_path / "idx"
+    shutil.copytree(letters_index, copy)
+    assert cli.main(["precondition", "--index", str(copy)]) == 0
+    doc = write_report(copy, tmp_path / "g.html", queries=[3], precondition="gram").read_text()
+    assert "Strongest proponents and opponents (preconditioner gram)" in doc
+    numbers = json.loads((tmp_path / "g.json").read_text())
+    want = open_index(copy, device="cpu").influence(sample_id=3, k=8, direction="proponents", precondition="gram")
+    assert numbers["precondition"] == "gram"
+    assert [p["id"] for p in numbers["proponents"][0]["proponents"]][:3] == [i for i in want.ids() if i != 3][:3]
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -411,3 +411,42 @@ def test_api_key_prompt_then_everything_works(page, svc_index_dir, tmp_path):
         dialog.wait_for(state="visible")
         page.click("#key-cancel")
         page.wait_for_function("() => document.querySelector('#query-error').innerText.includes('Error 401')")
+
+
+# ---------------------------------------------------------------------------------- preconditioner
+def test_preconditioner_choice_only_where_the_index_has_one(page, svc_server, tmp_path):
+    """No stored preconditioner: no choice. With one (`proponent precondition`): the choice next to scoring,
+    the request carries it, and the page shows the hits and the preconditioner the API answers with."""
+    from proponent.cli import main as cli_main
+    from proponent.indexer.data import load_dataset
+    from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+    from proponent.indexer.training import TrainConfig, train
+    from proponent.model.architectures import ModelConfig
+
+    open_page(page, svc_server.url)
+    assert page.locator("#precondition-field").is_hidden()
+    data = load_dataset("digits,limit=120")
+    cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(8,), latent_dim=2)
+    run = train(data, cfg, tmp_path / "run", TrainConfig(epochs=2, batch_size=32, checkpoints=2), show_progress=False)
+    specs, _ = checkpoints_from_run(run)
+    idx = build_index(data, specs, tmp_path / "idx", IndexOptions(m=2, device="cpu"), show_progress=False)
+    assert cli_main(["precondition", "--index", str(idx)]) == 0
+    with svc_run_server(index=idx, state_dir=tmp_path / "state") as s:
+        open_page(page, s.url)
+        assert page.locator("#precondition-field").is_visible()
+        assert page.locator("#q-precondition option").all_inner_texts() == ["none", "gram"]
+        page.select_option("#q-precondition", "gram")
+        page.check("input[name=source][value=sample]", force=True)
+        page.fill("#sample-id", "4")
+        page.fill("#q-k", "5")
+        page.select_option("#q-direction", "proponents")
+        page.click("#q-run")
+        page.wait_for_selector("#proponents .hit")
+        scoring = page.input_value("#q-scoring")
+        want = httpx.post(
+            f"{s.url}/v1/influence/samples/4",
+            json={"k": 5, "direction": "proponents", "scoring": scoring, "precondition": "gram"},
+            timeout=60,
+        ).json()
+        assert card_ids(page, "#proponents") == [h["id"] for h in want["proponents"]]
+        assert "preconditioner\ngram" in page.locator("#query-summary").inner_text()

@@ -305,6 +305,11 @@ function setupQueryControls() {
   $("#scoring-field").hidden = scorings.length === 0;
   $("#q-scoring").replaceChildren(...scorings.map((s) => h("option", { value: s }, s)));
   if (scorings.length) $("#q-scoring").value = info.default_scoring || scorings[0];
+  // Preconditioner: only when the index has a stored one besides "none" (`proponent precondition`).
+  const preconditions = Array.isArray(info.preconditions) ? info.preconditions : [];
+  $("#precondition-field").hidden = preconditions.length < 2;
+  $("#q-precondition").replaceChildren(...preconditions.map((s) => h("option", { value: s }, s)));
+  if (preconditions.length) $("#q-precondition").value = "none";
   // The ANN search option only where the index has an ANN (FAISS) index.
   $("#q-search-ann").hidden = !info.index_kind || info.index_kind === "none";
   $("#q-k").max = info.max_k;
@@ -339,6 +344,7 @@ const numOrRaw = (v) => (v.trim() !== "" && Number.isFinite(Number(v)) ? Number(
 function queryParams() {
   const p = { k: numOrRaw($("#q-k").value), direction: $("#q-direction").value, objective: $("#q-objective").value };
   if (!$("#scoring-field").hidden && $("#q-scoring").value) p.scoring = $("#q-scoring").value;
+  if (!$("#precondition-field").hidden && $("#q-precondition").value !== "none") p.precondition = $("#q-precondition").value;
   if (p.objective === "elbo_beta" && $("#q-beta").value !== "") p.beta = numOrRaw($("#q-beta").value);
   if (p.objective === "probe" && $("#q-label").value !== "") p.label = numOrRaw($("#q-label").value);
   const cks = selectedCheckpoints($("#q-checkpoints"));
@@ -465,6 +471,7 @@ function renderAnswer(entry) {
   const facts = [
     ["objective", q.objective + (req.params.beta != null && q.objective === "elbo_beta" ? ` (β = ${req.params.beta})` : "")],
     q.scoring || req.params.scoring ? ["scoring", q.scoring || req.params.scoring] : null,
+    q.precondition && q.precondition !== "none" ? ["preconditioner", q.precondition] : null,
     ["checkpoints", cks.join(", ") + (cks.length === S.info.checkpoints.length ? " (all)" : "")],
     ["weights", q.convention],
     q.features ? ["query features", q.features === "stored" ? "the index's stored features" : "recomputed (fresh draws)"] : null,
