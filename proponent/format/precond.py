@@ -2,7 +2,7 @@
 
 Per checkpoint c, with Φ_c the stored feature rows (dequantised exactly as the scan reads them),
 
-    C_c = Φ_cᵀ Φ_c (float64, accumulated over row chunks: memory D² floats, not N·D),
+    C_c = Φ_cᵀ Φ_c (float64; at most D² floats in memory: see :func:`_eigenpairs`),
     λ_c = α · tr(C_c) / D (α times the mean eigenvalue),
     P_c = (C_c + λ_c I)⁻¹ = V diag(1/(Λ + λ_c)) Vᵀ + (I − V Vᵀ) / λ_c,
 
@@ -62,6 +62,35 @@ def _rows(store: FeatureStore, c: int):
         yield lo, store.feature_rows(c, np.arange(lo, hi))
 
 
+def _eigenpairs(store: FeatureStore, c: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Eigenvalues (descending), eigenvectors ``[D, ·]`` and trace of C_c = Φ_cᵀΦ_c, float64.
+
+    N ≥ D: C_c accumulated over the row chunks (D² floats) and eigendecomposed. N < D: Φ_c itself is
+    then smaller than C_c, so it is held and K = Φ_cΦ_cᵀ = U Λ Uᵀ (N x N) eigendecomposed instead, with
+    V = Φ_cᵀ U Λ^(-1/2) (the same nonzero eigenpairs, O(N²D) rather than O(D³))."""
+    n, dim = store.n, store.dim
+    if n >= dim:
+        gram = np.zeros((dim, dim))
+        for _, f in _rows(store, c):
+            gram += f.T @ f
+        eig, vec = np.linalg.eigh(gram)
+        trace = float(np.trace(gram))
+        del gram
+    else:
+        phi = np.empty((n, dim))
+        for lo, f in _rows(store, c):
+            phi[lo : lo + len(f)] = f
+        k = phi @ phi.T
+        trace = float(np.trace(k))
+        eig, u = np.linalg.eigh(k)
+        del k
+        pos = eig > _NONZERO * max(float(eig.max()), 0.0) if n else np.zeros(0, bool)
+        eig, u = eig[pos], u[:, pos]
+        vec = (phi.T @ u) / np.sqrt(eig)
+    order = np.argsort(eig)[::-1]
+    return eig[order], vec[:, order], trace
+
+
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
@@ -79,7 +108,7 @@ class CheckpointPreconditioner:
         """``P q`` for ``q [D]`` or ``[m, D]`` (float64)."""
         q = np.asarray(q, np.float64)
         coef = q @ self.vectors
-        return (coef / (self.values + self.lam) - coef / self.lam) @ self.vectors.T + q / self.lam
+        return (coef * (1 / (self.values + self.lam) - 1 / self.lam)) @ self.vectors.T + q / self.lam
 
     def quad(self, q: np.ndarray) -> float:
         """``qᵀ P q``."""
@@ -89,10 +118,8 @@ class CheckpointPreconditioner:
         """``(P q, qᵀ P q)`` of one ``q [D]`` with one pass over the eigenvectors for both."""
         q = np.asarray(q, np.float64)
         coef = q @ self.vectors
-        scaled = coef / (self.values + self.lam)
-        rest = max(float(q @ q) - float(coef @ coef), 0.0)
-        pq = (scaled - coef / self.lam) @ self.vectors.T + q / self.lam
-        return pq, float(scaled @ coef) + rest / self.lam
+        delta = coef * (1 / (self.values + self.lam) - 1 / self.lam)  # P = I/λ + V diag(1/(Λ+λ) − 1/λ) Vᵀ
+        return delta @ self.vectors.T + q / self.lam, float(q @ q) / self.lam + float(delta @ coef)
 
 
 def compute(
@@ -110,24 +137,18 @@ def compute(
     dim = store.dim
     records = []
     for c in range(len(man.checkpoints)):
-        gram = np.zeros((dim, dim))
-        for _, f in _rows(store, c):
-            gram += f.T @ f
-        trace = float(np.trace(gram))
+        eig, vec, trace = _eigenpairs(store, c)
         lam = alpha * trace / dim if trace > 0 else alpha
-        eig, vec = np.linalg.eigh(gram)
-        del gram
-        order = np.argsort(eig)[::-1]
-        eig, vec = eig[order], vec[:, order]
-        nonzero = int((eig > _NONZERO * max(float(eig[0]), 0.0)).sum()) if trace > 0 else 0
+        nonzero = int((eig > _NONZERO * max(float(eig[0]), 0.0)).sum()) if trace > 0 and len(eig) else 0
         keep = min(nonzero, rank)
         values, vectors = np.ascontiguousarray(eig[:keep]), np.ascontiguousarray(vec[:, :keep])
         del vec
+        # ℓ = ||f||²/λ + Σ_j (fᵀv_j)² (1/(Λ_j+λ) − 1/λ): the eigenvectors enter weighted by Λ_j/λ², so the
+        # roundoff of those with small Λ_j (the N-dimensional route's) does not reach the leverage
         leverage = np.empty(store.n)
         for lo, f in _rows(store, c):
             coef = f @ vectors
-            rest = np.clip((f * f).sum(1) - (coef * coef).sum(1), 0.0, None)
-            leverage[lo : lo + len(f)] = (coef**2 / (values + lam)).sum(1) + rest / lam
+            leverage[lo : lo + len(f)] = (f * f).sum(1) / lam + (coef**2 * (1 / (values + lam) - 1 / lam)).sum(1)
         files = {}
         for name, arr in (("vectors", vectors), ("values", values), ("leverage", leverage)):
             rel = f"{PRECOND_DIR}/{tag}/{ckpt_group(c)}/{name}.npy"

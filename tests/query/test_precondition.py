@@ -131,6 +131,7 @@ def _check_against_explicit(idx_path: Path, rank: int | None = None) -> None:
 def test_exact_gradients_equal_an_explicit_inverse(exact_index, tmp_path) -> None:
     idx = open_index(exact_index, device="cpu")
     assert idx.manifest.projection.is_exact and idx.manifest.storage.dtype == "float32"
+    assert idx.n < idx.dim  # the N-dimensional route of format.precond._eigenpairs
     rec = idx.manifest.precondition
     assert rec is not None and rec.alpha == ALPHA and not any(ck.truncated for ck in rec.checkpoints)
     assert all(ck.rank <= idx.n for ck in rec.checkpoints)  # a Gram of N rows has at most N nonzero eigenvalues
@@ -147,6 +148,7 @@ def test_exact_gradients_equal_an_explicit_inverse(exact_index, tmp_path) -> Non
 def test_sketched_int8_rows_equal_an_explicit_inverse(sketch_index) -> None:
     idx = open_index(sketch_index, device="cpu")
     assert not idx.manifest.projection.is_exact and idx.manifest.storage.dtype == "int8"
+    assert idx.dim < idx.n  # the D-dimensional route (the Gram accumulated over row chunks)
     _check_against_explicit(sketch_index)
 
 
