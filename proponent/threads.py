@@ -108,4 +108,3 @@ def limit_malloc_arenas(n: int | None) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_ARENA_MAX, int(n)) == 1)
-
