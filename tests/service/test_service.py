@@ -532,6 +532,7 @@ def test_self_influence_job_without_body_uses_defaults(svc_server):
             "m": None,
             "seed": 0,
             "estimator": "norm",
+            "precondition": "none",
         }
         job = InfluenceClient(svc_server.url).job(info["id"]).wait(timeout=120)
         rows = job.result()
