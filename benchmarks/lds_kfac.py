@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from proponent.analysis.lds import KfacBlock, lds_per_query, open_lds_cache, paired_difference, summarize
+from proponent.analysis.lds import KfacBlock, lds_per_query, open_lds_cache, paired_table
 from proponent.api.schemas import InfluenceParams
 from proponent.model.objectives import NOISE_INDEX, draw_noise
 from proponent.model.runtime import objective_from_record
@@ -225,15 +225,7 @@ def main() -> None:
         f"(float64 ones rebuilt from the captured a, delta: within {layout_err:.2f} int8 steps of the stored rows); "
         "TracIn rows over the stored int8 rows unless named float64"
     )
-    print(f"{'variant':>40} {'LDS mean [95% CI]':>26} {'minus TracIn raw [95% CI], paired':>36}")
-    for name, v in res.items():
-        s = summarize(v)
-        dd = paired_difference(v, res["TracIn raw"])
-        print(
-            f"{name:>40} {s['mean']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]       "
-            f"{dd['mean']:+.4f} [{dd['ci_low']:+.4f}, {dd['ci_high']:+.4f}]",
-            flush=True,
-        )
+    print("\n".join(paired_table(res, "TracIn raw")), flush=True)
     log("done")
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": a.mode, "index": a.index, "per_query": res}))

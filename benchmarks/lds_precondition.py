@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proponent.analysis.lds import GramBlock, lds_per_query, open_lds_cache, paired_difference, summarize
+from proponent.analysis.lds import GramBlock, lds_per_query, open_lds_cache, paired_table
 from proponent.api.schemas import InfluenceParams
 from proponent.query.index import open_index
 from proponent.query.usecase import query_vectors
@@ -163,15 +163,7 @@ def main() -> None:
         f"{a.subsets} subset models (cache of benchmarks/lds.py in {wd}); mode {a.mode}; "
         "lambda_c = a x mean eigenvalue of the checkpoint's (block's) Gram"
     )
-    print(f"{'variant':>40} {'LDS mean [95% CI]':>26} {'minus TracIn raw [95% CI], paired':>36}")
-    for name, v in res.items():
-        s = summarize(v)
-        dd = paired_difference(v, res["TracIn raw"])
-        print(
-            f"{name:>40} {s['mean']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]       "
-            f"{dd['mean']:+.4f} [{dd['ci_low']:+.4f}, {dd['ci_high']:+.4f}]",
-            flush=True,
-        )
+    print("\n".join(paired_table(res, "TracIn raw")), flush=True)
     log("done")
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": a.mode, "index": a.index, "per_query": res}))

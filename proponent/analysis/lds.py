@@ -359,6 +359,20 @@ def paired_difference(
     return summarize(d, n_boot=n_boot, seed=seed)
 
 
+def paired_table(per_query: dict[str, list[float]], baseline: str) -> list[str]:
+    """The benchmarks' table: each variant's mean LDS with its 95% CI and its paired difference against
+    ``baseline`` (a key of ``per_query``), one line each after a header."""
+    lines = [f"{'variant':>40} {'LDS mean [95% CI]':>26} {'minus ' + baseline + ' [95% CI], paired':>36}"]
+    for name, v in per_query.items():
+        s = summarize(v)
+        dd = paired_difference(v, per_query[baseline])
+        lines.append(
+            f"{name:>40} {s['mean']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]       "
+            f"{dd['mean']:+.4f} [{dd['ci_low']:+.4f}, {dd['ci_high']:+.4f}]"
+        )
+    return lines
+
+
 def checkpoint_subsets(n_checkpoints: int, names: Sequence[str]) -> dict[str, list[int]]:
     """Named checkpoint subsets: ``all``, ``last``, ``first+last``, or explicit ``0,2,4``-style lists."""
     out: dict[str, list[int]] = {}
