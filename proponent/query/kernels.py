@@ -4,15 +4,16 @@
 ``[n, W ≥ D]`` (a resident copy may be wider than its rows: zero columns padded for the GPU's GEMM) and
 ``m`` int8 query vectors ``z [m, D]``. Two kernels give the same integers:
 
-* ``native`` (CPU): ``proponent/query/_int8dot.c``, built by pip at install -- AVX-512 VNNI tiles of 8
-  rows x 2 vectors where the CPU has them (AVX2 or a plain loop otherwise), the rows split across
-  ``torch.get_num_threads()`` threads. Reads the codes once, at close to the memory bandwidth
-  (``benchmarks/scan_bandwidth.py``);
+* ``native`` (CPU): ``proponent/query/_int8dot.c``, built by pip at install -- AVX-512 VNNI where the CPU
+  has it (AVX2 or a plain loop otherwise), the rows split across ``torch.get_num_threads()`` threads. A
+  query's two vectors: tiles of 8 rows x 2 vectors, reading the codes once at close to the memory bandwidth;
+  a batch's (8 vectors or more): a register-blocked GEMM (3 rows x 8 vectors of int32 sums in registers
+  over 4,096-column blocks, the rows read once for all vectors), at the compute rate the kernel reaches on
+  an L1-resident tile (``_int8dot.peak``; ``benchmarks/scan_bandwidth.py``);
 * ``torch``: ``torch._int_mm`` (oneDNN on the CPU, cuBLASLt on CUDA), which pads to the GEMM's
   shapes; the only kernel for codes on a GPU, and the fallback where the native one was not built.
 
-``PROPONENT_INT8_KERNEL=auto|native|torch`` forces one (``auto``: native for CPU codes where built). For a
-batch of 64 queries the two measured within noise of each other here (``benchmarks/scan_bandwidth.py``).
+``PROPONENT_INT8_KERNEL=auto|native|torch`` forces one (``auto``: native for CPU codes where built).
 Whichever runs, the scan's certificate is the same: integer products are exact in both.
 """
 
