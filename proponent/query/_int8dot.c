@@ -202,36 +202,44 @@ static void many_scalar(const int8_t *codes, Py_ssize_t n, Py_ssize_t d, Py_ssiz
 /* AVX-512 VNNI: tiles of 3 rows x 8 vectors (24 zmm accumulators, 3 shifted row registers, 1 vector register) */
 #define VR 3
 #define VV 8
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void micro_vnni(
-    const int8_t *const *rp, const int8_t *const *zp, Py_ssize_t c0, Py_ssize_t c1, __m512i acc[VR][VV]) {
+/* the 24 sums are named variables (an array of them was spilled to the stack by gcc) */
+#define MV_DECL(v) __m512i s0##v = _mm512_setzero_si512(), s1##v = _mm512_setzero_si512(), s2##v = _mm512_setzero_si512()
+#define MV_STEP(v, LOAD)                                                                                          \
+    do {                                                                                                          \
+        __m512i b = LOAD(zp[v] + j);                                                                              \
+        s0##v = _mm512_dpbusd_epi32(s0##v, x0, b);                                                                \
+        s1##v = _mm512_dpbusd_epi32(s1##v, x1, b);                                                                \
+        s2##v = _mm512_dpbusd_epi32(s2##v, x2, b);                                                                \
+    } while (0)
+#define MV_ALL(LOAD)                                                                                              \
+    do {                                                                                                          \
+        __m512i x0 = _mm512_xor_si512(LOAD(rp[0] + j), flip);                                                     \
+        __m512i x1 = _mm512_xor_si512(LOAD(rp[1] + j), flip);                                                     \
+        __m512i x2 = _mm512_xor_si512(LOAD(rp[2] + j), flip);                                                     \
+        MV_STEP(0, LOAD); MV_STEP(1, LOAD); MV_STEP(2, LOAD); MV_STEP(3, LOAD);                                   \
+        MV_STEP(4, LOAD); MV_STEP(5, LOAD); MV_STEP(6, LOAD); MV_STEP(7, LOAD);                                   \
+    } while (0)
+#define MV_FULL(p) _mm512_loadu_si512((const void *)(p))
+#define MV_MASKED(p) _mm512_maskz_loadu_epi8(k, (const void *)(p))
+#define MV_OUT(v)                                                                                                 \
+    do {                                                                                                          \
+        sums[0][v] = _mm512_reduce_add_epi32(s0##v);                                                              \
+        sums[1][v] = _mm512_reduce_add_epi32(s1##v);                                                              \
+        sums[2][v] = _mm512_reduce_add_epi32(s2##v);                                                              \
+    } while (0)
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void micro_vnni(const int8_t *const *rp,
+                                                                               const int8_t *const *zp, Py_ssize_t c0,
+                                                                               Py_ssize_t c1, int64_t sums[VR][VV]) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int r = 0; r < VR; r++)
-        for (int v = 0; v < VV; v++) acc[r][v] = _mm512_setzero_si512();
+    MV_DECL(0); MV_DECL(1); MV_DECL(2); MV_DECL(3); MV_DECL(4); MV_DECL(5); MV_DECL(6); MV_DECL(7);
     Py_ssize_t body = c0 + ((c1 - c0) / 64) * 64, j = c0;
-    for (; j < body; j += 64) {
-        __m512i x0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(rp[0] + j)), flip);
-        __m512i x1 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(rp[1] + j)), flip);
-        __m512i x2 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(rp[2] + j)), flip);
-#pragma GCC unroll 8
-        for (int v = 0; v < VV; v++) {
-            __m512i b = _mm512_loadu_si512((const void *)(zp[v] + j));
-            acc[0][v] = _mm512_dpbusd_epi32(acc[0][v], x0, b);
-            acc[1][v] = _mm512_dpbusd_epi32(acc[1][v], x1, b);
-            acc[2][v] = _mm512_dpbusd_epi32(acc[2][v], x2, b);
-        }
-    }
+    for (; j < body; j += 64) MV_ALL(MV_FULL);
     if (j < c1) { /* masked-off vector bytes are zero: the shifted code bytes there add nothing */
         __mmask64 k = (((__mmask64)1 << (c1 - j)) - 1);
-        __m512i x0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, (const void *)(rp[0] + j)), flip);
-        __m512i x1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, (const void *)(rp[1] + j)), flip);
-        __m512i x2 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, (const void *)(rp[2] + j)), flip);
-        for (int v = 0; v < VV; v++) {
-            __m512i b = _mm512_maskz_loadu_epi8(k, (const void *)(zp[v] + j));
-            acc[0][v] = _mm512_dpbusd_epi32(acc[0][v], x0, b);
-            acc[1][v] = _mm512_dpbusd_epi32(acc[1][v], x1, b);
-            acc[2][v] = _mm512_dpbusd_epi32(acc[2][v], x2, b);
-        }
+        MV_ALL(MV_MASKED);
     }
+    MV_OUT(0); MV_OUT(1); MV_OUT(2); MV_OUT(3); MV_OUT(4); MV_OUT(5); MV_OUT(6); MV_OUT(7);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void many_vnni(const int8_t *codes, Py_ssize_t n,
@@ -252,7 +260,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void many_vnni(con
         }
         for (Py_ssize_t i = 0; i < n; i++) out[i * m + v] = -128 * s;
     }
-    __m512i acc[VR][VV];
+    int64_t sums[VR][VV];
     for (Py_ssize_t c0 = 0; c0 < d; c0 += KC) {
         Py_ssize_t c1 = c0 + KC < d ? c0 + KC : d;
         for (Py_ssize_t r0 = 0; r0 < n; r0 += VR) {
@@ -263,9 +271,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void many_vnni(con
                 int V = (int)(m - v0 < VV ? m - v0 : VV);
                 const int8_t *zp[VV];
                 for (int v = 0; v < VV; v++) zp[v] = z + (v0 + (v < V ? v : 0)) * d; /* padded vectors: discarded */
-                micro_vnni(rp, zp, c0, c1, acc);
+                micro_vnni(rp, zp, c0, c1, sums);
                 for (int r = 0; r < R; r++)
-                    for (int v = 0; v < V; v++) out[(r0 + r) * m + v0 + v] += (int64_t)_mm512_reduce_add_epi32(acc[r][v]);
+                    for (int v = 0; v < V; v++) out[(r0 + r) * m + v0 + v] += sums[r][v];
             }
         }
     }

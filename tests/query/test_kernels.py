@@ -100,6 +100,11 @@ def test_gemm_peak_is_measured_on_every_kernel():
 
 def test_kernel_choice_and_bad_input(monkeypatch):
     codes = torch.zeros((4, 8), dtype=torch.int8)
+    monkeypatch.setenv("PROPONENT_INT8_KERNEL", "auto")
+    assert kernels.choose(codes, vectors=kernels.BATCH_VECTORS) == "torch"  # a batch's GEMM: oneDNN's
+    if kernels._native is not None:
+        assert kernels.choose(codes, vectors=2) == "native"
+        assert kernels.choose(codes, "native", vectors=kernels.BATCH_VECTORS) == "native"
     monkeypatch.setenv("PROPONENT_INT8_KERNEL", "torch")
     assert kernels.choose(codes) == "torch"
     monkeypatch.setenv("PROPONENT_INT8_KERNEL", "fast")
