@@ -239,14 +239,18 @@ def scan_batch(
                     e = e + qb.norm[:, None] * resid[lo:hi]
             else:
                 e = qb.err_per_norm[:, None] * served.feat_norm[c][lo:hi]
-            for i, sq in enumerate(sqs):
-                if sq.row_mult is not None:
-                    mu = sq.row_mult[c][lo:hi]
-                    s_hat[i] += t[i] * mu
-                    err[i] += e[i] * mu
-                else:
-                    s_hat[i] += t[i]
-                    err[i] += e[i]
+            if all(sq.row_mult is None for sq in sqs):  # the same sums as row by row, in one pass
+                s_hat += t
+                err += e
+            else:
+                for i, sq in enumerate(sqs):
+                    if sq.row_mult is not None:
+                        mu = sq.row_mult[c][lo:hi]
+                        s_hat[i] += t[i] * mu
+                        err[i] += e[i] * mu
+                    else:
+                        s_hat[i] += t[i]
+                        err[i] += e[i]
         for i, sq in enumerate(sqs):
             if sq.global_mult is not None:
                 g = sq.global_mult[lo:hi]
