@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--loss-m", type=int, default=32, help="fixed draws per query for the measured loss")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--latent-dim", type=int, default=16)
+    ap.add_argument("--model", default=None, choices=["mlp", "conv"], help="VAE kind (default: mlp)")
+    ap.add_argument("--hidden", default=None, help="MLP widths, comma-separated (default: the data's default)")
+    ap.add_argument("--channels", default=None, help="conv VAE channels per stride-2 stage, comma-separated")
     ap.add_argument("--m", type=int, default=16, help="draws per sample in the indexes")
     ap.add_argument(
         "--index", action="append", help="index configuration (repeatable); default: " + "; ".join(DEFAULT_INDEXES)
@@ -145,7 +148,8 @@ def main() -> None:
     run = wd / "full" / "run"
     if not (run / "run.json").exists():
         log(f"training the full model on {a.train} ({len(data)} samples)")
-        cfg = default_config_for(data.shape, latent_dim=a.latent_dim)
+        widths = {k: [int(v) for v in getattr(a, k).split(",")] for k in ("hidden", "channels") if getattr(a, k)}
+        cfg = default_config_for(data.shape, kind=a.model, latent_dim=a.latent_dim, **widths)
         train(data, cfg, run, TrainConfig(epochs=a.epochs), show_progress=False)
     specs, run_meta = checkpoints_from_run(run)
     if run_meta["data"]["fingerprint"] != data.fingerprint:

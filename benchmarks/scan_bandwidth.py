@@ -69,9 +69,23 @@ def drop_cache(paths: list[Path]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fsync(fd)  # a freshly written file's dirty pages are not dropped until written back
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def buffered_read(paths: list[Path]) -> float:
+    """Bytes/s of reading ``paths`` through the page cache right after :func:`drop_cache`: at about the
+    ``O_DIRECT`` rate when the drop worked (far above it when the files were still cached)."""
+    drop_cache(paths)
+    buf = bytearray(max(p.stat().st_size for p in paths))
+    total = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            total += f.readinto(buf)
+    return total / (time.perf_counter() - t0)
 
 
 def disk_bandwidth(paths: list[Path], block: int = 8 << 20) -> tuple[float, int]:
@@ -92,6 +106,19 @@ def disk_bandwidth(paths: list[Path], block: int = 8 << 20) -> tuple[float, int]
     return total / (time.perf_counter() - t0), total
 
 
+def gemm_peak(native, threads: int, reps: int = 20000) -> float:
+    """GMAC/s of the native GEMM kernel on an L1-resident tile, ``threads`` at once (median of 5)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rates = []
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            macs = sum(m for _, m in pool.map(lambda _: native.peak("auto", reps), range(threads)))
+            rates.append(macs / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
+
+
 def kernel_rows(n: int, d: int, reps: int, bw: float, batch: int) -> list[str]:
     import torch
 
@@ -107,6 +134,10 @@ def kernel_rows(n: int, d: int, reps: int, bw: float, batch: int) -> list[str]:
         codes[lo:hi, :d] = torch.from_numpy(rng.integers(-127, 128, (hi - lo, d), dtype=np.int8))
     q = _Int8Query(rng.standard_normal(d))
     out = []
+    peak = 0.0
+    if kernels._native is not None and batch:  # the GEMM kernel's compute peak: a tile in L1, on every thread
+        peak = gemm_peak(kernels._native, torch.get_num_threads())
+        out.append(f"{n:>8} {'GEMM peak (L1 tile, threads)':<28} {'':>9} {'':>8} {'':>6}  {peak:.1f} GMAC/s")
     want = None
     for name in kernels.available():
         t = median_time(lambda name=name: kernels.int8_products(codes, q.z, name), reps)
@@ -119,14 +150,16 @@ def kernel_rows(n: int, d: int, reps: int, bw: float, batch: int) -> list[str]:
         if batch:  # the batch's products: one GEMM of 2 x batch int8 vectors against the rows
             many = _Int8Batch([_Int8Query(rng.standard_normal(d)) for _ in range(batch)])
             tb = median_time(lambda name=name, many=many: kernels.int8_products(codes, many.z, name), max(1, reps // 2))
+            gmac = n * d * 2 * batch / tb / 1e9
+            of_peak = f", {gmac / peak:.2f}x the peak" if name == "native" and peak else ""
             out.append(
                 f"{n:>8} {f'  same, {batch} queries (GEMM)':<28} {tb * 1e3:>9.1f} {'':>8} {'':>6}"
-                f"  {batch * t / tb:.2f}x the throughput of {batch} single products"
+                f"  {batch * t / tb:.2f}x the throughput of {batch} single products ({gmac:.1f} GMAC/s{of_peak})"
             )
     return out
 
 
-def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, stream: bool) -> list[str]:
+def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, modes: list[str]) -> list[str]:
     import torch
 
     from proponent.format.fsio import IndexDir
@@ -144,7 +177,6 @@ def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, stream
     rng = np.random.default_rng(1)
     vec = {k: rng.standard_normal(store.dim).astype(np.float32) for k in range(c)}
     out = []
-    modes = ["memory", "stream"] if stream else ["memory"]
     for mode in modes:
         served = ServedFeatures(store, c, mode=mode, budget_bytes=1 << 40)
         sq = scored_query(served, np.ones(c), list(range(c)), vec, {}, "raw")
@@ -168,10 +200,16 @@ def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, stream
             files = sorted(p for p in (where / "store.zarr").rglob("*") if p.is_file() and "features" in p.parts)
             drop_cache(files)
             disk, disk_bytes = disk_bandwidth(files)
+            cold = buffered_read(files)
             t = median_time(once, max(1, reps // 2), before=lambda files=files: drop_cache(files))
             rate = disk_bytes / t
             out.append(
                 f"{n:>8} {'disk read, O_DIRECT':<28} {disk_bytes / disk * 1e3:>9.1f} {disk / 1e9:>8.2f}   (floor)"
+            )
+            out.append(
+                f"{n:>8} {'  read after the drop':<28} {disk_bytes / cold * 1e3:>9.1f} {cold / 1e9:>8.2f} "
+                f"{cold / disk:>6.2f}"
+                "  (file by file through the page cache: the drop leaves nothing cached)"
             )
             out.append(
                 f"{n:>8} {'served scan, stream (cold)':<28} {t * 1e3:>9.1f} {rate / 1e9:>8.2f} {rate / disk:>6.2f}"
@@ -199,14 +237,16 @@ def batch_rows(n: int, d: int, c: int, batch: int, work: Path) -> list[str]:
     t0 = time.perf_counter()
     many = answer_batch(idx, params, xs=list(xs))
     t_batch = time.perf_counter() - t0
-    for a, b in zip(single, many, strict=True):
-        assert a.ids("proponents") == b.ids("proponents") and a.scores("opponents") == b.scores("opponents")
+    for a, b in zip(single, many, strict=True):  # equal up to the float32 rounding of the batched featurization
+        assert a.ids("proponents") == b.ids("proponents") and a.ids("opponents") == b.ids("opponents")
+        np.testing.assert_allclose(a.scores("opponents"), b.scores("opponents"), rtol=1e-5)
     feat = statistics.median(r.timings.featurize_ms for r in single)
     return [
         f"{n:>8} {f'{batch} single queries':<28} {t_single * 1e3:>9.1f} {batch / t_single:>8.1f} q/s"
         f"  (featurize p50 {feat:.1f} ms, search p50 {statistics.median(r.timings.search_ms for r in single):.1f} ms)",
         f"{n:>8} {f'1 batch of {batch}':<28} {t_batch * 1e3:>9.1f} {batch / t_batch:>8.1f} q/s"
-        f"  {t_single / t_batch:>5.2f}x the single queries' throughput (search {many[0].timings.search_ms:.0f} ms)",
+        f"  {t_single / t_batch:>5.2f}x the single queries' throughput (search {many[0].timings.search_ms:.0f} ms,"
+        f" featurize {sum(r.timings.featurize_ms for r in many):.0f} ms)",
     ]
 
 
@@ -220,6 +260,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: PROPONENT_THREADS or all)")
     ap.add_argument("--no-served", action="store_true", help="kernels only (no synthetic index)")
     ap.add_argument("--no-stream", action="store_true", help="no streamed scan")
+    ap.add_argument("--stream-only", action="store_true", help="the streamed scan and its disk floor only (large N)")
     ap.add_argument("--batch", type=int, default=64, help="queries in the batch-throughput run (0: none)")
     ap.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "proponent-bench"))
     a = ap.parse_args()
@@ -234,20 +275,24 @@ def main() -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print(f"# scan_bandwidth: D={d} int8, threads={threads}, torch {torch.__version__}, cpu: {_cpu()}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, C={a.checkpoints}")
+    print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'N':>8} {'what':<28} {'ms':>9} {'GB/s':>8} {'x floor':>6}")
     for n in (int(s) for s in a.sizes.split(",")):
         bw = memory_bandwidth(a.stream_mib, a.reps)
         print(f"{n:>8} {'memory read (sum, floor)':<28} {'':>9} {bw / 1e9:>8.2f}", flush=True)
-        for line in kernel_rows(n, d, a.reps, bw, a.batch):
+        for line in [] if a.stream_only else kernel_rows(n, d, a.reps, bw, a.batch):
             print(line, flush=True)
         if not a.no_served:
-            for line in served_rows(n, d, a.checkpoints, a.reps, bw, work, not a.no_stream):
+            modes = ["stream"] if a.stream_only else ["memory"] if a.no_stream else ["memory", "stream"]
+            for line in served_rows(n, d, a.checkpoints, a.reps, bw, work, modes):
                 print(line, flush=True)
-            if a.batch:
+            if a.batch and not a.stream_only:
                 for line in batch_rows(n, d, a.checkpoints, a.batch, work):
                     print(line, flush=True)
         bw2 = memory_bandwidth(a.stream_mib, a.reps)
         print(f"{n:>8} {'memory read again (floor)':<28} {'':>9} {bw2 / 1e9:>8.2f}", flush=True)
+        print(f"# load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
 
 
 def _cpu() -> str:

@@ -264,6 +264,26 @@ def kronecker_factors(a: np.ndarray, d: np.ndarray, bias: bool = True) -> tuple[
     return a.T @ a / a.shape[0], d.T @ d / d.shape[0]
 
 
+def conv_kronecker_rows(
+    x: torch.Tensor, grad_out: torch.Tensor, conv: torch.nn.Conv2d
+) -> tuple[np.ndarray, np.ndarray]:
+    """The KFC rows of one Conv2d (Grosse & Martens 2016, as kronfluence forms them): ``a [B, T, C_in·kh·kw]``,
+    the unfolded input patches at the T output positions, and ``δ [B, T, C_out]``, the loss gradient with respect
+    to the output at those positions. A sample's gradient is ``G = Σ_t δ_t [a_t, 1]ᵀ`` (``[∂W.flatten(1) | ∂b]``),
+    and :func:`kronecker_factors` over all ``B·T`` rows gives KFC's ``A`` and ``S`` (expectations over samples and
+    positions; the constant factor T between KFC's and this form cancels under a damping relative to the mean
+    eigenvalue)."""
+    if isinstance(conv.padding, str):
+        raise ValueError(f"padding={conv.padding!r}: give the padding as numbers")
+    u = torch.nn.functional.unfold(
+        x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+    )
+    b = x.shape[0]
+    a = u.transpose(1, 2).reshape(b, -1, u.shape[1])
+    d = grad_out.flatten(2).transpose(1, 2).reshape(b, -1, grad_out.shape[1])
+    return a.detach().double().numpy(), d.detach().double().numpy()
+
+
 class KfacBlock:
     """K-FAC / EK-FAC (kronfluence's definitions) on one Linear layer, exactly: per-sample gradients
     ``g [N, out, in]`` (bias column last), queries ``q [Q, out, in]``, factors ``A [in, in]``, ``S [out, out]``

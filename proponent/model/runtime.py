@@ -146,8 +146,11 @@ class ModelRuntime:
         labels: np.ndarray | None = None,
         checkpoints: list[int],
         per_draw: bool = False,
+        draw_ids: np.ndarray | None = None,
     ) -> QueryFeatures:
-        """Query features of inputs ``x [B, *shape]`` at ``checkpoints`` (and each draw's, if asked)."""
+        """Query features of inputs ``x [B, *shape]`` at ``checkpoints`` (and each draw's, if asked). Input
+        ``i`` takes the query noise of key ``draw_ids[i]`` (default ``i``; a batch of independent queries
+        passes zeros, so that each gets the noise it gets alone)."""
         x = np.asarray(x, dtype=np.float32)
         if x.shape[1:] != self.shape:
             raise ValueError(
@@ -162,7 +165,8 @@ class ModelRuntime:
                 feat = self.featurizer(c, objective)
                 obj = feat.objective
                 m = int(obj.m)
-                eps = draw_noise(NOISE_QUERY, seed, c, np.arange(b), m, obj.noise_shape(self.model(c)))
+                ids = np.arange(b) if draw_ids is None else np.asarray(draw_ids, np.int64)
+                eps = draw_noise(NOISE_QUERY, seed, c, ids, m, obj.noise_shape(self.model(c)))
                 if per_draw and m > 1:
                     fb, fr = feat.draw_features(xt, yt, eps)
                     draws[c] = fr.cpu().numpy()

@@ -4,15 +4,19 @@
 ``[n, W ≥ D]`` (a resident copy may be wider than its rows: zero columns padded for the GPU's GEMM) and
 ``m`` int8 query vectors ``z [m, D]``. Two kernels give the same integers:
 
-* ``native`` (CPU): ``proponent/query/_int8dot.c``, built by pip at install -- AVX-512 VNNI tiles of 8
-  rows x 2 vectors where the CPU has them (AVX2 or a plain loop otherwise), the rows split across
-  ``torch.get_num_threads()`` threads. Reads the codes once, at close to the memory bandwidth
-  (``benchmarks/scan_bandwidth.py``);
+* ``native`` (CPU): ``proponent/query/_int8dot.c``, built by pip at install -- AVX-512 VNNI where the CPU
+  has it (AVX2 or a plain loop otherwise), the rows split across ``torch.get_num_threads()`` threads. A
+  query's two vectors: tiles of 8 rows x 2 vectors, reading the codes once at close to the memory bandwidth;
+  a batch's (8 vectors or more): a register-blocked GEMM (3 rows x 8 vectors of int32 sums in registers
+  over 4,096-column blocks, the rows read once for all vectors), at the compute rate the kernel reaches on
+  an L1-resident tile (``_int8dot.peak``; ``benchmarks/scan_bandwidth.py``);
 * ``torch``: ``torch._int_mm`` (oneDNN on the CPU, cuBLASLt on CUDA), which pads to the GEMM's
   shapes; the only kernel for codes on a GPU, and the fallback where the native one was not built.
 
-``PROPONENT_INT8_KERNEL=auto|native|torch`` forces one (``auto``: native for CPU codes where built). For a
-batch of 64 queries the two measured within noise of each other here (``benchmarks/scan_bandwidth.py``).
+``PROPONENT_INT8_KERNEL=auto|native|torch`` forces one. ``auto``: native for a query's vectors on CPU codes
+where built; torch for a batch's (``BATCH_VECTORS`` or more), because oneDNN's int8 GEMM measured 3.3x the
+native GEMM here (64 queries x 60,000 rows x D 7,996: 188 vs 616 ms, 326 vs 100 GMAC/s on 2 cores;
+``benchmarks/scan_bandwidth.py``, results/scan_bandwidth.txt). The native GEMM stays the tested fallback.
 Whichever runs, the scan's certificate is the same: integer products are exact in both.
 """
 
@@ -34,6 +38,7 @@ except ImportError:  # no C compiler at install: the torch kernel serves
 KERNELS = ("auto", "native", "torch")
 INT32_SAFE_DIM = 65_536  # torch._int_mm sums in int32: exact for D·128·128 ≤ 2^30; longer rows are split
 _MIN_ROWS_PER_THREAD = 2048
+BATCH_VECTORS = 8  # from this many vectors (4 queries) ``auto`` multiplies with torch._int_mm: see the docstring
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -46,8 +51,9 @@ def available() -> list[str]:
     return ["native", "torch"] if _native is not None else ["torch"]
 
 
-def choose(codes: torch.Tensor, kernel: str | None = None) -> str:
-    """The kernel that multiplies ``codes``: ``native`` or ``torch`` (see the module docstring)."""
+def choose(codes: torch.Tensor, kernel: str | None = None, vectors: int = 2) -> str:
+    """The kernel that multiplies ``codes`` by ``vectors`` int8 vectors: ``native`` or ``torch`` (see the
+    module docstring; ``auto`` gives a batch's GEMM to torch)."""
     name = kernel or os.environ.get("PROPONENT_INT8_KERNEL", "auto")
     if name not in KERNELS:
         raise ValueError(f"PROPONENT_INT8_KERNEL must be one of {', '.join(KERNELS)}, got {name!r}")
@@ -58,7 +64,7 @@ def choose(codes: torch.Tensor, kernel: str | None = None) -> str:
         if not on_cpu:
             raise ValueError(f"the native int8 kernel runs on the CPU; these codes are on {codes.device}")
         return "native"
-    if name == "auto" and on_cpu and _native is not None:
+    if name == "auto" and on_cpu and _native is not None and vectors < BATCH_VECTORS:
         return "native"
     return "torch"
 
@@ -71,7 +77,7 @@ def int8_products(codes: torch.Tensor, z: np.ndarray, kernel: str | None = None)
     m, d = z.shape
     if codes.ndim != 2 or codes.shape[1] < d:
         raise ValueError(f"codes of shape {tuple(codes.shape)} are narrower than the {d} query columns")
-    if choose(codes, kernel) == "native":
+    if choose(codes, kernel, m) == "native":
         return _native_products(codes, z)
     return _torch_products(codes, z)
 

@@ -69,7 +69,7 @@ class QueryEngine:
         self._threads: list[threading.Thread] = []
         self._active = 0
         self._active_lock = threading.Lock()
-        self.mean_s: float | None = None  # running mean of a query's time on a worker (admission control)
+        self.mean_s: float | None = None  # running mean of an answered query's time on a worker (admission control)
 
     def start(self) -> None:
         for i in range(self.workers):
@@ -186,7 +186,7 @@ class QueryEngine:
                 result, error = None, e
             finally:
                 self._set_active(-1)
-            if task.query:
+            if task.query and error is None:  # a refused or failed query says nothing of a query's cost
                 dt = time.perf_counter() - t0
                 self.mean_s = dt if self.mean_s is None else 0.8 * self.mean_s + 0.2 * dt
             task.settle(result, error)

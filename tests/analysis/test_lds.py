@@ -191,3 +191,48 @@ def test_gram_block_matches_the_explicit_preconditioned_inner_product(n, w):
     # no damping left to speak of: lambda x the preconditioned score tends to the raw inner product
     s, _, _ = block.apply(1e9)
     np.testing.assert_allclose(s * 1e9, q @ phi.T, rtol=1e-5, atol=1e-5)
+
+
+def _per_sample_conv_grads(conv: torch.nn.Conv2d, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """``[B, C_out, C_in·kh·kw + 1]``: each sample's ``[∂W.flatten(1) | ∂b]`` of ``0.5 ||conv(x) - t||²``
+    by autograd."""
+    out = []
+    for i in range(len(x)):
+        conv.zero_grad()
+        (0.5 * (conv(x[i : i + 1]) - target[i : i + 1]).pow(2).sum()).backward()
+        assert conv.weight.grad is not None and conv.bias is not None and conv.bias.grad is not None
+        out.append(torch.cat([conv.weight.grad.flatten(1), conv.bias.grad[:, None]], dim=1).double().numpy())
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1)])
+def test_conv_kronecker_rows_are_the_kfc_form(stride, padding):
+    """The KFC rows of a Conv2d rebuild every per-sample gradient (Σ_t δ_t [a_t, 1]ᵀ), their factors are the explicit
+    means over samples and positions, and K-FAC on them is the damped inverse of S ⊗ A on the explicit gradients."""
+    from proponent.analysis.lds import KfacBlock, conv_kronecker_rows, kronecker_factors
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, kernel_size=3, stride=stride, padding=padding).double()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    target = torch.randn_like(conv(x))
+    g = _per_sample_conv_grads(conv, x, target)
+    xin = x.clone()
+    y = conv(xin)
+    y.retain_grad()
+    (0.5 * (y - target).pow(2).sum()).backward()
+    assert y.grad is not None
+    a, d = conv_kronecker_rows(xin, y.grad, conv)
+    assert a.shape[:2] == d.shape[:2] == (5, y.shape[2] * y.shape[3])
+    a1 = np.concatenate([a, np.ones(a.shape[:2] + (1,))], axis=2)
+    np.testing.assert_allclose(np.einsum("bto,bti->boi", d, a1), g, rtol=1e-10, atol=1e-10)
+    acov, scov = kronecker_factors(a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1]))
+    rows_a, rows_d = a1.reshape(-1, a1.shape[-1]), d.reshape(-1, d.shape[-1])
+    np.testing.assert_allclose(acov, sum(np.outer(r, r) for r in rows_a) / len(rows_a), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(scov, sum(np.outer(r, r) for r in rows_d) / len(rows_d), rtol=1e-10, atol=1e-12)
+    q = g[:2] + 0.1
+    s, lev, _ = KfacBlock(acov, scov, g, q, ekfac=False).apply(0.1)
+    kron = np.kron(scov, acov)
+    p = np.linalg.inv(kron + 0.1 * np.trace(scov) * np.trace(acov) / kron.shape[0] * np.eye(kron.shape[0]))
+    gf, qf = g.reshape(len(g), -1), q.reshape(len(q), -1)
+    np.testing.assert_allclose(s, qf @ p @ gf.T, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(lev, np.einsum("ni,ij,nj->n", gf, p, gf), rtol=1e-8)

@@ -41,6 +41,15 @@ def test_native_kernel_is_built_where_a_compiler_is():
         (1000, 8000, 2, 8000),
         (9, 130, 1, 200),
         (0, 16, 2, 16),
+        # a batch's vectors (m >= 8): the register-blocked GEMM, odd tiles of rows and vectors, column blocks
+        (1, 1, 8, 1),
+        (7, 63, 9, 64),
+        (17, 64, 70, 64),
+        (31, 4097, 16, 4100),
+        (5, 8200, 140, 8200),
+        (100, 257, 8, 264),
+        (4, 32_768, 10, 32_768),
+        (0, 16, 12, 16),
     ],
 )
 def test_every_native_instruction_set_is_exact(n, d, m, width):
@@ -59,12 +68,14 @@ def test_every_native_instruction_set_is_exact(n, d, m, width):
 
 
 @native
-def test_native_threads_split_rows_and_columns_longer_than_int32_sums():
-    """Extreme codes over 140,000 columns overflow an int32 sum: both kernels split the columns."""
+@pytest.mark.parametrize("m", [2, 12])
+def test_native_threads_split_rows_and_columns_longer_than_int32_sums(m):
+    """Extreme codes over 140,000 columns overflow an int32 sum: both kernels split the columns (the few-vector
+    kernel and the batch's GEMM)."""
     n, d = 2 * kernels._MIN_ROWS_PER_THREAD + 5, 140_000
     codes = np.full((n, d), 127, np.int8)
     codes[1::2] = -128
-    z = np.stack([np.full(d, -128, np.int8), np.full(d, 127, np.int8)])
+    z = np.stack([np.full(d, -128, np.int8), np.full(d, 127, np.int8)] * (m // 2))
     want = _reference(codes, z)
     assert np.abs(want).max() > 2**31
     t = torch.from_numpy(codes)
@@ -77,8 +88,23 @@ def test_native_threads_split_rows_and_columns_longer_than_int32_sums():
     np.testing.assert_array_equal(kernels.int8_products(t[:40], z, "torch"), want[:40])
 
 
+@native
+def test_gemm_peak_is_measured_on_every_kernel():
+    assert kernels._native is not None
+    for isa in kernels._native.kernels():
+        seconds, macs = kernels._native.peak(isa, 3)
+        assert seconds > 0 and macs == 3 * 12 * 8 * 1024
+    with pytest.raises(ValueError, match="kernel avx9 is not available"):
+        kernels._native.peak("avx9", 1)
+
+
 def test_kernel_choice_and_bad_input(monkeypatch):
     codes = torch.zeros((4, 8), dtype=torch.int8)
+    monkeypatch.setenv("PROPONENT_INT8_KERNEL", "auto")
+    assert kernels.choose(codes, vectors=kernels.BATCH_VECTORS) == "torch"  # a batch's GEMM: oneDNN's
+    if kernels._native is not None:
+        assert kernels.choose(codes, vectors=2) == "native"
+        assert kernels.choose(codes, "native", vectors=kernels.BATCH_VECTORS) == "native"
     monkeypatch.setenv("PROPONENT_INT8_KERNEL", "torch")
     assert kernels.choose(codes) == "torch"
     monkeypatch.setenv("PROPONENT_INT8_KERNEL", "fast")

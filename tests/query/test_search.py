@@ -145,11 +145,18 @@ def test_k_larger_than_n_and_damaged_chunk(tmp_path):
         scan(served, sq, 5)
 
 
+@pytest.mark.parametrize("kernel", ["native", "torch"])
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 @pytest.mark.parametrize("mode", ["memory", "quantized", "stream"])
-def test_batch_scan_gives_each_query_its_own_answer(tmp_path, dtype, mode):
-    """One pass for several queries (a GEMM per block) answers each exactly as a scan of it alone."""
+def test_batch_scan_gives_each_query_its_own_answer(tmp_path, monkeypatch, dtype, mode, kernel):
+    """One pass for several queries (a GEMM per block: 10 int8 vectors, the native kernel's register-blocked
+    GEMM) answers each exactly as a scan of it alone, with either int8 kernel."""
+    from proponent.query import kernels
     from proponent.query.scan import scan_batch
+
+    if kernel not in kernels.available():
+        pytest.skip("native kernel not built")
+    monkeypatch.setenv("PROPONENT_INT8_KERNEL", kernel)
 
     fs, _ = planted(seed=5, n=1500, d=97)
     store = make_store(tmp_path, fs, dtype)

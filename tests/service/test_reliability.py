@@ -10,6 +10,7 @@ import time
 from urllib.parse import urlparse
 
 import httpx
+import pytest
 
 from tests.conftest import svc_run_server
 
@@ -123,6 +124,34 @@ def test_admission_control_sheds_what_cannot_finish_in_time() -> None:
     statuses = asyncio.run(scenario())
     assert statuses.count(504) == 0
     assert 1 <= statuses.count(200) <= 4 and statuses.count(503) == 64 - statuses.count(200)
+
+
+def test_admission_estimate_ignores_failed_queries() -> None:
+    """Queries that fail at once (a bad upload, a refused parameter) must not pull the running mean down:
+    otherwise a stream of bad requests makes the queue admit good ones it cannot finish in time."""
+    import asyncio
+
+    from proponent.service.engine import QueryEngine
+    from proponent.service.metrics import Metrics
+
+    def fail() -> None:
+        raise ValueError("bad query")
+
+    async def scenario() -> tuple[float | None, float | None]:
+        engine = QueryEngine(1, 8, 5.0, Metrics())
+        engine.start()
+        try:
+            await engine.run(lambda: time.sleep(0.2))
+            before = engine.mean_s
+            for _ in range(10):
+                with pytest.raises(ValueError):
+                    await engine.run(fail)
+            return before, engine.mean_s
+        finally:
+            engine.stop()
+
+    before, after = asyncio.run(scenario())
+    assert before is not None and before >= 0.15 and after == before
 
 
 def test_oversize_chunked_multipart_is_413_early(svc_index_dir, tmp_path) -> None:
