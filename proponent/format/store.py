@@ -447,14 +447,28 @@ class FeatureStore:
         rows = min(chunks[0], shape[0] - lo)
         return out.reshape(chunks)[:rows]
 
-    def row_chunks(self, name: str, ks: range) -> np.ndarray:
+    def row_chunks(self, name: str, ks: range, out: np.ndarray | None = None) -> np.ndarray:
         """Consecutive row chunks ``ks`` of a 2-D array as one array, each chunk's checksum, size and
         position checked as by :meth:`raw_chunk`. From a local directory the chunk files are read
         straight into the result (one allocation, one copy: stream mode's block reads were 4.7x the
-        chunk reads' time when they concatenated freshly read chunks); otherwise chunk by chunk."""
+        chunk reads' time when they concatenated freshly read chunks); otherwise chunk by chunk.
+
+        ``out``: a C-contiguous buffer of the array's dtype with at least the rows of ``ks``, reused
+        across calls (a fresh buffer of a block's size costs page faults on every read); the result
+        is then its first rows. Before reading, the kernel is asked to read every file of ``ks``
+        (``posix_fadvise(WILLNEED)``), so the disk has the whole group in flight, not one file's
+        read-ahead at a time (cold reads of 60,000 rows: 0.8 GB/s file by file, 1.4 GB/s advised,
+        as fast as ``O_DIRECT`` on the same files)."""
         shape, chunks, dtype = self._raw_meta_of(name)
         lo, hi = ks[0] * chunks[0], min(shape[0], ks[-1] * chunks[0] + chunks[0])
-        out = np.empty((hi - lo, *shape[1:]), dtype)
+        if out is None:
+            out = np.empty((hi - lo, *shape[1:]), dtype)
+        else:
+            if out.dtype != dtype or out.shape[1:] != tuple(shape[1:]) or len(out) < hi - lo:
+                raise ValueError(f"{name}: buffer {out.dtype}{list(out.shape)} cannot hold {hi - lo} rows of {dtype}")
+            if not out.flags.c_contiguous:
+                raise ValueError(f"{name}: the read buffer must be C-contiguous")
+            out = out[: hi - lo]
         if self.cache is not None or not self.where.is_local:
             for k in ks:
                 out[k * chunks[0] - lo : min(hi, (k + 1) * chunks[0]) - lo] = self.raw_chunk(name, k)
@@ -462,6 +476,7 @@ class FeatureStore:
         row_bytes = math.prod(chunks[1:]) * dtype.itemsize
         want = chunks[0] * row_bytes + 4
         flat = out.reshape(-1).view(np.uint8)
+        self._advise(name, ks)
         for k in ks:
             key = self.chunk_key(name, (k, *([0] * (len(shape) - 1))))
             a = (k * chunks[0] - lo) * row_bytes
@@ -489,6 +504,22 @@ class FeatureStore:
             if bad:
                 raise StoreError(f"{self.where.describe(key)}: {bad}; the index cannot be served")
         return out
+
+    def _advise(self, name: str, ks: range) -> None:
+        """``posix_fadvise(WILLNEED)`` on the local files of row chunks ``ks`` (a missing one is left to the read)."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        shape = self._raw_meta_of(name)[0]
+        for k in ks:
+            try:
+                fd = os.open(self.where.local_path(self.chunk_key(name, (k, *([0] * (len(shape) - 1))))), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def _raw_meta_of(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
         meta = self._raw_meta.get(name)
@@ -597,9 +628,10 @@ class FeatureStore:
         """Chunk ``k`` of checkpoint ``c``'s features in the stored dtype (int8 codes or floats)."""
         return self.raw_chunk(f"{ckpt_group(c)}/features", k)
 
-    def feature_chunks(self, c: int, ks: range) -> np.ndarray:
-        """Consecutive chunks ``ks`` of checkpoint ``c``'s features as one (writable) array."""
-        return self.row_chunks(f"{ckpt_group(c)}/features", ks)
+    def feature_chunks(self, c: int, ks: range, out: np.ndarray | None = None) -> np.ndarray:
+        """Consecutive chunks ``ks`` of checkpoint ``c``'s features as one (writable) array (in ``out``
+        when given: see :meth:`row_chunks`)."""
+        return self.row_chunks(f"{ckpt_group(c)}/features", ks, out)
 
     def iter_feature_chunks(self, c: int, chunks: range | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, float32 rows)`` of every chunk, or of the contiguous ``chunks`` (dequantized for int8)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,7 @@ log = logging.getLogger("proponent.features")
 
 MODES = ("auto", "memory", "quantized", "stream")
 BLOCK_ROWS = 16384  # rows per scan block of resident features
+READ_AHEAD = 2  # blocks a streamed scan reads ahead (one thread each)
 COL_ALIGN = 8  # resident int8 codes are padded with zero columns to a multiple of this
 
 
@@ -226,28 +227,51 @@ class ServedFeatures:
             return
         yield from self._stream(checkpoints)
 
-    def _read_chunks(self, checkpoints: list[int], ks: list[int]) -> Block:
-        """Consecutive feature chunks ``ks`` of every checkpoint as one block (checksums verified)."""
+    def _read_chunks(
+        self, checkpoints: list[int], ks: list[int], buffers: dict[int, np.ndarray] | None = None
+    ) -> Block:
+        """Consecutive feature chunks ``ks`` of every checkpoint as one block (checksums verified), read
+        into ``buffers[c]`` when given (no copy between the read and the kernel for int8 codes)."""
         layout = self.store.layout
         lo, hi = layout.chunk_range(ks[0])[0], layout.chunk_range(ks[-1])[1]
         data = {}
         for c in checkpoints:
-            raw = self.store.feature_chunks(c, range(ks[0], ks[-1] + 1))
-            data[c] = torch.from_numpy(raw if raw.dtype == np.int8 else raw.astype(np.float32))
+            buf = buffers.get(c) if buffers is not None else None
+            raw = self.store.feature_chunks(c, range(ks[0], ks[-1] + 1), buf)
+            data[c] = torch.from_numpy(raw if raw.dtype == np.int8 else raw.astype(np.float32, copy=False))
         return Block(lo - self.lo, hi - self.lo, data, True)
 
     def _stream(self, checkpoints: list[int]) -> Iterator[Block]:
-        """Blocks of about BLOCK_ROWS rows (whole chunks), read ahead by two threads while the scan computes."""
+        """Blocks of about BLOCK_ROWS rows (whole chunks), read ahead by READ_AHEAD threads while the scan computes.
+
+        Each block is read into one of READ_AHEAD + 1 reused buffers per checkpoint (fresh buffers cost a
+        page fault per 4 KiB on every block), so a block's arrays are valid until the next block is
+        asked for: the scan uses each block before asking for the next. A reader's error (a damaged or
+        missing chunk) is raised here, at its block; closing the generator early waits for the reads in
+        flight and leaves no thread or file open."""
         chunks = list(self.chunks)
-        per = max(1, BLOCK_ROWS // self.store.layout.chunk_rows)
+        rows = self.store.layout.chunk_rows
+        per = max(1, BLOCK_ROWS // rows)
         groups = [chunks[i : i + per] for i in range(0, len(chunks), per)]
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch") as pool:
-            ahead = [pool.submit(self._read_chunks, checkpoints, g) for g in groups[:2]]
-            for i in range(len(groups)):
-                block = ahead.pop(0).result()
-                if i + 2 < len(groups):
-                    ahead.append(pool.submit(self._read_chunks, checkpoints, groups[i + 2]))
-                yield block
+        dtype = self.store.dtype
+        slots = [
+            {c: np.empty((min(per, len(chunks)) * rows, self.dim), dtype) for c in checkpoints}
+            for _ in range(min(len(groups), READ_AHEAD + 1))
+        ]
+        with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="prefetch") as pool:
+            ahead: list[Future[Block]] = []
+            try:
+                for i in range(min(READ_AHEAD, len(groups))):
+                    ahead.append(pool.submit(self._read_chunks, checkpoints, groups[i], slots[i % len(slots)]))
+                for i in range(len(groups)):
+                    block = ahead.pop(0).result()
+                    j = i + READ_AHEAD
+                    if j < len(groups):  # into the buffer of block i - 1, which the scan is done with
+                        ahead.append(pool.submit(self._read_chunks, checkpoints, groups[j], slots[j % len(slots)]))
+                    yield block
+            finally:
+                for f in ahead:
+                    f.cancel()
 
     # ------------------------------------------------------------------ exact rows
     def exact_rows(self, c: int, rows: np.ndarray, block: Block | None = None) -> np.ndarray:
