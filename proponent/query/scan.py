@@ -144,7 +144,7 @@ class _Int8Batch:
     """The int8 forms of a batch of queries at one checkpoint: all their codes in one product (a GEMM)."""
 
     def __init__(self, queries: list[_Int8Query]):
-        self.z = np.concatenate([q.z for q in queries])  # [2Q, D]
+        self.z = np.concatenate([q.z[:1] for q in queries] + [q.z[1:] for q in queries])  # [2Q, D]: z₁s, then z₂s
         self.s = np.array([q.s for q in queries])  # [Q, 2]
         self.resid_norm = np.array([q.resid_norm for q in queries])
         self.norm = np.array([q.norm for q in queries])
@@ -152,7 +152,8 @@ class _Int8Batch:
     def products(self, codes: torch.Tensor) -> np.ndarray:
         """``[Q, n]``: each query's Σ_j q̃_j·codes_ij (exact integer sums, combined in float64)."""
         a = int8_products(codes, self.z).astype(np.float64)  # [n, 2Q]
-        return self.s[:, :1] * a[:, 0::2].T + self.s[:, 1:] * a[:, 1::2].T
+        q = len(self.s)  # contiguous column halves: s₁<z₁, c> + s₂<z₂, c> row by row, one pass
+        return (a[:, :q] * self.s[:, 0] + a[:, q:] * self.s[:, 1]).T
 
 
 class _FloatBatch:
@@ -239,14 +240,18 @@ def scan_batch(
                     e = e + qb.norm[:, None] * resid[lo:hi]
             else:
                 e = qb.err_per_norm[:, None] * served.feat_norm[c][lo:hi]
-            for i, sq in enumerate(sqs):
-                if sq.row_mult is not None:
-                    mu = sq.row_mult[c][lo:hi]
-                    s_hat[i] += t[i] * mu
-                    err[i] += e[i] * mu
-                else:
-                    s_hat[i] += t[i]
-                    err[i] += e[i]
+            if all(sq.row_mult is None for sq in sqs):  # the same sums as row by row, in one pass
+                s_hat += t
+                err += e
+            else:
+                for i, sq in enumerate(sqs):
+                    if sq.row_mult is not None:
+                        mu = sq.row_mult[c][lo:hi]
+                        s_hat[i] += t[i] * mu
+                        err[i] += e[i] * mu
+                    else:
+                        s_hat[i] += t[i]
+                        err[i] += e[i]
         for i, sq in enumerate(sqs):
             if sq.global_mult is not None:
                 g = sq.global_mult[lo:hi]
