@@ -321,14 +321,14 @@ def _cmd_verify(a: argparse.Namespace) -> int:
     from proponent.format.integrity import verify_index  # lazy: CLI start-up
 
     t0 = time.perf_counter()
-    problems = verify_index(a.index, deep=a.deep)
+    problems = verify_index(a.index, deep=a.deep, preconditioner=True)
     if problems:
         for p in problems:
             print(f"FAIL {p}")
         return 1
     what = "every chunk's checksum, " if a.deep else ""
     print(
-        f"OK {a.index}: manifest, {what}checkpoints, store and ANN files are consistent "
+        f"OK {a.index}: manifest, {what}checkpoints, store, ANN and preconditioner files are consistent "
         f"({time.perf_counter() - t0:.1f}s)"
     )
     return 0

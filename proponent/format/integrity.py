@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from . import precond
 from .fsio import IndexDir, index_dir
 from .manifest import FileRecord, Manifest, ManifestError, PluginRecord, read_manifest
 from .store import STORE_DIR, FeatureStore, StoreError, ckpt_group
@@ -27,14 +28,17 @@ def open_store(where: IndexDir, man: Manifest) -> FeatureStore:
     return FeatureStore.open(where, positions=None if pos is None else (pos.path, pos.sha256))
 
 
-def verify_index(location: str | IndexDir, *, deep: bool = False, check_hashes: bool = True) -> list[str]:
-    """Problems that stop the index at ``location`` from being served (empty list: sound)."""
+def verify_index(
+    location: str | IndexDir, *, deep: bool = False, check_hashes: bool = True, preconditioner: bool = False
+) -> list[str]:
+    """Problems that stop the index at ``location`` from being served (empty list: sound); with
+    ``preconditioner``, also those of its stored preconditioner (which stop only preconditioned queries)."""
     where = index_dir(location)
     try:
         man = read_manifest(where)
     except ManifestError as e:
         return [str(e)]
-    return verify_contents(where, man, deep=deep, check_hashes=check_hashes)
+    return verify_contents(where, man, deep=deep, check_hashes=check_hashes, preconditioner=preconditioner)
 
 
 def code_problems(record: PluginRecord) -> list[str]:
@@ -58,7 +62,9 @@ def code_problems(record: PluginRecord) -> list[str]:
     return out
 
 
-def verify_contents(where: IndexDir, man: Manifest, *, deep: bool = False, check_hashes: bool = True) -> list[str]:
+def verify_contents(
+    where: IndexDir, man: Manifest, *, deep: bool = False, check_hashes: bool = True, preconditioner: bool = False
+) -> list[str]:
     problems: list[str] = []
     if man.model.plugin is not None:
         problems.extend(code_problems(man.model.plugin))
@@ -122,6 +128,8 @@ def verify_contents(where: IndexDir, man: Manifest, *, deep: bool = False, check
                 problem = store.chunk_problem(name, idx)
                 if problem:
                     problems.append(problem)
+    if preconditioner and not problems:  # its fingerprint reads the features' chunks: only of a sound store
+        problems.extend(precond.problems(where, man, store))
     return problems
 
 

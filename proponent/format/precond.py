@@ -191,6 +191,43 @@ def _load_array(where: IndexDir, f: FileRecord) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def _checked(where: IndexDir, man: Manifest, store: FeatureStore):
+    """Per checkpoint ``(arrays by name, problems)`` of the stored preconditioner, or one ``(None, [problem])``
+    when the record does not cover the index's checkpoints: what :func:`load` and :func:`problems` refuse."""
+    rec = man.precondition
+    assert rec is not None
+    if len(rec.checkpoints) != len(man.checkpoints):
+        yield (
+            None,
+            [
+                f"{where}: the preconditioner covers {len(rec.checkpoints)} checkpoints, the index has "
+                f"{len(man.checkpoints)}; remake it with `proponent precondition --index {where}`"
+            ],
+        )
+        return
+    for c, ck in enumerate(rec.checkpoints):
+        out = []
+        if features_fingerprint(store, c) != ck.fingerprint:
+            out.append(
+                f"preconditioner of checkpoint {c} ({where.describe(ck.vectors.path)}): made from other features "
+                f"than the index stores; remake it with `proponent precondition --index {where}`"
+            )
+        shapes = {"vectors": (store.dim, ck.rank), "values": (ck.rank,), "leverage": (store.n,)}
+        arrays = {}
+        for name, f in (("vectors", ck.vectors), ("values", ck.values), ("leverage", ck.leverage)):
+            try:
+                arrays[name] = _load_array(where, f)
+            except PreconditionError as e:
+                out.append(str(e))
+                continue
+            if arrays[name].shape != shapes[name]:
+                out.append(
+                    f"preconditioner of checkpoint {c} ({where.describe(f.path)}): shape {arrays[name].shape}, "
+                    f"the manifest's record needs {shapes[name]}"
+                )
+        yield arrays, out
+
+
 def load(where: IndexDir, man: Manifest, store: FeatureStore) -> list[CheckpointPreconditioner]:
     """The stored preconditioner of every checkpoint, checked against its hashes and the features it was made
     from; :class:`PreconditionError` names what is missing or does not match."""
@@ -199,23 +236,23 @@ def load(where: IndexDir, man: Manifest, store: FeatureStore) -> list[Checkpoint
         raise PreconditionError(
             f"{where}: this index has no stored preconditioner; make one with `proponent precondition --index {where}`"
         )
-    if len(rec.checkpoints) != len(man.checkpoints):
-        raise PreconditionError(
-            f"{where}: the preconditioner covers {len(rec.checkpoints)} checkpoints, the index has "
-            f"{len(man.checkpoints)}; remake it with `proponent precondition --index {where}`"
-        )
     out = []
-    for c, ck in enumerate(rec.checkpoints):
-        if features_fingerprint(store, c) != ck.fingerprint:
-            raise PreconditionError(
-                f"preconditioner of checkpoint {c} ({where.describe(ck.vectors.path)}): made from other features "
-                f"than the index stores; remake it with `proponent precondition --index {where}`"
-            )
-        vectors, values, leverage = (_load_array(where, f) for f in (ck.vectors, ck.values, ck.leverage))
-        if vectors.shape != (store.dim, ck.rank) or values.shape != (ck.rank,) or leverage.shape != (store.n,):
-            raise PreconditionError(f"preconditioner of checkpoint {c}: arrays of the wrong shape")
-        out.append(CheckpointPreconditioner(vectors, values, leverage, ck.lam))
+    for c, (arrays, found) in enumerate(_checked(where, man, store)):
+        if found or arrays is None:
+            raise PreconditionError(found[0])
+        out.append(
+            CheckpointPreconditioner(arrays["vectors"], arrays["values"], arrays["leverage"], rec.checkpoints[c].lam)
+        )
     return out
+
+
+def problems(where: IndexDir, man: Manifest, store: FeatureStore) -> list[str]:
+    """Every problem of the stored preconditioner, each named (none stored: none): a file missing or damaged,
+    an array of the wrong shape, made from other features than the index stores -- all that :func:`load`
+    refuses, listed rather than the first raised (``proponent verify``)."""
+    if man.precondition is None:
+        return []
+    return [p for _, found in _checked(where, man, store) for p in found]
 
 
 def describe(rec: PreconditionRecord, checkpoints: list[int]) -> list[str]:

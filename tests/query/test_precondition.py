@@ -10,6 +10,7 @@ REST API, the client and the CLI giving one answer.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from proponent.cli import main as cli_main
 from proponent.client import InfluenceClient
 from proponent.format.fsio import IndexDir
+from proponent.format.integrity import verify_index
 from proponent.format.manifest import read_manifest, write_manifest
 from proponent.indexer.data import load_dataset
 from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
@@ -165,7 +167,7 @@ def test_a_truncated_rank_is_the_stated_approximation(exact_index, tmp_path) -> 
     _check_against_explicit(copy, rank=20)
 
 
-def test_a_damaged_or_foreign_preconditioner_is_refused_by_name(exact_index, sketch_index, tmp_path) -> None:
+def test_a_damaged_or_foreign_preconditioner_is_refused_by_name(exact_index, sketch_index, tmp_path, capsys) -> None:
     # a flipped byte in a stored array
     copy = tmp_path / "damaged"
     shutil.copytree(exact_index, copy)
@@ -178,6 +180,12 @@ def test_a_damaged_or_foreign_preconditioner_is_refused_by_name(exact_index, ske
     with pytest.raises(ValueError, match=r"preconditioner .*ckpt_001/vectors\.npy: damaged \(sha256"):
         idx.influence(sample_id=sid, precondition="gram")
     assert idx.influence(sample_id=sid, k=2).proponents  # the index still serves plain queries
+    # `proponent verify` names it (and passes the sound index, preconditioner included)
+    assert cli_main(["verify", "--index", str(exact_index)]) == 0
+    assert "ANN and preconditioner files are consistent" in capsys.readouterr().out
+    assert cli_main(["verify", "--index", str(copy)]) == 1
+    assert re.search(r"FAIL preconditioner .*ckpt_001/vectors\.npy: damaged \(sha256", capsys.readouterr().out)
+    assert verify_index(copy) == []  # the server's check before serving: plain queries are unaffected
     # a preconditioner made from other features (another index's, copied in with its record)
     other = tmp_path / "foreign"
     shutil.copytree(exact_index, other)
@@ -189,6 +197,15 @@ def test_a_damaged_or_foreign_preconditioner_is_refused_by_name(exact_index, ske
     idx = open_index(other, device="cpu")
     with pytest.raises(ValueError, match=r"preconditioner of checkpoint 0 .*made from other features"):
         idx.influence(sample_id=sid, precondition="gram")
+    found = verify_index(other, preconditioner=True)
+    assert len(found) >= 2 and all("made from other features" in p or "shape" in p for p in found), found
+    assert any("checkpoint 1" in p for p in found)  # every checkpoint named, not only the first
+    # a missing file
+    (copy / rel).unlink()
+    assert any(
+        p.endswith("missing; remake it with `proponent precondition --index`")
+        for p in verify_index(copy, preconditioner=True)
+    )
     # none at all: the error names the command that makes one
     none = tmp_path / "none"
     shutil.copytree(exact_index, none)
