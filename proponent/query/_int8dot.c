@@ -171,31 +171,48 @@ __attribute__((target("avx2"))) static void products_avx2(const int8_t *codes, P
 #define KC 4096
 #define MANY_MIN 8
 
-static void many_scalar(const int8_t *codes, Py_ssize_t n, Py_ssize_t d, Py_ssize_t stride, const int8_t *z,
-                        Py_ssize_t m, int64_t *out) {
+/* tiles of 2 rows x 4 vectors (the scalar and AVX2 kernels): sums[r][v] = <rows[r], zv[v]> over columns c0..c1 */
+typedef void (*tile24_fn)(const int8_t *const *rows, const int8_t *const *zv, Py_ssize_t c0, Py_ssize_t c1,
+                          int64_t sums[2][4]);
+
+static void many_2x4(const int8_t *codes, Py_ssize_t n, Py_ssize_t d, Py_ssize_t stride, const int8_t *z,
+                     Py_ssize_t m, int64_t *out, tile24_fn tile) {
     memset(out, 0, (size_t)(n * m) * sizeof(int64_t));
+    int64_t sums[2][4];
     for (Py_ssize_t c0 = 0; c0 < d; c0 += KC) {
         Py_ssize_t c1 = c0 + KC < d ? c0 + KC : d;
         for (Py_ssize_t r0 = 0; r0 < n; r0 += 2) {
             int R = n - r0 < 2 ? 1 : 2;
-            const int8_t *a0 = codes + r0 * stride, *a1 = codes + (r0 + R - 1) * stride;
+            const int8_t *rows[2] = {codes + r0 * stride, codes + (r0 + R - 1) * stride}; /* padded: discarded */
             for (Py_ssize_t v0 = 0; v0 < m; v0 += 4) {
                 int V = (int)(m - v0 < 4 ? m - v0 : 4);
                 const int8_t *zv[4];
                 for (int v = 0; v < 4; v++) zv[v] = z + (v0 + (v < V ? v : 0)) * d;
-                int32_t acc[2][4] = {{0}};
-                for (Py_ssize_t j = c0; j < c1; j++) {
-                    int32_t x0 = a0[j], x1 = a1[j];
-                    for (int v = 0; v < 4; v++) {
-                        acc[0][v] += x0 * zv[v][j];
-                        acc[1][v] += x1 * zv[v][j];
-                    }
-                }
+                tile(rows, zv, c0, c1, sums);
                 for (int r = 0; r < R; r++)
-                    for (int v = 0; v < V; v++) out[(r0 + r) * m + v0 + v] += acc[r][v];
+                    for (int v = 0; v < V; v++) out[(r0 + r) * m + v0 + v] += sums[r][v];
             }
         }
     }
+}
+
+static void tile_scalar(const int8_t *const *rows, const int8_t *const *zv, Py_ssize_t c0, Py_ssize_t c1,
+                        int64_t sums[2][4]) {
+    int32_t acc[2][4] = {{0}};
+    for (Py_ssize_t j = c0; j < c1; j++) {
+        int32_t x0 = rows[0][j], x1 = rows[1][j];
+        for (int v = 0; v < 4; v++) {
+            acc[0][v] += x0 * zv[v][j];
+            acc[1][v] += x1 * zv[v][j];
+        }
+    }
+    for (int r = 0; r < 2; r++)
+        for (int v = 0; v < 4; v++) sums[r][v] = acc[r][v];
+}
+
+static void many_scalar(const int8_t *codes, Py_ssize_t n, Py_ssize_t d, Py_ssize_t stride, const int8_t *z,
+                        Py_ssize_t m, int64_t *out) {
+    many_2x4(codes, n, d, stride, z, m, out, tile_scalar);
 }
 
 #if X86
@@ -281,44 +298,33 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void many_vnni(con
 
 /* AVX2: tiles of 2 rows x 4 vectors; bytes widened to int16 (vpmovsxbw) and multiplied by vpmaddwd (exact: the
  * saturating vpmaddubsw could overflow int16 on two products of 128·127) */
-__attribute__((target("avx2"))) static void many_avx2(const int8_t *codes, Py_ssize_t n, Py_ssize_t d,
-                                                       Py_ssize_t stride, const int8_t *z, Py_ssize_t m,
-                                                       int64_t *out) {
-    memset(out, 0, (size_t)(n * m) * sizeof(int64_t));
-    for (Py_ssize_t c0 = 0; c0 < d; c0 += KC) {
-        Py_ssize_t c1 = c0 + KC < d ? c0 + KC : d;
-        Py_ssize_t body = c0 + ((c1 - c0) / 16) * 16;
-        for (Py_ssize_t r0 = 0; r0 < n; r0 += 2) {
-            int R = n - r0 < 2 ? 1 : 2;
-            const int8_t *a0 = codes + r0 * stride, *a1 = codes + (r0 + R - 1) * stride;
-            for (Py_ssize_t v0 = 0; v0 < m; v0 += 4) {
-                int V = (int)(m - v0 < 4 ? m - v0 : 4);
-                const int8_t *zv[4];
-                for (int v = 0; v < 4; v++) zv[v] = z + (v0 + (v < V ? v : 0)) * d;
-                __m256i acc[2][4];
-                for (int r = 0; r < 2; r++)
-                    for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_si256();
-                for (Py_ssize_t j = c0; j < body; j += 16) {
-                    __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a0 + j)));
-                    __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a1 + j)));
+__attribute__((target("avx2"))) static void tile_avx2(const int8_t *const *rows, const int8_t *const *zv,
+                                                       Py_ssize_t c0, Py_ssize_t c1, int64_t sums[2][4]) {
+    Py_ssize_t body = c0 + ((c1 - c0) / 16) * 16;
+    __m256i acc[2][4];
+    for (int r = 0; r < 2; r++)
+        for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_si256();
+    for (Py_ssize_t j = c0; j < body; j += 16) {
+        __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[0] + j)));
+        __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[1] + j)));
 #pragma GCC unroll 4
-                    for (int v = 0; v < 4; v++) {
-                        __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(zv[v] + j)));
-                        acc[0][v] = _mm256_add_epi32(acc[0][v], _mm256_madd_epi16(x0, b));
-                        acc[1][v] = _mm256_add_epi32(acc[1][v], _mm256_madd_epi16(x1, b));
-                    }
-                }
-                for (int r = 0; r < R; r++) {
-                    const int8_t *a = r ? a1 : a0;
-                    for (int v = 0; v < V; v++) {
-                        int64_t s = hsum256(acc[r][v]);
-                        for (Py_ssize_t j = body; j < c1; j++) s += (int32_t)a[j] * zv[v][j];
-                        out[(r0 + r) * m + v0 + v] += s;
-                    }
-                }
-            }
+        for (int v = 0; v < 4; v++) {
+            __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(zv[v] + j)));
+            acc[0][v] = _mm256_add_epi32(acc[0][v], _mm256_madd_epi16(x0, b));
+            acc[1][v] = _mm256_add_epi32(acc[1][v], _mm256_madd_epi16(x1, b));
         }
     }
+    for (int r = 0; r < 2; r++)
+        for (int v = 0; v < 4; v++) {
+            int64_t t = hsum256(acc[r][v]);
+            for (Py_ssize_t j = body; j < c1; j++) t += (int32_t)rows[r][j] * zv[v][j];
+            sums[r][v] = t;
+        }
+}
+
+static void many_avx2(const int8_t *codes, Py_ssize_t n, Py_ssize_t d, Py_ssize_t stride, const int8_t *z,
+                      Py_ssize_t m, int64_t *out) {
+    many_2x4(codes, n, d, stride, z, m, out, tile_avx2);
 }
 #endif
 

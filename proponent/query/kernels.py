@@ -14,9 +14,10 @@
   shapes; the only kernel for codes on a GPU, and the fallback where the native one was not built.
 
 ``PROPONENT_INT8_KERNEL=auto|native|torch`` forces one. ``auto``: native for a query's vectors on CPU codes
-where built; torch for a batch's (``BATCH_VECTORS`` or more), because oneDNN's int8 GEMM measured 3.3x the
-native GEMM here (64 queries x 60,000 rows x D 7,996: 188 vs 616 ms, 326 vs 100 GMAC/s on 2 cores;
-``benchmarks/scan_bandwidth.py``, results/scan_bandwidth.txt). The native GEMM stays the tested fallback.
+where built; torch for a batch's (``BATCH_VECTORS`` or more), because oneDNN's int8 GEMM measured 1.5-2.0x
+the native GEMM here (64 queries x 60,000 / 250,000 rows x D 7,996, 2 loaded cores: 382 vs 771 ms, 1,886 vs
+3,280 ms; ``benchmarks/scan_bandwidth.py``, results/scan_bandwidth_batch.txt). The native GEMM stays the
+tested fallback (``PROPONENT_INT8_KERNEL=native``).
 Whichever runs, the scan's certificate is the same: integer products are exact in both.
 """
 
