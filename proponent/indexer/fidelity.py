@@ -17,9 +17,17 @@ index info carry a warning. Rows are chosen by a generator seeded with the index
 resumed, sharded or distributed job records the same figures. The check costs ``queries + pool``
 exact per-sample gradients per checkpoint (a few seconds on digits; ``timings.json`` records its time,
 outside the checksummed manifest).
+
+Its memory is bounded (:func:`plan`): the queries' exact gradients are held in float32 and multiplied in
+float64 one block of columns at a time, the pool's arrive ``chunk`` rows at a time; when ``queries`` rows
+would not fit in the budget (:data:`MEMORY_ENV`, default 2 GiB) the chunk shrinks, then the number of
+queries (down to :data:`MIN_QUERIES`); a model whose exact gradients do not fit even then is not checked,
+and the job says so (a reason, never a silent pass).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -38,6 +46,64 @@ BAR_PROPONENTS = 0.95
 BAR_OPPONENTS = 0.90
 _CHUNK = 32  # rows per exact-gradient pass
 WINDOW = 2048
+MIN_QUERIES = 4
+MEMORY_ENV = "PROPONENT_FIDELITY_MEMORY"
+DEFAULT_MEMORY = 2 << 30
+_BLOCK = 1 << 16  # columns per float64 product block
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_budget(value: str | None = None) -> int:
+    """Bytes the check may hold: ``value`` or the environment's :data:`MEMORY_ENV` (a number of bytes with an
+    optional K/M/G/T suffix, binary), default 2 GiB."""
+    raw = os.environ.get(MEMORY_ENV, "") if value is None else value
+    text = raw.strip().upper().removesuffix("IB").removesuffix("B")
+    if not text:
+        return DEFAULT_MEMORY
+    unit = text[-1] if text[-1] in _SUFFIX else ""
+    try:
+        n = float(text[: len(text) - len(unit)])
+    except ValueError:
+        n = -1.0
+    if not n > 0:
+        raise ValueError(f"{MEMORY_ENV}={raw!r}: give a positive size in bytes, e.g. 512M or 4G")
+    return int(n * _SUFFIX[unit])
+
+
+def exact_dim(model: nn.Module, selection: str) -> int:
+    """Entries of one exact per-sample gradient of the selected layers."""
+    return sum(lay.in_dim * lay.out_dim + lay.bias_dim for lay in select_layers(discover_layers(model), selection))
+
+
+def _needed(dim: int, queries: int, chunk: int) -> int:
+    """Bytes held at once: the queries' gradients (float32), one chunk's (float32 features and about two
+    float32 copies inside the featurizer), the float64 blocks of the product."""
+    return queries * dim * 4 + chunk * dim * 12 + (queries + chunk) * min(dim, _BLOCK) * 8
+
+
+def plan(dim: int, queries: int, budget: int) -> tuple[int, int] | str:
+    """``(queries, chunk)`` that fit in ``budget`` bytes for exact gradients of ``dim`` entries (the chunk
+    shrinks first, then the queries, not below :data:`MIN_QUERIES`), or the reason the check is skipped."""
+    q, chunk = queries, _CHUNK
+    while _needed(dim, q, chunk) > budget and chunk > 1:
+        chunk //= 2
+    while _needed(dim, q, chunk) > budget and q > min(MIN_QUERIES, queries):
+        q = max(min(MIN_QUERIES, queries), q // 2)
+    if _needed(dim, q, chunk) > budget:
+        need = _needed(dim, q, chunk) / 2**30
+        return (
+            f"skipped: exact gradients of {dim:,} entries need {need:.2f} GiB for {q} queries, above the "
+            f"{budget / 2**30:.2f} GiB budget ({MEMORY_ENV})"
+        )
+    return q, chunk
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """``a @ b.T`` in float64 (``a [Q, D]``, ``b [P, D]`` float32), converted a block of columns at a time."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[1], _BLOCK):
+        out += a[:, s : s + _BLOCK].double() @ b[:, s : s + _BLOCK].double().T
+    return out.cpu().numpy()
 
 
 def choose_rows(
@@ -89,8 +155,10 @@ def check_checkpoint(
     device: torch.device,
     queries: np.ndarray,
     pool: np.ndarray,
+    chunk: int = _CHUNK,
 ) -> FidelityCheck:
-    """The check at checkpoint ``c`` (``model`` holds its weights, parameters requiring grad)."""
+    """The check at checkpoint ``c`` (``model`` holds its weights, parameters requiring grad), computing
+    ``chunk`` exact gradients at a time."""
     layers = select_layers(discover_layers(model), man.projection.selection)
     feat = make_featurizer(man.featurizer, model, objective, Projector(layers, ProjectionSpec(kind="none"), device))
     ids = store.array("ids")
@@ -103,10 +171,8 @@ def check_checkpoint(
         eps = draw_noise(NOISE_INDEX, man.objective.seed, c, ids[rows], man.objective.m, noise_shape).to(device)
         return feat.featurize(x, y, eps).features
 
-    gq = torch.cat([grads(queries[s : s + _CHUNK]) for s in range(0, len(queries), _CHUNK)]).double()
-    exact = np.concatenate(
-        [(gq @ grads(pool[s : s + _CHUNK]).double().T).cpu().numpy() for s in range(0, len(pool), _CHUNK)], axis=1
-    )
+    gq = torch.cat([grads(queries[s : s + chunk]).float() for s in range(0, len(queries), chunk)])
+    exact = np.concatenate([_dot64(gq, grads(pool[s : s + chunk]).float()) for s in range(0, len(pool), chunk)], axis=1)
     stored = store.feature_rows(c, queries) @ store.feature_rows(c, pool).T
     m = score_agreement(exact, stored)
     return FidelityCheck(

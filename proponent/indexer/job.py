@@ -532,17 +532,26 @@ def featurize_pending(
 
 
 # ---------------------------------------------------------------------------------- 5. finish
-def measure_fidelity(where: IndexDir, device: str = "auto") -> tuple[FidelityRecord, list[float]]:
+def measure_fidelity(where: IndexDir, device: str = "auto") -> tuple[FidelityRecord | str, list[float]]:
     """The fidelity check of a complete store (:mod:`proponent.indexer.fidelity`), every checkpoint, and the
-    seconds it took at each (for timings.json: run-time figures stay out of the manifest)."""
+    seconds it took at each (for timings.json: run-time figures stay out of the manifest); instead of the
+    record, the reason when the exact gradients do not fit in the check's memory budget."""
     worker = UnitWorker(where, device)
     man, store = worker.man, FeatureStore.open(where)
-    queries, pool = fidelity.choose_rows(man.n, man.objective.seed)
+    want, _ = fidelity.choose_rows(man.n, man.objective.seed)
+    dim = fidelity.exact_dim(worker.model(0), man.projection.selection)
+    sized = fidelity.plan(dim, len(want), fidelity.memory_budget())
+    if isinstance(sized, str):
+        return sized, []
+    n_queries, chunk = sized
+    queries, pool = fidelity.choose_rows(man.n, man.objective.seed, queries=n_queries)
     checks, seconds = [], []
     for c in range(len(man.checkpoints)):
         t0 = time.perf_counter()
         model = worker.model(c)
-        checks.append(fidelity.check_checkpoint(man, store, c, model, worker.objective, worker.device, queries, pool))
+        checks.append(
+            fidelity.check_checkpoint(man, store, c, model, worker.objective, worker.device, queries, pool, chunk)
+        )
         seconds.append(round(time.perf_counter() - t0, 3))
     return fidelity.fidelity_record(checks, len(queries), len(pool)), seconds
 
@@ -554,7 +563,8 @@ def finish(where: IndexDir, t0: float | None = None, device: str = "auto", check
     store = FeatureStore.open(where)
     if not store.is_complete():
         raise IndexJobError(f"{where}: units are still pending; run the index job (or its shards) to the end")
-    fid, fid_seconds = measure_fidelity(where, device) if check_fidelity else (None, [])
+    measured, fid_seconds = measure_fidelity(where, device) if check_fidelity else (None, [])
+    fid = None if isinstance(measured, str) else measured
     files = []
     if man.ann.kind != "none":
         need = ann.train_rows_needed(man.ann.kind)
@@ -582,7 +592,9 @@ def finish(where: IndexDir, t0: float | None = None, device: str = "auto", check
     )
     man = write_manifest(where, man)
     if t0 is not None:  # run-time figures stay out of the checksummed manifest: identical runs, identical bytes
-        timings = {"seconds": round(time.perf_counter() - t0, 3), "fidelity_seconds": fid_seconds}
+        timings: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 3), "fidelity_seconds": fid_seconds}
+        if isinstance(measured, str):
+            timings["fidelity_skipped"] = measured
         where.write_bytes(TIMINGS_FILE, (json.dumps(timings) + "\n").encode())
     return man
 
@@ -699,9 +711,8 @@ def build_index(
         return where.location  # a shard finished its part; the run that finds every unit done finishes
     man = finish(where, t0, opts.device)
     if log:
-        if man.fidelity is not None:
-            timings = json.loads(where.read_bytes(TIMINGS_FILE)) if where.is_file(TIMINGS_FILE) else {}
-            log(describe_fidelity(man, timings.get("fidelity_seconds")))
+        timings = json.loads(where.read_bytes(TIMINGS_FILE)) if where.is_file(TIMINGS_FILE) else {}
+        log(describe_fidelity(man, timings.get("fidelity_seconds"), timings.get("fidelity_skipped")))
         problems = verify_index(where)
         log("verified: OK" if not problems else "verify: " + "; ".join(problems))
     return where.location
@@ -745,12 +756,12 @@ def describe_layout(man: Manifest, model0: nn.Module, objective: Objective, proj
     return "\n".join(lines)
 
 
-def describe_fidelity(man: Manifest, seconds: list[float] | None = None) -> str:
+def describe_fidelity(man: Manifest, seconds: list[float] | None = None, skipped: str | None = None) -> str:
     """The fidelity check's lines for the job's log (with each checkpoint's ``seconds`` if given), with the
-    warning when below the bar."""
+    warning when below the bar; ``skipped``: why it was not measured."""
     fid = man.fidelity
     if fid is None:
-        return "fidelity: not measured"
+        return "fidelity: not measured" + (f" ({skipped})" if skipped else "")
     lines = [
         f"fidelity ({fid.queries} queries x {fid.pool} rows, stored features against exact gradients; bar "
         f"recall@{fid.top} {fid.bar_proponents:.2f} / {fid.bar_opponents:.2f}):"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +102,71 @@ def test_deterministic_across_runs(tiny_run: Path, tmp_path: Path) -> None:
     b = read_manifest(IndexDir(_build(tiny_run, tmp_path / "b"))).fidelity
     assert a is not None and b is not None
     assert a == b and a.model_dump() == b.model_dump()
+
+
+def test_memory_budget_and_plan() -> None:
+    assert fidelity.memory_budget("") == fidelity.DEFAULT_MEMORY
+    assert fidelity.memory_budget("512M") == 512 << 20
+    assert fidelity.memory_budget("1.5GiB") == int(1.5 * (1 << 30))
+    assert fidelity.memory_budget("4096") == 4096
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(ValueError, match=fidelity.MEMORY_ENV):
+            fidelity.memory_budget(bad)
+    assert fidelity.plan(10_000, 32, 2 << 30) == (32, 32)  # a small model: the full check
+    q, chunk = fidelity.plan(10_000_000, 32, 2 << 30)  # 10M entries: the chunk shrinks first
+    assert q == 32 and 1 <= chunk < 32
+    assert fidelity._needed(10_000_000, q, chunk) <= 2 << 30
+    q, chunk = fidelity.plan(40_000_000, 32, 2 << 30)  # then the queries
+    assert fidelity.MIN_QUERIES <= q < 32 and chunk == 1
+    reason = fidelity.plan(10**9, 32, 2 << 30)  # nothing fits: a reason, not a silent pass
+    assert isinstance(reason, str) and reason.startswith("skipped:") and fidelity.MEMORY_ENV in reason
+
+
+def test_dot64_blocks_equal_one_product() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 70_000, generator=g), torch.randn(5, 70_000, generator=g)  # two column blocks
+    np.testing.assert_allclose(fidelity._dot64(a, b), (a.double() @ b.double().T).numpy(), rtol=1e-12)
+
+
+def test_small_budget_checks_fewer_queries_same_figures(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget that fits 4 queries one pool row at a time: the check runs with 4 queries and records what the
+    unbounded computation (chunks of 32) gives on the same rows."""
+    specs, _ = checkpoints_from_run(tiny_run)
+    probe = _build(tiny_run, tmp_path / "probe")
+    man0 = read_manifest(IndexDir(probe))
+    model0 = model_from_checkpoint(man0.model, IndexDir(probe).read_bytes(man0.checkpoints[0].path), "c0")
+    dim = fidelity.exact_dim(model0, man0.projection.selection)
+    monkeypatch.setenv(fidelity.MEMORY_ENV, str(fidelity._needed(dim, 4, 2)))
+    out = _build(tiny_run, tmp_path / "small")
+    man = read_manifest(IndexDir(out))
+    fid = man.fidelity
+    assert fid is not None and fid.queries == 4
+    store = FeatureStore.open(IndexDir(out))
+    q, p = fidelity.choose_rows(man.n, man.objective.seed, queries=4)
+    obj = objective_from_record(man.objective, man.model)
+    for c, ck in enumerate(man.checkpoints):
+        model = model_from_checkpoint(man.model, IndexDir(out).read_bytes(ck.path), ck.path)
+        want = fidelity.check_checkpoint(man, store, c, model, obj, torch.device("cpu"), q, p, chunk=32)
+        got = fid.checkpoints[c]
+        assert (got.recall_proponents, got.recall_opponents, got.passed) == (
+            want.recall_proponents,
+            want.recall_opponents,
+            want.passed,
+        )
+        assert got.relative_error == pytest.approx(want.relative_error, rel=1e-4)  # float32 batch shapes
+
+
+def test_no_budget_skips_and_says_so(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fidelity.MEMORY_ENV, "1K")
+    logs: list[str] = []
+    specs, run_json = checkpoints_from_run(tiny_run)
+    opts = IndexOptions(m=3, device="cpu", featurizer="dense")
+    out = Path(build_index(run_json["data"]["spec"], specs, tmp_path / "x", opts, show_progress=False, log=logs.append))
+    assert read_manifest(IndexDir(out)).fidelity is None
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["fidelity_skipped"].startswith("skipped:")
+    assert any(line.startswith("fidelity: not measured (skipped:") for line in logs)
+    res = answer(open_index(out, device="cpu"), InfluenceParams(k=3), sample_id=5)  # the index still serves
+    assert len(res.proponents) == 3
