@@ -20,7 +20,7 @@ from proponent.format.fsio import atomic_write_json, sha256_file
 from proponent.indexer.data import Dataset
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import CheckpointSpec, save_checkpoint
-from proponent.model.objectives import ELBO, CrossEntropy, Objective
+from proponent.model.objectives import ELBO, NOISE_TRAIN, CrossEntropy, Objective, draw_noise
 from proponent.progress import progress
 
 
@@ -37,6 +37,10 @@ class TrainConfig:
     m: int = 1  # draws per sample while training
     seed: int = 0
     device: str = "cpu"
+    # "stream": the draws come from one generator in step order; "keyed": sample i's draws at step t depend only
+    # on (seed, t, i), so runs on subsets of the same data are paired: with full batches (batch_size >= N) and
+    # the same seed (same initial weights), two runs differ only by the samples left out (retraining benchmarks)
+    noise: str = "stream"
 
 
 def training_objective(cfg: ModelConfig, m: int) -> Objective:
@@ -73,6 +77,8 @@ def train(
         raise ValueError(f"model input shape {model_config.input_shape} does not match data shape {data.shape}")
     if tc.optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be adam or sgd, got {tc.optimizer!r}")
+    if tc.noise not in ("stream", "keyed"):
+        raise ValueError(f"noise must be stream or keyed, got {tc.noise!r}")
     torch.manual_seed(tc.seed)
     device = torch.device(tc.device)
     model = build_model(model_config).to(device)
@@ -98,7 +104,11 @@ def train(
         perm = torch.randperm(n, generator=gen).to(device)
         for b in range(steps_per_epoch):
             idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
-            eps = torch.randn(len(idx), objective.m, *noise_shape, generator=gen).to(device)
+            if tc.noise == "keyed":
+                ids = data.ids[idx.cpu().numpy()]
+                eps = draw_noise(NOISE_TRAIN, tc.seed, step, ids, objective.m, noise_shape).to(device)
+            else:
+                eps = torch.randn(len(idx), objective.m, *noise_shape, generator=gen).to(device)
             loss = objective.loss(model, x_all[idx], y_all[idx], eps).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
