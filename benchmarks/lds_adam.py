@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from proponent.analysis.lds import lds_per_query, open_lds_cache, paired_table
+from proponent.analysis.lds import add_cache_arguments, cache_from_arguments, lds_per_query, paired_table
 from proponent.api.schemas import InfluenceParams
 from proponent.format.fsio import read_json
 from proponent.indexer.training import train
@@ -89,13 +89,7 @@ def diag_rows(idx, v: dict[str, torch.Tensor]) -> list[np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="the workdir of a benchmarks/lds.py run")
-    ap.add_argument("--index", default="exact")
-    ap.add_argument("--train", default="digits,limit=1597")
-    ap.add_argument("--queries-from", default="digits,offset=1597")
-    ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--subsets", type=int, default=40)
-    ap.add_argument("--loss-m", type=int, default=32)
+    add_cache_arguments(ap, index="exact")
     ap.add_argument("--alphas", default="1e-3,1e-2,0.1,1,10")
     ap.add_argument("--retrain-state", action="store_true", help="recover the optimizer states by retraining")
     ap.add_argument("--threads", type=int, default=1)
@@ -111,9 +105,7 @@ def main() -> None:
     idx = open_index(wd / "index" / a.index, device="cpu")
     if idx.manifest.projection.kind != "none":
         raise SystemExit(f"index {a.index} is sketched; this benchmark needs exact gradients (projection=none)")
-    cache = open_lds_cache(
-        wd, train_spec=a.train, queries_from=a.queries_from, queries=a.queries, subsets=a.subsets, loss_m=a.loss_m
-    )
+    cache = cache_from_arguments(a)
     moments, worst = moments_per_checkpoint(cache, wd, a.retrain_state, log)
     if worst > 1e-4:
         raise SystemExit(f"the retrained full model differs from the cached one by {worst:g}: not the same run")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proponent.analysis.lds import lds_rows, open_lds_cache, paired_table
+from proponent.analysis.lds import add_cache_arguments, cache_from_arguments, lds_rows, paired_table
 from proponent.query.index import open_index
 from proponent.threads import set_threads
 
@@ -38,13 +38,7 @@ def dir_bytes(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="the workdir of a benchmarks/lds.py run")
-    ap.add_argument("--index", default="default")
-    ap.add_argument("--train", default="digits,limit=1597")
-    ap.add_argument("--queries-from", default="digits,offset=1597")
-    ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--subsets", type=int, default=40)
-    ap.add_argument("--loss-m", type=int, default=32)
+    add_cache_arguments(ap, index="default")
     ap.add_argument("--preconditioners", default="none,kfac:0.01,ekfac:0.01")
     ap.add_argument("--scorings", default="raw,cosine")
     ap.add_argument("--threads", type=int, default=1)
@@ -58,9 +52,7 @@ def main() -> None:
 
     wd = Path(a.workdir)
     where = wd / "index" / a.index
-    cache = open_lds_cache(
-        wd, train_spec=a.train, queries_from=a.queries_from, queries=a.queries, subsets=a.subsets, loss_m=a.loss_m
-    )
+    cache = cache_from_arguments(a)
     scorings = [s for s in a.scorings.split(",") if s]
     per_query: dict[str, list[float]] = {}
     costs: dict[str, dict[str, float]] = {}
