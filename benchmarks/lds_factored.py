@@ -1,0 +1,135 @@
+"""LDS of preconditioners that keep each draw's gradient rank-one: candidates for whitening at index time.
+
+A sketched index cannot be preconditioned at query time by K-FAC, EK-FAC or Adam's diagonal: the sketch's
+error is relative to ``||P q|| · ||g_i||``, far larger than ``qᵀ P g_i`` once P whitens (measured in
+``benchmarks/results/precondition_kfac_digits.txt``). A preconditioner of the form ``P = LᵀL ⊗ RᵀR`` per
+layer can instead be applied to both sides before the sketch: every draw's rank-one gradient ``δ aᵀ``
+becomes ``(L δ)(R a)ᵀ``, still rank-one, so the tensor sketch and the int8 store apply unchanged and the
+scan estimates ``<L G_q Rᵀ, L G_i Rᵀ> = qᵀ P g_i`` with the sketch's usual error. This measures, on exact
+gradients, what such forms keep of the query-time preconditioners' LDS:
+
+* ``kfac factored``: ``P = (S + λ_S)⁻¹ ⊗ (A + λ_A)⁻¹``, ``λ_S = α · mean e_S``, ``λ_A = α · mean e_A``
+  (damping each Kronecker factor, as K-FAC for optimisation does, instead of their product);
+* ``adam factored``: Adam's ``v̂`` per layer factored as Adafactor does, ``v̂ ≈ r cᵀ / mean(v̂)`` (row and
+  column means), ``P = mean(v̂) / ((r + α · mean r)(c + α · mean c)ᵀ)``;
+
+beside raw TracIn, and (from the same run) kronfluence's K-FAC and Adam's unfactored ``1/(v̂ + λ)`` at the
+same α for comparison; raw and cosine scorings, paired differences against raw TracIn.
+
+    python benchmarks/lds_factored.py --workdir runs/lds --retrain-state --alphas 1e-3,1e-2,0.1,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from proponent.analysis.lds import add_cache_arguments, cache_from_arguments, lds_per_query, paired_table
+from proponent.api.schemas import InfluenceParams
+from proponent.query.index import open_index
+from proponent.query.usecase import query_vectors
+from proponent.threads import set_threads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lds_adam import diag_rows, moments_per_checkpoint  # noqa: E402  (sibling benchmark)
+from lds_kfac import layer_factors  # noqa: E402
+
+
+def _inv_sqrt_psd(m: np.ndarray, lam: float) -> np.ndarray:
+    e, q = np.linalg.eigh(m)
+    return (q / np.sqrt(np.clip(e, 0, None) + lam)) @ q.T
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cache_arguments(ap, index="exact")
+    ap.add_argument("--alphas", default="1e-3,1e-2,0.1,1")
+    ap.add_argument("--retrain-state", action="store_true", help="recover the optimizer states by retraining")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    set_threads(a.threads)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    wd = Path(a.workdir)
+    idx = open_index(wd / "index" / a.index, device="cpu")
+    if idx.manifest.projection.kind != "none":
+        raise SystemExit(f"index {a.index} is sketched; this benchmark needs exact gradients (projection=none)")
+    cache = cache_from_arguments(a)
+    moments, _ = moments_per_checkpoint(cache, wd, a.retrain_state, log)
+    masks, losses = cache.masks, cache.losses
+    w = idx.meta.weights("lr")
+    n, nq = idx.n, len(cache.query_x)
+    qvs = [query_vectors(idx, InfluenceParams(seed=0), x=x) for x in cache.query_x]
+    alphas = [float(s) for s in a.alphas.split(",") if s]
+    forms = ("kfac factored", "kfac", "adam factored", "adam sq")
+    raw = np.zeros((nq, n))
+    pre = {(f, al): np.zeros((nq, n)) for f in forms for al in alphas}
+    pcos = {(f, al): np.zeros((nq, n)) for f in forms for al in alphas}
+    for c in range(len(idx.meta.checkpoints)):
+        acov, scov, grads, _ = layer_factors(idx, c)
+        q = np.stack([np.asarray(v.vectors[c], np.float64) for v in qvs])
+        vh = diag_rows(idx, moments[c])
+        layers = idx.manifest.projection.layers
+        raw += w[c] * q @ np.concatenate([g.reshape(n, -1) for g in grads], axis=1).T
+        for al in alphas:
+            acc = {f: (np.zeros((nq, n)), np.zeros(nq), np.zeros(n)) for f in forms}
+            for lay, ac, sc, g, v in zip(layers, acov, scov, grads, vh, strict=True):
+                qg = q[:, lay.offset : lay.offset + lay.out_dim * lay.in_dim].reshape(nq, lay.out_dim, lay.in_dim)
+                ea, es = np.linalg.eigvalsh(ac), np.linalg.eigvalsh(sc)
+                ls = _inv_sqrt_psd(sc, al * float(np.clip(es, 0, None).mean()))
+                ra = _inv_sqrt_psd(ac, al * float(np.clip(ea, 0, None).mean()))
+                # kfac factored: both sides transformed (L G R), the plain inner product after
+                tq = np.einsum("so,noi,ij->nsj", ls, qg, ra, optimize=True).reshape(nq, -1)
+                tg = np.einsum("so,noi,ij->nsj", ls, g, ra, optimize=True).reshape(n, -1)
+                forms_mats: dict[str, tuple[np.ndarray, np.ndarray]] = {"kfac factored": (tq, tg)}
+                # kronfluence's K-FAC at the same alpha: P = (S ⊗ A + λ)⁻¹, λ = α · mean(e_S e_Aᵀ)
+                eva, qa = np.linalg.eigh(ac)
+                evs, qs = np.linalg.eigh(sc)
+                lam = np.outer(np.clip(evs, 0, None), np.clip(eva, 0, None))
+                inv = 1.0 / np.sqrt(lam + al * lam.mean())
+                rq = np.einsum("so,nsi,ij->noj", qs, qg, qa, optimize=True) * inv
+                rg = np.einsum("so,nsi,ij->noj", qs, g, qa, optimize=True) * inv
+                forms_mats["kfac"] = (rq.reshape(nq, -1), rg.reshape(n, -1))
+                # Adafactor-factored Adam and the unfactored diagonal
+                r, cc, mv = v.mean(1), v.mean(0), float(v.mean())
+                fac = np.sqrt(mv / np.outer(r + al * r.mean(), cc + al * cc.mean()))
+                forms_mats["adam factored"] = ((qg * fac).reshape(nq, -1), (g * fac).reshape(n, -1))
+                dg = 1.0 / np.sqrt(v + al * v.mean())
+                forms_mats["adam sq"] = ((qg * dg).reshape(nq, -1), (g * dg).reshape(n, -1))
+                for f, (tq_, tg_) in forms_mats.items():
+                    s, qq, gg = acc[f]
+                    s += tq_ @ tg_.T
+                    qq += (tq_**2).sum(1)
+                    gg += (tg_**2).sum(1)
+            for f in forms:
+                s, qq, gg = acc[f]
+                pre[f, al] += w[c] * s
+                pcos[f, al] += w[c] * s / np.sqrt(np.outer(qq, gg))
+        log(f"checkpoint {c}")
+    res: dict[str, list[float]] = {"TracIn raw (float64 gradients)": lds_per_query(raw, masks, losses).tolist()}
+    for (f, al), s in pre.items():
+        res[f"{f} a={al:g} raw"] = lds_per_query(s, masks, losses).tolist()
+        res[f"{f} a={al:g} cosine"] = lds_per_query(pcos[f, al], masks, losses).tolist()
+    print(
+        f"LDS of rank-one-preserving preconditioners on {a.train} (N={n}), index {a.index} (exact gradients), {nq} "
+        f"held-out queries, {a.subsets} subset models (cache of benchmarks/lds.py in {wd}); 'kfac factored': "
+        "(S + a mean e_S)^-1 (x) (A + a mean e_A)^-1; 'adam factored': Adafactor's r c^T / mean of Adam's v, "
+        "each factor damped by a x its mean; 'kfac', 'adam sq': the unfactored forms at the same a"
+    )
+    print("\n".join(paired_table(res, "TracIn raw (float64 gradients)")), flush=True)
+    log("done")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"per_query": res}))
+
+
+if __name__ == "__main__":
+    main()
