@@ -26,6 +26,7 @@ import io
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def _eigenpairs(store: FeatureStore, c: int) -> tuple[np.ndarray, np.ndarray, fl
     return eig[order], vec[:, order], trace
 
 
-def _npy(a: np.ndarray) -> bytes:
+def npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
     return buf.getvalue()
@@ -152,7 +153,7 @@ def compute(
         files = {}
         for name, arr in (("vectors", vectors), ("values", values), ("leverage", leverage)):
             rel = f"{PRECOND_DIR}/{tag}/{ckpt_group(c)}/{name}.npy"
-            data = _npy(arr)
+            data = npy(arr)
             where.write_bytes(rel, data)
             files[name] = FileRecord(path=rel, sha256=sha256_bytes(data))
         records.append(
@@ -178,15 +179,16 @@ def compute(
     return written
 
 
-def _load_array(where: IndexDir, f: FileRecord) -> np.ndarray:
+def load_array(where: IndexDir, f: FileRecord, remake: str = "`proponent precondition --index`") -> Any:
+    """A stored ``.npy`` / ``.npz`` checked against its manifest sha256 (:class:`PreconditionError` names the
+    file and ``remake``, the command that makes it again)."""
     name = where.describe(f.path)
     if not where.is_file(f.path):
-        raise PreconditionError(f"preconditioner {name}: missing; remake it with `proponent precondition --index`")
+        raise PreconditionError(f"preconditioner {name}: missing; remake it with {remake}")
     data = where.read_bytes(f.path)
     if sha256_bytes(data) != f.sha256:
         raise PreconditionError(
-            f"preconditioner {name}: damaged (sha256 differs from the manifest); remake it with "
-            "`proponent precondition --index`"
+            f"preconditioner {name}: damaged (sha256 differs from the manifest); remake it with {remake}"
         )
     return np.load(io.BytesIO(data), allow_pickle=False)
 
@@ -216,7 +218,7 @@ def _checked(where: IndexDir, man: Manifest, store: FeatureStore):
         arrays = {}
         for name, f in (("vectors", ck.vectors), ("values", ck.values), ("leverage", ck.leverage)):
             try:
-                arrays[name] = _load_array(where, f)
+                arrays[name] = load_array(where, f)
             except PreconditionError as e:
                 out.append(str(e))
                 continue
