@@ -11,6 +11,7 @@ REST API, the client and the CLI give one answer.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from proponent.analysis.lds import conv_kronecker_rows
 from proponent.cli import main as cli_main
 from proponent.client import InfluenceClient
 from proponent.format.fsio import IndexDir
@@ -81,28 +83,30 @@ def sketch_index(run, tmp_path_factory) -> Path:
 
 
 def _per_sample(idx, c: int, x: np.ndarray, eps: np.ndarray, labels: np.ndarray, objective):
-    """Per Linear layer (the index's layer order): exact float64 per-sample gradients ``[B, out, in+1]`` by
-    autograd one sample at a time, and the captured ``(a with a 1 column, δ)`` rows of the whole batch."""
-    model = __import__("copy").deepcopy(idx.runtime.model(c)).double()
+    """Per Linear / Conv2d layer (the index's layer order): exact float64 per-sample gradients ``[B, out, in+1]``
+    (``[∂W.flatten(1) | ∂b]``) by autograd one sample at a time, and the ``(a with a 1 column, δ)`` rows of the
+    whole batch (a Conv2d's: its KFC rows, :func:`proponent.analysis.lds.conv_kronecker_rows`, tested against
+    explicit per-sample gradients in tests/analysis/test_lds.py)."""
+    model = copy.deepcopy(idx.runtime.model(c)).double()
     mods = dict(model.named_modules())
     names = [lay.name for lay in idx.manifest.projection.layers]
-    assert all(isinstance(mods[n], torch.nn.Linear) for n in names)
+    assert all(isinstance(mods[n], (torch.nn.Linear, torch.nn.Conv2d)) for n in names)
     obj = objective_at(objective, c)
     xs, es = torch.from_numpy(x).double(), torch.from_numpy(eps).double()
     ys = torch.from_numpy(np.clip(labels, 0, None))
-    grads = {n: [] for n in names}
+    grads: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for i in range(len(x)):
         loss = obj.loss(model, xs[i : i + 1], ys[i : i + 1], es[i : i + 1]).sum()
         params = [p for n in names for p in (mods[n].weight, mods[n].bias)]
         got = torch.autograd.grad(loss, params)
         for k, n in enumerate(names):
-            grads[n].append(torch.cat([got[2 * k], got[2 * k + 1][:, None]], dim=1).numpy())
-    rows = {n: ([], []) for n in names}
-    outs = {}
+            grads[n].append(torch.cat([got[2 * k].flatten(1), got[2 * k + 1][:, None]], dim=1).numpy())
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def f(mod, inp, out):
-            rows[name][0].append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
+            ins[name] = inp[0].detach()
             outs[name] = out
 
         return f
@@ -112,11 +116,15 @@ def _per_sample(idx, c: int, x: np.ndarray, eps: np.ndarray, labels: np.ndarray,
     for h in handles:
         h.remove()
     ds = torch.autograd.grad(loss, [outs[n] for n in names])
-    acts = {}
+    acts = []
     for n, d in zip(names, ds):
-        a = torch.cat(rows[n][0])
-        acts[n] = (torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1).numpy(), d.reshape(-1, d.shape[-1]).numpy())
-    return [np.stack(grads[n]) for n in names], [acts[n] for n in names]
+        if isinstance(mods[n], torch.nn.Conv2d):
+            a3, d3 = conv_kronecker_rows(ins[n], d, mods[n])
+            a, dd = a3.reshape(-1, a3.shape[-1]), d3.reshape(-1, d3.shape[-1])
+        else:
+            a, dd = ins[n].reshape(-1, ins[n].shape[-1]).numpy(), d.reshape(-1, d.shape[-1]).numpy()
+        acts.append((np.concatenate([a, np.ones((len(a), 1))], 1), dd))
+    return [np.stack(grads[n]) for n in names], acts
 
 
 def _dense_p(idx, c: int, kind: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -208,6 +216,27 @@ def test_exact_gradients_equal_a_dense_brute_force(exact_index, kind, tmp_path) 
     ids, scores = top(idx, ref, 3, "proponents")
     assert [h.id for h in res.proponents] == ids
     np.testing.assert_allclose([h.score for h in res.proponents], scores, rtol=1e-5)
+
+
+def test_conv_layers_equal_the_brute_force(tmp_path) -> None:
+    """A conv VAE (Conv2d encoder and decoder, Linear bottleneck): KFC's factors over samples x draws x positions."""
+    data = load_dataset("digits,limit=40")
+    cfg = ModelConfig(kind="conv", input_shape=data.shape, latent_dim=2, channels=(2,))
+    run = train(
+        data, cfg, tmp_path / "run", TrainConfig(epochs=1, batch_size=20, checkpoints=1, seed=1), show_progress=False
+    )
+    out = _build(run, tmp_path / "idx", projection=ProjectionSpec(kind="none"), dtype="float32", m=2)
+    idx = open_index(out, device="cpu")
+    assert {lay.kind for lay in idx.manifest.projection.layers} == {"conv2d", "linear"}
+    for kind in ("kfac", "ekfac"):
+        _precondition(out, kind)
+        idx = open_index(out, device="cpu")
+        x = idx.input(idx.row_of(5))
+        want, want_lev = _reference(idx, kind, x, seed=3)
+        np.testing.assert_allclose(idx.self_influence(precondition=kind), want_lev, rtol=1e-6)
+        for scoring in ("raw", "cosine"):
+            got = idx.scores(x, seed=3, scoring=scoring, precondition=kind)
+            np.testing.assert_allclose(got, want[scoring], rtol=1e-6, atol=1e-6 * np.abs(want[scoring]).max())
 
 
 def test_sketched_int8_rows_estimate_the_brute_force(sketch_index) -> None:

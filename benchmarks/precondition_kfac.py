@@ -1,0 +1,108 @@
+"""What ``precondition=kfac|ekfac`` costs and how close a sketched index gets to the exact preconditioned scores.
+
+    python benchmarks/precondition_kfac.py --index DIR [--exact-index DIR2] [--queries 20] [--alpha 0.01]
+
+``DIR`` (e.g. the default ``proponent index`` of ``proponent train --data digits``) is preconditioned in place with
+``--kind gram``, ``kfac`` and ``ekfac`` (timed; bytes against the store's), then the same stored samples are
+queried (fresh query draws, k=10, cosine) with none / gram / kfac / ekfac: p50 of the answer's total and search
+times. With ``--exact-index`` (the same run indexed with ``--projection none``: the exact preconditioned inner
+products, up to int8 rows) each sketched answer's raw scores are compared with the exact index's: the relative
+error ``||s - s_exact|| / ||s_exact||`` and recall@10 of the exact proponents, median over the queries, for none,
+kfac and ekfac. Results go to ``benchmarks/results/precondition_kfac_*.txt`` by the caller's redirection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from proponent.format import curvature, precond
+from proponent.format.fsio import index_dir
+from proponent.format.integrity import open_store
+from proponent.format.manifest import read_manifest
+from proponent.indexer.curvature import compute
+from proponent.indexer.fidelity import recall_at
+from proponent.query.index import open_index
+
+
+def _make(path: str, kind: str, alpha: float | None) -> None:
+    where = index_dir(path)
+    man = read_manifest(where)
+    store = open_store(where, man)
+    feats = sum(where.file_sizes("store.zarr").values())
+    t0 = time.perf_counter()
+    if kind == "gram":
+        man = precond.compute(where, man, store)
+        rec = man.precondition
+        assert rec is not None
+        size = sum(where.size(f.path) for ck in rec.checkpoints for f in (ck.vectors, ck.values, ck.leverage))
+        extra = f"alpha={rec.alpha:g}"
+    else:
+        man = compute(where, man, store, kind, alpha=curvature.DEFAULT_ALPHA if alpha is None else alpha)
+        crec = man.curvature[kind]
+        size = sum(where.size(f.path) for ck in crec.checkpoints for f in (ck.factors, ck.leverage))
+        worst = max(ck.norm_error for ck in crec.checkpoints)
+        extra = f"alpha={crec.alpha:g}, exact norms within {worst:.1e} of the stored ones"
+    print(
+        f"  {path}: --kind {kind}: {time.perf_counter() - t0:.1f} s, {size} bytes ({size / feats:.3f}x the store's "
+        f"{feats} bytes); {extra}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", required=True)
+    ap.add_argument("--exact-index", default=None)
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--alpha", type=float, default=None)
+    a = ap.parse_args()
+    idx0 = open_index(a.index, device="cpu")
+    man = idx0.manifest
+    print(
+        f"index {a.index}: N={man.n}, D={man.dim} (projection {man.projection.kind}), C={len(man.checkpoints)}, "
+        f"{man.storage.dtype}, m={man.objective.m}"
+    )
+    print("proponent precondition (in place):")
+    for kind in ("gram", "kfac", "ekfac"):
+        _make(a.index, kind, a.alpha)
+        if a.exact_index and kind != "gram":
+            _make(a.exact_index, kind, a.alpha)
+    idx = open_index(a.index, device="cpu")
+    ex = open_index(a.exact_index, device="cpu") if a.exact_index else None
+    ids = [int(i) for i in idx.meta.ids[:: max(1, idx.n // a.queries)][: a.queries]]
+    for kind in ("gram", "kfac", "ekfac"):
+        t0 = time.perf_counter()
+        idx.leverage(0, kind)
+        print(f"first {kind} query reads and checks it: {time.perf_counter() - t0:.2f} s")
+    print(
+        f"{'precondition':>12} {'p50 total ms':>13} {'p50 featurize ms':>17} {'p50 search ms':>14}  ({len(ids)} stored "
+        "samples, fresh query draws, k=10, cosine)"
+    )
+    for pre in ("none", "gram", "kfac", "ekfac"):
+        tot, feat, srch = [], [], []
+        for sid in ids:
+            r = idx.influence(sample_id=sid, k=10, scoring="cosine", precondition=pre)
+            tot.append(r.timings.total_ms)
+            feat.append(r.timings.featurize_ms)
+            srch.append(r.timings.search_ms)
+        print(f"{pre:>12} {np.median(tot):13.2f} {np.median(feat):17.2f} {np.median(srch):14.2f}", flush=True)
+    if ex is None:
+        return
+    print("sketched vs exact index (same run, models and draws; raw scores of every row; medians over the queries):")
+    print(f"{'precondition':>12} {'rel. error':>11} {'recall@10 pro':>14} {'recall@10 opp':>14}")
+    for pre in ("none", "kfac", "ekfac"):
+        errs, rp, ro = [], [], []
+        for sid in ids:
+            s = idx.scores(sample_id=sid, scoring="raw", precondition=pre)
+            e = ex.scores(sample_id=sid, scoring="raw", precondition=pre)
+            errs.append(float(np.linalg.norm(s - e) / np.linalg.norm(e)))
+            rp.append(recall_at(e, s, 10, True))
+            ro.append(recall_at(e, s, 10, False))
+        print(f"{pre:>12} {np.median(errs):11.3f} {np.median(rp):14.2f} {np.median(ro):14.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
