@@ -30,7 +30,7 @@ import numpy as np
 
 from .fsio import IndexDir
 from .manifest import Manifest
-from .precond import PreconditionError, features_fingerprint, load_array
+from .precond import PreconditionError, coverage_problem, fingerprint_problems, load_array
 from .store import FeatureStore
 
 KINDS = ("kfac", "ekfac")
@@ -105,31 +105,16 @@ def _checked(where: IndexDir, man: Manifest, store: FeatureStore, kind: str):
     rec = man.curvature[kind]
     remake = remake_hint(kind, where)
     if len(rec.checkpoints) != len(man.checkpoints):
-        yield (
-            None,
-            [
-                f"{where}: the {NAMES[kind]} preconditioner covers {len(rec.checkpoints)} checkpoints, the index has "
-                f"{len(man.checkpoints)}; remake it with {remake}"
-            ],
-        )
+        yield None, [coverage_problem(where, man, len(rec.checkpoints), f"{NAMES[kind]} preconditioner", remake)]
         return
     layers = man.projection.layers
     if rec.layers != [l.name for l in layers]:
-        yield (
-            None,
-            [
-                f"{where}: the {NAMES[kind]} preconditioner covers layers {rec.layers}, the index others; "
-                f"remake it with {remake}"
-            ],
-        )
+        what = f"{where}: the {NAMES[kind]} preconditioner covers layers {rec.layers}, the index others"
+        yield None, [f"{what}; remake it with {remake}"]
         return
     for c, ck in enumerate(rec.checkpoints):
-        out = []
-        if features_fingerprint(store, c) != ck.fingerprint:
-            out.append(
-                f"{NAMES[kind]} preconditioner of checkpoint {c} ({where.describe(ck.factors.path)}): made from other "
-                f"features than the index stores; remake it with {remake}"
-            )
+        what = f"{NAMES[kind]} preconditioner"
+        out = fingerprint_problems(where, store, c, ck.fingerprint, ck.factors.path, what, remake)
         try:
             z = load_array(where, ck.factors, remake)
             lev = load_array(where, ck.leverage, remake)

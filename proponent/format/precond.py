@@ -193,27 +193,38 @@ def load_array(where: IndexDir, f: FileRecord, remake: str = "`proponent precond
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def coverage_problem(where: IndexDir, man: Manifest, covered: int, what: str, remake: str) -> str:
+    """A stored ``what`` that covers ``covered`` checkpoints where the index has others."""
+    return (
+        f"{where}: the {what} covers {covered} checkpoints, the index has {len(man.checkpoints)}; remake it with "
+        f"{remake}"
+    )
+
+
+def fingerprint_problems(
+    where: IndexDir, store: FeatureStore, c: int, fingerprint: str, path: str, what: str, remake: str
+) -> list[str]:
+    """``[problem]`` when checkpoint c's stored ``what`` (file ``path``) was made from other features than the index
+    stores, else ``[]``."""
+    if features_fingerprint(store, c) == fingerprint:
+        return []
+    return [
+        f"{what} of checkpoint {c} ({where.describe(path)}): made from other features than the index stores; "
+        f"remake it with {remake}"
+    ]
+
+
 def _checked(where: IndexDir, man: Manifest, store: FeatureStore):
     """Per checkpoint ``(arrays by name, problems)`` of the stored preconditioner, or one ``(None, [problem])``
     when the record does not cover the index's checkpoints: what :func:`load` and :func:`problems` refuse."""
     rec = man.precondition
     assert rec is not None
+    remake = f"`proponent precondition --index {where}`"
     if len(rec.checkpoints) != len(man.checkpoints):
-        yield (
-            None,
-            [
-                f"{where}: the preconditioner covers {len(rec.checkpoints)} checkpoints, the index has "
-                f"{len(man.checkpoints)}; remake it with `proponent precondition --index {where}`"
-            ],
-        )
+        yield None, [coverage_problem(where, man, len(rec.checkpoints), "preconditioner", remake)]
         return
     for c, ck in enumerate(rec.checkpoints):
-        out = []
-        if features_fingerprint(store, c) != ck.fingerprint:
-            out.append(
-                f"preconditioner of checkpoint {c} ({where.describe(ck.vectors.path)}): made from other features "
-                f"than the index stores; remake it with `proponent precondition --index {where}`"
-            )
+        out = fingerprint_problems(where, store, c, ck.fingerprint, ck.vectors.path, "preconditioner", remake)
         shapes = {"vectors": (store.dim, ck.rank), "values": (ck.rank,), "leverage": (store.n,)}
         arrays = {}
         for name, f in (("vectors", ck.vectors), ("values", ck.values), ("leverage", ck.leverage)):
