@@ -10,6 +10,12 @@ seed scheme).
 
     python benchmarks/lds.py --workdir runs/lds [--subsets 50] [--queries 100]
     python benchmarks/lds.py --workdir runs/lds --index "k32 projection=kron k=32"   # one more layout
+    python benchmarks/lds.py --workdir runs/lds_paired --paired --epochs 800   # paired retraining (below)
+
+``--paired`` trains every model (the full one and the subsets) on full batches from the same initial weights
+with each sample's draws keyed by its id: a subset model then differs from the full model only by the samples
+it leaves out, the counterfactual the LDS asks about, without the batch-order and draw noise of minibatch
+training (which the cross-seed ceiling of ``benchmarks/lds_grid.py`` measures).
 
 An index configuration is one string: a name, then ``key=value`` tokens. ``layers``, ``m``,
 ``featurizer`` and ``dtype`` go to IndexOptions; ``projection`` is ProjectionSpec's kind and
@@ -121,6 +127,13 @@ def main() -> None:
     ap.add_argument("--vary-seed", action="store_true", help="train subset j with seed+1+j (default: same seed)")
     ap.add_argument("--loss-m", type=int, default=32, help="fixed draws per query for the measured loss")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="full batches and draws keyed by sample id (TrainConfig noise=keyed): the subset models differ from "
+        "the full model only by the samples left out (same initial weights, no batch-order noise)",
+    )
     ap.add_argument("--latent-dim", type=int, default=16)
     ap.add_argument("--model", default=None, choices=["mlp", "conv"], help="VAE kind (default: mlp)")
     ap.add_argument("--hidden", default=None, help="MLP widths, comma-separated (default: the data's default)")
@@ -150,7 +163,12 @@ def main() -> None:
         log(f"training the full model on {a.train} ({len(data)} samples)")
         widths = {k: [int(v) for v in getattr(a, k).split(",")] for k in ("hidden", "channels") if getattr(a, k)}
         cfg = default_config_for(data.shape, kind=a.model, latent_dim=a.latent_dim, **widths)
-        train(data, cfg, run, TrainConfig(epochs=a.epochs), show_progress=False)
+        tc = TrainConfig(
+            epochs=a.epochs,
+            batch_size=len(data) if a.paired else a.batch_size,
+            noise="keyed" if a.paired else "stream",
+        )
+        train(data, cfg, run, tc, show_progress=False)
     specs, run_meta = checkpoints_from_run(run)
     if run_meta["data"]["fingerprint"] != data.fingerprint:
         raise SystemExit(f"{run}: trained on other data than {a.train}; use another --workdir")
@@ -219,6 +237,7 @@ def main() -> None:
         f"LDS on {a.train} (N={len(data)}), {len(query_x)} held-out queries from {a.queries_from}, "
         f"{a.subsets} subset models on {a.fraction:.0%} subsets, loss under {a.loss_m} fixed draws, "
         f"TrainConfig epochs={train_config.epochs} lr={train_config.lr} batch={train_config.batch_size} "
+        f"noise={train_config.noise} "
         f"seed={'varied' if a.vary_seed else train_config.seed}; weights {a.convention}"
     )
 

@@ -69,6 +69,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         checkpoint_every_epochs=a.checkpoint_every_epochs,
         seed=a.seed,
         device=a.device,
+        noise=a.noise,
     )
     out = train(data, cfg, a.out, tc, show_progress=not a.quiet)
     run = json.loads((out / "run.json").read_text())
@@ -394,6 +395,13 @@ def register(sub: Any) -> None:
     t.add_argument("--checkpoint-every-steps", type=int)
     t.add_argument("--checkpoint-every-epochs", type=int)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--noise",
+        choices=["stream", "keyed"],
+        default="stream",
+        help="keyed: each sample's draws depend on (seed, step, sample id) only, so runs on subsets are paired "
+        "(with --batch-size >= N: they differ only by the samples left out)",
+    )
     t.add_argument("--device", default="cpu")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)

@@ -20,7 +20,7 @@ from proponent.format.fsio import atomic_write_json, sha256_file
 from proponent.indexer.data import Dataset
 from proponent.model.architectures import ModelConfig, build_model
 from proponent.model.checkpoints import CheckpointSpec, save_checkpoint
-from proponent.model.objectives import ELBO, CrossEntropy, Objective
+from proponent.model.objectives import ELBO, NOISE_TRAIN, CrossEntropy, Objective
 from proponent.progress import progress
 
 
@@ -37,6 +37,21 @@ class TrainConfig:
     m: int = 1  # draws per sample while training
     seed: int = 0
     device: str = "cpu"
+    # "stream": the draws come from one generator in step order; "keyed": sample i's draws at step t depend only
+    # on (seed, t, i), so runs on subsets of the same data are paired: with full batches (batch_size >= N) and
+    # the same seed (same initial weights), two runs differ only by the samples left out (retraining benchmarks)
+    noise: str = "stream"
+
+
+def keyed_draws(seed: int, step: int, ids: np.ndarray, id_space: int, m: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal draws ``[len(ids), m, *shape]`` of training step ``step``: one table of ``id_space``
+    rows from a generator keyed by ``(seed, step)``, row ``i`` for sample id ``i`` (one generator per step, not
+    per sample: ``id_space · m · prod(shape)`` draws a step)."""
+    ss = np.random.SeedSequence([NOISE_TRAIN, seed, step])
+    table = np.random.Generator(np.random.Philox(ss)).standard_normal(
+        (id_space, m * math.prod(shape)), dtype=np.float32
+    )
+    return torch.from_numpy(table[np.asarray(ids, np.int64)].reshape(len(ids), m, *shape))
 
 
 def training_objective(cfg: ModelConfig, m: int) -> Objective:
@@ -73,6 +88,8 @@ def train(
         raise ValueError(f"model input shape {model_config.input_shape} does not match data shape {data.shape}")
     if tc.optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be adam or sgd, got {tc.optimizer!r}")
+    if tc.noise not in ("stream", "keyed"):
+        raise ValueError(f"noise must be stream or keyed, got {tc.noise!r}")
     torch.manual_seed(tc.seed)
     device = torch.device(tc.device)
     model = build_model(model_config).to(device)
@@ -89,6 +106,7 @@ def train(
     steps_per_epoch = math.ceil(n / tc.batch_size)
     ckpt_steps = _checkpoint_steps(tc, steps_per_epoch)
     gen = torch.Generator(device="cpu").manual_seed(tc.seed)
+    id_space = sum(src.n for src in data.sources)  # the same for every subset of the same data
     step, prev_step = 0, 0
     specs: list[CheckpointSpec] = []
     t0 = time.perf_counter()
@@ -98,7 +116,11 @@ def train(
         perm = torch.randperm(n, generator=gen).to(device)
         for b in range(steps_per_epoch):
             idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
-            eps = torch.randn(len(idx), objective.m, *noise_shape, generator=gen).to(device)
+            if tc.noise == "keyed":
+                ids = data.ids[idx.cpu().numpy()]
+                eps = keyed_draws(tc.seed, step, ids, id_space, objective.m, noise_shape).to(device)
+            else:
+                eps = torch.randn(len(idx), objective.m, *noise_shape, generator=gen).to(device)
             loss = objective.loss(model, x_all[idx], y_all[idx], eps).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

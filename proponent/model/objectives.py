@@ -30,6 +30,7 @@ Forward = Callable[..., Any]
 # Domain separation for noise keys: index features and queries never share draws.
 NOISE_INDEX = 0
 NOISE_QUERY = 1
+NOISE_TRAIN = 4  # training draws keyed by sample (TrainConfig.noise='keyed')
 
 
 def draw_noise(
