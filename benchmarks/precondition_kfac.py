@@ -1,14 +1,17 @@
 """What ``precondition=kfac|ekfac`` costs and how close a sketched index gets to the exact preconditioned scores.
 
-    python benchmarks/precondition_kfac.py --index DIR [--exact-index DIR2] [--queries 20] [--alpha 0.01]
+    python benchmarks/precondition_kfac.py --index DIR [--exact-index DIR2] [--queries 20] [--alpha 0.01] [--reuse]
 
 ``DIR`` (e.g. the default ``proponent index`` of ``proponent train --data digits``) is preconditioned in place with
-``--kind gram``, ``kfac`` and ``ekfac`` (timed; bytes against the store's), then the same stored samples are
-queried (fresh query draws, k=10, cosine) with none / gram / kfac / ekfac: p50 of the answer's total and search
-times. With ``--exact-index`` (the same run indexed with ``--projection none``: the exact preconditioned inner
-products, up to int8 rows) each sketched answer's raw scores are compared with the exact index's: the relative
-error ``||s - s_exact|| / ||s_exact||`` and recall@10 of the exact proponents, median over the queries, for none,
-kfac and ekfac. Results go to ``benchmarks/results/precondition_kfac_*.txt`` by the caller's redirection.
+``--kind gram``, ``kfac`` and ``ekfac``, and ``DIR2`` (``--exact-index``: the same run indexed with
+``--projection none``) with ``kfac`` and ``ekfac`` (timed; bytes against the store's); then the same stored
+samples are queried (fresh query draws, k=10, cosine) with what each index answers (the sketched one: none, gram;
+the exact one: none, kfac, ekfac): p50 of the answer's total, featurize and search times. Last, the K-FAC / EK-FAC
+form a sketched index would answer with (the preconditioned query mapped through its projection; refused as a
+query for what this measures) against the exact index's: the relative error ``||s - s_exact|| / ||s_exact||`` of
+every row's raw score and recall@10 of the exact proponents / opponents, medians over the queries (none: the
+sketch's own error, for scale). Results go to ``benchmarks/results/precondition_kfac_*.txt`` by the caller's
+redirection.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from proponent.format.integrity import open_store
 from proponent.format.manifest import read_manifest
 from proponent.indexer.curvature import compute
 from proponent.indexer.fidelity import recall_at
+from proponent.query.curvature import query_features
 from proponent.query.index import open_index
+from proponent.query.usecase import QueryVectors, raw_dots
 
 
 def _make(path: str, kind: str, alpha: float | None) -> None:
@@ -52,36 +57,31 @@ def _make(path: str, kind: str, alpha: float | None) -> None:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", required=True)
-    ap.add_argument("--exact-index", default=None)
-    ap.add_argument("--queries", type=int, default=20)
-    ap.add_argument("--alpha", type=float, default=None)
-    a = ap.parse_args()
-    idx0 = open_index(a.index, device="cpu")
-    man = idx0.manifest
-    print(
-        f"index {a.index}: N={man.n}, D={man.dim} (projection {man.projection.kind}), C={len(man.checkpoints)}, "
-        f"{man.storage.dtype}, m={man.objective.m}"
+def _scores(idx, kind: str, sid: int) -> np.ndarray:
+    """Raw scores of every row for a stored sample (fresh query draws, seed 0); K-FAC / EK-FAC through
+    :func:`proponent.query.curvature.query_features` (a sketched index refuses them as queries)."""
+    if kind == "none":
+        return idx.scores(sample_id=sid, scoring="raw")
+    cks = list(range(len(idx.checkpoints)))
+    row = idx.row_of(sid)
+    vec, _, _ = query_features(
+        idx,
+        kind,
+        idx.runtime.objective,
+        idx.input(row),
+        idx.meta.label_of(row),
+        seed=0,
+        checkpoints=cks,
+        per_draw=False,
+        sketched_ok=True,
     )
-    print("proponent precondition (in place):")
-    for kind in ("gram", "kfac", "ekfac"):
-        _make(a.index, kind, a.alpha)
-        if a.exact_index and kind != "gram":
-            _make(a.exact_index, kind, a.alpha)
-    idx = open_index(a.index, device="cpu")
-    ex = open_index(a.exact_index, device="cpu") if a.exact_index else None
-    ids = [int(i) for i in idx.meta.ids[:: max(1, idx.n // a.queries)][: a.queries]]
-    for kind in ("gram", "kfac", "ekfac"):
-        t0 = time.perf_counter()
-        idx.leverage(0, kind)
-        print(f"first {kind} query reads and checks it: {time.perf_counter() - t0:.2f} s")
-    print(
-        f"{'precondition':>12} {'p50 total ms':>13} {'p50 featurize ms':>17} {'p50 search ms':>14}  ({len(ids)} stored "
-        "samples, fresh query draws, k=10, cosine)"
-    )
-    for pre in ("none", "gram", "kfac", "ekfac"):
+    dots = raw_dots(idx, QueryVectors(vec, {}, cks, kind))
+    w = idx.meta.weights("lr")
+    return sum(w[c] * dots[c] for c in cks)
+
+
+def _p50(idx, pres: list[str], ids: list[int]) -> None:
+    for pre in pres:
         tot, feat, srch = [], [], []
         for sid in ids:
             r = idx.influence(sample_id=sid, k=10, scoring="cosine", precondition=pre)
@@ -89,15 +89,55 @@ def main() -> None:
             feat.append(r.timings.featurize_ms)
             srch.append(r.timings.search_ms)
         print(f"{pre:>12} {np.median(tot):13.2f} {np.median(feat):17.2f} {np.median(srch):14.2f}", flush=True)
-    if ex is None:
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", required=True, help="a sketched index (the default layout)")
+    ap.add_argument("--exact-index", default=None, help="the same run indexed with --projection none")
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--alpha", type=float, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep preconditioners already stored (no build, no cost)")
+    a = ap.parse_args()
+    paths = [a.index] + ([a.exact_index] if a.exact_index else [])
+    for path in paths:
+        man = open_index(path, device="cpu").manifest
+        print(
+            f"index {path}: N={man.n}, D={man.dim} (projection {man.projection.kind}), C={len(man.checkpoints)}, "
+            f"{man.storage.dtype}, m={man.objective.m}"
+        )
+    print("proponent precondition (in place):")
+    for path in paths:
+        man = open_index(path, device="cpu").manifest
+        kinds = ("kfac", "ekfac") if man.projection.is_exact else ("gram", "kfac", "ekfac")
+        for kind in kinds:
+            stored = man.precondition is not None if kind == "gram" else kind in man.curvature
+            if not (a.reuse and stored):
+                _make(path, kind, a.alpha)
+    for path in paths:
+        idx = open_index(path, device="cpu")
+        exact = idx.manifest.projection.is_exact
+        pres = ["none", "kfac", "ekfac"] if exact else ["none", "gram"]
+        for kind in pres[1:]:
+            t0 = time.perf_counter()
+            idx.leverage(0, kind)
+            print(f"{path}: the first {kind} query reads and checks it: {time.perf_counter() - t0:.2f} s")
+        ids = [int(i) for i in idx.meta.ids[:: max(1, idx.n // a.queries)][: a.queries]]
+        print(
+            f"{'precondition':>12} {'p50 total ms':>13} {'p50 featurize ms':>17} {'p50 search ms':>14}  ({path}: "
+            f"{len(ids)} stored samples, fresh query draws, k=10, cosine)"
+        )
+        _p50(idx, pres, ids)
+    if not a.exact_index:
         return
+    idx, ex = open_index(a.index, device="cpu"), open_index(a.exact_index, device="cpu")
+    ids = [int(i) for i in idx.meta.ids[:: max(1, idx.n // a.queries)][: a.queries]]
     print("sketched vs exact index (same run, models and draws; raw scores of every row; medians over the queries):")
     print(f"{'precondition':>12} {'rel. error':>11} {'recall@10 pro':>14} {'recall@10 opp':>14}")
     for pre in ("none", "kfac", "ekfac"):
         errs, rp, ro = [], [], []
         for sid in ids:
-            s = idx.scores(sample_id=sid, scoring="raw", precondition=pre)
-            e = ex.scores(sample_id=sid, scoring="raw", precondition=pre)
+            s, e = _scores(idx, pre, sid), _scores(ex, pre, sid)
             errs.append(float(np.linalg.norm(s - e) / np.linalg.norm(e)))
             rp.append(recall_at(e, s, 10, True))
             ro.append(recall_at(e, s, 10, False))

@@ -512,7 +512,8 @@ def register(sub: Any) -> None:
         default=None,
         help="gram: λ_c = α x the mean eigenvalue of Φ_cᵀΦ_c (default 1000: the best LDS of "
         "benchmarks/results/lds_precondition_gram.txt); kfac / ekfac: λ_l = α x mean Λ_l per layer (default 0.01: "
-        "the best LDS of benchmarks/results/lds_kfac*.txt on digits)",
+        "the best LDS on paired digits and the conv VAE, benchmarks/results/lds_grid_*.txt; minibatch-trained "
+        "digits wants 100-1000)",
     )
     pc.add_argument(
         "--rank",
