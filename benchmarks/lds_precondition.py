@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proponent.analysis.lds import GramBlock, lds_per_query, open_lds_cache, paired_table
+from proponent.analysis.lds import GramBlock, add_cache_arguments, cache_from_arguments, lds_per_query, paired_table
 from proponent.api.schemas import InfluenceParams
 from proponent.query.index import open_index
 from proponent.query.usecase import query_vectors
@@ -53,13 +53,7 @@ from proponent.threads import set_threads
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="the workdir of a benchmarks/lds.py run")
-    ap.add_argument("--index", default="default", help="an index benchmarks/lds.py built there")
-    ap.add_argument("--train", default="digits,limit=1597")
-    ap.add_argument("--queries-from", default="digits,offset=1597")
-    ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--subsets", type=int, default=100)
-    ap.add_argument("--loss-m", type=int, default=32)
+    add_cache_arguments(ap, queries=200, subsets=100, index="default")
     ap.add_argument("--mode", default="gram", help="gram | layer | proj:K")
     ap.add_argument("--alphas", default="1e-4,1e-2,1,10,100,300,1000,10000")
     ap.add_argument("--threads", type=int, default=1)
@@ -76,15 +70,7 @@ def main() -> None:
     if a.mode not in ("gram", "layer") and not proj:
         raise SystemExit(f"--mode must be gram, layer or proj:K, got {a.mode!r}")
     idx = open_index(wd / "index" / a.index, device="cpu")
-    cache = open_lds_cache(
-        wd,
-        train_spec=a.train,
-        queries_from=a.queries_from,
-        queries=a.queries,
-        subsets=a.subsets,
-        loss_m=a.loss_m,
-        progress=log,
-    )
+    cache = cache_from_arguments(a, progress=log)
     qx, masks, losses = cache.query_x, cache.masks, cache.losses
     w = idx.meta.weights("lr")
     cks = list(range(len(idx.meta.checkpoints)))

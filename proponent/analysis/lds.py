@@ -220,6 +220,33 @@ def open_lds_cache(
     return LdsCache(data, query_x, masks, losses, model_config, train_config, run_dir)
 
 
+def add_cache_arguments(ap: Any, *, queries: int = 100, subsets: int = 40, index: str | None = None) -> None:
+    """The arguments naming an LDS cache (``benchmarks/lds.py``'s settings) on an argparse parser: ``--workdir``,
+    ``--train``, ``--queries-from``, ``--queries``, ``--subsets``, ``--loss-m`` (and ``--index`` when given a
+    default), shared by the benchmarks that run on the cache."""
+    ap.add_argument("--workdir", required=True, help="the workdir of a benchmarks/lds.py run")
+    if index is not None:
+        ap.add_argument("--index", default=index, help="an index benchmarks/lds.py built there")
+    ap.add_argument("--train", default="digits,limit=1597")
+    ap.add_argument("--queries-from", default="digits,offset=1597")
+    ap.add_argument("--queries", type=int, default=queries)
+    ap.add_argument("--subsets", type=int, default=subsets)
+    ap.add_argument("--loss-m", type=int, default=32)
+
+
+def cache_from_arguments(a: Any, progress: Callable[[str], None] | None = None) -> LdsCache:
+    """:func:`open_lds_cache` with the arguments of :func:`add_cache_arguments`."""
+    return open_lds_cache(
+        a.workdir,
+        train_spec=a.train,
+        queries_from=a.queries_from,
+        queries=a.queries,
+        subsets=a.subsets,
+        loss_m=a.loss_m,
+        progress=progress,
+    )
+
+
 class GramBlock:
     """TRAK's Gram preconditioner on one block, exactly: features ``phi [N, W]``, queries ``q [Q, W]``,
     P = (ΦᵀΦ + λI)⁻¹ (research code for the LDS and memorization benchmarks; not on the query path).

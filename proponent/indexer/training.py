@@ -137,7 +137,9 @@ def train(
                     "steps_since_prev": step - prev_step,
                     "epoch": step / steps_per_epoch,
                 }
-                save_checkpoint(path, model, model_config, **meta)
+                # the optimizer's state too (Adam's moments: resuming, and the optimizer-aware
+                # preconditioners of TrackStar-style attribution read its second moments)
+                save_checkpoint(path, model, model_config, optimizer=opt.state_dict(), **meta)
                 specs.append(CheckpointSpec(path=str(path.relative_to(out)), sha256=sha256_file(path), **meta))
                 prev_step = step
         bar.set_postfix(loss=f"{last_loss:.3f}")

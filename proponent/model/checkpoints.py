@@ -166,3 +166,40 @@ def _optimizer_lr(opt: Any, name: str) -> tuple[float, str] | None:
         if isinstance(inner, dict) and "param_groups" in inner:
             return _optimizer_lr(inner, f"{name}.{sub}")
     return None
+
+
+def adam_second_moments(raw: Any, model: nn.Module, where: str = "checkpoint") -> dict[str, torch.Tensor] | None:
+    """Adam's bias-corrected second moments ``v̂ = exp_avg_sq / (1 - β₂^step)`` per named parameter, from the
+    optimizer state a loaded checkpoint ``raw`` holds under :data:`OPTIMIZER_KEYS`; None when it holds none.
+
+    The state's parameters are matched to ``model.named_parameters()`` in order (an optimizer built from
+    ``model.parameters()``, as proponent's training and most training loops do); a state whose count or
+    shapes do not match is refused naming the first mismatch, never guessed."""
+    if not isinstance(raw, dict):
+        return None
+    opt = next((raw[k] for k in OPTIMIZER_KEYS if isinstance(raw.get(k), dict)), None)
+    if opt is None or "state" not in opt or "param_groups" not in opt:
+        return None
+    order = [i for g in opt["param_groups"] for i in g.get("params", [])]
+    betas = opt["param_groups"][0].get("betas")
+    named = list(model.named_parameters())
+    if len(order) != len(named):
+        raise CheckpointError(f"{where}: the optimizer state has {len(order)} parameters, the model {len(named)}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise CheckpointError(f"{where}: the optimizer state has no Adam betas (not an Adam state)")
+    out: dict[str, torch.Tensor] = {}
+    for i, (name, p) in zip(order, named):
+        st = opt["state"].get(i)
+        if not isinstance(st, dict) or "exp_avg_sq" not in st:
+            raise CheckpointError(f"{where}: the optimizer state of {name} has no exp_avg_sq (not an Adam state)")
+        v = st["exp_avg_sq"]
+        if tuple(v.shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{where}: the optimizer state's exp_avg_sq for {name} has shape {list(v.shape)}, the parameter "
+                f"{list(p.shape)}"
+            )
+        step = float(st.get("step", 0))
+        if step <= 0:
+            raise CheckpointError(f"{where}: the optimizer state of {name} has taken no step")
+        out[name] = v.double() / (1.0 - float(betas[1]) ** step)
+    return out

@@ -40,3 +40,39 @@ def test_unknown_noise_refused(tmp_path: Path) -> None:
     cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(4,), latent_dim=2)
     with pytest.raises(ValueError, match="noise must be stream or keyed"):
         train(data, cfg, tmp_path / "x", TrainConfig(noise="fixed"), show_progress=False)
+
+
+def test_checkpoints_carry_adam_state(tmp_path: Path) -> None:
+    """Every checkpoint holds the optimizer's state at its own step; its second moments come back per named
+    parameter in the model's order, divided by Adam's bias correction 1 - β₂^step; an SGD state or an
+    optimizer state of another model is refused."""
+    import torch
+
+    from proponent.model.checkpoints import CheckpointError, adam_second_moments, read_checkpoint
+
+    data = load_dataset("digits,limit=32")
+    cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(8,), latent_dim=2)
+    tc = TrainConfig(epochs=3, batch_size=len(data), checkpoints=3, seed=1, noise="keyed")
+    run = train(data, cfg, tmp_path / "r", tc, show_progress=False)
+    path = run / "checkpoints" / "ckpt_001.pt"
+    raw = read_checkpoint(path)
+    model, _, meta = load_checkpoint(path, cfg)
+    v = adam_second_moments(raw, model, str(path))
+    assert v is not None and list(v) == [n for n, _ in model.named_parameters()]
+    st = raw["optimizer"]["state"]
+    for i, (name, p) in enumerate(model.named_parameters()):
+        step = float(st[i]["step"])
+        assert step == meta["step"] == 2
+        want = st[i]["exp_avg_sq"].double() / (1 - 0.999**step)
+        assert v[name].shape == p.shape and torch.allclose(v[name], want)
+        assert float(v[name].min()) >= 0
+    # an optimizer state for another model is refused, not matched by position
+    other = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(9,), latent_dim=2)
+    from proponent.model.architectures import build_model
+
+    with pytest.raises(CheckpointError, match="exp_avg_sq for .* has shape"):
+        adam_second_moments(raw, build_model(other), "ck")
+    sgd = train(data, cfg, tmp_path / "s", TrainConfig(epochs=1, batch_size=32, checkpoints=1, optimizer="sgd"), False)
+    with pytest.raises(CheckpointError, match="not an Adam state"):
+        adam_second_moments(read_checkpoint(sgd / "checkpoints" / "ckpt_000.pt"), model, "ck")
+    assert adam_second_moments({"state_dict": {}}, model) is None
