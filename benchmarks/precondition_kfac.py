@@ -5,13 +5,12 @@
 ``DIR`` (e.g. the default ``proponent index`` of ``proponent train --data digits``) is preconditioned in place with
 ``--kind gram``, ``kfac`` and ``ekfac``, and ``DIR2`` (``--exact-index``: the same run indexed with
 ``--projection none``) with ``kfac`` and ``ekfac`` (timed; bytes against the store's); then the same stored
-samples are queried (fresh query draws, k=10, cosine) with what each index answers (the sketched one: none, gram;
-the exact one: none, kfac, ekfac): p50 of the answer's total, featurize and search times. Last, the K-FAC / EK-FAC
-form a sketched index would answer with (the preconditioned query mapped through its projection; refused as a
-query for what this measures) against the exact index's: the relative error ``||s - s_exact|| / ||s_exact||`` of
-every row's raw score and recall@10 of the exact proponents / opponents, medians over the queries (none: the
-sketch's own error, for scale). Results go to ``benchmarks/results/precondition_kfac_*.txt`` by the caller's
-redirection.
+samples are queried (fresh query draws, k=10, cosine) with what each index answers (the sketched one: none, gram,
+kfac, ekfac; the exact one: none, kfac, ekfac): p50 of the answer's total, featurize and search times. Last, the
+sketched index's K-FAC / EK-FAC scores (the preconditioned query mapped through its projection) against the exact
+index's: the relative error ``||s - s_exact|| / ||s_exact||`` of every row's raw score and recall@10 of the exact
+proponents / opponents, medians over the queries (none: the sketch's own error, for scale). Results go to
+``benchmarks/results/precondition_kfac_*.txt`` by the caller's redirection.
 """
 
 from __future__ import annotations
@@ -27,9 +26,7 @@ from proponent.format.integrity import open_store
 from proponent.format.manifest import read_manifest
 from proponent.indexer.curvature import compute
 from proponent.indexer.fidelity import recall_at
-from proponent.query.curvature import query_features
 from proponent.query.index import open_index
-from proponent.query.usecase import QueryVectors, raw_dots
 
 
 def _make(path: str, kind: str, alpha: float | None) -> None:
@@ -55,29 +52,6 @@ def _make(path: str, kind: str, alpha: float | None) -> None:
         f"{feats} bytes); {extra}",
         flush=True,
     )
-
-
-def _scores(idx, kind: str, sid: int) -> np.ndarray:
-    """Raw scores of every row for a stored sample (fresh query draws, seed 0); K-FAC / EK-FAC through
-    :func:`proponent.query.curvature.query_features` (a sketched index refuses them as queries)."""
-    if kind == "none":
-        return idx.scores(sample_id=sid, scoring="raw")
-    cks = list(range(len(idx.checkpoints)))
-    row = idx.row_of(sid)
-    vec, _, _ = query_features(
-        idx,
-        kind,
-        idx.runtime.objective,
-        idx.input(row),
-        idx.meta.label_of(row),
-        seed=0,
-        checkpoints=cks,
-        per_draw=False,
-        sketched_ok=True,
-    )
-    dots = raw_dots(idx, QueryVectors(vec, {}, cks, kind))
-    w = idx.meta.weights("lr")
-    return sum(w[c] * dots[c] for c in cks)
 
 
 def _p50(idx, pres: list[str], ids: list[int]) -> None:
@@ -117,7 +91,7 @@ def main() -> None:
     for path in paths:
         idx = open_index(path, device="cpu")
         exact = idx.manifest.projection.is_exact
-        pres = ["none", "kfac", "ekfac"] if exact else ["none", "gram"]
+        pres = ["none", "kfac", "ekfac"] if exact else ["none", "gram", "kfac", "ekfac"]
         for kind in pres[1:]:
             t0 = time.perf_counter()
             idx.leverage(0, kind)
@@ -137,7 +111,8 @@ def main() -> None:
     for pre in ("none", "kfac", "ekfac"):
         errs, rp, ro = [], [], []
         for sid in ids:
-            s, e = _scores(idx, pre, sid), _scores(ex, pre, sid)
+            s = idx.scores(sample_id=sid, scoring="raw", precondition=pre)
+            e = ex.scores(sample_id=sid, scoring="raw", precondition=pre)
             errs.append(float(np.linalg.norm(s - e) / np.linalg.norm(e)))
             rp.append(recall_at(e, s, 10, True))
             ro.append(recall_at(e, s, 10, False))

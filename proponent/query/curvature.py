@@ -17,21 +17,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from proponent.format.precond import PreconditionError
 from proponent.model.curvature import LayerGradients
 from proponent.model.featurizers.base import per_draw_rows
 from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, Objective, draw_noise, objective_at
 
 if TYPE_CHECKING:
     from proponent.query.index import InfluenceIndex
-
-#: why a sketched index does not answer K-FAC / EK-FAC queries (README "Queries", benchmarks/precondition_kfac.py)
-SKETCHED = (
-    "this index stores sketched gradients, and the preconditioned query mapped through the sketch estimates the "
-    "exact preconditioned scores too poorly to rank by (measured on digits' default layout: relative error 3.6, "
-    "recall@10 0.10 of the exact K-FAC proponents, benchmarks/results/precondition_kfac_digits.txt); index with "
-    "`--projection none` for K-FAC / EK-FAC queries (their leverage, the self-influence job, is exact on any index)"
-)
 
 
 def to_features(index: InfluenceIndex, c: int, grads: list[np.ndarray]) -> np.ndarray:
@@ -61,14 +52,10 @@ def query_features(
     checkpoints: list[int],
     per_draw: bool,
     index_row: int | None = None,
-    sketched_ok: bool = False,
 ) -> tuple[dict[int, np.ndarray], dict[int, float], dict[int, np.ndarray] | None]:
     """``(P q per checkpoint [D], qᵀ P q, per-draw P q [m, D] or None)`` of one input ``x [*shape]``.
 
-    ``index_row``: take that training row's own draws (``NOISE_INDEX``) instead of the query's. On a sketched
-    index :class:`PreconditionError` (:data:`SKETCHED`) unless ``sketched_ok`` (the measurement's own use)."""
-    if not index.manifest.projection.is_exact and not sketched_ok:
-        raise PreconditionError(f"precondition={kind}: {SKETCHED}")
+    ``index_row``: take that training row's own draws (``NOISE_INDEX``) instead of the query's."""
     pre = index.curvature(kind)
     rt = index.runtime
     xt = torch.from_numpy(np.asarray(x, np.float32)[None])

@@ -64,11 +64,10 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
         "query_objectives": list(QUERY_OBJECTIVES),
         "scorings": list(SCORINGS),
         "default_scoring": DEFAULT_SCORING,
-        # gram, kfac, ekfac only with a stored preconditioner (`proponent precondition [--kind]`); kfac and ekfac
-        # queries on an index of exact gradients only (proponent.query.curvature.SKETCHED)
+        # gram, kfac, ekfac only with a stored preconditioner (`proponent precondition [--kind]`)
         "preconditions": ["none"]
         + (["gram"] if man.precondition is not None else [])
-        + [k for k in ("kfac", "ekfac") if k in man.curvature and man.projection.is_exact],
+        + [k for k in ("kfac", "ekfac") if k in man.curvature],
         "max_k": max_k,
     }
 
