@@ -336,6 +336,13 @@ def test_rest_client_and_cli_give_the_same_answer(exact_index, tmp_path, capsys)
             got = {r.id: r.self_influence for r in job.result()}
             want = idx.self_influence(precondition="kfac")
             np.testing.assert_allclose([got[int(i)] for i in idx.meta.ids], want, rtol=1e-12)
+    out = tmp_path / "ranked.csv"
+    assert cli_main(["self-influence", "--index", str(exact_index), "--precondition", "kfac", "--out", str(out)]) == 0
+    assert "leverage under the K-FAC preconditioner" in capsys.readouterr().out
+    lines = out.read_text().splitlines()[1:]
+    by_id = {int(r.split(",")[1]): float(r.split(",")[2]) for r in lines}
+    want = idx.self_influence(precondition="kfac")
+    np.testing.assert_allclose([by_id[int(i)] for i in idx.meta.ids], want, rtol=1e-12)
     assert _hits(rest) == _hits(py) == _hits(cli) == _hits(client)
     assert rest["approximations"] == py["approximations"] == cli["approximations"] == client["approximations"]
     assert rest["query"]["precondition"] == "ekfac"
