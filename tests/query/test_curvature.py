@@ -202,6 +202,13 @@ def test_exact_gradients_equal_a_dense_brute_force(exact_index, kind, tmp_path) 
             ids, scores = top(idx, ref, 6, d)
             assert [h.id for h in getattr(res, d)] == ids, (scoring, d)
             np.testing.assert_allclose([h.score for h in getattr(res, d)], scores, rtol=1e-5)
+    # each draw's preconditioned gradient (the hits' standard errors) averages to the query's
+    cks = list(range(len(idx.checkpoints)))
+    vec, _, draws = query_features(idx, kind, idx.runtime.objective, x, None, seed=4, checkpoints=cks, per_draw=True)
+    assert draws is not None and draws[0].shape == (idx.manifest.objective.m, idx.dim)
+    for c in cks:
+        np.testing.assert_allclose(draws[c].mean(0), vec[c], rtol=1e-9, atol=1e-12 * np.abs(vec[c]).max())
+    assert all(h.stderr is not None and h.stderr > 0 for h in res.proponents)
     # features="stored": the row's exact gradient with its own draws, under the same preconditioner
     row = 10
     sid = int(idx.meta.ids[row])
