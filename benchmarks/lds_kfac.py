@@ -41,8 +41,8 @@ import torch
 
 from proponent.analysis.lds import KfacBlock, lds_per_query, open_lds_cache, paired_table
 from proponent.api.schemas import InfluenceParams
-from proponent.model.objectives import NOISE_INDEX, draw_noise
-from proponent.model.runtime import objective_from_record
+from proponent.model.curvature import FactorSums, LayerGradients, double_model
+from proponent.model.objectives import NOISE_INDEX, draw_noise, objective_at
 from proponent.query.index import open_index
 from proponent.query.usecase import query_vectors
 from proponent.threads import set_threads
@@ -54,17 +54,14 @@ def layer_factors(
     """``(A_l, S_l)`` per featurized layer at checkpoint c, the float64 per-sample gradients ``G_l [N, out, in]``
     rebuilt from the captured ``(a, δ)`` (the mean over the index's m draws, as the stored rows), and the
     largest difference between them and the stored rows in units of each row's int8 step (the store's
-    quantisation: at most 0.5 when the layout and the draws are the index's)."""
+    quantisation: at most 0.5 when the layout and the draws are the index's). The capture and the factors are
+    the product's (:mod:`proponent.model.curvature`, as ``proponent precondition --kind kfac|ekfac`` makes them)."""
     rt = idx.runtime
-    obj = objective_from_record(rt.manifest.objective, rt.manifest.model)
-    feat = rt.featurizer(c, obj)
-    noise_shape = obj.noise_shape(rt.model(c))
-    layers = feat.layers  # type: ignore[attr-defined]
-    dims = [(lay.block.info.in_dim, lay.out) for lay in layers]
-    aa = [np.zeros((i, i)) for i, _ in dims]
-    dd = [np.zeros((o, o)) for _, o in dims]
-    cnt = [0 for _ in dims]
-    grads = [np.zeros((idx.n, o, i)) for i, o in dims]
+    model64 = double_model(rt.model(c))
+    cap = LayerGradients(model64, objective_at(rt.objective, c), [b.info for b in rt.projector(c).blocks])
+    noise_shape = cap.feat.objective.noise_shape(model64)
+    sums = FactorSums.empty(cap.shapes)
+    grads = [np.zeros((idx.n, o, i)) for o, i in cap.shapes]
     worst = 0.0
     man_layers = idx.manifest.projection.layers
     for lo in range(0, idx.n, batch):
@@ -74,33 +71,22 @@ def layer_factors(
         eps = draw_noise(
             NOISE_INDEX, rt.manifest.objective.seed, c, idx.meta.ids[lo:hi], rt.manifest.objective.m, noise_shape
         )
-        calls, deltas, _ = feat._capture(x, y, eps)  # type: ignore[attr-defined]
+        got = cap.capture(x, y, eps)
+        sums.add(got)
         b = hi - lo
         rows = np.arange(lo, hi)
         stored = idx.features.exact_rows(c, rows)
         scale = idx.features.scale[c]
         step = np.asarray(scale[rows], np.float64) if scale is not None else np.abs(stored).max(1) / 127
-        for i, lay in enumerate(layers):
-            g = None
-            for a_call, d_call in zip(calls[i].inputs, deltas[i]):
-                a3, d3 = feat._factors(lay, a_call, d_call, b)  # type: ignore[attr-defined]
-                a3 = torch.cat([a3, torch.ones_like(a3[..., :1])], dim=2) if lay.bias else a3
-                a2 = a3.reshape(-1, a3.shape[-1]).double()
-                d2 = d3.reshape(-1, d3.shape[-1]).double()
-                aa[i] += (a2.T @ a2).numpy()
-                dd[i] += (d2.T @ d2).numpy()
-                cnt[i] += a2.shape[0]
-                gi = torch.einsum("bto,bti->boi", d3.double(), a3.double())
-                g = gi if g is None else g + gi
-            assert g is not None
-            grads[i][lo:hi] = g.numpy()
+        for i, g in enumerate(cap.gradients(got, b, cap.shapes)):
+            grads[i][lo:hi] = g
             ml = man_layers[i]
             blk = stored[:, ml.offset : ml.offset + ml.k_in * ml.k_out]
-            ref = g.reshape(b, -1).numpy()
-            worst = max(worst, float((np.abs(blk - ref).max(1) / step).max()))
+            worst = max(worst, float((np.abs(blk - g.reshape(b, -1)).max(1) / step).max()))
         if log:
             log(f"  checkpoint {c}: factors over rows {hi}/{idx.n}")
-    return [m / k for m, k in zip(aa, cnt)], [m / k for m, k in zip(dd, cnt)], grads, worst
+    factors = sums.factors()
+    return [a for a, _ in factors], [s for _, s in factors], grads, worst
 
 
 def main() -> None:

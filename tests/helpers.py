@@ -81,3 +81,15 @@ def answer_key(res) -> dict:
         hits = getattr(res, d)
         out[d] = None if hits is None else [h.model_dump() for h in hits]
     return out
+
+
+def build_small_index(run, out, **kw):
+    """An index of a trained run (``checkpoints_from_run``) with small chunks and m=3 on CPU; ``kw`` overrides
+    :class:`~proponent.indexer.job.IndexOptions`. Returns its path."""
+    from pathlib import Path
+
+    from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
+
+    specs, run_json = checkpoints_from_run(run)
+    opts = IndexOptions(**{"m": 3, "device": "cpu", "chunk_rows": 64, "unit_rows": 64, **kw})
+    return Path(build_index(run_json["data"]["spec"], specs, out, opts, show_progress=False))

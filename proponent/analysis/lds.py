@@ -43,6 +43,7 @@ import torch
 
 from proponent.analysis.scoring_comparison import query_dots
 from proponent.api.registry import SCORINGS
+from proponent.format.curvature import eigenbases, kfac_eigenvalues, rotate
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json, read_json
 from proponent.indexer.data import Dataset, load_dataset
 from proponent.indexer.training import TrainConfig, train, training_objective
@@ -314,7 +315,8 @@ def conv_kronecker_rows(
 class KfacBlock:
     """K-FAC / EK-FAC (kronfluence's definitions) on one Linear layer, exactly: per-sample gradients
     ``g [N, out, in]`` (bias column last), queries ``q [Q, out, in]``, factors ``A [in, in]``, ``S [out, out]``
-    (research code for the LDS benchmark; not on the query path).
+    (research code for the LDS benchmark; the query path's form is :mod:`proponent.format.curvature`, whose
+    eigenbases, rotation and K-FAC eigenvalues this uses).
 
     With A = Q_A diag(e_A) Q_Aᵀ and S = Q_S diag(e_S) Q_Sᵀ, a gradient's rotation is G̃ = Q_Sᵀ G Q_A and the
     preconditioned inner product is ``<G̃_q / (Λ + λ), G̃_i>`` with ``Λ = e_S e_Aᵀ`` (K-FAC: then
@@ -323,16 +325,14 @@ class KfacBlock:
     α = 0.1)."""
 
     def __init__(self, a_cov: np.ndarray, s_cov: np.ndarray, g: np.ndarray, q: np.ndarray, ekfac: bool):
-        ea, qa = np.linalg.eigh(np.asarray(a_cov, np.float64))
-        es, qs = np.linalg.eigh(np.asarray(s_cov, np.float64))
+        ea, qa, es, qs = eigenbases(a_cov, s_cov)  # the product's definitions (proponent.format.curvature)
         self.width = g.shape[1] * g.shape[2]
-        gr = np.einsum("so,nsi,ij->noj", qs, np.asarray(g, np.float64), qa, optimize=True)
-        qr = np.einsum("so,nsi,ij->noj", qs, np.asarray(q, np.float64), qa, optimize=True)
+        gr, qr = rotate(g, qa, qs), rotate(q, qa, qs)
         self.fv, self.qv = gr.reshape(len(gr), -1), qr.reshape(len(qr), -1)
         if ekfac:
             self.eig = (self.fv**2).mean(0)
         else:
-            self.eig = np.outer(np.clip(es, 0, None), np.clip(ea, 0, None)).reshape(-1)
+            self.eig = kfac_eigenvalues(ea, es).reshape(-1)
         self.mean_eig = float(self.eig.mean())
 
     def apply(self, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -640,7 +640,7 @@ def write_report(
             the index marks as injected (``injected`` data parts), if any.
         convention: checkpoint weights, ``lr`` or ``visits``.
         scoring: raw | cosine | relatif (default: the API's default scoring).
-        precondition: none | gram: the preconditioner of the proponents/opponents section (gram needs a
+        precondition: none | gram | kfac | ekfac: the preconditioner of the proponents/opponents section (each needs a
             stored one: ``proponent precondition``); named in that section's header.
         seed: chooses the default queries and the query-side noise draws.
         index: an already opened :class:`~proponent.query.index.InfluenceIndex` (skips re-opening).

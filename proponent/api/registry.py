@@ -69,7 +69,7 @@ SCORINGS = Registry(
     default="cosine",
 )
 
-PreconditionName = Literal["none", "gram"]
+PreconditionName = Literal["none", "gram", "kfac", "ekfac"]
 PRECONDITIONS = Registry(
     "precondition",
     PreconditionName,
@@ -77,6 +77,10 @@ PRECONDITIONS = Registry(
         "none": "plain gradient inner products",
         "gram": "TRAK's (Φ_cᵀΦ_c + λ_c I)⁻¹ over the stored features, applied to the query "
         "(needs `proponent precondition --index DIR`)",
+        "kfac": "K-FAC per layer (kronfluence's (S ⊗ A + λI)⁻¹) on the query's exact gradient "
+        "(needs `proponent precondition --index DIR --kind kfac`)",
+        "ekfac": "EK-FAC per layer (K-FAC's eigenbases, eigenvalues fitted to the training gradients) on the "
+        "query's exact gradient (needs `proponent precondition --index DIR --kind ekfac`)",
     },
     # measured: benchmarks/lds_precondition.py (LDS +0.002 [-0.001, +0.005] over raw at α=1000: README "Queries")
     default="none",

@@ -88,7 +88,7 @@ class QueryInfo(_Model):
     objective: str
     convention: Convention
     scoring: str = DEFAULT_SCORING
-    precondition: str = Field("none", description="the preconditioner that answered (none | gram)")
+    precondition: str = Field("none", description="the preconditioner that answered (none | gram | kfac | ekfac)")
     checkpoints: list[int]
     shape: list[int]
     sample_id: int | None = None
@@ -246,7 +246,8 @@ class IndexInfo(_Model):
     )
     scorings: list[str] = Field(default_factory=lambda: list(SCORINGS))
     preconditions: list[str] = Field(
-        default_factory=lambda: ["none"], description="the preconditioners this index can answer with (gram: stored)"
+        default_factory=lambda: ["none"],
+        description="the preconditioners this index can answer with (gram, kfac, ekfac: stored)",
     )
     default_scoring: str = DEFAULT_SCORING
     shards: list[dict[str, Any]] = Field(default_factory=list, description="sharded serving: one entry per shard")
@@ -301,7 +302,8 @@ class SelfInfluenceRequest(_Model):
     precondition: PreconditionName = Field(
         "none",
         description="none: Σ_c w_c ||g_c||² (or recomputed, m); gram: the leverage Σ_c w_c f_cᵀ P_c f_c of the "
-        "stored features under the stored Gram preconditioner",
+        "stored features under the stored Gram preconditioner; kfac / ekfac: the leverage Σ_c w_c g_cᵀ P_c g_c of "
+        "the exact gradients under the stored K-FAC / EK-FAC preconditioner",
     )
     estimator: Literal["norm", "unbiased"] = Field(
         "norm",

@@ -134,7 +134,8 @@ def register(sub: Any) -> None:
         "--precondition",
         choices=list(PRECONDITIONS),
         default=PRECONDITIONS.default,
-        help="the proponents/opponents section's preconditioner (gram: needs `proponent precondition`)",
+        help="the proponents/opponents section's preconditioner (gram, kfac, ekfac: need `proponent precondition "
+        "[--kind]`)",
     )
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_cmd_report)

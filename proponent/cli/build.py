@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,10 @@ def _cmd_precondition(a: argparse.Namespace) -> int:
     problems = verify_contents(where, man)
     if problems:
         raise ValueError(f"{where}: index cannot be preconditioned: " + "; ".join(problems))
-    man = precond.compute(where, man, open_store(where, man), alpha=a.alpha, rank=a.rank)
+    if a.kind != "gram":
+        return _precondition_curvature(a, where, man, open_store(where, man))
+    alpha = precond.DEFAULT_ALPHA if a.alpha is None else a.alpha
+    man = precond.compute(where, man, open_store(where, man), alpha=alpha, rank=a.rank)
     rec = man.precondition
     assert rec is not None
     size = sum(where.size(f.path) for ck in rec.checkpoints for f in (ck.vectors, ck.values, ck.leverage))
@@ -356,6 +360,22 @@ def _cmd_precondition(a: argparse.Namespace) -> int:
         cut = f" (truncated from {ck.nonzero})" if ck.truncated else ""
         print(f"checkpoint {c}: λ={ck.lam:.6g} (α={rec.alpha:g} x mean eigenvalue), rank {ck.rank}{cut}")
     print(f"Gram preconditioner of {where}: {size} bytes, {rec.seconds:.1f}s; query with --precondition gram")
+    return 0
+
+
+def _precondition_curvature(a: argparse.Namespace, where, man, store) -> int:
+    from proponent.format import curvature  # lazy: CLI start-up (torch)
+    from proponent.indexer.curvature import compute
+
+    alpha = curvature.DEFAULT_ALPHA if a.alpha is None else a.alpha
+    man = compute(where, man, store, a.kind, alpha=alpha, log=lambda s: print(s, file=sys.stderr))
+    rec = man.curvature[a.kind]
+    size = sum(where.size(f.path) for ck in rec.checkpoints for f in (ck.factors, ck.leverage))
+    name = curvature.NAMES[a.kind]
+    for c, ck in enumerate(rec.checkpoints):
+        lams = ", ".join(f"{v:.4g}" for v in ck.lams)
+        print(f"checkpoint {c}: λ per layer {lams} (α={rec.alpha:g} x mean Λ); exact norms within {ck.norm_error:.2g}")
+    print(f"{name} preconditioner of {where}: {size} bytes, {rec.seconds:.1f}s; query with --precondition {a.kind}")
     return 0
 
 
@@ -475,15 +495,25 @@ def register(sub: Any) -> None:
 
     pc = sub.add_parser(
         "precondition",
-        help="store TRAK's Gram preconditioner (Φ_cᵀΦ_c + λ_c I)⁻¹ of an index's features (--precondition gram)",
+        help="store a preconditioner: TRAK's Gram (Φ_cᵀΦ_c + λ_c I)⁻¹ of an index's features (--precondition gram), "
+        "or K-FAC / EK-FAC per layer (--kind kfac|ekfac; --precondition kfac|ekfac)",
     )
     pc.add_argument("--index", required=True)
     pc.add_argument(
+        "--kind",
+        choices=["gram", "kfac", "ekfac"],
+        default="gram",
+        help="gram (default): TRAK's over the stored features; kfac / ekfac: kronfluence's per layer, from the "
+        "index's models, inputs and draws (a pass over the training set per factor: 2 for kfac, 3 for ekfac)",
+    )
+    pc.add_argument(
         "--alpha",
         type=float,
-        default=1000.0,
-        help="λ_c = α x the mean eigenvalue of Φ_cᵀΦ_c (default 1000: the best LDS of "
-        "benchmarks/results/lds_precondition_gram.txt)",
+        default=None,
+        help="gram: λ_c = α x the mean eigenvalue of Φ_cᵀΦ_c (default 1000: the best LDS of "
+        "benchmarks/results/lds_precondition_gram.txt); kfac / ekfac: λ_l = α x mean Λ_l per layer (default 0.01: "
+        "the best LDS on paired digits and the conv VAE, benchmarks/results/lds_grid_*.txt; minibatch-trained "
+        "digits wants 100-1000)",
     )
     pc.add_argument(
         "--rank",

@@ -156,7 +156,8 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
     assert scores is not None
     rows = ranking_rows(idx, scores)
     atomic_write_bytes(a.out, rows_to_csv(rows).encode())
-    what = "leverage under the Gram preconditioner" if a.precondition == "gram" else "self-influence"
+    names = {"gram": "Gram", "kfac": "K-FAC", "ekfac": "EK-FAC"}
+    what = f"leverage under the {names[a.precondition]} preconditioner" if a.precondition in names else "self-influence"
     print(f"ranked {len(rows)} samples by {what} -> {a.out}")
     return 0
 
@@ -326,7 +327,8 @@ def register(sub: Any) -> None:
         "--precondition",
         choices=list(PRECONDITIONS),
         default="none",
-        help="none: Σ_c w_c ||g_c||²; gram: the leverage Σ_c w_c f_cᵀ P_c f_c (needs `proponent precondition`)",
+        help="none: Σ_c w_c ||g_c||²; gram: the leverage Σ_c w_c f_cᵀ P_c f_c (needs `proponent precondition`); "
+        "kfac / ekfac: the exact gradients' leverage Σ_c w_c g_cᵀ P_c g_c (needs `proponent precondition --kind`)",
     )
     s.add_argument("--state-dir", help="keep resumable job state here")
     s.add_argument("--device", default="auto")

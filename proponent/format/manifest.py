@@ -233,6 +233,27 @@ class PreconditionRecord(_Record):
     checkpoints: list[PreconditionCheckpoint]
 
 
+class CurvatureCheckpoint(_Record):
+    """One checkpoint's stored K-FAC / EK-FAC preconditioner (:mod:`proponent.format.curvature`)."""
+
+    lams: list[float]  # λ_l = α · mean(Λ_l) per layer, in the projection's layer order
+    norm_error: float  # largest relative difference of Σ_l ||G_l(i)||² from the index's stored exact norms
+    fingerprint: str  # sha256 of the crc32c of the features' (and scales') chunks of the index it was made for
+    factors: FileRecord  # npz: qa_<l>, qs_<l>, eig_<l> per layer (float64)
+    leverage: FileRecord  # [N] float64: g_iᵀ P g_i of every row's exact gradient
+
+
+class CurvatureRecord(_Record):
+    """K-FAC / EK-FAC (kronfluence's) per layer and checkpoint, made from the index's models, inputs and draws by
+    ``proponent precondition --kind kfac|ekfac``; queries use it with ``precondition=kfac|ekfac``."""
+
+    kind: Literal["kfac", "ekfac"]
+    alpha: float
+    layers: list[str]
+    seconds: float
+    checkpoints: list[CurvatureCheckpoint]
+
+
 class Manifest(_Record):
     format: Literal["proponent-index"] = "proponent-index"
     version: int = MANIFEST_VERSION
@@ -255,6 +276,8 @@ class Manifest(_Record):
     fidelity: FidelityRecord | None = None
     # a stored preconditioner (None: none made; indexes from before it existed)
     precondition: PreconditionRecord | None = None
+    # stored K-FAC / EK-FAC preconditioners by kind (empty: none made)
+    curvature: dict[str, CurvatureRecord] = Field(default_factory=dict)
     checksum: str = ""
 
     @property
@@ -307,6 +330,8 @@ def write_manifest(where: IndexDir, manifest: Manifest) -> Manifest:
     body = manifest.model_dump(mode="json")
     if body.get("precondition") is None:  # an index without one writes the bytes it wrote before the field existed
         body.pop("precondition", None)
+    if not body.get("curvature"):
+        body.pop("curvature", None)
     body["checksum"] = sha256_bytes(_canonical(body))
     where.write_bytes(MANIFEST_FILE, _render(body))
     return manifest.model_copy(update={"checksum": body["checksum"]})

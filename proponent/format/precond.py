@@ -26,6 +26,7 @@ import io
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def _eigenpairs(store: FeatureStore, c: int) -> tuple[np.ndarray, np.ndarray, fl
     return eig[order], vec[:, order], trace
 
 
-def _npy(a: np.ndarray) -> bytes:
+def npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
     return buf.getvalue()
@@ -152,7 +153,7 @@ def compute(
         files = {}
         for name, arr in (("vectors", vectors), ("values", values), ("leverage", leverage)):
             rel = f"{PRECOND_DIR}/{tag}/{ckpt_group(c)}/{name}.npy"
-            data = _npy(arr)
+            data = npy(arr)
             where.write_bytes(rel, data)
             files[name] = FileRecord(path=rel, sha256=sha256_bytes(data))
         records.append(
@@ -178,17 +179,39 @@ def compute(
     return written
 
 
-def _load_array(where: IndexDir, f: FileRecord) -> np.ndarray:
+def load_array(where: IndexDir, f: FileRecord, remake: str = "`proponent precondition --index`") -> Any:
+    """A stored ``.npy`` / ``.npz`` checked against its manifest sha256 (:class:`PreconditionError` names the
+    file and ``remake``, the command that makes it again)."""
     name = where.describe(f.path)
     if not where.is_file(f.path):
-        raise PreconditionError(f"preconditioner {name}: missing; remake it with `proponent precondition --index`")
+        raise PreconditionError(f"preconditioner {name}: missing; remake it with {remake}")
     data = where.read_bytes(f.path)
     if sha256_bytes(data) != f.sha256:
         raise PreconditionError(
-            f"preconditioner {name}: damaged (sha256 differs from the manifest); remake it with "
-            "`proponent precondition --index`"
+            f"preconditioner {name}: damaged (sha256 differs from the manifest); remake it with {remake}"
         )
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def coverage_problem(where: IndexDir, man: Manifest, covered: int, what: str, remake: str) -> str:
+    """A stored ``what`` that covers ``covered`` checkpoints where the index has others."""
+    return (
+        f"{where}: the {what} covers {covered} checkpoints, the index has {len(man.checkpoints)}; remake it with "
+        f"{remake}"
+    )
+
+
+def fingerprint_problems(
+    where: IndexDir, store: FeatureStore, c: int, fingerprint: str, path: str, what: str, remake: str
+) -> list[str]:
+    """``[problem]`` when checkpoint c's stored ``what`` (file ``path``) was made from other features than the index
+    stores, else ``[]``."""
+    if features_fingerprint(store, c) == fingerprint:
+        return []
+    return [
+        f"{what} of checkpoint {c} ({where.describe(path)}): made from other features than the index stores; "
+        f"remake it with {remake}"
+    ]
 
 
 def _checked(where: IndexDir, man: Manifest, store: FeatureStore):
@@ -196,27 +219,17 @@ def _checked(where: IndexDir, man: Manifest, store: FeatureStore):
     when the record does not cover the index's checkpoints: what :func:`load` and :func:`problems` refuse."""
     rec = man.precondition
     assert rec is not None
+    remake = f"`proponent precondition --index {where}`"
     if len(rec.checkpoints) != len(man.checkpoints):
-        yield (
-            None,
-            [
-                f"{where}: the preconditioner covers {len(rec.checkpoints)} checkpoints, the index has "
-                f"{len(man.checkpoints)}; remake it with `proponent precondition --index {where}`"
-            ],
-        )
+        yield None, [coverage_problem(where, man, len(rec.checkpoints), "preconditioner", remake)]
         return
     for c, ck in enumerate(rec.checkpoints):
-        out = []
-        if features_fingerprint(store, c) != ck.fingerprint:
-            out.append(
-                f"preconditioner of checkpoint {c} ({where.describe(ck.vectors.path)}): made from other features "
-                f"than the index stores; remake it with `proponent precondition --index {where}`"
-            )
+        out = fingerprint_problems(where, store, c, ck.fingerprint, ck.vectors.path, "preconditioner", remake)
         shapes = {"vectors": (store.dim, ck.rank), "values": (ck.rank,), "leverage": (store.n,)}
         arrays = {}
         for name, f in (("vectors", ck.vectors), ("values", ck.values), ("leverage", ck.leverage)):
             try:
-                arrays[name] = _load_array(where, f)
+                arrays[name] = load_array(where, f)
             except PreconditionError as e:
                 out.append(str(e))
                 continue

@@ -108,8 +108,8 @@ class ServedFeatures:
         self.feat_norm = [store.feat_norm(c, sl) for c in range(checkpoints)]
         self.scale = [store.scale(c, sl) for c in range(checkpoints)]
         # every index row's leverage f_cᵀ P_c f_c under the stored preconditioner (set by the opened index)
-        self.leverage_source: Callable[[int], np.ndarray] | None = None
-        self._leverage: dict[int, np.ndarray] = {}
+        self.leverage_source: Callable[[int, str], np.ndarray] | None = None
+        self._leverage: dict[tuple[int, str], np.ndarray] = {}
         gpu = self.device.type == "cuda"
         # memory mode holds int8 codes as they are (CPU or GPU), everything else as float32
         per_value = 1 if self.stored_dtype == "int8" else 4
@@ -177,14 +177,15 @@ class ServedFeatures:
         self.resident_norm[c] = rnorm
 
     def row_sq_norm(self, c: int, precondition: str = "none") -> np.ndarray:
-        """The rows' squared norms a scoring divides by: exact gradient norms, or (``gram``) their leverage."""
+        """The rows' squared norms a scoring divides by: exact gradient norms, or (a preconditioner) their leverage."""
         if precondition == "none":
             return self.sq_norm[c]
-        if c not in self._leverage:
+        if (c, precondition) not in self._leverage:
             if self.leverage_source is None:
                 raise ValueError(f"precondition={precondition!r}: these features have no stored preconditioner")
-            self._leverage[c] = np.asarray(self.leverage_source(c), np.float64)[self.lo : self.hi]
-        return self._leverage[c]
+            got = np.asarray(self.leverage_source(c, precondition), np.float64)[self.lo : self.hi]
+            self._leverage[(c, precondition)] = got
+        return self._leverage[(c, precondition)]
 
     @property
     def resident_bytes(self) -> int:

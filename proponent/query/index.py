@@ -30,7 +30,7 @@ import torch
 
 from proponent import _moved
 from proponent.api.schemas import InfluenceParams, InfluenceResponse
-from proponent.format import ann, precond
+from proponent.format import ann, curvature, precond
 from proponent.format.fsio import IndexDir, index_dir
 from proponent.format.integrity import open_store, verify_contents, verify_index
 from proponent.format.manifest import CheckpointSpec, Manifest, ManifestError, read_manifest
@@ -123,6 +123,8 @@ class IndexMeta:
         out = []
         if precondition == "gram" and man.precondition is not None:
             out.extend(precond.describe(man.precondition, checkpoints))
+        if precondition in man.curvature:
+            out.extend(curvature.describe(man, precondition, checkpoints))
         if proj.kind == "tensor" and any(l.tensor or l.projected_in for l in proj.layers):
             out.append(f"random projection: a tensor sketch per layer (D={proj.stage1_dim})")
         elif any(l.projected_in or l.projected_out for l in proj.layers):
@@ -214,8 +216,31 @@ class InfluenceIndex:
         offset = 0 if rows is None else rows[0]
         self.searcher: Searcher = LocalSearcher(self.features, self.ann_indexes, manifest.ann.kind, offset=offset)
         self._preconditioner: list[precond.CheckpointPreconditioner] | None = None
-        if manifest.precondition is not None:
-            self.features.leverage_source = lambda c: self.preconditioner()[c].leverage
+        self._curvature: dict[str, list[curvature.CheckpointCurvature]] = {}
+        self._model64: dict[int, Any] = {}
+        self.features.leverage_source = self.leverage
+
+    def leverage(self, c: int, precondition: str) -> np.ndarray:
+        """Every index row's leverage ``g_iᵀ P_c g_i`` at checkpoint c under a stored preconditioner (gram: of the
+        stored features; kfac / ekfac: of the exact gradients); refused by name when there is none."""
+        if precondition == "gram":
+            return self.preconditioner()[c].leverage
+        return self.curvature(precondition)[c].leverage
+
+    def curvature(self, kind: str) -> list[curvature.CheckpointCurvature]:
+        """The stored K-FAC / EK-FAC preconditioner (``kind``) of every checkpoint (read and checked on first use);
+        :class:`~proponent.format.precond.PreconditionError` when there is none or it does not match."""
+        if kind not in self._curvature:
+            self._curvature[kind] = curvature.load(self.where, self.manifest, self.store, kind)
+        return self._curvature[kind]
+
+    def model64(self, c: int) -> Any:
+        """A float64 copy of checkpoint c's model (exact per-layer gradients of K-FAC / EK-FAC queries)."""
+        if c not in self._model64:
+            from proponent.model.curvature import double_model  # lazy: only for K-FAC queries
+
+            self._model64[c] = double_model(self.runtime.model(c))
+        return self._model64[c]
 
     def preconditioner(self) -> list[precond.CheckpointPreconditioner]:
         """The stored Gram preconditioner of every checkpoint (read and checked on first use);
@@ -306,12 +331,12 @@ class InfluenceIndex:
         self, convention: str = "lr", checkpoints: list[int] | None = None, precondition: str = "none"
     ) -> np.ndarray:
         """Σ_c w_c ||g_c(x_i)||² from the exact (unprojected) norms, ``[N]`` (raw: see query.scoring); with
-        ``precondition="gram"`` the leverage Σ_c w_c f_c(i)ᵀ P_c f_c(i) of the stored features."""
+        ``precondition="gram"`` the leverage Σ_c w_c f_c(i)ᵀ P_c f_c(i) of the stored features (kfac / ekfac: of the
+        exact gradients under the stored K-FAC / EK-FAC preconditioner)."""
         w = self.weights(convention)
         cks = self.meta.resolve_checkpoints(checkpoints)
-        if precondition == "gram":
-            pre = self.preconditioner()
-            return np.sum([w[c] * pre[c].leverage for c in cks], axis=0)
+        if precondition != "none":
+            return np.sum([w[c] * self.leverage(c, precondition) for c in cks], axis=0)
         return np.sum([w[c] * self.features.sq_norm[c] for c in cks], axis=0)
 
 

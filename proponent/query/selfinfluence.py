@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from proponent.api.registry import PRECONDITIONS
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
 from proponent.model.featurizers.dense import DenseFeaturizer
 from proponent.model.objectives import draw_noise
@@ -44,7 +45,8 @@ class SelfInfluenceParams:
     # (materialises per-sample gradients with the dense path: slower).
     estimator: str = "norm"
     # "gram": the leverage Σ_c w_c f_c(i)ᵀ P_c f_c(i) of the stored features under the stored Gram
-    # preconditioner (a read, like m=None; m and estimator do not apply)
+    # preconditioner; "kfac" / "ekfac": Σ_c w_c g_c(i)ᵀ P_c g_c(i) of the exact gradients under the stored
+    # K-FAC / EK-FAC one (a read, like m=None; m and estimator do not apply)
     precondition: str = "none"
 
 
@@ -62,12 +64,17 @@ class SelfInfluenceJob:
             raise ValueError(f"m must be >= 1, got {params.m}")
         if params.estimator not in ("norm", "unbiased"):
             raise ValueError(f"estimator must be 'norm' or 'unbiased', got {params.estimator!r}")
-        if params.precondition not in ("none", "gram"):
-            raise ValueError(f"precondition must be 'none' or 'gram', got {params.precondition!r}")
-        if params.precondition == "gram":
+        if params.precondition not in PRECONDITIONS:
+            raise ValueError(f"precondition must be one of {', '.join(PRECONDITIONS)}, got {params.precondition!r}")
+        if params.precondition != "none":
             if params.m is not None or params.estimator != "norm":
-                raise ValueError("precondition=gram: the leverage of the stored features (no m, no estimator)")
-            index.preconditioner()  # refused now (named) when there is none or it does not match
+                raise ValueError(
+                    f"precondition={params.precondition}: the leverage under the stored preconditioner "
+                    "(no m, no estimator)"
+                )
+            index.leverage(
+                self.cks[0], params.precondition
+            )  # refused now (named) when there is none or it does not match
         if params.estimator == "unbiased" and params.m is None:
             params.m = int(index.runtime.objective.m)  # the unbiased estimator always recomputes
         self.n_chunks = index.store.layout.n_chunks  # a step of the job: one feature chunk's rows
@@ -120,8 +127,8 @@ class SelfInfluenceJob:
                 if should_stop is not None and should_stop():
                     return None
                 lo, hi = idx.store.layout.chunk_range(k)
-                if p.precondition == "gram":
-                    part[lo:hi] = idx.preconditioner()[c].leverage[lo:hi]
+                if p.precondition != "none":
+                    part[lo:hi] = idx.leverage(c, p.precondition)[lo:hi]
                 elif feat is None:
                     part[lo:hi] = idx.features.sq_norm[c][lo:hi]
                 else:

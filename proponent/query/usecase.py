@@ -24,6 +24,7 @@ import numpy as np
 
 from proponent.api.registry import PRECONDITIONS
 from proponent.api.schemas import Hit, InfluenceParams, InfluenceResponse, QueryInfo, SearchStats, Timings
+from proponent.format.curvature import KINDS as CURVATURE_KINDS
 from proponent.format.precond import PreconditionError
 from proponent.query.crossloss import make_query_objective
 from proponent.query.scoring import multipliers
@@ -41,7 +42,8 @@ class QueryError(ValueError):
 def _query_features(
     index: InfluenceIndex, params: InfluenceParams, x: np.ndarray | None, row: int | None, cks: list[int]
 ):
-    """Per-checkpoint query vectors, exact squared norms, per-draw vectors (or None), and m."""
+    """Per-checkpoint query vectors, exact squared norms, per-draw vectors (or None), and m; under a K-FAC /
+    EK-FAC ``params.precondition`` already preconditioned (:mod:`proponent.query.curvature`)."""
     meta = index.meta
     label = params.label
     if label is None and row is not None:
@@ -51,6 +53,11 @@ def _query_features(
             raise QueryError("features='stored' needs a stored sample (sample_id), not an upload")
         if params.objective != "elbo" or (params.label is not None and params.label != meta.label_of(row)):
             raise QueryError("features='stored' answers with the training objective only (objective elbo, own label)")
+        if params.precondition in CURVATURE_KINDS:  # the row's exact gradient with its own draws
+            vec, sq, _ = _curvature_query(
+                index, params, index.runtime.objective, index.input(row), label, cks, False, row
+            )
+            return vec, sq, None, 1, label
         vec = {c: index.store.feature_rows(c, np.array([row]))[0] for c in cks}
         sq = {c: float(index.features.sq_norm[c][row]) for c in cks}
         return vec, sq, None, 1, label
@@ -58,6 +65,9 @@ def _query_features(
         assert row is not None
         x = index.input(row)
     objective = make_query_objective(index, params.objective, beta=params.beta, label=label)
+    if params.precondition in CURVATURE_KINDS:
+        vec, sq, draws = _curvature_query(index, params, objective, x, label, cks, params.uncertainty, None)
+        return vec, sq, draws, int(objective.m), label
     labels = None if label is None else np.array([label], np.int64)
     qf = index.runtime.featurize(
         x[None], objective=objective, seed=params.seed, labels=labels, checkpoints=cks, per_draw=params.uncertainty
@@ -69,6 +79,35 @@ def _query_features(
     return vec, sq, draws, m, label
 
 
+def _curvature_query(
+    index: InfluenceIndex,
+    params: InfluenceParams,
+    objective: Any,
+    x: np.ndarray,
+    label: int | None,
+    cks: list[int],
+    per_draw: bool,
+    row: int | None,
+):
+    """:func:`proponent.query.curvature.query_features`, its refusals as :class:`QueryError`."""
+    from proponent.query.curvature import query_features  # lazy: torch-side code of K-FAC queries only
+
+    try:
+        return query_features(
+            index,
+            params.precondition,
+            objective,
+            x,
+            label,
+            seed=params.seed,
+            checkpoints=cks,
+            per_draw=per_draw,
+            index_row=row,
+        )
+    except PreconditionError as e:
+        raise QueryError(str(e)) from None
+
+
 def _precondition(
     index: InfluenceIndex,
     precondition: str,
@@ -77,8 +116,9 @@ def _precondition(
     sq: dict[int, float],
     draws: dict[int, np.ndarray] | None,
 ):
-    """The query as ``precondition`` scores it: ``P_c q_c`` (and each draw's), ``q_cᵀ P_c q_c`` for the norms."""
-    if PRECONDITIONS.check(precondition) == "none":
+    """The query as ``precondition`` scores it: ``P_c q_c`` (and each draw's), ``q_cᵀ P_c q_c`` for the norms
+    (K-FAC / EK-FAC: made so by :func:`_query_features` already)."""
+    if PRECONDITIONS.check(precondition) == "none" or precondition in CURVATURE_KINDS:
         return vec, sq, draws
     try:
         pre = index.preconditioner()
@@ -129,7 +169,7 @@ def _featurize_batch(
     from one forward/backward per ``chunk`` queries of the same label (each query keeps its own noise: the
     key it has alone). Float32 featurization is not batch-shape invariant, so a feature may differ from the
     query's single one by float32 rounding. None where nothing is featurized (``features='stored'``)."""
-    if params.features == "stored":
+    if params.features == "stored" or params.precondition in CURVATURE_KINDS:  # featurized one by one
         return [None] * len(items)
     meta = index.meta
     cks = meta.resolve_checkpoints(params.checkpoints)

@@ -138,7 +138,7 @@ class JobManager:
                 "m": params.m,
                 "seed": seed,
                 "estimator": estimator,
-                "precondition": precondition,  # gram: the leverage under the stored Gram preconditioner
+                "precondition": precondition,  # gram / kfac / ekfac: the leverage under the stored preconditioner
             },
             "created_at": time.time(),
             "started_at": None,

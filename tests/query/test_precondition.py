@@ -25,14 +25,13 @@ from proponent.format.fsio import IndexDir
 from proponent.format.integrity import verify_index
 from proponent.format.manifest import read_manifest, write_manifest
 from proponent.indexer.data import load_dataset
-from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
 from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.projection import ProjectionSpec
 from proponent.query.index import open_index
 from proponent.query.selfinfluence import SelfInfluenceJob, SelfInfluenceParams
 from tests.conftest import svc_run_server
-from tests.helpers import query_vectors, stored_matrix, top, weights
+from tests.helpers import build_small_index, query_vectors, stored_matrix, top, weights
 
 pytestmark = pytest.mark.timeout(600)
 DATA = "digits,limit=150"
@@ -49,9 +48,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def _build(run: Path, out: Path, **kw) -> Path:
-    specs, run_json = checkpoints_from_run(run)
-    opts = IndexOptions(**{"m": 3, "featurizer": "dense", "device": "cpu", "chunk_rows": 64, "unit_rows": 64, **kw})
-    return Path(build_index(run_json["data"]["spec"], specs, out, opts, show_progress=False))
+    return build_small_index(run, out, **{"featurizer": "dense", **kw})
 
 
 def _precondition(index: Path, *extra: str) -> None:

@@ -64,8 +64,10 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
         "query_objectives": list(QUERY_OBJECTIVES),
         "scorings": list(SCORINGS),
         "default_scoring": DEFAULT_SCORING,
-        # gram only with a stored preconditioner (`proponent precondition`)
-        "preconditions": ["none"] + (["gram"] if man.precondition is not None else []),
+        # gram, kfac, ekfac only with a stored preconditioner (`proponent precondition [--kind]`)
+        "preconditions": ["none"]
+        + (["gram"] if man.precondition is not None else [])
+        + [k for k in ("kfac", "ekfac") if k in man.curvature],
         "max_k": max_k,
     }
 

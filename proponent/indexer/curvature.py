@@ -1,0 +1,138 @@
+"""``proponent precondition --kind kfac|ekfac``: the passes over the training set that make a K-FAC / EK-FAC
+preconditioner (:mod:`proponent.format.curvature` describes it and stores it; :mod:`proponent.model.curvature`
+captures the layers' ``(a, δ)``)."""
+
+from __future__ import annotations
+
+import io
+import secrets
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from proponent.format.curvature import (
+    DEFAULT_ALPHA,
+    KINDS,
+    NORM_TOLERANCE,
+    KfacLayer,
+    eigenbases,
+    kfac_eigenvalues,
+    rotate,
+)
+from proponent.format.fsio import IndexDir, sha256_bytes
+from proponent.format.manifest import CurvatureCheckpoint, CurvatureRecord, FileRecord, Manifest, write_manifest
+from proponent.format.precond import PRECOND_DIR, PreconditionError, features_fingerprint, npy
+from proponent.format.store import FeatureStore, ckpt_group
+from proponent.model.curvature import FactorSums, LayerGradients, double_model
+from proponent.model.objectives import NOISE_INDEX, draw_noise, objective_at
+from proponent.model.runtime import ModelRuntime
+
+_BATCH = 64
+
+
+def compute(
+    where: IndexDir,
+    man: Manifest,
+    store: FeatureStore,
+    kind: str,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    batch: int = _BATCH,
+    log: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Make and store the ``kind`` (kfac | ekfac) preconditioner of every checkpoint; returns the manifest."""
+    if kind not in KINDS:
+        raise PreconditionError(f"unknown preconditioner kind {kind!r}; choose from gram, {', '.join(KINDS)}")
+    if not man.complete:
+        raise PreconditionError(f"{where}: index is incomplete (finish the index job first)")
+    if not alpha > 0:
+        raise PreconditionError(f"alpha must be > 0, got {alpha}")
+    t0 = time.perf_counter()
+    rt = ModelRuntime(where, man, device="cpu")
+    ids, labels = store.array("ids"), store.array("labels")
+    tag = f"{kind}-{secrets.token_hex(4)}"
+    records = []
+    names: list[str] = []
+    for c in range(len(man.checkpoints)):
+        model64 = double_model(rt.model(c))
+        layers = [b.info for b in rt.projector(c).blocks]
+        names = [l.name for l in layers]
+        cap = LayerGradients(model64, objective_at(rt.objective, c), layers)
+        noise_shape = cap.feat.objective.noise_shape(model64)
+        stored_sq = store.sq_norm(c).astype(np.float64)
+
+        def passes(fn, c=c, cap=cap, noise_shape=noise_shape) -> None:
+            for lo in range(0, store.n, batch):
+                hi = min(store.n, lo + batch)
+                x = torch.from_numpy(store.inputs(slice(lo, hi)))
+                y = torch.from_numpy(np.clip(labels[lo:hi], 0, None))
+                eps = draw_noise(NOISE_INDEX, man.objective.seed, c, ids[lo:hi], man.objective.m, noise_shape)
+                fn(lo, hi, cap.capture(x, y, eps))
+
+        sums = FactorSums.empty(cap.shapes)
+        passes(lambda lo, hi, got, sums=sums: sums.add(got))
+        bases = [eigenbases(a, s) for a, s in sums.factors()]
+        if kind == "kfac":
+            eigs = [kfac_eigenvalues(ea, es) for ea, _, es, _ in bases]
+        else:
+            acc = [np.zeros(shape) for shape in cap.shapes]
+
+            def fit(lo: int, hi: int, got, acc=acc, bases=bases, cap=cap) -> None:
+                for k, g in enumerate(cap.gradients(got, hi - lo, cap.shapes)):
+                    acc[k] += (rotate(g, bases[k][1], bases[k][3]) ** 2).sum(0)
+
+            passes(fit)
+            eigs = [a / store.n for a in acc]
+        pre = [KfacLayer(qa, qs, e, alpha * float(e.mean())) for (_, qa, _, qs), e in zip(bases, eigs, strict=True)]
+        leverage = np.zeros(store.n)
+        sq = np.zeros(store.n)
+
+        def lev(lo: int, hi: int, got, pre=pre, cap=cap, leverage=leverage, sq=sq) -> None:
+            for k, g in enumerate(cap.gradients(got, hi - lo, cap.shapes)):
+                leverage[lo:hi] += pre[k].quad(g)
+                sq[lo:hi] += (g * g).sum(axis=(1, 2))
+
+        passes(lev)
+        norm_error = float((np.abs(sq - stored_sq) / np.maximum(np.abs(stored_sq), 1e-300)).max()) if store.n else 0.0
+        if norm_error > NORM_TOLERANCE:
+            raise PreconditionError(
+                f"checkpoint {c}: the exact gradients recomputed with the index's draws differ from its stored exact "
+                f"norms by up to {norm_error:.3g} (relative; > {NORM_TOLERANCE:g}): the models, objective or draws "
+                "are not the index's"
+            )
+        buf = io.BytesIO()
+        arrays = {}
+        for k, p in enumerate(pre):
+            arrays.update({f"qa_{k}": p.qa, f"qs_{k}": p.qs, f"eig_{k}": p.eig})
+        np.savez(buf, allow_pickle=False, **arrays)
+        files = {}
+        for name, data in (("factors", buf.getvalue()), ("leverage", npy(leverage))):
+            rel = f"{PRECOND_DIR}/{tag}/{ckpt_group(c)}/{name}.{'npz' if name == 'factors' else 'npy'}"
+            where.write_bytes(rel, data)
+            files[name] = FileRecord(path=rel, sha256=sha256_bytes(data))
+        records.append(
+            CurvatureCheckpoint(
+                lams=[p.lam for p in pre],
+                norm_error=norm_error,
+                fingerprint=features_fingerprint(store, c),
+                **files,
+            )
+        )
+        if log:
+            log(f"checkpoint {c}: {len(pre)} layers, exact norms within {norm_error:.2g} of the stored ones")
+    record = CurvatureRecord(
+        kind=kind,  # type: ignore[arg-type]
+        alpha=alpha,
+        layers=names,
+        seconds=time.perf_counter() - t0,
+        checkpoints=records,
+    )
+    old = man.curvature.get(kind)
+    written = write_manifest(where, man.model_copy(update={"curvature": {**man.curvature, kind: record}}))
+    if old is not None:  # the manifest no longer names them: remove their directories
+        for d in sorted({"/".join(ck.factors.path.split("/")[:2]) for ck in old.checkpoints}):
+            if d.startswith(f"{PRECOND_DIR}/") and d != f"{PRECOND_DIR}/{tag}":
+                where.remove(d)
+    return written
