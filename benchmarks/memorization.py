@@ -19,8 +19,9 @@ variant is compared with M over all samples: Spearman, and the overlap of the to
 Variants: ``raw`` TracIn self-influence Σ_c w_c ||g_c(i)||² (what ``proponent self-influence``
 computes), the same at the last checkpoint only, the Gram-preconditioned self-influence (the
 leverage Σ_c w_c f_c(i)ᵀ(Φ_cᵀΦ_c + λ_c I)⁻¹ f_c(i) over the stored features, λ_c = α · the mean
-eigenvalue of Φ_cᵀΦ_c, swept), K-FAC and EK-FAC leverage (kronfluence's per-layer preconditioners over
-exact gradients: Σ_c w_c Σ_l g_l(i)ᵀ(Λ_l + λ_l)⁻¹ g_l(i) in the layer's Kronecker eigenbasis, λ_l = α · mean Λ_l,
+eigenvalue of Φ_cᵀΦ_c, swept), K-FAC and EK-FAC leverage (kronfluence's per-layer preconditioners as
+the product serves them: ``proponent precondition --kind kfac|ekfac --alpha α`` then
+``self_influence(precondition=…)``, the exact Σ_c w_c Σ_l g_l(i)ᵀ(Λ_l + λ_l)⁻¹ g_l(i), λ_l = α · mean Λ_l,
 swept), and the final model's loss (a gradient-free baseline).
 
     python benchmarks/memorization.py --workdir /work/cache/mem [--folds 5 --repeats 2]
@@ -37,6 +38,7 @@ the full-data model only by the samples left out, as the leave-out definition in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from proponent.analysis.lds import GramBlock, KfacBlock, query_losses
+from proponent.analysis.lds import GramBlock, query_losses
 from proponent.format.fsio import read_json
 from proponent.indexer.data import load_dataset
 from proponent.indexer.job import IndexOptions, build_index, checkpoints_from_run
@@ -54,7 +56,6 @@ from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig, default_config_for
 from proponent.model.checkpoints import load_checkpoint
 from proponent.model.objectives import draw_noise
-from proponent.model.projection import ProjectionSpec
 from proponent.query.index import open_index
 from proponent.threads import set_threads
 
@@ -97,20 +98,20 @@ def leverage(index: Any, alpha: float, convention: str = "lr") -> np.ndarray:
     return out
 
 
-def kfac_leverage(index: Any, alphas: list[float], ekfac: bool, convention: str = "lr") -> dict[float, np.ndarray]:
-    """Σ_c w_c Σ_l g_l(i)ᵀ P_l g_l(i) per alpha, P_l kronfluence's K-FAC / EK-FAC inverse of Linear layer l with
-    λ_l = alpha x mean(Λ_l), over an index of exact gradients (projection=none); the factors and the
-    float64 per-sample gradients come from ``benchmarks/lds_kfac.py``'s capture with the index's draws."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from lds_kfac import layer_factors  # lazy: a sibling benchmark script
+def kfac_leverage(path: Path, alphas: list[float], kind: str, convention: str = "lr") -> dict[float, np.ndarray]:
+    """The product's K-FAC / EK-FAC self-influence per alpha: ``proponent precondition --kind KIND --alpha A`` on
+    the index (replacing the one stored before), then ``self_influence(precondition=KIND)``, the exact leverage
+    Σ_c w_c Σ_l g_l(i)ᵀ P_l g_l(i) that ``proponent self-influence --precondition KIND`` ranks by (exact on any
+    index: it comes from each row's exact per-layer gradient, not from the stored sketch)."""
+    from proponent.cli import main as cli_main  # lazy: only for the K-FAC rows
 
-    w = index.weights(convention)
-    out = {al: np.zeros(index.n) for al in alphas}
-    for c in range(len(index.meta.checkpoints)):
-        acov, scov, grads, _ = layer_factors(index, c)
-        blocks = [KfacBlock(ac, sc, g, g[:1], ekfac) for ac, sc, g in zip(acov, scov, grads)]
-        for al in alphas:
-            out[al] += w[c] * sum(b.apply(al)[1] for b in blocks)
+    out = {}
+    for al in alphas:
+        with contextlib.redirect_stdout(sys.stderr):  # the command's report goes to the log, not the table
+            rc = cli_main(["precondition", "--index", str(path), "--kind", kind, "--alpha", repr(al)])
+        if rc != 0:
+            raise SystemExit(f"proponent precondition --kind {kind} --alpha {al} failed on {path}")
+        out[al] = open_index(path, device="cpu").self_influence(convention, precondition=kind)
     return out
 
 
@@ -133,7 +134,7 @@ def main() -> None:
     ap.add_argument(
         "--kfac-alphas",
         default="1e-3,1e-2,0.1,1",
-        help="K-FAC / EK-FAC damping multiples (over a second index of exact gradients; empty: skip)",
+        help="K-FAC / EK-FAC damping multiples (proponent precondition --kind kfac|ekfac; empty: skip)",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
@@ -207,19 +208,9 @@ def main() -> None:
     }
     for alpha in [float(v) for v in a.alphas.split(",") if v]:
         variants[f"Gram-preconditioned (leverage), alpha={alpha:g}"] = leverage(idx, alpha)
-    kalphas = [float(v) for v in a.kfac_alphas.split(",") if v]
-    if kalphas:
-        epath = wd / "index-exact"
-        if not (epath / "manifest.json").exists():
-            log("indexing the full model with exact gradients (projection=none) for K-FAC / EK-FAC")
-            specs, _ = checkpoints_from_run(full)
-            build_index(data, specs, epath, IndexOptions(projection=ProjectionSpec(kind="none")), show_progress=False)
-        eidx = open_index(epath, device="cpu")
-        variants["raw TracIn self-influence, exact gradients"] = eidx.self_influence()
-        for kind in ("kfac", "ekfac"):
-            lev = kfac_leverage(eidx, kalphas, kind == "ekfac")
-            for al, v in lev.items():
-                variants[f"{kind.upper()} leverage, alpha={al:g}"] = v
+    for kind in ("kfac", "ekfac"):
+        for al, v in kfac_leverage(path, [float(v) for v in a.kfac_alphas.split(",") if v], kind).items():
+            variants[f"{kind.upper()} leverage, alpha={al:g}"] = v
     variants["final model's loss (no gradients)"] = idx.losses().astype(np.float64)
     inj = np.asarray(idx.meta.injected, bool)
     ks = sorted({int(inj.sum()), 50, 100})

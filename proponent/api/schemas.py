@@ -247,7 +247,12 @@ class IndexInfo(_Model):
     scorings: list[str] = Field(default_factory=lambda: list(SCORINGS))
     preconditions: list[str] = Field(
         default_factory=lambda: ["none"],
-        description="the preconditioners this index can answer with (gram, kfac, ekfac: stored)",
+        description="the preconditioners this index's queries can answer with (gram: stored; kfac, ekfac: stored, "
+        "on an index of exact gradients only)",
+    )
+    self_influence_preconditions: list[str] = Field(
+        default_factory=lambda: ["none"],
+        description="the preconditioned self-influence (leverage) a job can rank by: every stored one",
     )
     default_scoring: str = DEFAULT_SCORING
     shards: list[dict[str, Any]] = Field(default_factory=list, description="sharded serving: one entry per shard")

@@ -172,11 +172,4 @@ def describe(man: Manifest, kind: str, checkpoints: list[int]) -> list[str]:
         f"{NAMES[kind]} preconditioner per layer (kronfluence's; {what}; α={rec.alpha:g}, λ_l = α·mean Λ_l: {lams}) "
         "applied to the query's exact gradient"
     ]
-    if not man.projection.is_exact:
-        out.append(
-            f"{NAMES[kind]}-preconditioned query mapped through the index's sketch: an unbiased but high-variance "
-            "estimate of the exact preconditioned scores qᵀPg_i (measured on digits' default layout: relative error "
-            "3.6-7.0 per row, recall@10 <= 0.10 of the exact top 10; an index with --projection none answers "
-            "exactly); the norms qᵀPq and the leverage are exact"
-        )
     return out

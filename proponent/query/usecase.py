@@ -89,8 +89,21 @@ def _curvature_query(
     per_draw: bool,
     row: int | None,
 ):
-    """:func:`proponent.query.curvature.query_features`, its refusals as :class:`QueryError`."""
+    """:func:`proponent.query.curvature.query_features`, its refusals as :class:`QueryError`.
+
+    A sketched index refuses K-FAC / EK-FAC queries: the preconditioned query mapped through the sketch scores
+    the rows with an error several times the scores themselves, and the measured LDS falls far below
+    unpreconditioned TracIn's (``benchmarks/results/lds_served_digits_paired.txt``)."""
     from proponent.query.curvature import query_features  # lazy: torch-side code of K-FAC queries only
+
+    if not index.manifest.projection.is_exact:
+        raise QueryError(
+            f"precondition={params.precondition}: this index is sketched (projection "
+            f"{index.manifest.projection.kind}), and a K-FAC-preconditioned query mapped through a sketch is "
+            "worse than none (measured LDS 0.14 against 0.36 unpreconditioned on digits); index with "
+            "--projection none for K-FAC answers, or use precondition=none|gram here (the kfac/ekfac leverage of "
+            "self-influence jobs is exact on any index)"
+        )
 
     try:
         return query_features(
