@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from proponent.analysis.lds import add_cache_arguments, cache_from_arguments, lds_per_query, paired_table
+from proponent.analysis.lds import add_cache_arguments, cache_from_arguments, lds_per_query, paired_table, stderr_log
 from proponent.api.schemas import InfluenceParams
 from proponent.format.fsio import read_json
 from proponent.indexer.training import train
@@ -72,6 +71,18 @@ def moments_per_checkpoint(cache, wd: Path, retrain: bool, log) -> tuple[list[di
     return out, worst
 
 
+def open_with_moments(a, log):
+    """``(workdir, exact index, LDS cache, v̂ per checkpoint, weight difference)`` for the arguments of
+    :func:`proponent.analysis.lds.add_cache_arguments` and ``--retrain-state``; refuses a sketched index."""
+    wd = Path(a.workdir)
+    idx = open_index(wd / "index" / a.index, device="cpu")
+    if idx.manifest.projection.kind != "none":
+        raise SystemExit(f"index {a.index} is sketched; this benchmark needs exact gradients (projection=none)")
+    cache = cache_from_arguments(a)
+    moments, worst = moments_per_checkpoint(cache, wd, a.retrain_state, log)
+    return wd, idx, cache, moments, worst
+
+
 def diag_rows(idx, v: dict[str, torch.Tensor]) -> list[np.ndarray]:
     """v̂ laid out as each layer's row block ``G [out, in]`` (bias column last)."""
     out = []
@@ -92,21 +103,11 @@ def main() -> None:
     add_cache_arguments(ap, index="exact")
     ap.add_argument("--alphas", default="1e-3,1e-2,0.1,1,10")
     ap.add_argument("--retrain-state", action="store_true", help="recover the optimizer states by retraining")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     set_threads(a.threads)
-    t_start = time.perf_counter()
+    log = stderr_log()
 
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    wd = Path(a.workdir)
-    idx = open_index(wd / "index" / a.index, device="cpu")
-    if idx.manifest.projection.kind != "none":
-        raise SystemExit(f"index {a.index} is sketched; this benchmark needs exact gradients (projection=none)")
-    cache = cache_from_arguments(a)
-    moments, worst = moments_per_checkpoint(cache, wd, a.retrain_state, log)
+    wd, idx, cache, moments, worst = open_with_moments(a, log)
     if worst > 1e-4:
         raise SystemExit(f"the retrained full model differs from the cached one by {worst:g}: not the same run")
     qx, masks, losses = cache.query_x, cache.masks, cache.losses

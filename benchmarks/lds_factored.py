@@ -29,19 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from proponent.analysis.lds import add_cache_arguments, cache_from_arguments, lds_per_query, paired_table
+from proponent.analysis.lds import add_cache_arguments, lds_per_query, paired_table, stderr_log
 from proponent.api.schemas import InfluenceParams
 from proponent.query.index import open_index
 from proponent.query.usecase import query_vectors
 from proponent.threads import set_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lds_adam import diag_rows, moments_per_checkpoint  # noqa: E402  (sibling benchmark)
+from lds_adam import diag_rows, open_with_moments  # noqa: E402  (sibling benchmark)
 from lds_kfac import layer_factors  # noqa: E402
 
 
@@ -56,21 +55,11 @@ def main() -> None:
     ap.add_argument("--alphas", default="1e-3,1e-2,0.1,1")
     ap.add_argument("--sketch-index", default=None, help="also through this sketched index's projection")
     ap.add_argument("--retrain-state", action="store_true", help="recover the optimizer states by retraining")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     set_threads(a.threads)
-    t_start = time.perf_counter()
+    log = stderr_log()
 
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    wd = Path(a.workdir)
-    idx = open_index(wd / "index" / a.index, device="cpu")
-    if idx.manifest.projection.kind != "none":
-        raise SystemExit(f"index {a.index} is sketched; this benchmark needs exact gradients (projection=none)")
-    cache = cache_from_arguments(a)
-    moments, _ = moments_per_checkpoint(cache, wd, a.retrain_state, log)
+    wd, idx, cache, moments, _ = open_with_moments(a, log)
     masks, losses = cache.masks, cache.losses
     w = idx.meta.weights("lr")
     n, nq = idx.n, len(cache.query_x)

@@ -38,13 +38,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from proponent.analysis.lds import GramBlock, add_cache_arguments, cache_from_arguments, lds_per_query, paired_table
+from proponent.analysis.lds import (
+    GramBlock,
+    add_cache_arguments,
+    cache_from_arguments,
+    lds_per_query,
+    paired_table,
+    stderr_log,
+)
 from proponent.api.schemas import InfluenceParams
 from proponent.query.index import open_index
 from proponent.query.usecase import query_vectors
@@ -56,14 +61,9 @@ def main() -> None:
     add_cache_arguments(ap, queries=200, subsets=100, index="default")
     ap.add_argument("--mode", default="gram", help="gram | layer | proj:K")
     ap.add_argument("--alphas", default="1e-4,1e-2,1,10,100,300,1000,10000")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     set_threads(a.threads)
-    t_start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log()
 
     wd = Path(a.workdir)
     proj = int(a.mode.split(":", 1)[1]) if a.mode.startswith("proj:") else 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proponent.analysis.lds import add_cache_arguments, cache_from_arguments, lds_rows, paired_table
+from proponent.analysis.lds import add_cache_arguments, cache_from_arguments, lds_rows, paired_table, stderr_log
 from proponent.query.index import open_index
 from proponent.threads import set_threads
 
@@ -41,14 +41,9 @@ def main() -> None:
     add_cache_arguments(ap, index="default")
     ap.add_argument("--preconditioners", default="none,kfac:0.01,ekfac:0.01")
     ap.add_argument("--scorings", default="raw,cosine")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     set_threads(a.threads)
-    t_start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log()
 
     wd = Path(a.workdir)
     where = wd / "index" / a.index

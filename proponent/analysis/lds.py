@@ -34,6 +34,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -222,8 +224,8 @@ def open_lds_cache(
 
 def add_cache_arguments(ap: Any, *, queries: int = 100, subsets: int = 40, index: str | None = None) -> None:
     """The arguments naming an LDS cache (``benchmarks/lds.py``'s settings) on an argparse parser: ``--workdir``,
-    ``--train``, ``--queries-from``, ``--queries``, ``--subsets``, ``--loss-m`` (and ``--index`` when given a
-    default), shared by the benchmarks that run on the cache."""
+    ``--train``, ``--queries-from``, ``--queries``, ``--subsets``, ``--loss-m``, ``--threads``, ``--json`` (and
+    ``--index`` when given a default), shared by the benchmarks that run on the cache."""
     ap.add_argument("--workdir", required=True, help="the workdir of a benchmarks/lds.py run")
     if index is not None:
         ap.add_argument("--index", default=index, help="an index benchmarks/lds.py built there")
@@ -232,6 +234,18 @@ def add_cache_arguments(ap: Any, *, queries: int = 100, subsets: int = 40, index
     ap.add_argument("--queries", type=int, default=queries)
     ap.add_argument("--subsets", type=int, default=subsets)
     ap.add_argument("--loss-m", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write every per-query value here")
+
+
+def stderr_log() -> Callable[[str], None]:
+    """A progress logger for the benchmark scripts: ``[elapsed s] message`` on stderr."""
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return log
 
 
 def cache_from_arguments(a: Any, progress: Callable[[str], None] | None = None) -> LdsCache:
