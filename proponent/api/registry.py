@@ -69,7 +69,7 @@ SCORINGS = Registry(
     default="cosine",
 )
 
-PreconditionName = Literal["none", "gram", "kfac", "ekfac"]
+PreconditionName = Literal["none", "gram", "kfac", "ekfac", "adam"]
 PRECONDITIONS = Registry(
     "precondition",
     PreconditionName,
@@ -81,6 +81,8 @@ PRECONDITIONS = Registry(
         "(needs `proponent precondition --index DIR --kind kfac`)",
         "ekfac": "EK-FAC per layer (K-FAC's eigenbases, eigenvalues fitted to the training gradients) on the "
         "query's exact gradient (needs `proponent precondition --index DIR --kind ekfac`)",
+        "adam": "Adam's second moments per layer, diag(1/(v̂ + λ)), from the checkpoints' optimizer state, on the "
+        "query's exact gradient (needs `proponent precondition --index DIR --kind adam`)",
     },
     # measured: benchmarks/lds_precondition.py (LDS +0.002 [-0.001, +0.005] over raw at α=1000: README "Queries")
     default="none",

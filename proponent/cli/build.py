@@ -501,10 +501,11 @@ def register(sub: Any) -> None:
     pc.add_argument("--index", required=True)
     pc.add_argument(
         "--kind",
-        choices=["gram", "kfac", "ekfac"],
+        choices=["gram", "kfac", "ekfac", "adam"],
         default="gram",
         help="gram (default): TRAK's over the stored features; kfac / ekfac: kronfluence's per layer, from the "
-        "index's models, inputs and draws (a pass over the training set per factor: 2 for kfac, 3 for ekfac)",
+        "index's models, inputs and draws (a pass over the training set per factor: 2 for kfac, 3 for ekfac); "
+        "adam: diag(1/(v̂ + λ)) per layer from the checkpoints' Adam state (one pass, for the leverage)",
     )
     pc.add_argument(
         "--alpha",

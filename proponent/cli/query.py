@@ -156,7 +156,7 @@ def _cmd_self_influence(a: argparse.Namespace) -> int:
     assert scores is not None
     rows = ranking_rows(idx, scores)
     atomic_write_bytes(a.out, rows_to_csv(rows).encode())
-    names = {"gram": "Gram", "kfac": "K-FAC", "ekfac": "EK-FAC"}
+    names = {"gram": "Gram", "kfac": "K-FAC", "ekfac": "EK-FAC", "adam": "Adam"}
     what = f"leverage under the {names[a.precondition]} preconditioner" if a.precondition in names else "self-influence"
     print(f"ranked {len(rows)} samples by {what} -> {a.out}")
     return 0

@@ -1,4 +1,4 @@
-"""K-FAC / EK-FAC preconditioners of an index (kronfluence's, per layer): made once, applied to queries.
+"""K-FAC / EK-FAC / Adam preconditioners of an index (per layer): made once, applied to queries.
 
 Per checkpoint c and featurized layer l (nn.Linear / nn.Conv2d), over every training row with the index's
 objective and its own draws (``NOISE_INDEX``, m per sample: the draws the stored features were made with),
@@ -10,6 +10,10 @@ objective and its own draws (``NOISE_INDEX``, m per sample: the draws the stored
   ``P_l = Q (Λ_l + λ_l)⁻¹ Qᵀ`` and ``λ_l = α · mean(Λ_l)``, and the check that ``Σ_l ||G_l(i)||²`` equals the
   exact norm the index stored for the row (the draws and the objective are the index's; recorded as
   ``norm_error``, refused above 1e-3).
+
+``adam`` (TrackStar's idea: the optimizer's own curvature estimate) takes ``Λ_l`` = Adam's bias-corrected second
+moments ``v̂`` of the layer's weight and bias (laid out as ``G [out, in]``, bias column last) from each checkpoint's
+optimizer state, in the parameter basis (no rotation): ``P_l = diag(1 / (v̂_l + λ_l))``; no factor pass.
 
 Files: ``precond/<kind>-<tag>/ckpt_{c:03d}/{factors.npz,leverage.npy}`` (float64), each hashed in the manifest's
 :class:`~proponent.format.manifest.CurvatureRecord` (``manifest.curvature[kind]``) with α, the layers and the
@@ -33,12 +37,12 @@ from .manifest import Manifest
 from .precond import PreconditionError, coverage_problem, fingerprint_problems, load_array
 from .store import FeatureStore
 
-KINDS = ("kfac", "ekfac")
+KINDS = ("kfac", "ekfac", "adam")
 #: α of λ_l = α · mean(Λ_l): the best LDS on paired digits (K-FAC 0.502, EK-FAC 0.514) and EK-FAC's on the conv VAE
 #: (benchmarks/results/lds_grid_{digits_paired,conv}.txt); minibatch-trained digits and 28x28 want 100-1000
 DEFAULT_ALPHA = 0.01
 NORM_TOLERANCE = 1e-3
-NAMES = {"kfac": "K-FAC", "ekfac": "EK-FAC"}
+NAMES = {"kfac": "K-FAC", "ekfac": "EK-FAC", "adam": "Adam"}
 
 
 def remake_hint(kind: str, where: IndexDir | str = "DIR") -> str:
@@ -57,8 +61,10 @@ def kfac_eigenvalues(ea: np.ndarray, es: np.ndarray) -> np.ndarray:
     return np.outer(np.clip(es, 0, None), np.clip(ea, 0, None))
 
 
-def rotate(g: np.ndarray, qa: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """``G̃ = Q_Sᵀ G Q_A`` for ``g [..., out, in]``."""
+def rotate(g: np.ndarray, qa: np.ndarray | None, qs: np.ndarray | None) -> np.ndarray:
+    """``G̃ = Q_Sᵀ G Q_A`` for ``g [..., out, in]`` (``G`` itself when the bases are None: the parameter basis)."""
+    if qa is None or qs is None:
+        return np.asarray(g, np.float64)
     return np.einsum("so,...si,ij->...oj", qs, np.asarray(g, np.float64), qa, optimize=True)
 
 
@@ -66,8 +72,8 @@ def rotate(g: np.ndarray, qa: np.ndarray, qs: np.ndarray) -> np.ndarray:
 class KfacLayer:
     """One layer's stored preconditioner: eigenbases, Λ (K-FAC or EK-FAC) and the damping λ."""
 
-    qa: np.ndarray  # [in, in]
-    qs: np.ndarray  # [out, out]
+    qa: np.ndarray | None  # [in, in]; None: the parameter basis (adam)
+    qs: np.ndarray | None  # [out, out]
     eig: np.ndarray  # Λ [out, in]
     lam: float
 
@@ -75,6 +81,8 @@ class KfacLayer:
         """``(P G, vec(G)ᵀ P vec(G))`` for ``g [..., out, in]``: rotate, divide by Λ + λ, rotate back."""
         gr = rotate(g, self.qa, self.qs)
         h = gr / (self.eig + self.lam)
+        if self.qa is None or self.qs is None:
+            return h, (gr * h).sum(axis=(-2, -1))
         pg = np.einsum("so,...oj,ij->...si", self.qs, h, self.qa, optimize=True)
         return pg, (gr * h).sum(axis=(-2, -1))
 
@@ -125,6 +133,8 @@ def _checked(where: IndexDir, man: Manifest, store: FeatureStore, kind: str):
         pre = []
         for k, l in enumerate(layers):
             want = {"qa": (l.in_dim, l.in_dim), "qs": (l.out_dim, l.out_dim), "eig": (l.out_dim, l.in_dim)}
+            if kind == "adam":  # the parameter basis: no eigenbases stored
+                want = {"eig": want["eig"]}
             arrs = {n: np.asarray(z[f"{n}_{k}"]) for n in want if f"{n}_{k}" in z}
             bad = [n for n in want if n not in arrs or arrs[n].shape != want[n]]
             if bad:
@@ -133,7 +143,7 @@ def _checked(where: IndexDir, man: Manifest, store: FeatureStore, kind: str):
                     f"{l.name}'s {', '.join(bad)} missing or of the wrong shape; remake it with {remake}"
                 )
                 continue
-            pre.append(KfacLayer(arrs["qa"], arrs["qs"], arrs["eig"], ck.lams[k]))
+            pre.append(KfacLayer(arrs.get("qa"), arrs.get("qs"), arrs["eig"], ck.lams[k]))
         if lev.shape != (store.n,):
             out.append(
                 f"{NAMES[kind]} preconditioner of checkpoint {c} ({where.describe(ck.leverage.path)}): shape "
@@ -167,9 +177,13 @@ def describe(man: Manifest, kind: str, checkpoints: list[int]) -> list[str]:
     """The approximations an answer with this preconditioner lists."""
     rec = man.curvature[kind]
     lams = "; ".join(f"c{c}: " + ", ".join(f"{v:.3g}" for v in rec.checkpoints[c].lams) for c in checkpoints)
-    what = "Λ = e_S e_Aᵀ" if kind == "kfac" else "Λ fitted to the rotated training gradients"
+    what = {
+        "kfac": "kronfluence's; Λ = e_S e_Aᵀ",
+        "ekfac": "kronfluence's; Λ fitted to the rotated training gradients",
+        "adam": "diagonal; Λ = the checkpoint's Adam second moments v̂",
+    }[kind]
     out = [
-        f"{NAMES[kind]} preconditioner per layer (kronfluence's; {what}; α={rec.alpha:g}, λ_l = α·mean Λ_l: {lams}) "
+        f"{NAMES[kind]} preconditioner per layer ({what}; α={rec.alpha:g}, λ_l = α·mean Λ_l: {lams}) "
         "applied to the query's exact gradient"
     ]
     return out

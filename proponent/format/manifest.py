@@ -247,7 +247,7 @@ class CurvatureRecord(_Record):
     """K-FAC / EK-FAC (kronfluence's) per layer and checkpoint, made from the index's models, inputs and draws by
     ``proponent precondition --kind kfac|ekfac``; queries use it with ``precondition=kfac|ekfac``."""
 
-    kind: Literal["kfac", "ekfac"]
+    kind: Literal["kfac", "ekfac", "adam"]
     alpha: float
     layers: list[str]
     seconds: float

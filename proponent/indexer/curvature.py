@@ -1,5 +1,5 @@
-"""``proponent precondition --kind kfac|ekfac``: the passes over the training set that make a K-FAC / EK-FAC
-preconditioner (:mod:`proponent.format.curvature` describes it and stores it; :mod:`proponent.model.curvature`
+"""``proponent precondition --kind kfac|ekfac|adam``: the passes over the training set that make a K-FAC / EK-FAC
+(or Adam) preconditioner (:mod:`proponent.format.curvature` describes it and stores it; :mod:`proponent.model.curvature`
 captures the layers' ``(a, δ)``)."""
 
 from __future__ import annotations
@@ -25,11 +25,58 @@ from proponent.format.fsio import IndexDir, sha256_bytes
 from proponent.format.manifest import CurvatureCheckpoint, CurvatureRecord, FileRecord, Manifest, write_manifest
 from proponent.format.precond import PRECOND_DIR, PreconditionError, features_fingerprint, npy
 from proponent.format.store import FeatureStore, ckpt_group
+from proponent.model.checkpoints import OPTIMIZER_KEYS, CheckpointError, adam_second_moments, read_checkpoint
 from proponent.model.curvature import FactorSums, LayerGradients, double_model
 from proponent.model.objectives import NOISE_INDEX, draw_noise, objective_at
 from proponent.model.runtime import ModelRuntime
 
 _BATCH = 64
+
+
+def adam_eigenvalues(where: IndexDir, man: Manifest, c: int, model, layers) -> list[np.ndarray]:
+    """Adam's bias-corrected second moments of each layer's weight and bias at checkpoint c, laid out as the layer's
+    ``G [out, in]`` (bias column last), from the optimizer state inside the index's copy of the checkpoint file;
+    :class:`PreconditionError` when it carries none (or not an Adam one)."""
+    ck = man.checkpoints[c]
+    name = f"checkpoint {c} ({ck.name or ck.path}, stored as {where.describe(ck.path)})"
+    try:
+        v = adam_second_moments(read_checkpoint(where.read_bytes(ck.path), name), model, name)
+    except CheckpointError as e:
+        raise PreconditionError(str(e)) from None
+    if v is None:
+        raise PreconditionError(
+            f"{name}: the checkpoint carries no optimizer state (looked for {', '.join(OPTIMIZER_KEYS)}), so there "
+            "are no Adam second moments to precondition with; save the optimizer's state_dict in the checkpoints "
+            "(proponent train does) or use --kind kfac|ekfac"
+        )
+    out = []
+    for lay in layers:
+        if lay.bias_dim:
+            raise PreconditionError(f"layer {lay.name}: a separate bias block ({lay.kind}) is not covered by adam")
+        w = v[lay.params[0]].reshape(lay.out_dim, -1)
+        if len(lay.params) > 1:
+            w = torch.cat([w, v[lay.params[1]].reshape(lay.out_dim, 1)], dim=1)
+        out.append(w.numpy().astype(np.float64))
+    return out
+
+
+def _kronecker(kind: str, cap, passes, n: int, alpha: float) -> list[KfacLayer]:
+    """K-FAC / EK-FAC: the factor pass, the eigenbases and Λ (EK-FAC: one more pass to refit it)."""
+    sums = FactorSums.empty(cap.shapes)
+    passes(lambda lo, hi, got, sums=sums: sums.add(got))
+    bases = [eigenbases(a, s) for a, s in sums.factors()]
+    if kind == "kfac":
+        eigs = [kfac_eigenvalues(ea, es) for ea, _, es, _ in bases]
+    else:
+        acc = [np.zeros(shape) for shape in cap.shapes]
+
+        def fit(lo: int, hi: int, got, acc=acc) -> None:
+            for k, g in enumerate(cap.gradients(got, hi - lo, cap.shapes)):
+                acc[k] += (rotate(g, bases[k][1], bases[k][3]) ** 2).sum(0)
+
+        passes(fit)
+        eigs = [a / n for a in acc]
+    return [KfacLayer(qa, qs, e, alpha * float(e.mean())) for (_, qa, _, qs), e in zip(bases, eigs, strict=True)]
 
 
 def compute(
@@ -42,7 +89,7 @@ def compute(
     batch: int = _BATCH,
     log: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Make and store the ``kind`` (kfac | ekfac) preconditioner of every checkpoint; returns the manifest."""
+    """Make and store the ``kind`` (kfac | ekfac | adam) preconditioner of every checkpoint; returns the manifest."""
     if kind not in KINDS:
         raise PreconditionError(f"unknown preconditioner kind {kind!r}; choose from gram, {', '.join(KINDS)}")
     if not man.complete:
@@ -71,21 +118,11 @@ def compute(
                 eps = draw_noise(NOISE_INDEX, man.objective.seed, c, ids[lo:hi], man.objective.m, noise_shape)
                 fn(lo, hi, cap.capture(x, y, eps))
 
-        sums = FactorSums.empty(cap.shapes)
-        passes(lambda lo, hi, got, sums=sums: sums.add(got))
-        bases = [eigenbases(a, s) for a, s in sums.factors()]
-        if kind == "kfac":
-            eigs = [kfac_eigenvalues(ea, es) for ea, _, es, _ in bases]
+        if kind == "adam":  # the checkpoint's own second moments, in the parameter basis: no factor pass
+            eigs = adam_eigenvalues(where, man, c, rt.model(c), layers)
+            pre = [KfacLayer(None, None, e, alpha * float(e.mean())) for e in eigs]
         else:
-            acc = [np.zeros(shape) for shape in cap.shapes]
-
-            def fit(lo: int, hi: int, got, acc=acc, bases=bases, cap=cap) -> None:
-                for k, g in enumerate(cap.gradients(got, hi - lo, cap.shapes)):
-                    acc[k] += (rotate(g, bases[k][1], bases[k][3]) ** 2).sum(0)
-
-            passes(fit)
-            eigs = [a / store.n for a in acc]
-        pre = [KfacLayer(qa, qs, e, alpha * float(e.mean())) for (_, qa, _, qs), e in zip(bases, eigs, strict=True)]
+            pre = _kronecker(kind, cap, passes, store.n, alpha)
         leverage = np.zeros(store.n)
         sq = np.zeros(store.n)
 
@@ -105,7 +142,9 @@ def compute(
         buf = io.BytesIO()
         arrays = {}
         for k, p in enumerate(pre):
-            arrays.update({f"qa_{k}": p.qa, f"qs_{k}": p.qs, f"eig_{k}": p.eig})
+            arrays[f"eig_{k}"] = p.eig
+            if p.qa is not None and p.qs is not None:  # adam: the parameter basis, nothing to store
+                arrays.update({f"qa_{k}": p.qa, f"qs_{k}": p.qs})
         np.savez(buf, allow_pickle=False, **arrays)
         files = {}
         for name, data in (("factors", buf.getvalue()), ("leverage", npy(leverage))):

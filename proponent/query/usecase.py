@@ -99,10 +99,10 @@ def _curvature_query(
     if not index.manifest.projection.is_exact:
         raise QueryError(
             f"precondition={params.precondition}: this index is sketched (projection "
-            f"{index.manifest.projection.kind}), and a K-FAC-preconditioned query mapped through a sketch is "
-            "worse than none (measured LDS 0.14 against 0.36 unpreconditioned on digits); index with "
-            "--projection none for K-FAC answers, or use precondition=none|gram here (the kfac/ekfac leverage of "
-            "self-influence jobs is exact on any index)"
+            f"{index.manifest.projection.kind}), and a query preconditioned per layer and mapped through a sketch "
+            "is worse than none (K-FAC: measured LDS 0.14 against 0.36 unpreconditioned on digits); index with "
+            f"--projection none for {params.precondition} answers, or use precondition=none|gram here (the "
+            f"{params.precondition} leverage of self-influence jobs is exact on any index)"
         )
 
     try:

@@ -12,6 +12,7 @@ REST API, the client and the CLI give one answer.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import shutil
 from pathlib import Path
@@ -67,6 +68,7 @@ def exact_index(run, tmp_path_factory) -> Path:
     )
     _precondition(out, "kfac")
     _precondition(out, "ekfac")
+    _precondition(out, "adam")
     return out
 
 
@@ -135,10 +137,13 @@ def _dense_p(idx, c: int, kind: str) -> tuple[list[np.ndarray], list[np.ndarray]
     g, acts = _per_sample(idx, c, store.inputs(slice(0, idx.n)), eps, idx.meta.labels, rt.objective)
     np.testing.assert_allclose(sum((gl**2).sum((1, 2)) for gl in g), store.sq_norm(c), rtol=1e-4)
     out_p, out_g = [], []
-    for gl, (a, d) in zip(g, acts):
+    for name, gl, (a, d) in zip([lay.name for lay in man.projection.layers], g, acts):
         A, S = a.T @ a / len(a), d.T @ d / len(d)
         flat = gl.reshape(len(gl), -1)
-        if kind == "kfac":
+        if kind == "adam":
+            v = _adam_v(idx, c, name)
+            P = np.diag(1.0 / (v + ALPHA * v.mean()))
+        elif kind == "kfac":
             K = np.kron(S, A)
             lam = ALPHA * np.trace(K) / len(K)
             P = np.linalg.inv(K + lam * np.eye(len(K)))
@@ -151,6 +156,23 @@ def _dense_p(idx, c: int, kind: str) -> tuple[list[np.ndarray], list[np.ndarray]
         out_p.append(P)
         out_g.append(flat)
     return out_p, out_g
+
+
+def _adam_v(idx, c: int, layer: str) -> np.ndarray:
+    """Adam's bias-corrected v̂ of one layer's ``[W.flatten(1) | b]``, read straight from the index's copy of the
+    checkpoint file (the optimizer's state indexed in the model's parameter order)."""
+    data = idx.runtime.where.read_bytes(idx.manifest.checkpoints[c].path)
+    raw = torch.load(io.BytesIO(data), weights_only=True)
+    opt = raw["optimizer"]
+    order = {n: i for i, (n, _) in enumerate(idx.runtime.model(c).named_parameters())}
+    beta2 = opt["param_groups"][0]["betas"][1]
+
+    def v(name: str) -> torch.Tensor:
+        st = opt["state"][order[name]]
+        return st["exp_avg_sq"].double() / (1 - beta2 ** float(st["step"]))
+
+    w, b = v(f"{layer}.weight"), v(f"{layer}.bias")
+    return torch.cat([w.flatten(1), b[:, None]], dim=1).reshape(-1).numpy()
 
 
 def _query_grads(idx, c: int, x: np.ndarray, seed: int) -> list[np.ndarray]:
@@ -180,7 +202,7 @@ def _reference(idx, kind: str, x: np.ndarray, seed: int) -> tuple[dict[str, np.n
 # ----------------------------------------------------------------------------------------------- the tests
 
 
-@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "adam"])
 def test_exact_gradients_equal_a_dense_brute_force(exact_index, kind, tmp_path) -> None:
     idx = open_index(exact_index, device="cpu")
     assert idx.manifest.projection.is_exact and idx.manifest.storage.dtype == "float32"
@@ -190,7 +212,7 @@ def test_exact_gradients_equal_a_dense_brute_force(exact_index, kind, tmp_path) 
     job = SelfInfluenceJob(idx, SelfInfluenceParams(precondition=kind), tmp_path / "state").run()
     assert job is not None
     np.testing.assert_allclose(job, want_lev, rtol=1e-6)
-    name = {"kfac": "K-FAC", "ekfac": "EK-FAC"}[kind]
+    name = {"kfac": "K-FAC", "ekfac": "EK-FAC", "adam": "Adam"}[kind]
     for scoring, ref in want.items():
         got = idx.scores(x, seed=4, scoring=scoring, precondition=kind)
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
@@ -291,6 +313,20 @@ def test_a_sketched_index_refuses_kfac_queries_and_keeps_the_leverage(sketch_ind
     # P q lives mostly in low-curvature directions, so the sketch's cross terms with the rows' high-curvature
     # parts dominate (digits' default layout: 3.6, benchmarks/results/precondition_kfac_digits.txt)
     assert 0.5 < max(errs) < 8, errs
+
+
+def test_adam_needs_the_checkpoints_adam_state(tmp_path, capsys) -> None:
+    """An index whose checkpoints carry no Adam state (SGD here) refuses `--kind adam` by name, and stays as it was."""
+    data = load_dataset("digits,limit=24")
+    cfg = ModelConfig(kind="mlp", input_shape=data.shape, hidden=(4,), latent_dim=2)
+    tc = TrainConfig(epochs=1, batch_size=12, checkpoints=1, seed=2, optimizer="sgd")
+    out = _build(train(data, cfg, tmp_path / "run", tc, show_progress=False), tmp_path / "idx")
+    before = (out / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert cli_main(["precondition", "--index", str(out), "--kind", "adam"]) != 0
+    err = capsys.readouterr().err
+    assert "not an Adam state" in err and "ckpt_000" in err, err
+    assert (out / "manifest.json").read_bytes() == before
 
 
 def test_refusals_are_named(exact_index, sketch_index, tmp_path, capsys) -> None:

@@ -67,10 +67,10 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
         # gram, kfac, ekfac only with a stored preconditioner (`proponent precondition [--kind]`)
         "preconditions": ["none"]
         + (["gram"] if man.precondition is not None else [])
-        + [k for k in ("kfac", "ekfac") if k in man.curvature and man.projection.is_exact],
+        + [k for k in ("kfac", "ekfac", "adam") if k in man.curvature and man.projection.is_exact],
         "self_influence_preconditions": ["none"]
         + (["gram"] if man.precondition is not None else [])
-        + [k for k in ("kfac", "ekfac") if k in man.curvature],
+        + [k for k in ("kfac", "ekfac", "adam") if k in man.curvature],
         "max_k": max_k,
     }
 
