@@ -220,7 +220,7 @@ def served_rows(n: int, d: int, c: int, reps: int, bw: float, work: Path, modes:
     return out
 
 
-def batch_rows(n: int, d: int, c: int, batch: int, work: Path) -> list[str]:
+def batch_rows(n: int, d: int, c: int, batch: int, work: Path, reps: int = 3) -> list[str]:
     from proponent.api.schemas import InfluenceParams
     from proponent.query.index import open_index
     from proponent.query.usecase import answer, answer_batch
@@ -231,12 +231,16 @@ def batch_rows(n: int, d: int, c: int, batch: int, work: Path) -> list[str]:
     xs = rng.uniform(0, 1, (batch, *idx.shape)).astype(np.float32)
     params = InfluenceParams(k=10, direction="both", scoring="raw", uncertainty=False)
     answer(idx, params, x=xs[0])  # warm-up
-    t0 = time.perf_counter()
-    single = [answer(idx, params, x=x) for x in xs]
-    t_single = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    many = answer_batch(idx, params, xs=list(xs))
-    t_batch = time.perf_counter() - t0
+    # alternating runs, medians: one-shot timings of either side swing 2x on a shared machine
+    singles, batches = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        single = [answer(idx, params, x=x) for x in xs]
+        singles.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        many = answer_batch(idx, params, xs=list(xs))
+        batches.append(time.perf_counter() - t0)
+    t_single, t_batch = statistics.median(singles), statistics.median(batches)
     for a, b in zip(single, many, strict=True):  # equal up to the float32 rounding of the batched featurization
         assert a.ids("proponents") == b.ids("proponents") and a.ids("opponents") == b.ids("opponents")
         np.testing.assert_allclose(a.scores("opponents"), b.scores("opponents"), rtol=1e-5)
@@ -244,7 +248,8 @@ def batch_rows(n: int, d: int, c: int, batch: int, work: Path) -> list[str]:
     return [
         f"{n:>8} {f'{batch} single queries':<28} {t_single * 1e3:>9.1f} {batch / t_single:>8.1f} q/s"
         f"  (featurize p50 {feat:.1f} ms, search p50 {statistics.median(r.timings.search_ms for r in single):.1f} ms)",
-        f"{n:>8} {f'1 batch of {batch}':<28} {t_batch * 1e3:>9.1f} {batch / t_batch:>8.1f} q/s"
+        f"{n:>8} {f'1 batch of {batch} (median of {len(batches)})':<28} {t_batch * 1e3:>9.1f}"
+        f" {batch / t_batch:>8.1f} q/s"
         f"  {t_single / t_batch:>5.2f}x the single queries' throughput (search {many[0].timings.search_ms:.0f} ms,"
         f" featurize {sum(r.timings.featurize_ms for r in many):.0f} ms)",
     ]
@@ -288,7 +293,7 @@ def main() -> None:
             for line in served_rows(n, d, a.checkpoints, a.reps, bw, work, modes):
                 print(line, flush=True)
             if a.batch and not a.stream_only:
-                for line in batch_rows(n, d, a.checkpoints, a.batch, work):
+                for line in batch_rows(n, d, a.checkpoints, a.batch, work, a.reps):
                     print(line, flush=True)
         bw2 = memory_bandwidth(a.stream_mib, a.reps)
         print(f"{n:>8} {'memory read again (floor)':<28} {'':>9} {bw2 / 1e9:>8.2f}", flush=True)

@@ -276,21 +276,32 @@ def scan_batch(
             t_rescore += time.perf_counter() - t1
     t_scan = time.perf_counter() - t0 - t_rescore
     strategy = f"scan/{served.mode}/{kind}" + (f"/batch[{nq}]" if nq > 1 else "")
+    # every query's k-th best lower bound per direction at once (torch.topk over [Q, n], multi-threaded: the same
+    # value as np.partition's, it only selects), and the rows whose upper bound reaches it
+    t1 = time.perf_counter()
+    thresholds, reach = {}, {}
+    for d in directions:
+        sign = 1.0 if d == "proponents" else -1.0
+        with torch.no_grad():
+            lower = torch.from_numpy(sign * approx - bound)
+            thresholds[d] = torch.topk(lower, k, dim=1, sorted=False).values.amin(dim=1).numpy()
+        if not streaming:
+            reach[d] = sign * approx + bound >= thresholds[d][:, None]
+    t_rescore += time.perf_counter() - t1
     answers = []
     for i, sq in enumerate(sqs):
         out = {}
         for d in directions:
             sign = 1.0 if d == "proponents" else -1.0
             t1 = time.perf_counter()
-            lower = sign * approx[i] - bound[i]
-            threshold = float(np.partition(lower, n - k)[n - k])
+            threshold = float(thresholds[d][i])
             if streaming:
                 rows = np.concatenate(pool_rows[i][d]) if pool_rows[i][d] else np.empty(0, np.int64)
                 terms = np.concatenate(pool_terms[i][d]) if pool_terms[i][d] else np.zeros((0, len(cks)))
                 mask = sign * approx[i][rows] + bound[i][rows] >= threshold
                 rows, terms = rows[mask], terms[mask]
             else:
-                rows = np.flatnonzero(sign * approx[i] + bound[i] >= threshold)
+                rows = np.flatnonzero(reach[d][i])
                 terms = sign * exact_contributions(served, sq, rows)
             total = terms.sum(axis=1)
             top = _top(total, rows, k)
