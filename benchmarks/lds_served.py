@@ -4,7 +4,9 @@ Runs on the cache of ``benchmarks/lds.py`` (same ``--workdir``, same settings) a
 (``--index``, e.g. ``default``: the default sketched int8 layout). For every entry of ``--preconditioners``
 (``none``, or ``KIND:ALPHA`` with KIND one of ``proponent precondition --kind``), the preconditioner is
 built on the index by the CLI (``proponent precondition --index … --kind KIND --alpha ALPHA``, replacing the
-one stored before), and every held-out query's full score vector comes from
+one stored before); for ``whiten-KIND:ALPHA`` (KIND ``kfac`` | ``adam``) the CLI builds a whitened index of the
+same layout (``proponent index --whiten KIND --whiten-alpha ALPHA``, kept beside it as
+``<index>-whiten-KIND-ALPHA``) and queries it plainly; and every held-out query's full score vector comes from
 :meth:`proponent.query.index.InfluenceIndex.scores` (``precondition=KIND``, each ``--scorings``, query seed
 0): what ``GET /v1/scores`` and ``proponent scores`` return. Each row: the mean LDS with its 95 % bootstrap
 interval and the paired difference against the first row (the same queries). The build time and the
@@ -14,6 +16,7 @@ Measures on the sketched layout what ``benchmarks/lds_kfac.py`` / ``lds_precondi
 gradients: the two together say what the sketch costs the preconditioned answers.
 
     python benchmarks/lds_served.py --workdir runs/lds --index default --preconditioners none,kfac:0.01,ekfac:0.01
+    python benchmarks/lds_served.py --workdir runs/lds --index default --preconditioners none,whiten-kfac:0.1
 """
 
 from __future__ import annotations
@@ -36,6 +39,31 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def build_whitened(wd: Path, base: Path, kind: str, alpha: str, threads: int, log) -> Path:
+    """``proponent index --whiten KIND`` of the cache's full model with the base index's layout (cached: built
+    once). ``adam`` needs checkpoints with optimizer state: the cache's ``full-adam/run`` (``lds_adam.py
+    --retrain-state`` makes it; the same weights as ``full/run``)."""
+    from proponent.format.fsio import index_dir
+    from proponent.format.manifest import read_manifest
+
+    man = read_manifest(index_dir(base))
+    out = wd / "index" / f"{base.name}-whiten-{kind}-{alpha or 'default'}"
+    if (out / "timings.json").exists():
+        return out
+    run = wd / ("full-adam" if kind == "adam" else "full") / "run"
+    proj = man.projection
+    cmd = [sys.executable, "-m", "proponent", "index", "--run", str(run), "--out", str(out), "--overwrite"]
+    cmd += ["--m", str(man.objective.m), "--seed", str(man.objective.seed), "--projection", proj.kind]
+    cmd += ["--dtype", man.storage.dtype, "--layers", proj.selection, "--whiten", kind, "--quiet"]
+    cmd += ["--threads", str(threads)] + (["--whiten-alpha", alpha] if alpha else [])
+    if proj.kind == "tensor":
+        cmd += ["--proj-dim", str(proj.stage1_dim), "--proj-seed", str(proj.seed)]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    log(f"whitened index {out.name}: built in {time.perf_counter() - t:.0f}s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cache_arguments(ap, index="default")
@@ -53,13 +81,19 @@ def main() -> None:
     costs: dict[str, dict[str, float]] = {}
     for entry in [e for e in a.preconditioners.split(",") if e]:
         kind, _, alpha = entry.partition(":")
-        if kind != "none":
+        served = where
+        if kind.startswith("whiten-"):  # a whitened index of the same layout, built by the CLI, queried plainly
+            served = build_whitened(wd, where, kind.removeprefix("whiten-"), alpha, a.threads, log)
+            costs[entry] = json.loads((served / "timings.json").read_text())
+            costs[entry] = {"build_s": costs[entry]["seconds"], "bytes": dir_bytes(served / "whiten")}
+            kind = "none"
+        elif kind != "none":
             t = time.perf_counter()
             cmd = [sys.executable, "-m", "proponent", "precondition", "--index", str(where), "--kind", kind]
             subprocess.run(cmd + (["--alpha", alpha] if alpha else []), check=True, stdout=subprocess.DEVNULL)
             costs[entry] = {"build_s": time.perf_counter() - t, "bytes": dir_bytes(where / "precond")}
             log(f"{entry}: built in {costs[entry]['build_s']:.1f}s, {costs[entry]['bytes'] / 1e6:.1f} MB")
-        idx = open_index(where, device="cpu")
+        idx = open_index(served, device="cpu")
 
         def scorer(index, x, scoring, convention, checkpoints, kind=kind):
             kw = {} if kind == "none" else {"precondition": kind}

@@ -244,6 +244,12 @@ class IndexInfo(_Model):
         "proponents/opponents and the relative score error of the stored features against exact gradients, "
         "the bar, and a warning when below it (null: an index built before the check existed)",
     )
+    whiten: dict[str, Any] | None = Field(
+        None,
+        description="index-time whitening (proponent index --whiten): kind (kfac | adam), alpha and each checkpoint's "
+        "per-layer dampings; stored features are L G Rᵀ per layer, so every score is a preconditioned inner product "
+        "(null: the plain gradients)",
+    )
     scorings: list[str] = Field(default_factory=lambda: list(SCORINGS))
     preconditions: list[str] = Field(
         default_factory=lambda: ["none"],

@@ -276,6 +276,8 @@ def _cmd_index(a: argparse.Namespace) -> int:
         device=a.device,
         shard=a.shard,
         assumed_metadata=tuple(assumed),
+        whiten=a.whiten,
+        whiten_alpha=a.whiten_alpha,
     )
     t0 = time.perf_counter()
     where = index_dir(a.out)
@@ -406,6 +408,8 @@ def register(sub: Any) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
+    from proponent.format.whiten import DEFAULT_ALPHA as WHITEN_ALPHA  # lazy: CLI start-up
+    from proponent.format.whiten import KINDS as WHITEN_KINDS  # lazy: CLI start-up
     from proponent.indexer.job import DEFAULT_DTYPE  # lazy: CLI start-up
     from proponent.model.projection import ProjectionSpec
 
@@ -474,6 +478,20 @@ def register(sub: Any) -> None:
     f.add_argument("--sketch-dim", type=int, default=defaults.sketch_dim, help="dimension after the sketch")
     f.add_argument("--layers", default="all", help="all | encoder | decoder | last:K | module prefixes")
     f.add_argument("--dtype", choices=["int8", "float16", "float32"], default=DEFAULT_DTYPE, help="stored precision")
+    f.add_argument(
+        "--whiten",
+        choices=["none", *WHITEN_KINDS],
+        default="none",
+        help='store every layer\'s gradient whitened, L G Rᵀ, before the sketch (README "Whitened indexes"): kfac = '
+        "K-FAC with factored damping (one more pass over the training set per checkpoint), adam = the checkpoints' "
+        "Adam second moments, Adafactor-factored; scores are then preconditioned inner products (default none)",
+    )
+    f.add_argument(
+        "--whiten-alpha",
+        type=float,
+        default=WHITEN_ALPHA,
+        help=f"damping of each factor: λ = α x its mean eigenvalue (default {WHITEN_ALPHA:g})",
+    )
     i.add_argument("--featurizer", choices=["kron", "dense"], default="kron")
     i.add_argument("--index-kind", default="none", help=f"optional FAISS index for approximate search: {KINDS}")
     i.add_argument("--batch-size", type=int, help="featurization batch (default: from available memory)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from . import curvature, precond
+from . import curvature, precond, whiten
 from .fsio import IndexDir, index_dir
 from .manifest import FileRecord, Manifest, ManifestError, PluginRecord, read_manifest
 from .store import STORE_DIR, FeatureStore, StoreError, ckpt_group
@@ -131,6 +131,7 @@ def verify_contents(
     if preconditioner and not problems:  # its fingerprint reads the features' chunks: only of a sound store
         problems.extend(precond.problems(where, man, store))
         problems.extend(curvature.problems(where, man, store))
+    problems.extend(whiten.problems(where, man))
     return problems
 
 

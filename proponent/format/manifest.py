@@ -254,6 +254,24 @@ class CurvatureRecord(_Record):
     checkpoints: list[CurvatureCheckpoint]
 
 
+class WhitenCheckpoint(_Record):
+    """One checkpoint's index-time whitening (:mod:`proponent.format.whiten`)."""
+
+    lams_out: list[float]  # damping of the output-side factor per layer (K-FAC: λ_S = α · mean eig S)
+    lams_in: list[float]  # damping of the input-side factor per layer (K-FAC: λ_A = α · mean eig A)
+    factors: FileRecord  # npz: left_<l> [out, out], right_<l> [in, in] (float64) per layer
+
+
+class WhitenRecord(_Record):
+    """``proponent index --whiten kfac|adam``: every layer's gradient G stored as ``L G Rᵀ`` (then sketched), so
+    the plain inner product of stored features is a preconditioned one (:mod:`proponent.format.whiten`)."""
+
+    kind: Literal["kfac", "adam"]
+    alpha: float
+    layers: list[str]
+    checkpoints: list[WhitenCheckpoint] = Field(default_factory=list)
+
+
 class Manifest(_Record):
     format: Literal["proponent-index"] = "proponent-index"
     version: int = MANIFEST_VERSION
@@ -278,6 +296,8 @@ class Manifest(_Record):
     precondition: PreconditionRecord | None = None
     # stored K-FAC / EK-FAC preconditioners by kind (empty: none made)
     curvature: dict[str, CurvatureRecord] = Field(default_factory=dict)
+    # index-time whitening of the stored gradients (None: the plain gradients)
+    whiten: WhitenRecord | None = None
     checksum: str = ""
 
     @property
@@ -310,6 +330,7 @@ class Manifest(_Record):
             "unit_rows": self.storage.unit_rows,
             "ann": self.ann.kind,
             "batch_size": self.batch_size,
+            "whiten": None if self.whiten is None else (self.whiten.kind, self.whiten.alpha),
         }
 
 
@@ -332,6 +353,8 @@ def write_manifest(where: IndexDir, manifest: Manifest) -> Manifest:
         body.pop("precondition", None)
     if not body.get("curvature"):
         body.pop("curvature", None)
+    if body.get("whiten") is None:
+        body.pop("whiten", None)
     body["checksum"] = sha256_bytes(_canonical(body))
     where.write_bytes(MANIFEST_FILE, _render(body))
     return manifest.model_copy(update={"checksum": body["checksum"]})

@@ -39,8 +39,13 @@ def adam_eigenvalues(where: IndexDir, man: Manifest, c: int, model, layers) -> l
     :class:`PreconditionError` when it carries none (or not an Adam one)."""
     ck = man.checkpoints[c]
     name = f"checkpoint {c} ({ck.name or ck.path}, stored as {where.describe(ck.path)})"
+    return adam_layer_moments(where.read_bytes(ck.path), name, model, layers)
+
+
+def adam_layer_moments(data: bytes, name: str, model, layers) -> list[np.ndarray]:
+    """Adam's ``v̂`` per layer as ``[out, in]`` (bias column last) from a checkpoint file's bytes ``data``."""
     try:
-        v = adam_second_moments(read_checkpoint(where.read_bytes(ck.path), name), model, name)
+        v = adam_second_moments(read_checkpoint(data, name), model, name)
     except CheckpointError as e:
         raise PreconditionError(str(e)) from None
     if v is None:
@@ -94,6 +99,11 @@ def compute(
         raise PreconditionError(f"unknown preconditioner kind {kind!r}; choose from gram, {', '.join(KINDS)}")
     if not man.complete:
         raise PreconditionError(f"{where}: index is incomplete (finish the index job first)")
+    if man.whiten is not None:
+        raise PreconditionError(
+            f"{where}: the index is whitened by {man.whiten.kind} at index time (its stored features are already "
+            "preconditioned); a query-time K-FAC / EK-FAC / Adam preconditioner applies to unwhitened indexes only"
+        )
     if not alpha > 0:
         raise PreconditionError(f"alpha must be > 0, got {alpha}")
     t0 = time.perf_counter()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from proponent.format import whiten as wfmt
 from proponent.format.manifest import FidelityCheck, FidelityRecord, Manifest
 from proponent.format.store import FeatureStore
 from proponent.model.featurizers import make_featurizer
@@ -160,7 +161,11 @@ def check_checkpoint(
     """The check at checkpoint ``c`` (``model`` holds its weights, parameters requiring grad), computing
     ``chunk`` exact gradients at a time."""
     layers = select_layers(discover_layers(model), man.projection.selection)
-    feat = make_featurizer(man.featurizer, model, objective, Projector(layers, ProjectionSpec(kind="none"), device))
+    exact_proj = Projector(layers, ProjectionSpec(kind="none"), device)
+    white = wfmt.load(store.where, man, c)
+    if white is not None:  # a whitened index stores L G Rᵀ: the exact answer is the whitened gradients'
+        exact_proj.set_whitening([(torch.from_numpy(l), torch.from_numpy(r)) for l, r in white])
+    feat = make_featurizer(man.featurizer, model, objective, exact_proj)
     ids = store.array("ids")
     labels = store.array("labels")
     noise_shape = objective.noise_shape(model)

@@ -38,6 +38,7 @@ import zarr
 from torch import nn
 
 from proponent.format import ann
+from proponent.format import whiten as wfmt
 from proponent.format.fsio import IndexDir, StorageError, index_dir, read_json, sha256_bytes
 from proponent.format.integrity import verify_index
 from proponent.format.manifest import (
@@ -53,6 +54,7 @@ from proponent.format.manifest import (
     ObjectiveRecord,
     ProjectionRecord,
     StorageRecord,
+    WhitenRecord,
     read_manifest,
     write_manifest,
 )
@@ -110,6 +112,8 @@ class IndexOptions:
     shard: tuple[int, int] | None = None  # (i, n): featurize only units u with u % n == i
     # weight-relevant metadata (lr / batch_size / steps) that was not known and is taken as 1 (--uniform-weights)
     assumed_metadata: tuple[str, ...] = ()
+    whiten: str = "none"  # none | kfac | adam: store L G Rᵀ per layer (proponent.format.whiten)
+    whiten_alpha: float = wfmt.DEFAULT_ALPHA
 
 
 def checkpoints_from_run(run_dir: str | Path) -> tuple[list[CheckpointSpec], dict[str, Any]]:
@@ -323,6 +327,13 @@ def plan(
         ann=AnnRecord(kind=ann.normalize_kind(opts.index_kind)),
         library_versions=library_versions(),
         assumed_metadata=sorted(opts.assumed_metadata),
+        whiten=None
+        if opts.whiten == "none"
+        else WhitenRecord(
+            kind=opts.whiten,  # type: ignore[arg-type]
+            alpha=float(opts.whiten_alpha),
+            layers=[b.info.name for b in projector.blocks],
+        ),
     )
 
 
@@ -408,14 +419,19 @@ def reconcile(where: IndexDir, man: Manifest, overwrite: bool, shard: tuple[int,
     return "new"
 
 
-def stage(where: IndexDir, man: Manifest, data: Dataset, cks: CheckpointSet, state: str) -> Manifest:
-    """Checkpoint copies, the manifest (incomplete), and the store skeleton with the training inputs."""
+def stage(
+    where: IndexDir, man: Manifest, data: Dataset, cks: CheckpointSet, state: str, files: dict[str, bytes] | None = None
+) -> Manifest:
+    """Checkpoint copies, ``files`` (the whitening factors a new index's manifest names), the manifest
+    (incomplete), and the store skeleton with the training inputs."""
     where.makedirs()
     for src, ck in zip(cks.sources, cks.specs, strict=True):
         if not where.is_file(ck.path) or where.sha256(ck.path) != ck.sha256:
             where.write_bytes(ck.path, Path(src).read_bytes())
     if state == "resume":
         return read_manifest(where)
+    for rel, data_bytes in (files or {}).items():  # before the manifest that names them
+        where.write_bytes(rel, data_bytes)
     man = write_manifest(where, man)
     # Built so that it appears whole (beside its name and renamed into place; on object storage in place,
     # committed by a marker written last): a kill during creation leaves no half-made store that a resume trusts.
@@ -452,6 +468,17 @@ class UnitWorker:
         self.objective = objective_from_record(self.man.objective, self.man.model)
         self._model: tuple[int, nn.Module] | None = None
         self._projector: Projector | None = None
+        self._whitened: int | None = None  # the checkpoint whose whitening the projector holds
+
+    def whitened_projector(self, c: int) -> Projector:
+        """The projector, with checkpoint ``c``'s whitening when the index is whitened (checked files)."""
+        proj = self.projector(self.model(c))
+        if self.man.whiten is not None and self._whitened != c:
+            mats = wfmt.load(self.where, self.man, c)
+            assert mats is not None
+            proj.set_whitening([(torch.from_numpy(l), torch.from_numpy(r)) for l, r in mats])
+            self._whitened = c
+        return proj
 
     def model(self, c: int) -> nn.Module:
         if self._model is None or self._model[0] != c:
@@ -473,7 +500,7 @@ class UnitWorker:
         """Featurize unit ``u`` of checkpoint ``c`` and write it (done flag last)."""
         man, store = self.man, self.store
         model = self.model(c)
-        feat = make_featurizer(man.featurizer, model, self.objective, self.projector(model))
+        feat = make_featurizer(man.featurizer, model, self.objective, self.whitened_projector(c))
         noise_shape = self.objective.noise_shape(model)
         lo, hi = store.unit_range(u)
         ids = store.array("ids")[lo:hi]
@@ -629,6 +656,8 @@ def build_index(
         if not (sn >= 1 and 0 <= si < sn):
             raise IndexJobError(f"shard must be i/n with 0 <= i < n, got {si}/{sn}")
     ann.parse_kind(opts.index_kind)
+    if opts.whiten not in ("none", *wfmt.KINDS):
+        raise IndexJobError(f"unknown whitening {opts.whiten!r}; choose from none, {', '.join(wfmt.KINDS)}")
     t0 = time.perf_counter()
     cks = read_checkpoints(checkpoints, model_config, model_record)
     model0 = cks.model0
@@ -696,11 +725,14 @@ def build_index(
     state = reconcile(where, man, overwrite, opts.shard)
     if state == "complete":
         return where.location
+    whiten_files: dict[str, bytes] = {}
+    if state == "new" and man.whiten is not None:
+        man, whiten_files = whitening(man, cks, objective, data, [b.info for b in projector.blocks], log)
     ck_bytes = sum(Path(p).stat().st_size for p in cks.sources)
     known_free = where.free_bytes() is not None  # object storage: unknown, the preflight skips
     already = sum(where.file_sizes(STORE_DIR).values()) if state != "new" and known_free else 0
     preflight(where, estimate_bytes(man, data, ck_bytes if state == "new" else 0), already)
-    stage(where, man, data, cks, state)
+    stage(where, man, data, cks, state, whiten_files)
     units = pending_units(where, opts.shard)
     if units:
         if engine is not None:
@@ -716,6 +748,32 @@ def build_index(
         problems = verify_index(where)
         log("verified: OK" if not problems else "verify: " + "; ".join(problems))
     return where.location
+
+
+def whitening(
+    man: Manifest,
+    cks: CheckpointSet,
+    objective: Objective,
+    data: Dataset,
+    layers: list,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Manifest, dict[str, bytes]]:
+    """The whitening factors of every checkpoint (:mod:`proponent.indexer.whiten`): the manifest naming them and
+    the files' bytes (written by :func:`stage`, before the manifest)."""
+    from proponent.indexer import whiten as wjob  # lazy: only whitened indexes make factors
+
+    assert man.whiten is not None
+    raws = [(Path(src).read_bytes(), f"checkpoint {c} ({src})") for c, src in enumerate(cks.sources)]
+    models = [model_from_checkpoint(cks.record, raw, name) for raw, name in raws]
+    try:
+        made = wjob.compute(
+            man.whiten.kind, man.whiten.alpha, models, raws, objective, layers, data, man.objective.seed, log
+        )
+    except wfmt.WhitenError as e:
+        raise IndexJobError(str(e)) from None
+    records = [wfmt.record(c, raw, lo, li) for c, (raw, lo, li) in enumerate(made)]
+    files = {rec.factors.path: raw for rec, (raw, _, _) in zip(records, made, strict=True)}
+    return man.model_copy(update={"whiten": man.whiten.model_copy(update={"checkpoints": records})}), files
 
 
 def _probe(model: nn.Module, objective: Objective, data: Dataset, n: int = 2):

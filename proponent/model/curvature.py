@@ -66,7 +66,9 @@ class LayerGradients:
     def __init__(self, model64: nn.Module, objective: Objective, layers: list[LayerInfo]):
         check_layers(layers)
         self.layers = layers
-        self.device = next(model64.parameters()).device
+        first = next(model64.parameters())
+        self.device = first.device
+        self.dtype = first.dtype  # float64 (exact gradients); whitening's factor pass runs the float32 model
         self.projector = Projector(layers, ProjectionSpec(kind="none"), self.device)
         self.feat = KroneckerFeaturizer(model64, objective, self.projector)
         self.shapes = [(info.out_dim, info.in_dim) for info in layers]
@@ -74,10 +76,10 @@ class LayerGradients:
     def capture(
         self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Per layer, per call: ``(a [b, T, in] with the bias column, δ [b, T, out])`` float64."""
+        """Per layer, per call: ``(a [b, T, in] with the bias column, δ [b, T, out])`` in the model's dtype."""
         b = x.shape[0]
-        x = x.to(self.device, torch.float64)
-        eps = eps.to(self.device, torch.float64)
+        x = x.to(self.device, self.dtype)
+        eps = eps.to(self.device, self.dtype)
         calls, deltas, _ = self.feat._capture(x, y.to(self.device), eps)
         out = []
         for i, lay in enumerate(self.feat.layers):
@@ -86,7 +88,7 @@ class LayerGradients:
                 a3, d3 = self.feat._factors(lay, a_call, d_call, b)
                 if lay.bias:
                     a3 = torch.cat([a3, torch.ones_like(a3[..., :1])], dim=2)
-                pairs.append((a3.double(), d3.double()))
+                pairs.append((a3.to(self.dtype), d3.to(self.dtype)))
             out.append(pairs)
         return out
 
@@ -123,8 +125,8 @@ class FactorSums:
             for a3, d3 in pairs:
                 a2 = a3.reshape(-1, a3.shape[-1])
                 d2 = d3.reshape(-1, d3.shape[-1])
-                self.aa[k] += (a2.T @ a2).cpu().numpy()
-                self.dd[k] += (d2.T @ d2).cpu().numpy()
+                self.aa[k] += (a2.T @ a2).double().cpu().numpy()  # a float32 batch's products, summed in float64
+                self.dd[k] += (d2.T @ d2).double().cpu().numpy()
                 self.rows[k] += a2.shape[0]
 
     def factors(self) -> list[tuple[np.ndarray, np.ndarray]]:

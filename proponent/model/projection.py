@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -169,10 +169,35 @@ class LayerBlock:
     k_bias: int = 0  # width of the separate bias block (convt2d), after the weight's k_out·k_in
     p_bias: torch.Tensor | None = None  # [bias_dim, k_bias]; None = identity
     tensor: Any = None  # a TensorSketch of vec(G) (layout "tensor": then k_in = its dim, k_out = 1)
+    # index-time whitening (``proponent index --whiten``): ``(L [out, out], R [in, in])``, G -> L G Rᵀ before the
+    # projection (the bias column included in R); None = none
+    whiten: tuple[torch.Tensor, torch.Tensor] | None = None
+    _whiten_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
         return self.k_in * self.k_out + self.k_bias
+
+    def whitening(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(L, R)`` in ``dtype`` on ``device`` (cached), None when the layer is not whitened."""
+        if self.whiten is None:
+            return None
+        key = (dtype, device)
+        if key not in self._whiten_cache:
+            left, right = self.whiten
+            self._whiten_cache[key] = (
+                left.to(device=device, dtype=dtype).contiguous(),
+                right.to(device=device, dtype=dtype).contiguous(),
+            )
+        return self._whiten_cache[key]
+
+    def whiten_matrix(self, g: torch.Tensor) -> torch.Tensor:
+        """``G [B, out, in] -> L G Rᵀ`` (unchanged when the layer is not whitened)."""
+        w = self.whitening(g.dtype, g.device)
+        if w is None:
+            return g
+        left, right = w
+        return torch.matmul(torch.matmul(left, g), right.T)
 
 
 class Projector:
@@ -251,6 +276,33 @@ class Projector:
             )
         self.dim = int(spec.sketch_dim or 0) if self.sketch is not None else offset
 
+    @property
+    def whitened(self) -> bool:
+        return any(b.whiten is not None for b in self.blocks)
+
+    def set_whitening(self, mats: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """Whiten every layer's gradient ``G -> L G Rᵀ`` before its projection (``mats``: one ``(L, R)`` per
+        block, float64; None removes it). Only nn.Linear / nn.Conv2d blocks (a bias column, no separate bias
+        block) can be whitened: their per-sample gradient stays a sum of rank-one ``(L δ)(R a)ᵀ``."""
+        if mats is None:
+            for b in self.blocks:
+                b.whiten = None
+                b._whiten_cache.clear()
+            return
+        if len(mats) != len(self.blocks):
+            raise ValueError(f"whitening has {len(mats)} layers, the projection {len(self.blocks)}")
+        for b, (left, right) in zip(self.blocks, mats, strict=True):
+            if b.info.kind not in ("linear", "conv2d"):
+                raise ValueError(f"layer {b.info.name} ({b.info.kind}): only nn.Linear / nn.Conv2d can be whitened")
+            want = ((b.info.out_dim, b.info.out_dim), (b.info.in_dim, b.info.in_dim))
+            if (tuple(left.shape), tuple(right.shape)) != want:
+                raise ValueError(
+                    f"layer {b.info.name}: whitening shapes {tuple(left.shape)}, {tuple(right.shape)}; expected "
+                    f"{want[0]}, {want[1]}"
+                )
+            b.whiten = (torch.as_tensor(left, dtype=torch.float64), torch.as_tensor(right, dtype=torch.float64))
+            b._whiten_cache.clear()
+
     def finish(self, stage1: torch.Tensor) -> torch.Tensor:
         """First-stage features ``[B, stage1_dim]`` -> stored features ``[B, dim]``."""
         if self.sketch is None:
@@ -297,7 +349,7 @@ class Projector:
 
     def project_block(self, block: LayerBlock, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """One layer's feature block ``[B, block.dim]`` from materialised per-sample gradients."""
-        f = self.project_matrix(block, self.gradient_matrix(block, grads))
+        f = self.project_matrix(block, block.whiten_matrix(self.gradient_matrix(block, grads)))
         gb = self.bias_gradient(block, grads)
         if gb is None:
             return f

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from proponent import _moved
+from proponent.format import whiten as wfmt
 from proponent.format.fsio import IndexDir
 from proponent.format.manifest import Manifest, ModelRecord
 from proponent.model.architectures import ModelConfig, build_model
@@ -113,6 +114,12 @@ class ModelRuntime:
                         f"{name}: the projection rebuilt from the model (D={proj.dim}) differs from the manifest's "
                         f"(D={self.manifest.dim}); the model code or the checkpoint does not match the index"
                     )
+                try:
+                    white = wfmt.load(self.where, self.manifest, c)
+                except wfmt.WhitenError as e:
+                    raise ModelRuntimeError(str(e)) from None
+                if white is not None:  # queries are whitened as the stored rows were
+                    proj.set_whitening([(torch.from_numpy(l), torch.from_numpy(r)) for l, r in white])
                 self._projectors[c] = proj
             return self._models[c]
 

@@ -30,7 +30,7 @@ import torch
 
 from proponent import _moved
 from proponent.api.schemas import InfluenceParams, InfluenceResponse
-from proponent.format import ann, curvature, precond
+from proponent.format import ann, curvature, precond, whiten
 from proponent.format.fsio import IndexDir, index_dir
 from proponent.format.integrity import open_store, verify_contents, verify_index
 from proponent.format.manifest import CheckpointSpec, Manifest, ManifestError, read_manifest
@@ -125,13 +125,17 @@ class IndexMeta:
             out.extend(precond.describe(man.precondition, checkpoints))
         if precondition in man.curvature:
             out.extend(curvature.describe(man, precondition, checkpoints))
+        whitened = whiten.describe(man)
+        if whitened:
+            out.append(whitened)
+        before = len(out)
         if proj.kind == "tensor" and any(l.tensor or l.projected_in for l in proj.layers):
             out.append(f"random projection: a tensor sketch per layer (D={proj.stage1_dim})")
         elif any(l.projected_in or l.projected_out for l in proj.layers):
             out.append(f"random projection: kron k={proj.k} per side (D={proj.stage1_dim})")
         if proj.sketch is not None:
             out.append(f"random sketch: {proj.sketch.kind} {proj.sketch.in_dim} -> {proj.sketch.out_dim}")
-        if out:
+        if len(out) > before:  # the projection's lines
             out[-1] += ", an unbiased estimate of gradient inner products"
         if proj.selection != "all":
             out.append(f"layer subset: {proj.selection}")

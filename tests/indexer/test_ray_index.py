@@ -86,3 +86,25 @@ def test_killed_ray_worker_is_retried_and_the_index_is_byte_identical(
     assert verify_index(out) == [] and verify_index(out, deep=True) == []
     want, got = store_digests(ref), store_digests(out)
     assert len(got) > 20 and got == want
+
+
+def test_whitened_index_on_ray_equals_the_local_one(run_dir: Path, tmp_path: Path, ray_local: str) -> None:
+    """--whiten kfac on Ray: the driver makes and stores the factors, the workers read them; store and factor
+    files byte-identical to a local run."""
+    env = {**os.environ, "PROPONENT_CHUNK_ROWS": "64"}
+    extra = ("--whiten", "kfac", "--featurizer", "kron")
+    ref, out = tmp_path / "local", tmp_path / "ray"
+    subprocess.run(_index(run_dir, ref, *extra), check=True, env=env, cwd=REPO)
+    r = subprocess.run(
+        _index(run_dir, out, *extra, "--engine", "ray", "--ray-address", ray_local, "--workers", "2"),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert verify_index(out) == []
+    assert store_digests(out) == store_digests(ref)
+    files = sorted(p.name for p in (ref / "whiten").iterdir())
+    assert files and all((out / "whiten" / f).read_bytes() == (ref / "whiten" / f).read_bytes() for f in files)

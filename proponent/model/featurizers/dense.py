@@ -48,8 +48,13 @@ class DenseFeaturizer(Featurizer):
         x, y, eps = x.to(self.device), y.to(self.device), eps.to(self.device)
         grads, losses = self.per_sample_gradients(x, y, eps)
         sq = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
-        for g in grads.values():
-            sq += g.reshape(g.shape[0], -1).double().pow(2).sum(dim=1)
+        if self.projector.whitened:  # the norm of the whitened gradient, L G Rᵀ per layer
+            for blk in self.projector.blocks:
+                g = self.projector.gradient_matrix(blk, grads).double()
+                sq += blk.whiten_matrix(g).reshape(g.shape[0], -1).pow(2).sum(dim=1)
+        else:
+            for g in grads.values():
+                sq += g.reshape(g.shape[0], -1).double().pow(2).sum(dim=1)
         with torch.no_grad():
             feats = self.projector.project_gradients(grads)
         return FeatureBatch(feats.float(), sq, losses.detach().float())

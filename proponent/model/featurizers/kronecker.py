@@ -473,23 +473,34 @@ class KroneckerFeaturizer(Featurizer):
         if route == "factor" and len(ins) == 1:
             self._routes[lay.info.name] = "factor"
             a, d = self._factors(lay, ins[0], ds[0], b)
-            return self._factor_route(lay, a, d, group)
+            white = lay.block.whitening(d.dtype, d.device)
+            if white is None:
+                return self._factor_route(lay, a, d, group, lay.bias)
+            # whitened: every row's (δ, a) -> (L δ, R a); the bias column is mixed into R a, so it is no longer 1
+            left, right = white
+            if lay.bias:
+                a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+            return self._factor_route(lay, torch.matmul(a, right.T), torch.matmul(d, left.T), group, False)
         self._routes[lay.info.name] = "matrix"
         return self._matrix_route(lay, ins, ds, b, group)
 
     def _factor_route(
-        self, lay: _Layer, a: torch.Tensor, d: torch.Tensor, group: int = 1
+        self, lay: _Layer, a: torch.Tensor, d: torch.Tensor, group: int, bias: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``bias``: ``a`` lacks the layer's constant-1 bias column (False also when a whitened ``a`` holds it)."""
         p_w, p_b, p_out = lay.mats(a.dtype, a.device)
+        if lay.bias and not bias and p_w is not None:  # the bias column is one of a's columns: P_in whole
+            assert p_b is not None
+            p_w, p_b = torch.cat([p_w, p_b.unsqueeze(0)]), None
         b, t, _ = a.shape
         ts = lay.block.tensor
         if ts is not None:  # the tensor sketch of Σ_t δ_t a_tᵀ from the factors (the bias column included)
-            feat = ts.apply_factors(a, d, bias=lay.bias).to(a.dtype).reshape(b, 1, -1)
+            feat = ts.apply_factors(a, d, bias=bias).to(a.dtype).reshape(b, 1, -1)
         elif p_w is not None:
             ap = torch.matmul(a, p_w)
             if p_b is not None:
                 ap += p_b
-        elif lay.bias:
+        elif bias:
             ap = torch.cat([a, a.new_ones(b, t, 1)], dim=2)
         else:
             ap = a
@@ -497,15 +508,15 @@ class KroneckerFeaturizer(Featurizer):
             dp = torch.matmul(d, p_out) if p_out is not None else d
             feat = torch.bmm(dp.transpose(1, 2), ap)  # [b, k_out, k_in]
         if group > 1:  # a group's summed gradient: its rows' positions together
-            return feat, _gram_sq(a.reshape(b // group, group * t, -1), d.reshape(b // group, group * t, -1), lay.bias)
+            return feat, _gram_sq(a.reshape(b // group, group * t, -1), d.reshape(b // group, group * t, -1), bias)
         if t == 1:
             na = a.reshape(b, -1).square().sum(1)
-            if lay.bias:
+            if bias:
                 na += 1
             s = d.reshape(b, -1).square().sum(1) * na
         else:
             ga = torch.bmm(a, a.transpose(1, 2))
-            if lay.bias:
+            if bias:
                 ga += 1
             gd = torch.bmm(d, d.transpose(1, 2))
             s = (ga * gd).sum(dim=(1, 2))
@@ -583,6 +594,7 @@ class KroneckerFeaturizer(Featurizer):
                 gi = self._per_sample_matrix(lay, a_s, d_s, e - s)
                 g = gi if g is None else g + gi
             assert g is not None
+            g = blk.whiten_matrix(g)  # L G Rᵀ when the index is whitened
             sq[s // group : e // group] = _group_sum(g.reshape(e - s, -1), group).square().sum(1)
             if blk.tensor is not None:
                 feat[s:e] = blk.tensor.apply_matrix(g).to(feat.dtype).reshape(e - s, 1, -1)

@@ -55,6 +55,10 @@ def build_index_info(index: InfluenceIndex, max_k: int) -> dict[str, Any]:
         },
         "serving": index.features.describe(),
         "fidelity": None if man.fidelity is None else man.fidelity.model_dump() | {"warning": man.fidelity.warning()},
+        "whiten": None
+        if man.whiten is None
+        else man.whiten.model_dump(exclude={"checkpoints"})
+        | {"checkpoints": [ck.model_dump(exclude={"factors"}) for ck in man.whiten.checkpoints]},
         "dataset_spec": ds.spec,
         "dataset_fingerprint": ds.fingerprint,
         "dataset_sources": ds.sources,

@@ -1,0 +1,103 @@
+"""``proponent index --whiten kfac|adam``: the whitening factors of every checkpoint, made before featurizing.
+
+``kfac``: one pass over the training set per checkpoint (a float32 copy of the model, each batch's products summed
+in float64; the index's objective and its own draws ``NOISE_INDEX``: the rows the features are made from)
+accumulating each layer's ``A = E[a aᵀ]`` and ``S = E[δ δᵀ]`` (:class:`~proponent.model.curvature.LayerGradients`,
+the code ``proponent precondition --kind kfac`` uses), then ``L = (S + λ_S)^{-1/2}``, ``R = (A + λ_A)^{-1/2}``;
+``adam``: the checkpoint's optimizer state, no pass. :mod:`proponent.format.whiten` says why and how the index
+stores and checks them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from proponent.format import whiten as wfmt
+from proponent.format.precond import PreconditionError
+from proponent.indexer.curvature import adam_layer_moments
+from proponent.indexer.data import Dataset
+from proponent.model.curvature import CurvatureError, FactorSums, LayerGradients, check_layers, double_model
+from proponent.model.objectives import NOISE_INDEX, Objective, draw_noise, objective_at
+from proponent.model.projection import LayerInfo
+
+_BATCH = 64
+
+
+def layer_factor_sums(
+    model: nn.Module,
+    objective: Objective,
+    layers: list[LayerInfo],
+    data: Dataset,
+    seed: int,
+    c: int,
+    batch: int = _BATCH,
+) -> FactorSums:
+    """Checkpoint ``c``'s ``Σ a aᵀ``, ``Σ δ δᵀ`` per layer over every training row with the index's draws."""
+    # float32: the products of each batch in float32 (2-3x faster than float64 on the conv VAE's layers), their sums
+    # over batches in float64; a preconditioner, not a score: the float64 pass changes the factors by ~1e-6
+    model32 = double_model(model.cpu()).float()
+    cap = LayerGradients(model32, objective_at(objective, c), layers)
+    obj = cap.feat.objective
+    noise_shape = obj.noise_shape(model32)
+    sums = FactorSums.empty(cap.shapes)
+    n = len(data.x)
+    labels = np.clip(data.labels, 0, None) if data.labels is not None else np.zeros(n, np.int64)
+    for lo in range(0, n, batch):
+        hi = min(n, lo + batch)
+        eps = draw_noise(NOISE_INDEX, seed, c, data.ids[lo:hi], int(obj.m), noise_shape)
+        sums.add(cap.capture(torch.from_numpy(data.x[lo:hi]), torch.from_numpy(labels[lo:hi]), eps))
+    return sums
+
+
+def compute(
+    kind: str,
+    alpha: float,
+    models: list[nn.Module],
+    checkpoint_files: list[tuple[bytes, str]],
+    objective: Objective,
+    layers: list[LayerInfo],
+    data: Dataset,
+    seed: int,
+    log: Callable[[str], None] | None = None,
+) -> list[tuple[bytes, list[float], list[float]]]:
+    """Per checkpoint: the factors file's bytes and the dampings ``(lams_out, lams_in)`` per layer.
+
+    ``models[c]`` holds checkpoint c's weights, ``checkpoint_files[c]`` its file's bytes and name (``adam`` reads
+    the optimizer state from it). Raises :class:`~proponent.format.whiten.WhitenError` naming what cannot be
+    whitened (a layer other than nn.Linear / nn.Conv2d, a checkpoint without Adam state, a vanishing factor)."""
+    if kind not in wfmt.KINDS:
+        raise wfmt.WhitenError(f"unknown whitening {kind!r}; choose from none, {', '.join(wfmt.KINDS)}")
+    if not alpha > 0:
+        raise wfmt.WhitenError(f"--whiten-alpha must be > 0, got {alpha}")
+    try:
+        check_layers(layers)
+    except CurvatureError as e:
+        raise wfmt.WhitenError(f"--whiten {kind}: {e}") from None
+    out = []
+    for c, (model, (raw, name)) in enumerate(zip(models, checkpoint_files, strict=True)):
+        t0 = time.perf_counter()
+        mats, lams_out, lams_in = [], [], []
+        if kind == "kfac":
+            sums = layer_factor_sums(model, objective, layers, data, seed, c)
+            factors = [wfmt.kfac_factors(a, s, alpha) for a, s in sums.factors()]
+        else:
+            try:
+                moments = adam_layer_moments(raw, name, model, layers)
+            except PreconditionError as e:
+                raise wfmt.WhitenError(f"--whiten adam: {e}") from None
+            factors = [wfmt.adam_factors(v, alpha) for v in moments]
+        for lay, (left, right, lo, li) in zip(layers, factors, strict=True):
+            if not (np.isfinite(left).all() and np.isfinite(right).all()):
+                raise wfmt.WhitenError(f"checkpoint {c}, layer {lay.name}: the whitening factors are not finite")
+            mats.append((left, right))
+            lams_out.append(lo)
+            lams_in.append(li)
+        out.append((wfmt.encode(mats), lams_out, lams_in))
+        if log:
+            log(f"whiten {kind}: checkpoint {c}, {len(layers)} layers ({time.perf_counter() - t0:.1f} s)")
+    return out
