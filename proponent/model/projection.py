@@ -170,7 +170,7 @@ class LayerBlock:
     p_bias: torch.Tensor | None = None  # [bias_dim, k_bias]; None = identity
     tensor: Any = None  # a TensorSketch of vec(G) (layout "tensor": then k_in = its dim, k_out = 1)
     # index-time whitening (``proponent index --whiten``): ``(L [out, out], R [in, in])``, G -> L G Rᵀ before the
-    # projection (the bias column included in R); None = none
+    # projection (the bias column included in R; a diagonal factor held as its diagonal [n]); None = none
     whiten: tuple[torch.Tensor, torch.Tensor] | None = None
     _whiten_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -197,7 +197,16 @@ class LayerBlock:
         if w is None:
             return g
         left, right = w
-        return torch.matmul(torch.matmul(left, g), right.T)
+        g = g * left[:, None] if left.dim() == 1 else torch.matmul(left, g)
+        return g * right if right.dim() == 1 else torch.matmul(g, right.T)
+
+    def whiten_rows(self, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``a [.., in]`` (bias column included) and ``δ [.., out]`` -> ``(R a, L δ)`` as rows."""
+        w = self.whitening(d.dtype, d.device)
+        assert w is not None
+        left, right = w
+        a = a * right if right.dim() == 1 else torch.matmul(a, right.T)
+        return a, (d * left if left.dim() == 1 else torch.matmul(d, left.T))
 
 
 class Projector:
@@ -300,7 +309,7 @@ class Projector:
                     f"layer {b.info.name}: whitening shapes {tuple(left.shape)}, {tuple(right.shape)}; expected "
                     f"{want[0]}, {want[1]}"
                 )
-            b.whiten = (torch.as_tensor(left, dtype=torch.float64), torch.as_tensor(right, dtype=torch.float64))
+            b.whiten = (_diagonal_or_matrix(left), _diagonal_or_matrix(right))  # a diagonal one (adam's) as a vector
             b._whiten_cache.clear()
 
     def finish(self, stage1: torch.Tensor) -> torch.Tensor:
@@ -389,6 +398,13 @@ class Projector:
                 for b in self.blocks
             ],
         }
+
+
+def _diagonal_or_matrix(m: torch.Tensor) -> torch.Tensor:
+    """float64 ``m``, or its diagonal when it is diagonal (applied as an elementwise product: the same numbers)."""
+    m = torch.as_tensor(m, dtype=torch.float64)
+    d = torch.diagonal(m)
+    return d.clone() if torch.equal(m, torch.diag(d)) else m
 
 
 def build_projector(

@@ -473,14 +473,13 @@ class KroneckerFeaturizer(Featurizer):
         if route == "factor" and len(ins) == 1:
             self._routes[lay.info.name] = "factor"
             a, d = self._factors(lay, ins[0], ds[0], b)
-            white = lay.block.whitening(d.dtype, d.device)
-            if white is None:
+            if lay.block.whiten is None:
                 return self._factor_route(lay, a, d, group, lay.bias)
             # whitened: every row's (δ, a) -> (L δ, R a); the bias column is mixed into R a, so it is no longer 1
-            left, right = white
             if lay.bias:
                 a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
-            return self._factor_route(lay, torch.matmul(a, right.T), torch.matmul(d, left.T), group, False)
+            a, d = lay.block.whiten_rows(a, d)
+            return self._factor_route(lay, a, d, group, False)
         self._routes[lay.info.name] = "matrix"
         return self._matrix_route(lay, ins, ds, b, group)
 
