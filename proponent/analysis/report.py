@@ -35,6 +35,7 @@ from proponent.analysis.factors import index_factors
 from proponent.analysis.scoring_comparison import compare_scorings
 from proponent.api.registry import PRECONDITIONS
 from proponent.api.schemas import DEFAULT_SCORING, InfluenceParams
+from proponent.format import whiten
 from proponent.format.fsio import atomic_write_bytes, atomic_write_json
 from proponent.query.index import open_index
 from proponent.query.usecase import all_scores, answer_batch
@@ -727,6 +728,10 @@ def _document(idx: Any, numbers: dict[str, Any], sections: list[str]) -> str:
         f"{man.projection.kind} (D = {man.dim} {man.storage.dtype}), weights convention "
         f"<code>{numbers['convention']}</code>, scoring <code>{numbers['scoring']}</code>."
     )
+    whitened = whiten.describe(man)
+    if whitened:
+        meta += f' <span id="whiten">{html.escape(whitened[0].upper() + whitened[1:])}.</span>'
+
     nav = "".join(f'<a href="#{s}">{s}</a>' for s in SECTION_IDS)
     fid = man.fidelity
     if fid is None:

@@ -263,3 +263,11 @@ def test_shards_and_a_second_run_write_the_same_bytes(run, tmp_path) -> None:
     ta = tree(a)
     assert any(k.startswith("whiten/") for k in ta)
     assert ta == tree(b) == tree(d)
+
+
+def test_the_report_names_the_whitening(kfac_exact, tmp_path) -> None:
+    from proponent.analysis.report import write_report
+
+    out = write_report(kfac_exact, tmp_path / "r.html", queries=[3], seed=0)
+    text = out.read_text()
+    assert '<span id="whiten">Index whitened by K-FAC (factored damping) (α=0.1)' in text

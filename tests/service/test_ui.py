@@ -356,6 +356,7 @@ def test_index_view(page, svc_server):
     info = index_info(svc_server.url)
     open_page(page, svc_server.url, "index")
     assert page.locator("#index-n").inner_text() == f"{info['n']:,}"
+    assert page.locator("#index-whiten").inner_text() == "no (plain gradients)"  # an unwhitened index
     assert page.locator("#checkpoint-table tbody tr").count() == len(info["checkpoints"])
     text = page.locator("#index-info").inner_text()
     for want in (str(info["shape"]), f"{info['dim']:,}", info["dataset_spec"], info["projection"]["kind"], "bernoulli"):

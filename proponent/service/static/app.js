@@ -1092,6 +1092,9 @@ function renderIndex() {
     ["labels", info.has_labels ? "yes" : "no"],
     ["checkpoints", String(C)],
     ["featurizer", info.featurizer],
+    info.whiten && typeof info.whiten === "object"
+      ? ["whitened", h("span", { id: "index-whiten" }, `${info.whiten.kind} (α = ${info.whiten.alpha}): stored features are L G Rᵀ per layer, scores preconditioned`)]
+      : ["whitened", h("span", { id: "index-whiten" }, "no (plain gradients)")],
     ["index", info.index_kind === "none" ? "exact scan (no ANN index)" : `${info.index_kind} (${info.exact ? "exact search" : "approximate search"})`],
     ["device", `${info.device}${info.faiss_gpu ? ", FAISS on GPU" : ""}`],
     ["query objectives", info.query_objectives.join(", ")],
