@@ -22,7 +22,9 @@ leverage Σ_c w_c f_c(i)ᵀ(Φ_cᵀΦ_c + λ_c I)⁻¹ f_c(i) over the stored fe
 eigenvalue of Φ_cᵀΦ_c, swept), K-FAC and EK-FAC leverage (kronfluence's per-layer preconditioners as
 the product serves them: ``proponent precondition --kind kfac|ekfac --alpha α`` then
 ``self_influence(precondition=…)``, the exact Σ_c w_c Σ_l g_l(i)ᵀ(Λ_l + λ_l)⁻¹ g_l(i), λ_l = α · mean Λ_l,
-swept), and the final model's loss (a gradient-free baseline).
+swept), the plain self-influence of whitened indexes (``--whiten kfac:0.1``: ``proponent index --whiten``, the
+factored-damping K-FAC leverage over the default sketched layout's exact whitened norms), and the final model's
+loss (a gradient-free baseline).
 
     python benchmarks/memorization.py --workdir /work/cache/mem [--folds 5 --repeats 2]
 
@@ -136,6 +138,13 @@ def main() -> None:
         default="1e-3,1e-2,0.1,1",
         help="K-FAC / EK-FAC damping multiples (proponent precondition --kind kfac|ekfac; empty: skip)",
     )
+    ap.add_argument(
+        "--whiten",
+        default="",
+        help="whitened indexes to add, KIND:ALPHA comma-separated (proponent index --whiten KIND --whiten-alpha "
+        "ALPHA; adam needs a full model saved with optimizer state): their plain self-influence is the factored "
+        "leverage",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -211,6 +220,15 @@ def main() -> None:
     for kind in ("kfac", "ekfac"):
         for al, v in kfac_leverage(path, [float(v) for v in a.kfac_alphas.split(",") if v], kind).items():
             variants[f"{kind.upper()} leverage, alpha={al:g}"] = v
+    for entry in [e for e in a.whiten.split(",") if e]:
+        kind, _, al = entry.partition(":")
+        wpath = wd / f"index-whiten-{kind}-{al}"
+        if not (wpath / "manifest.json").exists():
+            log(f"indexing the full model whitened by {kind} (alpha {al})")
+            specs, _ = checkpoints_from_run(full)
+            opts = IndexOptions(whiten=kind, whiten_alpha=float(al))
+            build_index(data, specs, wpath, opts, show_progress=False)
+        variants[f"whitened index ({kind}, alpha={float(al):g})"] = open_index(wpath, device="cpu").self_influence()
     variants["final model's loss (no gradients)"] = idx.losses().astype(np.float64)
     inj = np.asarray(idx.meta.injected, bool)
     ks = sorted({int(inj.sum()), 50, 100})
