@@ -35,6 +35,7 @@ import numpy as np
 
 from proponent.analysis.lds import add_cache_arguments, lds_per_query, paired_table, stderr_log
 from proponent.api.schemas import InfluenceParams
+from proponent.format.whiten import inv_sqrt_psd
 from proponent.query.index import open_index
 from proponent.query.usecase import query_vectors
 from proponent.threads import set_threads
@@ -42,11 +43,6 @@ from proponent.threads import set_threads
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lds_adam import diag_rows, open_with_moments  # noqa: E402  (sibling benchmark)
 from lds_kfac import layer_factors  # noqa: E402
-
-
-def _inv_sqrt_psd(m: np.ndarray, lam: float) -> np.ndarray:
-    e, q = np.linalg.eigh(m)
-    return (q / np.sqrt(np.clip(e, 0, None) + lam)) @ q.T
 
 
 def main() -> None:
@@ -99,8 +95,8 @@ def main() -> None:
             for lay, ac, sc, g, v in zip(layers, acov, scov, grads, vh, strict=True):
                 qg = q[:, lay.offset : lay.offset + lay.out_dim * lay.in_dim].reshape(nq, lay.out_dim, lay.in_dim)
                 ea, es = np.linalg.eigvalsh(ac), np.linalg.eigvalsh(sc)
-                ls = _inv_sqrt_psd(sc, al * float(np.clip(es, 0, None).mean()))
-                ra = _inv_sqrt_psd(ac, al * float(np.clip(ea, 0, None).mean()))
+                ls = inv_sqrt_psd(sc, al * float(np.clip(es, 0, None).mean()))
+                ra = inv_sqrt_psd(ac, al * float(np.clip(ea, 0, None).mean()))
                 # kfac factored: both sides transformed (L G R), the plain inner product after
                 tq = np.einsum("so,noi,ij->nsj", ls, qg, ra, optimize=True).reshape(nq, -1)
                 tg = np.einsum("so,noi,ij->nsj", ls, g, ra, optimize=True).reshape(n, -1)

@@ -127,21 +127,21 @@ def _load(where: IndexDir, man: Manifest, c: int) -> list[tuple[np.ndarray, np.n
         raise WhitenError(f"whitening {name}: damaged (sha256 differs from the manifest); {rebuild_hint(where)}")
     try:
         z = np.load(io.BytesIO(data), allow_pickle=False)
-        out = []
-        for k, l in enumerate(layers):
-            left, right = _expand(np.asarray(z[f"left_{k}"])), _expand(np.asarray(z[f"right_{k}"]))
-            if left.shape != (l.out_dim, l.out_dim) or right.shape != (l.in_dim, l.in_dim):
-                raise WhitenError(
-                    f"whitening {name}: layer {l.name} has factors {left.shape}, {right.shape}; expected "
-                    f"{(l.out_dim, l.out_dim)}, {(l.in_dim, l.in_dim)}"
-                )
-            if not (np.isfinite(left).all() and np.isfinite(right).all()):
-                raise WhitenError(f"whitening {name}: layer {l.name}'s factors are not finite")
-            out.append((left, right))
+        arrays = [
+            (_expand(np.asarray(z[f"left_{k}"])), _expand(np.asarray(z[f"right_{k}"]))) for k in range(len(layers))
+        ]
     except (KeyError, ValueError, OSError) as e:
-        if isinstance(e, WhitenError):
-            raise
         raise WhitenError(f"whitening {name}: unreadable ({e}); {rebuild_hint(where)}") from None
+    out = []
+    for l, (left, right) in zip(layers, arrays, strict=True):
+        if left.shape != (l.out_dim, l.out_dim) or right.shape != (l.in_dim, l.in_dim):
+            raise WhitenError(
+                f"whitening {name}: layer {l.name} has factors {left.shape}, {right.shape}; expected "
+                f"{(l.out_dim, l.out_dim)}, {(l.in_dim, l.in_dim)}"
+            )
+        if not (np.isfinite(left).all() and np.isfinite(right).all()):
+            raise WhitenError(f"whitening {name}: layer {l.name}'s factors are not finite")
+        out.append((left, right))
     return out
 
 

@@ -164,7 +164,7 @@ def check_checkpoint(
     exact_proj = Projector(layers, ProjectionSpec(kind="none"), device)
     white = wfmt.load(store.where, man, c)
     if white is not None:  # a whitened index stores L G Rᵀ: the exact answer is the whitened gradients'
-        exact_proj.set_whitening([(torch.from_numpy(l), torch.from_numpy(r)) for l, r in white])
+        exact_proj.set_whitening(white)
     feat = make_featurizer(man.featurizer, model, objective, exact_proj)
     ids = store.array("ids")
     labels = store.array("labels")

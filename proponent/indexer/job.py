@@ -476,7 +476,7 @@ class UnitWorker:
         if self.man.whiten is not None and self._whitened != c:
             mats = wfmt.load(self.where, self.man, c)
             assert mats is not None
-            proj.set_whitening([(torch.from_numpy(l), torch.from_numpy(r)) for l, r in mats])
+            proj.set_whitening(mats)
             self._whitened = c
         return proj
 

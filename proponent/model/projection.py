@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -289,10 +290,11 @@ class Projector:
     def whitened(self) -> bool:
         return any(b.whiten is not None for b in self.blocks)
 
-    def set_whitening(self, mats: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    def set_whitening(self, mats: Sequence[tuple[Any, Any]] | None) -> None:
         """Whiten every layer's gradient ``G -> L G Rᵀ`` before its projection (``mats``: one ``(L, R)`` per
-        block, float64; None removes it). Only nn.Linear / nn.Conv2d blocks (a bias column, no separate bias
-        block) can be whitened: their per-sample gradient stays a sum of rank-one ``(L δ)(R a)ᵀ``."""
+        block, arrays or tensors, taken as float64; None removes it). Only nn.Linear / nn.Conv2d blocks (a bias
+        column, no separate bias block) can be whitened: their per-sample gradient stays a sum of rank-one
+        ``(L δ)(R a)ᵀ``."""
         if mats is None:
             for b in self.blocks:
                 b.whiten = None
@@ -400,7 +402,7 @@ class Projector:
         }
 
 
-def _diagonal_or_matrix(m: torch.Tensor) -> torch.Tensor:
+def _diagonal_or_matrix(m: Any) -> torch.Tensor:
     """float64 ``m``, or its diagonal when it is diagonal (applied as an elementwise product: the same numbers)."""
     m = torch.as_tensor(m, dtype=torch.float64)
     d = torch.diagonal(m)

@@ -119,7 +119,7 @@ class ModelRuntime:
                 except wfmt.WhitenError as e:
                     raise ModelRuntimeError(str(e)) from None
                 if white is not None:  # queries are whitened as the stored rows were
-                    proj.set_whitening([(torch.from_numpy(l), torch.from_numpy(r)) for l, r in white])
+                    proj.set_whitening(white)
                 self._projectors[c] = proj
             return self._models[c]
 
