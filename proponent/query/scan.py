@@ -41,11 +41,15 @@ import numpy as np
 import torch
 
 from .features import Block, ServedFeatures
-from .kernels import int8_products
+from .kernels import int8_products_tensor
 
 F32_EPS = float(np.finfo(np.float32).eps)
 _SLACK = 1e-12  # relative allowance for the float64 arithmetic of ŝ and E themselves
 DIRECTIONS = ("proponents", "opponents")
+# From this many queries the resident scan's selection (k-th lower bounds, rows that reach them) runs as parallel
+# torch ops over [Q, N]; below, numpy: torch's OpenMP threads then spin-wait for milliseconds after each parallel
+# op and slowed the native kernel's threads of the next query by 35 % on 2 cores (21 -> 29 ms per query at 60,000 rows).
+PARALLEL_QUERIES = 4
 
 
 @dataclass
@@ -121,7 +125,7 @@ def exact_contributions(served: ServedFeatures, sq: ScoredQuery, rows: np.ndarra
 
 
 class _Int8Query:
-    """q ≈ s₁z₁ + s₂z₂ (int8 vectors) with the residual's norm, for exact integer products."""
+    """q ≈ s₁z₁ + s₂z₂ (int8 vectors) with the residuals' norms, for exact integer products."""
 
     def __init__(self, q: np.ndarray):
         s1 = float(np.abs(q).max()) / 127.0 if q.size else 0.0
@@ -149,11 +153,17 @@ class _Int8Batch:
         self.resid_norm = np.array([q.resid_norm for q in queries])
         self.norm = np.array([q.norm for q in queries])
 
+    def terms(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[Q, n]`` float64 (CPU): each query's Σ_j q̃_j·codes_ij, from exact integer sums."""
+        a = int8_products_tensor(codes, self.z).cpu()  # [2Q, n]
+        q = len(self.s)
+        s = torch.from_numpy(self.s)
+        out = torch.empty((q, a.shape[1]), dtype=torch.float64).copy_(a[:q]).mul_(s[:, :1])
+        return out.add_(torch.empty_like(out).copy_(a[q:]).mul_(s[:, 1:]))  # s₁<z₁, c> + s₂<z₂, c>, row by row
+
     def products(self, codes: torch.Tensor) -> np.ndarray:
         """``[Q, n]``: each query's Σ_j q̃_j·codes_ij (exact integer sums, combined in float64)."""
-        a = int8_products(codes, self.z).astype(np.float64)  # [n, 2Q]
-        q = len(self.s)  # contiguous column halves: s₁<z₁, c> + s₂<z₂, c> row by row, one pass
-        return (a[:, :q] * self.s[:, 0] + a[:, q:] * self.s[:, 1]).T
+        return self.terms(codes).numpy()
 
 
 class _FloatBatch:
@@ -172,11 +182,95 @@ class _FloatBatch:
             ]
         )
 
-    def products(self, rows: torch.Tensor) -> np.ndarray:
+    def terms(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[Q, n]`` float64 (CPU): the float32 products."""
         with torch.no_grad():
             if self.t.shape[0] == 1:
-                return (rows @ self.t[0]).cpu().numpy().astype(np.float64)[None]
-            return (rows @ self.t.T).T.cpu().numpy().astype(np.float64)
+                return (rows @ self.t[0]).cpu().to(torch.float64)[None]
+            return (self.t @ rows.T).cpu().to(torch.float64)  # [Q, n] as it is used: no transposed copy
+
+    def products(self, rows: torch.Tensor) -> np.ndarray:
+        return self.terms(rows).numpy()
+
+
+def _block_terms(
+    served: ServedFeatures, qb: _Int8Batch | _FloatBatch, c: int, rows: torch.Tensor, at: slice | np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate terms ``[Q, len(at)]`` of checkpoint ``c`` for the held rows ``rows`` (index rows ``at``)
+    and their bounds: |exact term − approximate term| ≤ bound, before the per-row multipliers."""
+    t = qb.terms(rows)
+    if isinstance(qb, _Int8Batch):
+        scale = served.row_scale(c)
+        assert scale is not None
+        t.mul_(torch.from_numpy(scale[at].astype(np.float64)))
+        e = torch.from_numpy(qb.resid_norm)[:, None] * torch.from_numpy(served.resident_norm[c][at])
+        resid = served.residual[c]
+        if resid is not None:
+            e.add_(torch.from_numpy(qb.norm)[:, None] * torch.from_numpy(resid[at]))
+    else:
+        e = torch.from_numpy(qb.err_per_norm)[:, None] * torch.from_numpy(served.feat_norm[c][at])
+    return t, e
+
+
+def _multipliers(sqs: list[ScoredQuery], c: int | None, at: slice | np.ndarray) -> torch.Tensor | None:
+    """``[Q, len(at)]`` per-row multipliers of checkpoint ``c`` (μ_c; ``c=None``: the global g), None when all 1."""
+    got = [sq.global_mult if c is None else (sq.row_mult[c] if sq.row_mult is not None else None) for sq in sqs]
+    if all(m is None for m in got):
+        return None
+    n = len(range(*at.indices(len(next(m for m in got if m is not None))))) if isinstance(at, slice) else len(at)
+    return torch.stack([torch.ones(n, dtype=torch.float64) if m is None else torch.from_numpy(m[at]) for m in got])
+
+
+def _accumulate(
+    served: ServedFeatures,
+    sqs: list[ScoredQuery],
+    batches: dict[int, _Int8Batch | _FloatBatch],
+    data: dict[int, torch.Tensor],
+    at: slice | np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ŝ and E ``[Q, rows]`` (float64) of the held rows ``data`` (index rows ``at``): the approximate scores
+    summed over checkpoints with their multipliers, and rigorous bounds on their distance to the exact ones."""
+    s_hat = err = None
+    for c, qb in batches.items():
+        t, e = _block_terms(served, qb, c, data[c], at)
+        mu = _multipliers(sqs, c, at)
+        if mu is not None:
+            t.mul_(mu)
+            e.mul_(mu)
+        s_hat = t if s_hat is None else s_hat.add_(t)
+        err = e if err is None else err.add_(e)
+    assert s_hat is not None and err is not None
+    g = _multipliers(sqs, None, at)
+    if g is not None:
+        s_hat.mul_(g)
+        err.mul_(g)
+    err.mul_(1 + _SLACK).add_(s_hat.abs(), alpha=_SLACK)  # the float64 arithmetic of ŝ and E themselves
+    return s_hat, err
+
+
+def _select(low: torch.Tensor, high: torch.Tensor, k: int, directions: tuple[str, ...]) -> dict[str, Selection]:
+    """Per direction, each query's k-th largest lower bound (``[Q]``) and the rows whose upper bound reaches it
+    (``[Q, N]`` bool), from ``low = ŝ − E`` and ``high = ŝ + E`` (``[Q, N]``). Proponents: lower ŝ − E, upper
+    ŝ + E; opponents: lower −(ŝ + E), upper −(ŝ − E) (negation is exact: the same values as −ŝ − E and −ŝ + E).
+    torch.topk only selects: the value np.partition gives."""
+    k = min(k, low.shape[1])
+    parallel = low.shape[0] >= PARALLEL_QUERIES
+    out: dict[str, Selection] = {}
+    for d in directions:
+        if d == "proponents":
+            kth = torch.topk(low, k, dim=1, sorted=False).values.amin(dim=1)
+            reach = torch.ge(high, kth[:, None]).numpy() if parallel else high.numpy() >= kth.numpy()[:, None]
+        else:
+            kth = -torch.topk(high, k, dim=1, largest=False, sorted=False).values.amax(dim=1)
+            reach = torch.le(low, -kth[:, None]).numpy() if parallel else low.numpy() <= -kth.numpy()[:, None]
+        out[d] = Selection(kth.numpy(), reach)
+    return out
+
+
+@dataclass
+class Selection:
+    kth: np.ndarray  # [Q] each query's k-th best lower bound
+    reach: np.ndarray  # [Q, N] the rows whose upper bound reaches it
 
 
 def scan(
@@ -197,25 +291,86 @@ def scan_batch(
             raise ValueError(f"direction must be proponents or opponents, got {d!r}")
     if not sqs:
         return []
-    t0 = time.perf_counter()
     cks = sqs[0].checkpoints
     if any(sq.checkpoints != cks for sq in sqs):
         raise ValueError("a batch scan needs the same checkpoints for every query")
-    nq = len(sqs)
-    n = served.n
-    k = max(1, min(int(k), n))
+    k = max(1, min(int(k), served.n))
+    if served.mode == "stream":
+        return _scan_streamed(served, sqs, k, directions)
+    return _scan_resident(served, sqs, k, directions)
+
+
+def _answer(rows: np.ndarray, terms: np.ndarray, sign: float, k: int, strategy: str, timings: dict[str, float]) -> TopK:
+    """The top-k of the rescored ``rows`` (``terms``: their signed exact per-checkpoint terms)."""
+    total = terms.sum(axis=1)
+    top = _top(total, rows, k)
+    return TopK(
+        rows=rows[top],
+        scores=sign * total[top],
+        contributions=sign * terms[top],
+        exact=True,
+        candidates=int(len(rows)),
+        strategy=strategy,
+        timings=timings,
+    )
+
+
+def _batches(served: ServedFeatures, sqs: list[ScoredQuery], kind: str) -> dict[int, _Int8Batch | _FloatBatch]:
+    cks = sqs[0].checkpoints
+    if kind == "int8":
+        return {c: _Int8Batch([_Int8Query(sq.vectors[c]) for sq in sqs]) for c in cks}
+    return {c: _FloatBatch([sq.vectors[c] for sq in sqs], served.device) for c in cks}
+
+
+def _scan_resident(
+    served: ServedFeatures, sqs: list[ScoredQuery], k: int, directions: tuple[str, ...]
+) -> list[dict[str, TopK]]:
+    """The scan of resident features (CPU or GPU): every query's bounds ŝ ± E held as ``[Q, N]`` float64,
+    worked block by block with in-place torch ops (multi-threaded for a batch), then the rows that reach
+    each query's k-th best lower bound rescored exactly."""
+    t0 = time.perf_counter()
+    cks = sqs[0].checkpoints
+    nq, n = len(sqs), served.n
     kind = served.kernel_kind()
-    batches: dict[int, _Int8Batch | _FloatBatch] = {
-        c: (
-            _Int8Batch([_Int8Query(sq.vectors[c]) for sq in sqs])
-            if kind == "int8"
-            else _FloatBatch([sq.vectors[c] for sq in sqs], served.device)
-        )
-        for c in cks
-    }
+    batches = _batches(served, sqs, kind)
+    low = torch.empty((nq, n), dtype=torch.float64)
+    high = torch.empty((nq, n), dtype=torch.float64)
+    for block in served.blocks(cks):
+        at = slice(block.lo, block.hi)
+        s_hat, err = _accumulate(served, sqs, batches, block.data, at)
+        torch.sub(s_hat, err, out=low[:, at])
+        torch.add(s_hat, err, out=high[:, at])
+    t_scan = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    selected = _select(low, high, k, directions)
+    strategy = f"scan/{served.mode}/{kind}" + (f"/batch[{nq}]" if nq > 1 else "")
+    reach = [{d: np.flatnonzero(selected[d].reach[i]) for d in directions} for i in range(nq)]
+    answers = []
+    for i, sq in enumerate(sqs):
+        rows = np.unique(np.concatenate(list(reach[i].values())))  # both directions' rows rescored in one call
+        terms = exact_contributions(served, sq, rows)
+        out = {}
+        for d in directions:
+            sign = 1.0 if d == "proponents" else -1.0
+            mine = terms[np.searchsorted(rows, reach[i][d])]
+            timings = {"scan_s": t_scan, "rescore_s": time.perf_counter() - t1}
+            out[d] = _answer(reach[i][d], sign * mine, sign, k, strategy, timings)
+        answers.append(out)
+    return answers
+
+
+def _scan_streamed(
+    served: ServedFeatures, sqs: list[ScoredQuery], k: int, directions: tuple[str, ...]
+) -> list[dict[str, TopK]]:
+    """The scan of streamed blocks: rows are rescored while their block is in memory, against each query's
+    running k-th best lower bound (which only rises), so the store is read once."""
+    t0 = time.perf_counter()
+    cks = sqs[0].checkpoints
+    nq, n = len(sqs), served.n
+    kind = served.kernel_kind()
+    batches = _batches(served, sqs, kind)
     approx = np.empty((nq, n))
     bound = np.empty((nq, n))
-    streaming = served.mode == "stream"
     # per query and direction: the running k-th best lower bound, and the rows rescored so far with their exact terms
     running = [{d: -np.inf for d in directions} for _ in sqs]
     pool_rows: list[dict[str, list[np.ndarray]]] = [{d: [] for d in directions} for _ in sqs]
@@ -224,97 +379,39 @@ def scan_batch(
     t_rescore = 0.0
     for block in served.blocks(cks):
         lo, hi = block.lo, block.hi
-        s_hat = np.zeros((nq, hi - lo))
-        err = np.zeros((nq, hi - lo))
-        for c in cks:
-            qb = batches[c]
-            rows_t = block.data[c]
-            t = qb.products(rows_t)  # [Q, rows]
-            if isinstance(qb, _Int8Batch):
-                scale = served.row_scale(c)
-                assert scale is not None
-                t *= scale[lo:hi].astype(np.float64)
-                e = qb.resid_norm[:, None] * served.resident_norm[c][lo:hi]
-                resid = served.residual[c]
-                if resid is not None:
-                    e = e + qb.norm[:, None] * resid[lo:hi]
-            else:
-                e = qb.err_per_norm[:, None] * served.feat_norm[c][lo:hi]
-            if all(sq.row_mult is None for sq in sqs):  # the same sums as row by row, in one pass
-                s_hat += t
-                err += e
-            else:
-                for i, sq in enumerate(sqs):
-                    if sq.row_mult is not None:
-                        mu = sq.row_mult[c][lo:hi]
-                        s_hat[i] += t[i] * mu
-                        err[i] += e[i] * mu
-                    else:
-                        s_hat[i] += t[i]
-                        err[i] += e[i]
-        for i, sq in enumerate(sqs):
-            if sq.global_mult is not None:
-                g = sq.global_mult[lo:hi]
-                s_hat[i] *= g
-                err[i] *= g
-        err += _SLACK * (np.abs(s_hat) + err)
+        s_t, e_t = _accumulate(served, sqs, batches, block.data, slice(lo, hi))
+        s_hat, err = s_t.numpy(), e_t.numpy()
         approx[:, lo:hi] = s_hat
         bound[:, lo:hi] = err
-        if streaming:
-            t1 = time.perf_counter()
-            for i, sq in enumerate(sqs):
-                for d in directions:
-                    sign = 1.0 if d == "proponents" else -1.0
-                    lower = sign * s_hat[i] - err[i]
-                    best_lower[i][d] = _keep_largest(np.concatenate([best_lower[i][d], lower]), k)
-                    if len(best_lower[i][d]) >= k:
-                        running[i][d] = float(best_lower[i][d].min())
-                    keep = np.flatnonzero(sign * s_hat[i] + err[i] >= running[i][d]) + lo
-                    if len(keep):
-                        pool_rows[i][d].append(keep)
-                        pool_terms[i][d].append(sign * exact_contributions(served, sq, keep, block))
-            t_rescore += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        for i, sq in enumerate(sqs):
+            for d in directions:
+                sign = 1.0 if d == "proponents" else -1.0
+                lower = sign * s_hat[i] - err[i]
+                best_lower[i][d] = _keep_largest(np.concatenate([best_lower[i][d], lower]), k)
+                if len(best_lower[i][d]) >= k:
+                    running[i][d] = float(best_lower[i][d].min())
+                keep = np.flatnonzero(sign * s_hat[i] + err[i] >= running[i][d]) + lo
+                if len(keep):
+                    pool_rows[i][d].append(keep)
+                    pool_terms[i][d].append(sign * exact_contributions(served, sq, keep, block))
+        t_rescore += time.perf_counter() - t1
     t_scan = time.perf_counter() - t0 - t_rescore
     strategy = f"scan/{served.mode}/{kind}" + (f"/batch[{nq}]" if nq > 1 else "")
-    # every query's k-th best lower bound per direction at once (torch.topk over [Q, n], multi-threaded: the same
-    # value as np.partition's, it only selects), and the rows whose upper bound reaches it
     t1 = time.perf_counter()
-    thresholds, reach = {}, {}
-    for d in directions:
-        sign = 1.0 if d == "proponents" else -1.0
-        with torch.no_grad():
-            lower = torch.from_numpy(sign * approx - bound)
-            thresholds[d] = torch.topk(lower, k, dim=1, sorted=False).values.amin(dim=1).numpy()
-        if not streaming:
-            reach[d] = sign * approx + bound >= thresholds[d][:, None]
-    t_rescore += time.perf_counter() - t1
+    low, high = torch.from_numpy(approx - bound), torch.from_numpy(approx + bound)
+    thresholds = {d: sel.kth for d, sel in _select(low, high, k, directions).items()}
     answers = []
-    for i, sq in enumerate(sqs):
+    for i in range(nq):
         out = {}
         for d in directions:
             sign = 1.0 if d == "proponents" else -1.0
-            t1 = time.perf_counter()
-            threshold = float(thresholds[d][i])
-            if streaming:
-                rows = np.concatenate(pool_rows[i][d]) if pool_rows[i][d] else np.empty(0, np.int64)
-                terms = np.concatenate(pool_terms[i][d]) if pool_terms[i][d] else np.zeros((0, len(cks)))
-                mask = sign * approx[i][rows] + bound[i][rows] >= threshold
-                rows, terms = rows[mask], terms[mask]
-            else:
-                rows = np.flatnonzero(reach[d][i])
-                terms = sign * exact_contributions(served, sq, rows)
-            total = terms.sum(axis=1)
-            top = _top(total, rows, k)
-            t_rescore += time.perf_counter() - t1
-            out[d] = TopK(
-                rows=rows[top],
-                scores=sign * total[top],
-                contributions=sign * terms[top],
-                exact=True,
-                candidates=int(len(rows)),
-                strategy=strategy,
-                timings={"scan_s": t_scan, "rescore_s": t_rescore},
-            )
+            rows = np.concatenate(pool_rows[i][d]) if pool_rows[i][d] else np.empty(0, np.int64)
+            terms = np.concatenate(pool_terms[i][d]) if pool_terms[i][d] else np.zeros((0, len(cks)))
+            mask = sign * approx[i][rows] + bound[i][rows] >= float(thresholds[d][i])
+            rows, terms = rows[mask], terms[mask]
+            timings = {"scan_s": t_scan, "rescore_s": t_rescore + time.perf_counter() - t1}
+            out[d] = _answer(rows, terms, sign, k, strategy, timings)
         answers.append(out)
     return answers
 

@@ -88,6 +88,26 @@ def test_native_threads_split_rows_and_columns_longer_than_int32_sums(m):
     np.testing.assert_array_equal(kernels.int8_products(t[:40], z, "torch"), want[:40])
 
 
+@pytest.mark.parametrize("n,d,m", [(1, 1, 1), (17, 64, 3), (300, 257, 70), (5, 8200, 140), (40, 140_000, 2)])
+def test_torch_products_in_both_orientations(n, d, m):
+    """torch._int_mm as the CPU runs it (``z @ codes.T``, rows last) and as CUDA's cuBLASLt gets it (``codes @ zt``,
+    padded, returned transposed) give the same exact ``[m, n]`` products, int32 sums split past 65,536 columns."""
+    rng = np.random.default_rng(n + m)
+    codes = rng.integers(-128, 128, (n, d), dtype=np.int8)
+    if d == 140_000:  # extreme codes whose sums overflow int32
+        codes[:] = 127
+        codes[1::2] = -128
+    z = rng.integers(-128, 128, (m, d), dtype=np.int8)
+    z[0] = -128
+    want = _reference(codes, z).T
+    t = torch.from_numpy(codes)
+    for rows_last in (True, False):
+        got = kernels._torch_products(t, z, rows_last=rows_last)
+        assert tuple(got.shape) == (m, n)
+        np.testing.assert_array_equal(got.to(torch.int64).numpy(), want, err_msg=f"rows_last={rows_last}")
+    np.testing.assert_array_equal(kernels.int8_products_tensor(t, z, "torch").to(torch.int64).numpy(), want)
+
+
 @native
 def test_gemm_peak_is_measured_on_every_kernel():
     assert kernels._native is not None

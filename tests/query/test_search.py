@@ -145,6 +145,40 @@ def test_k_larger_than_n_and_damaged_chunk(tmp_path):
         scan(served, sq, 5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("mode", ["memory", "quantized", "stream"])
+def test_batch_scan_breaks_exact_ties_like_brute_force_on_both_selection_paths(tmp_path, dtype, mode):
+    """Rows that are exact copies of the best and worst rows score exactly the same: each query of a batch
+    smaller than PARALLEL_QUERIES (numpy selection) and of one larger (torch's, in parallel) gets brute force's
+    top-k with ties to the smaller row, k falling inside the groups of tied rows."""
+    from proponent.query.scan import PARALLEL_QUERIES, scan_batch
+
+    fs, qs = planted(seed=21, n=1200, d=97)
+    s = sum(f.astype(np.float64) @ q.astype(np.float64) for f, q in zip(fs, qs, strict=True))
+    best, worst = np.argsort(-s)[:3], np.argsort(s)[:3]
+    for f in fs:  # three copies of each of the best and worst rows, before and after them
+        for j, r in enumerate(best):
+            f[[40 + j, 600 + j, 1100 + j]] = f[r]
+        for j, r in enumerate(worst):
+            f[[50 + j, 700 + j, 1110 + j]] = f[r]
+    store = make_store(tmp_path, fs, dtype)
+    served = ServedFeatures(store, 3, mode=mode)
+    weights = np.array([0.7, 1.3, 0.4])
+    rng = np.random.default_rng(3)
+    vecs = [{c: qs[c] for c in range(3)}] + [
+        {c: (qs[c] + 0.05 * rng.standard_normal(97)).astype(np.float32) for c in range(3)} for _ in range(6)
+    ]
+    sqs = [scored_query(served, weights, [0, 1, 2], v, {}, "raw") for v in vecs]
+    both = ("proponents", "opponents")
+    for size in (PARALLEL_QUERIES - 1, PARALLEL_QUERIES + 3):
+        for k in (2, 6, 13):
+            for sq, got in zip(sqs[:size], scan_batch(served, sqs[:size], k, both), strict=True):
+                for d in both:
+                    want, s64 = reference_top(served, sq, k, d)
+                    assert got[d].rows.tolist() == want.tolist(), (size, k, d)
+                    np.testing.assert_array_equal(got[d].scores, s64[want])
+
+
 @pytest.mark.parametrize("kernel", ["native", "torch"])
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 @pytest.mark.parametrize("mode", ["memory", "quantized", "stream"])
