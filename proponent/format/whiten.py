@@ -32,6 +32,7 @@ refuses a missing, damaged or misshapen file by name: a whitened index never ans
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -86,6 +87,13 @@ def encode(mats: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     return buf.getvalue()
 
 
+def decode(data: bytes, layers: int | Sequence[object]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`encode`'s ``(L, R)`` per layer back from the file's bytes (``layers``: how many, or the layers)."""
+    count = layers if isinstance(layers, int) else len(layers)
+    z = np.load(io.BytesIO(data), allow_pickle=False)
+    return [(_expand(np.asarray(z[f"left_{k}"])), _expand(np.asarray(z[f"right_{k}"]))) for k in range(count)]
+
+
 def _compact(m: np.ndarray) -> np.ndarray:
     """A diagonal matrix (adam's) as its diagonal (1-D; :func:`_expand` restores it), any other as it is."""
     m = np.asarray(m, np.float64)
@@ -126,10 +134,7 @@ def _load(where: IndexDir, man: Manifest, c: int) -> list[tuple[np.ndarray, np.n
     if sha256_bytes(data) != f.sha256:
         raise WhitenError(f"whitening {name}: damaged (sha256 differs from the manifest); {rebuild_hint(where)}")
     try:
-        z = np.load(io.BytesIO(data), allow_pickle=False)
-        arrays = [
-            (_expand(np.asarray(z[f"left_{k}"])), _expand(np.asarray(z[f"right_{k}"]))) for k in range(len(layers))
-        ]
+        arrays = decode(data, len(layers))
     except (KeyError, ValueError, OSError) as e:
         raise WhitenError(f"whitening {name}: unreadable ({e}); {rebuild_hint(where)}") from None
     out = []

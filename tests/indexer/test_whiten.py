@@ -25,8 +25,9 @@ from proponent.format.fsio import IndexDir
 from proponent.format.integrity import verify_index
 from proponent.format.manifest import read_manifest
 from proponent.format.whiten import WhitenError, kfac_factors
+from proponent.format.whiten import load as load_whitening
 from proponent.indexer.data import load_dataset
-from proponent.indexer.job import IndexJobError
+from proponent.indexer.job import IndexJobError, calibrate_layer_dims
 from proponent.indexer.training import TrainConfig, train
 from proponent.model.architectures import ModelConfig
 from proponent.model.objectives import NOISE_INDEX, NOISE_QUERY, draw_noise, objective_at
@@ -157,6 +158,19 @@ def test_sketched_int8_index_stores_the_sketch_of_the_whitened_gradients(run, kf
         np.testing.assert_allclose(idx.store.sq_norm(c), ref.store.sq_norm(c), rtol=1e-5)
     fid = idx.manifest.fidelity
     assert fid is not None and all(0 < ch.relative_error for ch in fid.checkpoints)
+    # the per-layer dimensions follow the whitened gradients' energy: the calibration redone from the stored factors
+    man, where = idx.manifest, IndexDir(out)
+    models = [idx.runtime.model(0), idx.runtime.model(len(idx.checkpoints) - 1)]
+    data = load_dataset(man.dataset.spec)
+
+    def dims(white):
+        return calibrate_layer_dims(
+            models, idx.runtime.objective, data, spec, "all", torch.device("cpu"), 0, whitening=white
+        )
+
+    stored = [l.k_in for l in man.projection.layers]  # a tensor layer's sketch dimension
+    assert stored == list(dims([load_whitening(where, man, c) for c in (0, len(models) - 1)]))
+    assert stored != list(dims(None)), stored
     res = idx.influence(ref.input(ref.row_of(11)), seed=2, k=3)
     assert res.approximations[0].startswith("index whitened by K-FAC")
     assert any("tensor sketch" in a and "unbiased estimate" in a for a in res.approximations)
