@@ -259,7 +259,9 @@ class WhitenCheckpoint(_Record):
 
     lams_out: list[float]  # damping of the output-side factor per layer (K-FAC: λ_S = α · mean eig S)
     lams_in: list[float]  # damping of the input-side factor per layer (K-FAC: λ_A = α · mean eig A)
-    factors: FileRecord  # npz: left_<l> [out, out], right_<l> [in, in] (float64) per layer
+    # damping of a separate bias block's factor per layer (ConvTranspose2d; 0 where none); empty: no such block
+    lams_bias: list[float] = Field(default_factory=list)
+    factors: FileRecord  # npz: left_<l> [out, out], right_<l> [in, in], bias_<l> [bias, bias] (float64) per layer
 
 
 class WhitenRecord(_Record):

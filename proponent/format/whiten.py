@@ -22,8 +22,8 @@ Two such forms (``benchmarks/lds_factored.py`` measured them on exact gradients 
 
 The stored exact norms are the whitened gradients' norms (cosine scoring and self-influence use them), so the
 self-influence of a whitened index is the factored-K-FAC (or Adam) leverage. Files:
-``whiten/ckpt_{c:03d}.npz`` (``left_<l>``, ``right_<l>`` float64 per layer; a diagonal one, adam's, as its
-diagonal), each hashed in
+``whiten/ckpt_{c:03d}.npz`` (``left_<l>``, ``right_<l>`` float64 per layer, ``bias_<l>`` for a separate bias
+block; a diagonal one, adam's, as its diagonal), each hashed in
 :class:`~proponent.format.manifest.WhitenRecord` (``manifest.whiten``); written before the manifest that names
 them. Every reader (the unit workers, the fidelity check, the query runtime) loads them through :func:`load`, which
 refuses a missing, damaged or misshapen file by name: a whitened index never answers unwhitened.
@@ -77,21 +77,54 @@ def adam_factors(v: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, f
     return np.diag(q / np.sqrt(r + lam_r)), np.diag(q / np.sqrt(c + lam_c)), lam_r, lam_c
 
 
-def encode(mats: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+Factors = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # (L, R, B): B a separate bias block's factor, or None
+
+
+def kfac_bias_factor(s_cov: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """``(B, λ_b)``: a separate bias block's factor ``B = (S_b + λ_b)^{-1/2}`` from ``S_b = E[δ δᵀ]`` over the
+    layer's output positions (its bias's gradient is ``Σ δ``: K-FAC with the constant input 1)."""
+    lam = alpha * float(np.clip(np.linalg.eigvalsh(s_cov), 0, None).mean())
+    if not lam > 0:
+        raise WhitenError("the K-FAC factor of a bias block is zero (the layer's output gradients vanish)")
+    return inv_sqrt_psd(s_cov, lam), lam
+
+
+def adam_bias_factor(v: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """``(B, λ_b)``: a separate bias block's diagonal ``B = diag(1 / sqrt(v̂ + α mean v̂))`` (the weight's Adafactor
+    form at one row: ``G ⊙ sqrt(v̄ / (r c))`` is ``G / sqrt(v̂)`` where ``v̂`` factors exactly)."""
+    v = np.asarray(v, np.float64).reshape(-1)
+    lam = alpha * float(v.mean())
+    if not lam > 0:
+        raise WhitenError("Adam's second moments of a bias block are all zero (the bias was never updated)")
+    return np.diag(1.0 / np.sqrt(v + lam)), lam
+
+
+def encode(mats: Sequence[tuple[np.ndarray, ...] | Factors]) -> bytes:
+    """``(L, R)`` or ``(L, R, B)`` per layer (``B``: a separate bias block's factor, None when there is none)."""
     buf = io.BytesIO()
     arrays = {}
-    for k, (left, right) in enumerate(mats):
-        arrays[f"left_{k}"] = _compact(left)
-        arrays[f"right_{k}"] = _compact(right)
+    for k, m in enumerate(mats):
+        arrays[f"left_{k}"] = _compact(m[0])
+        arrays[f"right_{k}"] = _compact(m[1])
+        if len(m) > 2 and m[2] is not None:
+            arrays[f"bias_{k}"] = _compact(m[2])
     np.savez(buf, allow_pickle=False, **arrays)
     return buf.getvalue()
 
 
-def decode(data: bytes, layers: int | Sequence[object]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`encode`'s ``(L, R)`` per layer back from the file's bytes (``layers``: how many, or the layers)."""
+def decode(data: bytes, layers: int | Sequence[object]) -> list[Factors]:
+    """:func:`encode`'s ``(L, R, B)`` per layer back from the file's bytes (``layers``: how many, or the layers);
+    ``B`` None where the file has none."""
     count = layers if isinstance(layers, int) else len(layers)
     z = np.load(io.BytesIO(data), allow_pickle=False)
-    return [(_expand(np.asarray(z[f"left_{k}"])), _expand(np.asarray(z[f"right_{k}"]))) for k in range(count)]
+    return [
+        (
+            _expand(np.asarray(z[f"left_{k}"])),
+            _expand(np.asarray(z[f"right_{k}"])),
+            _expand(np.asarray(z[f"bias_{k}"])) if f"bias_{k}" in z.files else None,
+        )
+        for k in range(count)
+    ]
 
 
 def _compact(m: np.ndarray) -> np.ndarray:
@@ -109,13 +142,18 @@ def file_path(c: int) -> str:
     return f"{WHITEN_DIR}/ckpt_{c:03d}.npz"
 
 
-def record(c: int, data: bytes, lams_out: list[float], lams_in: list[float]) -> WhitenCheckpoint:
+def record(
+    c: int, data: bytes, lams_out: list[float], lams_in: list[float], lams_bias: list[float] | None = None
+) -> WhitenCheckpoint:
     return WhitenCheckpoint(
-        lams_out=lams_out, lams_in=lams_in, factors=FileRecord(path=file_path(c), sha256=sha256_bytes(data))
+        lams_out=lams_out,
+        lams_in=lams_in,
+        lams_bias=lams_bias or [],
+        factors=FileRecord(path=file_path(c), sha256=sha256_bytes(data)),
     )
 
 
-def _load(where: IndexDir, man: Manifest, c: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _load(where: IndexDir, man: Manifest, c: int) -> list[Factors]:
     rec = man.whiten
     assert rec is not None
     if len(rec.checkpoints) != len(man.checkpoints):
@@ -138,20 +176,23 @@ def _load(where: IndexDir, man: Manifest, c: int) -> list[tuple[np.ndarray, np.n
     except (KeyError, ValueError, OSError) as e:
         raise WhitenError(f"whitening {name}: unreadable ({e}); {rebuild_hint(where)}") from None
     out = []
-    for l, (left, right) in zip(layers, arrays, strict=True):
-        if left.shape != (l.out_dim, l.out_dim) or right.shape != (l.in_dim, l.in_dim):
+    for l, (left, right, bias) in zip(layers, arrays, strict=True):
+        got = (left.shape, right.shape, None if bias is None else bias.shape)
+        want = ((l.out_dim, l.out_dim), (l.in_dim, l.in_dim), (l.bias_dim, l.bias_dim) if l.bias_dim else None)
+        if got != want:
             raise WhitenError(
-                f"whitening {name}: layer {l.name} has factors {left.shape}, {right.shape}; expected "
-                f"{(l.out_dim, l.out_dim)}, {(l.in_dim, l.in_dim)}"
+                f"whitening {name}: layer {l.name} has factors {', '.join(map(str, got))}; expected "
+                f"{', '.join(map(str, want))}"
             )
-        if not (np.isfinite(left).all() and np.isfinite(right).all()):
+        if not all(np.isfinite(m).all() for m in (left, right, bias) if m is not None):
             raise WhitenError(f"whitening {name}: layer {l.name}'s factors are not finite")
-        out.append((left, right))
+        out.append((left, right, bias))
     return out
 
 
-def load(where: IndexDir, man: Manifest, c: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """Checkpoint ``c``'s ``[(L, R)]`` per layer of a whitened index (checked), None for an unwhitened one."""
+def load(where: IndexDir, man: Manifest, c: int) -> list[Factors] | None:
+    """Checkpoint ``c``'s ``[(L, R, B)]`` per layer of a whitened index (checked; ``B`` None for a layer without a
+    separate bias block), None for an unwhitened one."""
     if man.whiten is None:
         return None
     return _load(where, man, c)

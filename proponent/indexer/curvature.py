@@ -42,8 +42,29 @@ def adam_eigenvalues(where: IndexDir, man: Manifest, c: int, model, layers) -> l
     return adam_layer_moments(where.read_bytes(ck.path), name, model, layers)
 
 
-def adam_layer_moments(data: bytes, name: str, model, layers) -> list[np.ndarray]:
-    """Adam's ``v̂`` per layer as ``[out, in]`` (bias column last) from a checkpoint file's bytes ``data``."""
+def adam_layer_moments(data: bytes, name: str, model, layers, separate_bias: bool = False) -> list[np.ndarray]:
+    """Adam's ``v̂`` per layer as ``[out, in]`` (bias column last) from a checkpoint file's bytes ``data``; a layer
+    with a separate bias block (ConvTranspose2d) is refused unless ``separate_bias`` (then its weight's only: see
+    :func:`adam_bias_moments`)."""
+    v = _adam_v(data, name, model)
+    out = []
+    for lay in layers:
+        if lay.bias_dim and not separate_bias:
+            raise PreconditionError(f"layer {lay.name}: a separate bias block ({lay.kind}) is not covered by adam")
+        w = v[lay.params[0]].reshape(lay.out_dim, -1)
+        if lay.bias_column:
+            w = torch.cat([w, v[lay.params[1]].reshape(lay.out_dim, 1)], dim=1)
+        out.append(w.numpy().astype(np.float64))
+    return out
+
+
+def adam_bias_moments(data: bytes, name: str, model, layers) -> list[np.ndarray | None]:
+    """Adam's ``v̂`` of every separate bias block ``[bias_dim]`` (None for the layers without one)."""
+    v = _adam_v(data, name, model)
+    return [v[lay.params[1]].reshape(-1).numpy().astype(np.float64) if lay.bias_dim else None for lay in layers]
+
+
+def _adam_v(data: bytes, name: str, model) -> dict[str, torch.Tensor]:
     try:
         v = adam_second_moments(read_checkpoint(data, name), model, name)
     except CheckpointError as e:
@@ -54,15 +75,7 @@ def adam_layer_moments(data: bytes, name: str, model, layers) -> list[np.ndarray
             "are no Adam second moments to precondition with; save the optimizer's state_dict in the checkpoints "
             "(proponent train does) or use --kind kfac|ekfac"
         )
-    out = []
-    for lay in layers:
-        if lay.bias_dim:
-            raise PreconditionError(f"layer {lay.name}: a separate bias block ({lay.kind}) is not covered by adam")
-        w = v[lay.params[0]].reshape(lay.out_dim, -1)
-        if len(lay.params) > 1:
-            w = torch.cat([w, v[lay.params[1]].reshape(lay.out_dim, 1)], dim=1)
-        out.append(w.numpy().astype(np.float64))
-    return out
+    return v
 
 
 def _kronecker(kind: str, cap, passes, n: int, alpha: float) -> list[KfacLayer]:

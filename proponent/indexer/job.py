@@ -236,7 +236,7 @@ def calibrate_layer_dims(
     device: torch.device,
     seed: int = 0,
     rows: int = CALIBRATION_ROWS,
-    whitening: list[list[tuple[np.ndarray, np.ndarray]]] | None = None,
+    whitening: list[list[wfmt.Factors]] | None = None,
 ) -> tuple[int, ...]:
     """Per-layer tensor-sketch dimensions for ``spec.dim``: in proportion to each layer's share of the
     squared gradient norm (exact, from the featurizer's Gram identities), averaged over ``models``
@@ -775,7 +775,7 @@ def whitening_factors(
     layers: list,
     seed: int,
     log: Callable[[str], None] | None = None,
-) -> list[tuple[bytes, list[float], list[float]]]:
+) -> list[tuple[bytes, list[float], list[float], list[float]]]:
     """Every checkpoint's whitening factors file and dampings (:func:`proponent.indexer.whiten.compute`)."""
     from proponent.indexer import whiten as wjob  # lazy: only whitened indexes make factors
 
@@ -794,7 +794,7 @@ def whitening(
     data: Dataset,
     layers: list,
     log: Callable[[str], None] | None = None,
-    made: list[tuple[bytes, list[float], list[float]]] | None = None,
+    made: list[tuple[bytes, list[float], list[float], list[float]]] | None = None,
 ) -> tuple[Manifest, dict[str, bytes]]:
     """The whitening factors of every checkpoint (:mod:`proponent.indexer.whiten`; ``made``: already computed,
     for the calibration): the manifest naming them and the files' bytes (written by :func:`stage`, before the
@@ -804,8 +804,8 @@ def whitening(
         made = whitening_factors(
             man.whiten.kind, man.whiten.alpha, cks, objective, data, layers, man.objective.seed, log
         )
-    records = [wfmt.record(c, raw, lo, li) for c, (raw, lo, li) in enumerate(made)]
-    files = {rec.factors.path: raw for rec, (raw, _, _) in zip(records, made, strict=True)}
+    records = [wfmt.record(c, raw, lo, li, lb) for c, (raw, lo, li, lb) in enumerate(made)]
+    files = {rec.factors.path: raw for rec, (raw, *_) in zip(records, made, strict=True)}
     return man.model_copy(update={"whiten": man.whiten.model_copy(update={"checkpoints": records})}), files
 
 

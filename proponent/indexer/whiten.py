@@ -19,9 +19,16 @@ from torch import nn
 
 from proponent.format import whiten as wfmt
 from proponent.format.precond import PreconditionError
-from proponent.indexer.curvature import adam_layer_moments
+from proponent.indexer.curvature import adam_bias_moments, adam_layer_moments
 from proponent.indexer.data import Dataset
-from proponent.model.curvature import CurvatureError, FactorSums, LayerGradients, check_layers, double_model
+from proponent.model.curvature import (
+    WHITEN_SUPPORTED,
+    CurvatureError,
+    FactorSums,
+    LayerGradients,
+    check_layers,
+    double_model,
+)
 from proponent.model.objectives import NOISE_INDEX, Objective, draw_noise, objective_at
 from proponent.model.projection import LayerInfo
 
@@ -37,20 +44,21 @@ def layer_factor_sums(
     c: int,
     batch: int = _BATCH,
 ) -> FactorSums:
-    """Checkpoint ``c``'s ``Σ a aᵀ``, ``Σ δ δᵀ`` per layer over every training row with the index's draws."""
+    """Checkpoint ``c``'s ``Σ a aᵀ``, ``Σ δ δᵀ`` per layer over every training row with the index's draws (and a
+    separate bias block's ``Σ δ_b δ_bᵀ`` over rows and output positions)."""
     # float32: the products of each batch in float32 (2-3x faster than float64 on the conv VAE's layers), their sums
     # over batches in float64; a preconditioner, not a score: the float64 pass changes the factors by ~1e-6
     model32 = double_model(model.cpu()).float()
-    cap = LayerGradients(model32, objective_at(objective, c), layers)
+    cap = LayerGradients(model32, objective_at(objective, c), layers, WHITEN_SUPPORTED)
     obj = cap.feat.objective
     noise_shape = obj.noise_shape(model32)
-    sums = FactorSums.empty(cap.shapes)
+    sums = FactorSums.empty(cap.shapes, cap.bias_dims)
     n = len(data.x)
     labels = np.clip(data.labels, 0, None) if data.labels is not None else np.zeros(n, np.int64)
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
         eps = draw_noise(NOISE_INDEX, seed, c, data.ids[lo:hi], int(obj.m), noise_shape)
-        sums.add(cap.capture(torch.from_numpy(data.x[lo:hi]), torch.from_numpy(labels[lo:hi]), eps))
+        sums.add(*cap.capture_all(torch.from_numpy(data.x[lo:hi]), torch.from_numpy(labels[lo:hi]), eps))
     return sums
 
 
@@ -64,40 +72,47 @@ def compute(
     data: Dataset,
     seed: int,
     log: Callable[[str], None] | None = None,
-) -> list[tuple[bytes, list[float], list[float]]]:
-    """Per checkpoint: the factors file's bytes and the dampings ``(lams_out, lams_in)`` per layer.
+) -> list[tuple[bytes, list[float], list[float], list[float]]]:
+    """Per checkpoint: the factors file's bytes and the dampings ``(lams_out, lams_in, lams_bias)`` per layer
+    (``lams_bias``: a separate bias block's, 0 for the layers without one; empty when no layer has one).
 
     ``models[c]`` holds checkpoint c's weights, ``checkpoint_files[c]`` its file's bytes and name (``adam`` reads
     the optimizer state from it). Raises :class:`~proponent.format.whiten.WhitenError` naming what cannot be
-    whitened (a layer other than nn.Linear / nn.Conv2d, a checkpoint without Adam state, a vanishing factor)."""
+    whitened (a layer other than nn.Linear / nn.Conv2d / nn.ConvTranspose2d, a checkpoint without Adam state, a
+    vanishing factor)."""
     if kind not in wfmt.KINDS:
         raise wfmt.WhitenError(f"unknown whitening {kind!r}; choose from none, {', '.join(wfmt.KINDS)}")
     if not alpha > 0:
         raise wfmt.WhitenError(f"--whiten-alpha must be > 0, got {alpha}")
     try:
-        check_layers(layers)
+        check_layers(layers, WHITEN_SUPPORTED)
     except CurvatureError as e:
         raise wfmt.WhitenError(f"--whiten {kind}: {e}") from None
+    any_bias = any(lay.bias_dim for lay in layers)
     out = []
     for c, (model, (raw, name)) in enumerate(zip(models, checkpoint_files, strict=True)):
         t0 = time.perf_counter()
-        mats, lams_out, lams_in = [], [], []
+        mats, lams_out, lams_in, lams_bias = [], [], [], []
         if kind == "kfac":
             sums = layer_factor_sums(model, objective, layers, data, seed, c)
             factors = [wfmt.kfac_factors(a, s, alpha) for a, s in sums.factors()]
+            biases = [None if s is None else wfmt.kfac_bias_factor(s, alpha) for s in sums.bias_factors()]
         else:
             try:
-                moments = adam_layer_moments(raw, name, model, layers)
+                moments = adam_layer_moments(raw, name, model, layers, separate_bias=True)
+                bias_moments = adam_bias_moments(raw, name, model, layers) if any_bias else [None] * len(layers)
             except PreconditionError as e:
                 raise wfmt.WhitenError(f"--whiten adam: {e}") from None
             factors = [wfmt.adam_factors(v, alpha) for v in moments]
-        for lay, (left, right, lo, li) in zip(layers, factors, strict=True):
-            if not (np.isfinite(left).all() and np.isfinite(right).all()):
+            biases = [None if v is None else wfmt.adam_bias_factor(v, alpha) for v in bias_moments]
+        for lay, (left, right, lo, li), bias in zip(layers, factors, biases, strict=True):
+            if not all(np.isfinite(m).all() for m in (left, right, None if bias is None else bias[0]) if m is not None):
                 raise wfmt.WhitenError(f"checkpoint {c}, layer {lay.name}: the whitening factors are not finite")
-            mats.append((left, right))
+            mats.append((left, right, None if bias is None else bias[0]))
             lams_out.append(lo)
             lams_in.append(li)
-        out.append((wfmt.encode(mats), lams_out, lams_in))
+            lams_bias.append(0.0 if bias is None else bias[1])
+        out.append((wfmt.encode(mats), lams_out, lams_in, lams_bias if any_bias else []))
         if log:
             log(f"whiten {kind}: checkpoint {c}, {len(layers)} layers ({time.perf_counter() - t0:.1f} s)")
     return out

@@ -154,6 +154,16 @@ def checkpoint_metadata(raw: Any) -> dict[str, tuple[float, str]]:
     return out
 
 
+def _optimizer_state(opt: Any) -> dict[str, Any] | None:
+    """An optimizer state dict (``state`` and ``param_groups``) at ``opt`` or one level inside it (the authors'
+    checkpoints nest theirs as ``optim_states.optim``)."""
+    if not isinstance(opt, dict):
+        return None
+    if "state" in opt and "param_groups" in opt:
+        return opt
+    return next((v for v in opt.values() if isinstance(v, dict) and "state" in v and "param_groups" in v), None)
+
+
 def _optimizer_lr(opt: Any, name: str) -> tuple[float, str] | None:
     """``param_groups[0]['lr']`` of an optimizer state dict at ``opt`` or one level inside it."""
     if not isinstance(opt, dict):
@@ -177,8 +187,8 @@ def adam_second_moments(raw: Any, model: nn.Module, where: str = "checkpoint") -
     shapes do not match is refused naming the first mismatch, never guessed."""
     if not isinstance(raw, dict):
         return None
-    opt = next((raw[k] for k in OPTIMIZER_KEYS if isinstance(raw.get(k), dict)), None)
-    if opt is None or "state" not in opt or "param_groups" not in opt:
+    opt = next((o for k in OPTIMIZER_KEYS if (o := _optimizer_state(raw.get(k))) is not None), None)
+    if opt is None:
         return None
     order = [i for g in opt["param_groups"] for i in g.get("params", [])]
     betas = opt["param_groups"][0].get("betas")

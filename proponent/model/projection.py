@@ -173,7 +173,9 @@ class LayerBlock:
     # index-time whitening (``proponent index --whiten``): ``(L [out, out], R [in, in])``, G -> L G Rᵀ before the
     # projection (the bias column included in R; a diagonal factor held as its diagonal [n]); None = none
     whiten: tuple[torch.Tensor, torch.Tensor] | None = None
-    _whiten_cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    # a separate bias block's factor ``B [bias, bias]`` (a diagonal one as its diagonal): g_b -> B g_b; None = none
+    whiten_b: torch.Tensor | None = None
+    _whiten_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
@@ -200,6 +202,16 @@ class LayerBlock:
         left, right = w
         g = g * left[:, None] if left.dim() == 1 else torch.matmul(left, g)
         return g * right if right.dim() == 1 else torch.matmul(g, right.T)
+
+    def whiten_bias(self, gb: torch.Tensor) -> torch.Tensor:
+        """A separate bias block's per-sample gradients ``[B, bias] -> B g_b`` as rows (unchanged when not whitened)."""
+        if self.whiten_b is None:
+            return gb
+        key = ("bias", gb.dtype, gb.device)
+        if key not in self._whiten_cache:
+            self._whiten_cache[key] = self.whiten_b.to(device=gb.device, dtype=gb.dtype).contiguous()
+        m = self._whiten_cache[key]
+        return gb * m if m.dim() == 1 else torch.matmul(gb, m.T)
 
     def whiten_rows(self, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``a [.., in]`` (bias column included) and ``δ [.., out]`` -> ``(R a, L δ)`` as rows."""
@@ -290,28 +302,35 @@ class Projector:
     def whitened(self) -> bool:
         return any(b.whiten is not None for b in self.blocks)
 
-    def set_whitening(self, mats: Sequence[tuple[Any, Any]] | None) -> None:
+    def set_whitening(self, mats: Sequence[tuple[Any, ...]] | None) -> None:
         """Whiten every layer's gradient ``G -> L G Rᵀ`` before its projection (``mats``: one ``(L, R)`` per
-        block, arrays or tensors, taken as float64; None removes it). Only nn.Linear / nn.Conv2d blocks (a bias
-        column, no separate bias block) can be whitened: their per-sample gradient stays a sum of rank-one
-        ``(L δ)(R a)ᵀ``."""
+        block, or ``(L, R, B)`` with ``B`` the factor of a separate bias block (ConvTranspose2d: ``g_b -> B g_b``),
+        arrays or tensors, taken as float64; None removes it). nn.Linear, nn.Conv2d and nn.ConvTranspose2d blocks
+        can be whitened: their per-sample weight gradient stays a sum of rank-one ``(L δ)(R a)ᵀ``."""
         if mats is None:
             for b in self.blocks:
-                b.whiten = None
+                b.whiten = b.whiten_b = None
                 b._whiten_cache.clear()
             return
         if len(mats) != len(self.blocks):
             raise ValueError(f"whitening has {len(mats)} layers, the projection {len(self.blocks)}")
-        for b, (left, right) in zip(self.blocks, mats, strict=True):
-            if b.info.kind not in ("linear", "conv2d"):
-                raise ValueError(f"layer {b.info.name} ({b.info.kind}): only nn.Linear / nn.Conv2d can be whitened")
-            want = ((b.info.out_dim, b.info.out_dim), (b.info.in_dim, b.info.in_dim))
-            if (tuple(left.shape), tuple(right.shape)) != want:
+        for b, m in zip(self.blocks, mats, strict=True):
+            left, right, bias = m[0], m[1], (m[2] if len(m) > 2 else None)
+            if b.info.kind not in ("linear", "conv2d", "convt2d"):
                 raise ValueError(
-                    f"layer {b.info.name}: whitening shapes {tuple(left.shape)}, {tuple(right.shape)}; expected "
-                    f"{want[0]}, {want[1]}"
+                    f"layer {b.info.name} ({b.info.kind}): only nn.Linear / nn.Conv2d / nn.ConvTranspose2d can be "
+                    "whitened"
+                )
+            nb = b.info.bias_dim
+            want = ((b.info.out_dim, b.info.out_dim), (b.info.in_dim, b.info.in_dim), (nb, nb) if nb else None)
+            got = (tuple(left.shape), tuple(right.shape), None if bias is None else tuple(bias.shape))
+            if got != want:
+                raise ValueError(
+                    f"layer {b.info.name}: whitening shapes {', '.join(map(str, got))}; expected "
+                    f"{', '.join(map(str, want))}"
                 )
             b.whiten = (_diagonal_or_matrix(left), _diagonal_or_matrix(right))  # a diagonal one (adam's) as a vector
+            b.whiten_b = None if bias is None else _diagonal_or_matrix(bias)
             b._whiten_cache.clear()
 
     def finish(self, stage1: torch.Tensor) -> torch.Tensor:
@@ -364,7 +383,7 @@ class Projector:
         gb = self.bias_gradient(block, grads)
         if gb is None:
             return f
-        return torch.cat([f, self.project_bias(block, gb.to(f.dtype))], dim=1)
+        return torch.cat([f, self.project_bias(block, block.whiten_bias(gb.to(f.dtype)))], dim=1)
 
     def project_gradients(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Project materialised per-sample gradients ``{param: [B, *shape]}`` to ``[B, dim]``."""

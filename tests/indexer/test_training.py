@@ -76,3 +76,8 @@ def test_checkpoints_carry_adam_state(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not an Adam state"):
         adam_second_moments(read_checkpoint(sgd / "checkpoints" / "ckpt_000.pt"), model, "ck")
     assert adam_second_moments({"state_dict": {}}, model) is None
+    # nested one level (the VAE-TracIn authors' optim_states.optim): found, and an SGD state is named as such
+    nested = {"optim_states": {"optim": read_checkpoint(sgd / "checkpoints" / "ckpt_000.pt")["optimizer"]}}
+    with pytest.raises(CheckpointError, match="not an Adam state"):
+        adam_second_moments(nested, model, "ck")
+    assert torch.equal(adam_second_moments({"optim_states": {"optim": raw["optimizer"]}}, model)[name], v[name])

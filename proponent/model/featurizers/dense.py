@@ -52,6 +52,9 @@ class DenseFeaturizer(Featurizer):
             for blk in self.projector.blocks:
                 g = self.projector.gradient_matrix(blk, grads).double()
                 sq += blk.whiten_matrix(g).reshape(g.shape[0], -1).pow(2).sum(dim=1)
+                gb = self.projector.bias_gradient(blk, grads)
+                if gb is not None:  # a separate bias block (ConvTranspose2d): B g_b
+                    sq += blk.whiten_bias(gb.double()).pow(2).sum(dim=1)
         else:
             for g in grads.values():
                 sq += g.reshape(g.shape[0], -1).double().pow(2).sum(dim=1)

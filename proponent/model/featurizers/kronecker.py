@@ -385,6 +385,7 @@ class KroneckerFeaturizer(Featurizer):
             g = d.reshape(b, -1, d.shape[1], d[0, 0].numel()).sum(dim=(1, 3))
             gb = g if gb is None else gb + g
         assert gb is not None
+        gb = lay.block.whiten_bias(gb)  # B g_b when the index is whitened
         p = lay.bias_mat(gb.dtype, gb.device)
         return (gb if p is None else gb @ p), _group_sum(gb, group).square().sum(1)
 
