@@ -484,7 +484,8 @@ def register(sub: Any) -> None:
         default="none",
         help='store every layer\'s gradient whitened, L G Rᵀ, before the sketch (README "Whitened indexes"): kfac = '
         "K-FAC with factored damping (one more pass over the training set per checkpoint), adam = the checkpoints' "
-        "Adam second moments, Adafactor-factored; scores are then preconditioned inner products (default none)",
+        "Adam second moments, Adafactor-factored; layers other than Linear / Conv2d / ConvTranspose2d get diagonal "
+        "factors; scores are then preconditioned inner products (default none)",
     )
     f.add_argument(
         "--whiten-alpha",

@@ -77,7 +77,20 @@ def adam_factors(v: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, f
     return np.diag(q / np.sqrt(r + lam_r)), np.diag(q / np.sqrt(c + lam_c)), lam_r, lam_c
 
 
-Factors = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # (L, R, B): B a separate bias block's factor, or None
+#: (L, R, B) float64: a matrix, or a diagonal one as its 1-D diagonal; B a separate bias block's factor, or None
+Factors = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def diagonal_factors(v: np.ndarray, alpha: float, what: str) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``(L, R, 0, λ)`` of a layer of another kind (LayerNorm, a grouped convolution, ...): its parameters as one
+    row ``G [1, numel]`` whitened elementwise, ``L = [1]``, ``R = diag(1 / sqrt(v + λ))`` (1-D), ``λ = α · mean v``,
+    from the second moments ``v`` of its parameters (K-FAC: of the index's per-sample gradients, the empirical
+    Fisher's diagonal; Adam: ``v̂``); ``what`` names them in the error."""
+    v = np.asarray(v, np.float64).reshape(-1)
+    lam = alpha * float(v.mean())
+    if not lam > 0:
+        raise WhitenError(f"the second moments of {what} are all zero (its gradients vanish or it was never updated)")
+    return np.ones(1), 1.0 / np.sqrt(v + lam), 0.0, lam
 
 
 def kfac_bias_factor(s_cov: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
@@ -119,23 +132,32 @@ def decode(data: bytes, layers: int | Sequence[object]) -> list[Factors]:
     z = np.load(io.BytesIO(data), allow_pickle=False)
     return [
         (
-            _expand(np.asarray(z[f"left_{k}"])),
-            _expand(np.asarray(z[f"right_{k}"])),
-            _expand(np.asarray(z[f"bias_{k}"])) if f"bias_{k}" in z.files else None,
+            np.asarray(z[f"left_{k}"]),
+            np.asarray(z[f"right_{k}"]),
+            np.asarray(z[f"bias_{k}"]) if f"bias_{k}" in z.files else None,
         )
         for k in range(count)
     ]
 
 
 def _compact(m: np.ndarray) -> np.ndarray:
-    """A diagonal matrix (adam's) as its diagonal (1-D; :func:`_expand` restores it), any other as it is."""
+    """A diagonal matrix (adam's) as its diagonal (1-D, kept so: :func:`as_matrix` expands it), any other as it
+    is."""
     m = np.asarray(m, np.float64)
+    if m.ndim == 1:
+        return np.ascontiguousarray(m)
     d = np.diagonal(m)
     return np.ascontiguousarray(d if np.array_equal(m, np.diag(d)) else m)
 
 
-def _expand(m: np.ndarray) -> np.ndarray:
+def as_matrix(m: np.ndarray) -> np.ndarray:
+    """A factor as a matrix (a 1-D diagonal expanded)."""
     return np.diag(m) if m.ndim == 1 else m
+
+
+def square_shape(m: np.ndarray) -> tuple[int, ...]:
+    """A factor's shape as a matrix (a 1-D diagonal of n is (n, n))."""
+    return (len(m), len(m)) if m.ndim == 1 else tuple(m.shape)
 
 
 def file_path(c: int) -> str:
@@ -177,7 +199,7 @@ def _load(where: IndexDir, man: Manifest, c: int) -> list[Factors]:
         raise WhitenError(f"whitening {name}: unreadable ({e}); {rebuild_hint(where)}") from None
     out = []
     for l, (left, right, bias) in zip(layers, arrays, strict=True):
-        got = (left.shape, right.shape, None if bias is None else bias.shape)
+        got = (square_shape(left), square_shape(right), None if bias is None else square_shape(bias))
         want = ((l.out_dim, l.out_dim), (l.in_dim, l.in_dim), (l.bias_dim, l.bias_dim) if l.bias_dim else None)
         if got != want:
             raise WhitenError(
@@ -218,7 +240,9 @@ def describe(man: Manifest) -> str | None:
     rec = man.whiten
     if rec is None:
         return None
+    diagonal = [l.name for l in man.projection.layers if l.kind == "other"]
     return (
         f"index whitened by {NAMES[rec.kind]} (α={rec.alpha:g}): stored features are L G Rᵀ per layer, so scores are "
         "preconditioned inner products"
+        + (f"; layers {', '.join(diagonal)} (not Linear / Conv) whitened by a diagonal only" if diagonal else "")
     )

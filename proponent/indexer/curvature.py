@@ -64,6 +64,13 @@ def adam_bias_moments(data: bytes, name: str, model, layers) -> list[np.ndarray 
     return [v[lay.params[1]].reshape(-1).numpy().astype(np.float64) if lay.bias_dim else None for lay in layers]
 
 
+def adam_flat_moments(data: bytes, name: str, model, layers) -> list[np.ndarray]:
+    """Adam's ``v̂`` of each layer's parameters, flattened and concatenated in the layer's parameter order (the
+    dense fallback's ``G [1, numel]`` of a layer of another kind)."""
+    v = _adam_v(data, name, model)
+    return [torch.cat([v[p].reshape(-1) for p in lay.params]).numpy().astype(np.float64) for lay in layers]
+
+
 def _adam_v(data: bytes, name: str, model) -> dict[str, torch.Tensor]:
     try:
         v = adam_second_moments(read_checkpoint(data, name), model, name)

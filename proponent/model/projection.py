@@ -305,8 +305,9 @@ class Projector:
     def set_whitening(self, mats: Sequence[tuple[Any, ...]] | None) -> None:
         """Whiten every layer's gradient ``G -> L G Rᵀ`` before its projection (``mats``: one ``(L, R)`` per
         block, or ``(L, R, B)`` with ``B`` the factor of a separate bias block (ConvTranspose2d: ``g_b -> B g_b``),
-        arrays or tensors, taken as float64; None removes it). nn.Linear, nn.Conv2d and nn.ConvTranspose2d blocks
-        can be whitened: their per-sample weight gradient stays a sum of rank-one ``(L δ)(R a)ᵀ``."""
+        arrays or tensors, taken as float64, a 1-D one as a diagonal; None removes it). nn.Linear, nn.Conv2d and
+        nn.ConvTranspose2d blocks: their per-sample weight gradient stays a sum of rank-one ``(L δ)(R a)ᵀ``; a
+        block of another kind (``G [1, numel]``, made by the dense fallback) is whitened by diagonal factors only."""
         if mats is None:
             for b in self.blocks:
                 b.whiten = b.whiten_b = None
@@ -316,20 +317,18 @@ class Projector:
             raise ValueError(f"whitening has {len(mats)} layers, the projection {len(self.blocks)}")
         for b, m in zip(self.blocks, mats, strict=True):
             left, right, bias = m[0], m[1], (m[2] if len(m) > 2 else None)
-            if b.info.kind not in ("linear", "conv2d", "convt2d"):
-                raise ValueError(
-                    f"layer {b.info.name} ({b.info.kind}): only nn.Linear / nn.Conv2d / nn.ConvTranspose2d can be "
-                    "whitened"
-                )
+            left, right = _diagonal_or_matrix(left), _diagonal_or_matrix(right)
+            if b.info.kind == "other" and (left.dim() != 1 or right.dim() != 1):
+                raise ValueError(f"layer {b.info.name} ({b.info.kind}): only diagonal whitening applies to it")
             nb = b.info.bias_dim
             want = ((b.info.out_dim, b.info.out_dim), (b.info.in_dim, b.info.in_dim), (nb, nb) if nb else None)
-            got = (tuple(left.shape), tuple(right.shape), None if bias is None else tuple(bias.shape))
+            got = (_square(left), _square(right), None if bias is None else _square(torch.as_tensor(bias)))
             if got != want:
                 raise ValueError(
                     f"layer {b.info.name}: whitening shapes {', '.join(map(str, got))}; expected "
                     f"{', '.join(map(str, want))}"
                 )
-            b.whiten = (_diagonal_or_matrix(left), _diagonal_or_matrix(right))  # a diagonal one (adam's) as a vector
+            b.whiten = (left, right)  # a diagonal one (adam's) as a vector
             b.whiten_b = None if bias is None else _diagonal_or_matrix(bias)
             b._whiten_cache.clear()
 
@@ -422,10 +421,17 @@ class Projector:
 
 
 def _diagonal_or_matrix(m: Any) -> torch.Tensor:
-    """float64 ``m``, or its diagonal when it is diagonal (applied as an elementwise product: the same numbers)."""
+    """float64 ``m``, or its diagonal when it is diagonal (applied as an elementwise product: the same numbers); a
+    1-D ``m`` is a diagonal already."""
     m = torch.as_tensor(m, dtype=torch.float64)
+    if m.dim() == 1:
+        return m
     d = torch.diagonal(m)
     return d.clone() if torch.equal(m, torch.diag(d)) else m
+
+
+def _square(m: torch.Tensor) -> tuple[int, ...]:
+    return (len(m), len(m)) if m.dim() == 1 else tuple(m.shape)
 
 
 def build_projector(

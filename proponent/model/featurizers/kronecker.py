@@ -399,6 +399,7 @@ class KroneckerFeaturizer(Featurizer):
         with torch.no_grad():
             for blk in self.other_blocks:
                 g = torch.cat([grads[p].reshape(b, -1) for p in blk.info.params], dim=1)
+                g = blk.whiten_matrix(g.unsqueeze(1)).squeeze(1)  # a whitened index: its diagonal factors
                 s = _group_sum(g.double(), group).pow(2).sum(dim=1)
                 self.layer_sq[blk.info.name] = s
                 sq += s
