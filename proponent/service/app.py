@@ -31,6 +31,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -91,6 +92,19 @@ def _json_error(
         {"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])},
         {"type": "http.response.body", "body": body},
     )
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the API's JSON error shape (Starlette's is plain
+    text), its CORS headers kept."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        r = super().preflight_response(request_headers)
+        if r.status_code != 400:
+            return r
+        keep = {k: v for k, v in r.headers.items() if k.lower() not in ("content-length", "content-type")}
+        reason = bytes(r.body).decode(errors="replace")
+        return error_response(400, f"CORS preflight refused: {reason}", code="cors_disallowed", headers=keep)
 
 
 class RequestContextMiddleware:
@@ -337,7 +351,7 @@ def create_app(settings: Settings | None = None, searcher_factory: SearcherFacto
         app.include_router(r, prefix="/v1", dependencies=[Depends(require_api_key)])
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            _CORS,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["*"],

@@ -62,6 +62,13 @@ def test_cors_only_when_configured(svc_index_dir, tmp_path, svc_server):
             # another origin: no CORS grant
             r = h.options("/v1/influence", headers={**preflight, "Origin": "https://evil.example"})
             assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+            # refused in the API's JSON error shape, naming why, with the request id
+            assert r.headers["content-type"] == "application/json"
+            err = r.json()["error"]
+            assert err["code"] == "cors_disallowed" and "origin" in err["message"] and err["request_id"]
+            assert r.headers["x-request-id"] == err["request_id"]
+            r = h.options("/v1/influence", headers={**preflight, "Access-Control-Request-Method": "PUT"})
+            assert r.status_code == 400 and "method" in r.json()["error"]["message"]
             r = h.get("/v1/samples/3", headers={"Origin": "https://evil.example"})
             assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
         _correct_answer(s.url, s.index)
