@@ -52,6 +52,25 @@ POSITIONS_FILE = "store.positions.npz"
 FEATURE_DTYPES = ("int8", "float16", "float32")
 
 
+def crc32c_google(data: Any, value: int = 0) -> int:
+    """crc32c of ``data`` (a buffer) continuing ``value``, by google_crc32c (zarr's: it holds the GIL)."""
+    return int(google_crc32c.extend(value, data) if value else google_crc32c.value(data))
+
+
+try:
+    import crc32c as _crc32c
+
+    def crc32c_icrar(data: Any, value: int = 0) -> int:
+        """The same by ICRAR's ``crc32c`` (hardware CRC32C; releases the GIL on buffers over 32 KiB, so a streamed
+        scan's reader threads checksum in parallel: measured 15 GB/s on one thread against google_crc32c's 6.8, and
+        ~2x that on two where google_crc32c's stays one thread's)."""
+        return int(_crc32c.crc32c(data, value))
+
+    crc32c_of = crc32c_icrar
+except ImportError:  # pragma: no cover - crc32c is a dependency; zarr's own library is the fallback
+    crc32c_of = crc32c_google
+
+
 class StoreError(RuntimeError):
     """The store is missing, damaged, incomplete or does not match what it should hold."""
 
@@ -316,7 +335,7 @@ class FeatureStore:
                 pad[: len(part)] = part
                 part = pad
             raw = np.ascontiguousarray(part, dtype=part.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
-            problem = self._position_problem(name, k0 + j, int(google_crc32c.value(raw)))
+            problem = self._position_problem(name, k0 + j, crc32c_of(raw))
             if problem:
                 key = self.chunk_key(name, (k0 + j, *([0] * (a.ndim - 1))))
                 raise StoreError(f"{self.where.describe(key)}: {problem}; the index cannot be served")
@@ -495,7 +514,7 @@ class FeatureStore:
             elif got != b - a or len(rest) < 4:
                 bad = "chunk file changed while read"
             else:
-                crc = google_crc32c.extend(google_crc32c.value(flat[a:b]), rest[:-4])
+                crc = crc32c_of(rest[:-4], crc32c_of(flat[a:b]))
                 trailer = int.from_bytes(rest[-4:], "little")
                 if crc != trailer:
                     bad = "damaged (checksum mismatch)"
@@ -674,7 +693,7 @@ def _crc_ok(data: bytes) -> bool:
     if len(data) < 4:
         return False
     body = np.frombuffer(data, np.uint8, count=len(data) - 4)  # a read-only view: no copy of the chunk
-    return bool(google_crc32c.value(body) == int.from_bytes(data[-4:], "little"))
+    return bool(crc32c_of(body) == int.from_bytes(data[-4:], "little"))
 
 
 class ChunkCache:

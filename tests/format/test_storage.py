@@ -129,3 +129,32 @@ def test_streamed_server_refuses_a_damaged_chunk_at_query_time(run, tmp_path):
         assert "ckpt_001/features/c/2/0: damaged (checksum mismatch)" in r.json()["error"]["message"]
         assert httpx.get(s.url + "/readyz").status_code == 503  # no more answers from this index
         assert httpx.post(f"{s.url}/v1/influence/samples/3", json={"k": 3}, timeout=120).status_code == 500
+
+
+def test_both_crc32c_implementations_agree_and_the_gil_free_one_serves(run, tmp_path, monkeypatch) -> None:
+    """The store checksums chunks with ICRAR's crc32c (GIL released) and falls back to zarr's google_crc32c: the
+    same values, incrementally too; a streamed index reads with either, and refuses a damaged chunk with either."""
+    from proponent.format import store as st
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 31, 4096, 1 << 17):
+        b = rng.integers(0, 256, n, dtype=np.uint8)
+        assert st.crc32c_icrar(b) == st.crc32c_google(b)
+        assert st.crc32c_icrar(b[7:], st.crc32c_icrar(b[:7])) == st.crc32c_google(b) == st.crc32c_icrar(bytes(b))
+    assert st.crc32c_of is st.crc32c_icrar  # the dependency is installed: the fast one serves
+    idx_dir = _build(run, tmp_path / "idx")
+    answers = []
+    for impl in (st.crc32c_icrar, st.crc32c_google):
+        monkeypatch.setattr(st, "crc32c_of", impl)
+        idx = open_index(idx_dir, feature_mode="stream")
+        r = idx.influence(sample_id=3, k=5, direction="both")
+        answers.append((r.ids("proponents"), r.ids("opponents")))
+    assert answers[0] == answers[1]
+    chunk = idx_dir / "store.zarr" / "ckpt_001" / "features" / "c" / "2" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[10] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    for impl in (st.crc32c_icrar, st.crc32c_google):
+        monkeypatch.setattr(st, "crc32c_of", impl)
+        with pytest.raises(Exception, match="ckpt_001/features/c/2/0: damaged \\(checksum mismatch\\)"):
+            open_index(idx_dir, feature_mode="stream").influence(sample_id=3, k=5, direction="both")
