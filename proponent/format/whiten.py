@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,16 +82,22 @@ def adam_factors(v: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, f
 Factors = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
+def _inv_sqrt_damped(v: np.ndarray, alpha: float, what: str) -> tuple[np.ndarray, float]:
+    """``(1 / sqrt(v + λ), λ)`` elementwise with ``λ = α · mean v`` (a diagonal factor as its diagonal)."""
+    v = np.asarray(v, np.float64).reshape(-1)
+    lam = alpha * float(v.mean())
+    if not lam > 0:
+        raise WhitenError(f"the second moments of {what} are all zero (its gradients vanish or it was never updated)")
+    return 1.0 / np.sqrt(v + lam), lam
+
+
 def diagonal_factors(v: np.ndarray, alpha: float, what: str) -> tuple[np.ndarray, np.ndarray, float, float]:
     """``(L, R, 0, λ)`` of a layer of another kind (LayerNorm, a grouped convolution, ...): its parameters as one
     row ``G [1, numel]`` whitened elementwise, ``L = [1]``, ``R = diag(1 / sqrt(v + λ))`` (1-D), ``λ = α · mean v``,
     from the second moments ``v`` of its parameters (K-FAC: of the index's per-sample gradients, the empirical
     Fisher's diagonal; Adam: ``v̂``); ``what`` names them in the error."""
-    v = np.asarray(v, np.float64).reshape(-1)
-    lam = alpha * float(v.mean())
-    if not lam > 0:
-        raise WhitenError(f"the second moments of {what} are all zero (its gradients vanish or it was never updated)")
-    return np.ones(1), 1.0 / np.sqrt(v + lam), 0.0, lam
+    right, lam = _inv_sqrt_damped(v, alpha, what)
+    return np.ones(1), right, 0.0, lam
 
 
 def kfac_bias_factor(s_cov: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
@@ -103,13 +110,9 @@ def kfac_bias_factor(s_cov: np.ndarray, alpha: float) -> tuple[np.ndarray, float
 
 
 def adam_bias_factor(v: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
-    """``(B, λ_b)``: a separate bias block's diagonal ``B = diag(1 / sqrt(v̂ + α mean v̂))`` (the weight's Adafactor
+    """``(B, λ_b)``: a separate bias block's diagonal ``B = 1 / sqrt(v̂ + α mean v̂)`` (1-D; the weight's Adafactor
     form at one row: ``G ⊙ sqrt(v̄ / (r c))`` is ``G / sqrt(v̂)`` where ``v̂`` factors exactly)."""
-    v = np.asarray(v, np.float64).reshape(-1)
-    lam = alpha * float(v.mean())
-    if not lam > 0:
-        raise WhitenError("Adam's second moments of a bias block are all zero (the bias was never updated)")
-    return np.diag(1.0 / np.sqrt(v + lam)), lam
+    return _inv_sqrt_damped(v, alpha, "a bias block (Adam)")
 
 
 def encode(mats: Sequence[tuple[np.ndarray, ...] | Factors]) -> bytes:
@@ -155,8 +158,8 @@ def as_matrix(m: np.ndarray) -> np.ndarray:
     return np.diag(m) if m.ndim == 1 else m
 
 
-def square_shape(m: np.ndarray) -> tuple[int, ...]:
-    """A factor's shape as a matrix (a 1-D diagonal of n is (n, n))."""
+def square_shape(m: Any) -> tuple[int, ...]:
+    """A factor's shape as a matrix (a 1-D diagonal of n is (n, n)); numpy or torch."""
     return (len(m), len(m)) if m.ndim == 1 else tuple(m.shape)
 
 

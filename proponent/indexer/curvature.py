@@ -39,39 +39,12 @@ def adam_eigenvalues(where: IndexDir, man: Manifest, c: int, model, layers) -> l
     :class:`PreconditionError` when it carries none (or not an Adam one)."""
     ck = man.checkpoints[c]
     name = f"checkpoint {c} ({ck.name or ck.path}, stored as {where.describe(ck.path)})"
-    return adam_layer_moments(where.read_bytes(ck.path), name, model, layers)
+    return adam_layer_moments(adam_moments(where.read_bytes(ck.path), name, model), layers)
 
 
-def adam_layer_moments(data: bytes, name: str, model, layers, separate_bias: bool = False) -> list[np.ndarray]:
-    """Adam's ``v̂`` per layer as ``[out, in]`` (bias column last) from a checkpoint file's bytes ``data``; a layer
-    with a separate bias block (ConvTranspose2d) is refused unless ``separate_bias`` (then its weight's only: see
-    :func:`adam_bias_moments`)."""
-    v = _adam_v(data, name, model)
-    out = []
-    for lay in layers:
-        if lay.bias_dim and not separate_bias:
-            raise PreconditionError(f"layer {lay.name}: a separate bias block ({lay.kind}) is not covered by adam")
-        w = v[lay.params[0]].reshape(lay.out_dim, -1)
-        if lay.bias_column:
-            w = torch.cat([w, v[lay.params[1]].reshape(lay.out_dim, 1)], dim=1)
-        out.append(w.numpy().astype(np.float64))
-    return out
-
-
-def adam_bias_moments(data: bytes, name: str, model, layers) -> list[np.ndarray | None]:
-    """Adam's ``v̂`` of every separate bias block ``[bias_dim]`` (None for the layers without one)."""
-    v = _adam_v(data, name, model)
-    return [v[lay.params[1]].reshape(-1).numpy().astype(np.float64) if lay.bias_dim else None for lay in layers]
-
-
-def adam_flat_moments(data: bytes, name: str, model, layers) -> list[np.ndarray]:
-    """Adam's ``v̂`` of each layer's parameters, flattened and concatenated in the layer's parameter order (the
-    dense fallback's ``G [1, numel]`` of a layer of another kind)."""
-    v = _adam_v(data, name, model)
-    return [torch.cat([v[p].reshape(-1) for p in lay.params]).numpy().astype(np.float64) for lay in layers]
-
-
-def _adam_v(data: bytes, name: str, model) -> dict[str, torch.Tensor]:
+def adam_moments(data: bytes, name: str, model) -> dict[str, torch.Tensor]:
+    """Adam's ``v̂`` per named parameter from a checkpoint file's bytes ``data`` (``name`` names it in errors);
+    :class:`PreconditionError` when the file carries no Adam state."""
     try:
         v = adam_second_moments(read_checkpoint(data, name), model, name)
     except CheckpointError as e:
@@ -83,6 +56,32 @@ def _adam_v(data: bytes, name: str, model) -> dict[str, torch.Tensor]:
             "(proponent train does) or use --kind kfac|ekfac"
         )
     return v
+
+
+def adam_layer_moments(v: dict[str, torch.Tensor], layers, separate_bias: bool = False) -> list[np.ndarray]:
+    """:func:`adam_moments`'s ``v̂`` per layer as ``[out, in]`` (bias column last); a layer with a separate bias
+    block (ConvTranspose2d) is refused unless ``separate_bias`` (then its weight's only: see
+    :func:`adam_bias_moments`)."""
+    out = []
+    for lay in layers:
+        if lay.bias_dim and not separate_bias:
+            raise PreconditionError(f"layer {lay.name}: a separate bias block ({lay.kind}) is not covered by adam")
+        w = v[lay.params[0]].reshape(lay.out_dim, -1)
+        if lay.bias_column:
+            w = torch.cat([w, v[lay.params[1]].reshape(lay.out_dim, 1)], dim=1)
+        out.append(w.numpy().astype(np.float64))
+    return out
+
+
+def adam_bias_moments(v: dict[str, torch.Tensor], layers) -> list[np.ndarray | None]:
+    """``v̂`` of every separate bias block ``[bias_dim]`` (None for the layers without one)."""
+    return [v[lay.params[1]].reshape(-1).numpy().astype(np.float64) if lay.bias_dim else None for lay in layers]
+
+
+def adam_flat_moments(v: dict[str, torch.Tensor], layers) -> list[np.ndarray]:
+    """``v̂`` of each layer's parameters, flattened and concatenated in the layer's parameter order (the dense
+    fallback's ``G [1, numel]`` of a layer of another kind)."""
+    return [torch.cat([v[p].reshape(-1) for p in lay.params]).numpy().astype(np.float64) for lay in layers]
 
 
 def _kronecker(kind: str, cap, passes, n: int, alpha: float) -> list[KfacLayer]:

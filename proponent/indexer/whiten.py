@@ -19,7 +19,7 @@ from torch import nn
 
 from proponent.format import whiten as wfmt
 from proponent.format.precond import PreconditionError
-from proponent.indexer.curvature import adam_bias_moments, adam_flat_moments, adam_layer_moments
+from proponent.indexer.curvature import adam_bias_moments, adam_flat_moments, adam_layer_moments, adam_moments
 from proponent.indexer.data import Dataset
 from proponent.model.curvature import WHITEN_SUPPORTED, FactorSums, LayerGradients, double_model
 from proponent.model.featurizers.dense import DenseFeaturizer
@@ -122,12 +122,12 @@ def compute(
             moments = diagonal_moments(model, objective, diag, data, seed, c) if diag else []
         else:
             try:
-                factors = [wfmt.adam_factors(v, alpha) for v in adam_layer_moments(raw, name, model, kron, True)]
-                bias_moments = adam_bias_moments(raw, name, model, kron) if any_bias else [None] * len(kron)
-                moments = adam_flat_moments(raw, name, model, diag) if diag else []
+                v_hat = adam_moments(raw, name, model)  # the checkpoint file read once
             except PreconditionError as e:
                 raise wfmt.WhitenError(f"--whiten adam: {e}") from None
-            biases = [None if v is None else wfmt.adam_bias_factor(v, alpha) for v in bias_moments]
+            factors = [wfmt.adam_factors(v, alpha) for v in adam_layer_moments(v_hat, kron, separate_bias=True)]
+            biases = [None if v is None else wfmt.adam_bias_factor(v, alpha) for v in adam_bias_moments(v_hat, kron)]
+            moments = adam_flat_moments(v_hat, diag)
         made = dict(zip((lay.name for lay in kron), zip(factors, biases, strict=True), strict=True))
         for lay, v in zip(diag, moments, strict=True):
             made[lay.name] = (wfmt.diagonal_factors(v, alpha, f"layer {lay.name} ({lay.kind})"), None)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from proponent.format.whiten import square_shape
 from proponent.model.sketch import Sketch, TensorSketch, allocate_tensor
 
 LayerKind = Literal["linear", "conv2d", "convt2d", "other"]
@@ -322,7 +323,7 @@ class Projector:
                 raise ValueError(f"layer {b.info.name} ({b.info.kind}): only diagonal whitening applies to it")
             nb = b.info.bias_dim
             want = ((b.info.out_dim, b.info.out_dim), (b.info.in_dim, b.info.in_dim), (nb, nb) if nb else None)
-            got = (_square(left), _square(right), None if bias is None else _square(torch.as_tensor(bias)))
+            got = (square_shape(left), square_shape(right), None if bias is None else square_shape(bias))
             if got != want:
                 raise ValueError(
                     f"layer {b.info.name}: whitening shapes {', '.join(map(str, got))}; expected "
@@ -428,10 +429,6 @@ def _diagonal_or_matrix(m: Any) -> torch.Tensor:
         return m
     d = torch.diagonal(m)
     return d.clone() if torch.equal(m, torch.diag(d)) else m
-
-
-def _square(m: torch.Tensor) -> tuple[int, ...]:
-    return (len(m), len(m)) if m.dim() == 1 else tuple(m.shape)
 
 
 def build_projector(

@@ -180,6 +180,6 @@ def test_adam_bias_factor_is_the_inverse_square_root_of_its_moments() -> None:
     v = np.array([1e-4, 4e-4, 9e-4])
     b, lam = wfmt.adam_bias_factor(v, ALPHA)
     assert lam == pytest.approx(ALPHA * v.mean())
-    np.testing.assert_allclose(np.diag(b), 1 / np.sqrt(v + ALPHA * v.mean()))
+    np.testing.assert_allclose(b, 1 / np.sqrt(v + ALPHA * v.mean()))
     with pytest.raises(wfmt.WhitenError, match="bias"):
         wfmt.adam_bias_factor(np.zeros(3), ALPHA)
