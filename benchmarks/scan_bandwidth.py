@@ -160,10 +160,19 @@ def kernel_rows(n: int, d: int, reps: int, bw: float, batch: int) -> list[str]:
 
 
 def served_rows(
-    n: int, d: int, c: int, reps: int, bw: float, work: Path, modes: list[str], crcs: tuple[str, ...] = ("crc32c",)
+    n: int,
+    d: int,
+    c: int,
+    reps: int,
+    bw: float,
+    work: Path,
+    modes: list[str],
+    crcs: tuple[str, ...] = ("crc32c",),
+    warm: bool = False,
 ) -> list[str]:
     """``crcs``: the chunk checksum implementations the streamed scan is timed with, one after the other
-    (``crc32c``: ICRAR's, the store's default; ``google``: google_crc32c, zarr's, which holds the GIL)."""
+    (``crc32c``: ICRAR's, the store's default; ``google``: google_crc32c, zarr's, which holds the GIL); ``warm``:
+    also time the streamed scan with the store's files in the page cache."""
     import torch
 
     from proponent.format import store as store_mod
@@ -228,6 +237,17 @@ def served_rows(
                     f"{n:>8} {label:<28} {t * 1e3:>9.1f} {rate / 1e9:>8.2f} {rate / disk:>6.2f}"
                     f"  (of the disk; {disk_bytes / 2**30:.2f} GiB on disk, {nbytes / 2**30:.2f} GiB of rows)"
                 )
+            if warm:  # the store's files in the page cache (read once): what the readers' CPU costs
+                for crc in crcs:
+                    store_mod.crc32c_of = impls[crc]
+                    try:
+                        t = median_time(once, reps)
+                    finally:
+                        store_mod.crc32c_of = default
+                    out.append(
+                        f"{n:>8} {f'stream (warm), {crc}':<28} {t * 1e3:>9.1f} {nbytes / t / 1e9:>8.2f} "
+                        f"{nbytes / t / bw:>6.2f}  (of the memory floor; page cache warm)"
+                    )
         del served
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
@@ -280,6 +300,7 @@ def main() -> None:
     ap.add_argument("--no-stream", action="store_true", help="no streamed scan")
     ap.add_argument("--stream-only", action="store_true", help="the streamed scan and its disk floor only (large N)")
     ap.add_argument("--batch", type=int, default=64, help="queries in the batch-throughput run (0: none)")
+    ap.add_argument("--warm", action="store_true", help="also time the streamed scan on a warm page cache")
     ap.add_argument(
         "--crc32c",
         default="crc32c",
@@ -308,7 +329,7 @@ def main() -> None:
             print(line, flush=True)
         if not a.no_served:
             modes = ["stream"] if a.stream_only else ["memory"] if a.no_stream else ["memory", "stream"]
-            for line in served_rows(n, d, a.checkpoints, a.reps, bw, work, modes, tuple(a.crc32c.split(","))):
+            for line in served_rows(n, d, a.checkpoints, a.reps, bw, work, modes, tuple(a.crc32c.split(",")), a.warm):
                 print(line, flush=True)
             if a.batch and not a.stream_only:
                 for line in batch_rows(n, d, a.checkpoints, a.batch, work, a.reps):
